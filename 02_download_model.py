@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Stage 02: fetch the base model and write it as an HF safetensors directory, a tokenizer and config.json.
+
+Sources (model.download.source)
+  a .gguf file            dequantized to fp32 by transformers + gguf (the demo's SmolLM2-135M-Instruct)
+  a local HF directory    config.json + *.safetensors (with index when sharded) or pytorch_model.bin
+  a Hub repo id           e.g. meta-llama/Meta-Llama-3-8B; only config, safetensors, tokenizer and generation
+                          config are fetched. Gated repos need a token: HF_TOKEN or `huggingface-cli login`;
+                          the token is never printed or written.
+
+Outputs (config keys)
+  model.hf_weights_dir    safetensors (+ model.safetensors.index.json when sharded), config.json
+  data.tokenizer.type     tokenizer directory; BOS/EOS as the model's, pad = EOS when the model has none
+                          (padding is never attended to nor trained, so any id works)
+  model.model_config      config.json of the base model
+Each output is written under a temporary name and renamed when complete and verified (architecture is
+LlamaForCausalLM, every shard the index names exists, tensor shapes agree with config.json).
+
+Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
+  python 02_download_model.py --config config.yaml
+  python 02_download_model.py --config config.yaml --config demo.yaml      # demo: needs DEMO_GGUF set
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+# ------------------------------------------------------------------------------------------------ config
+# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone.
+
+
+class StageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
+
+
+def load_config(paths, overrides):
+    """Overlay the YAML files in order, then `dotted.key=value` overrides; the first file defines the keys."""
+    cfg = None
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise StageError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise StageError(f"{path}: expected a mapping of config sections at the top level")
+        cfg = data if cfg is None else overlay(cfg, data, path)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise StageError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise StageError(f"override {item!r}: value is not a YAML scalar or list") from None
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        overlay(cfg, value, "command line")
+    return cfg
+
+
+def overlay(base, new, source, prefix=""):
+    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently)."""
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise StageError(f"{source}: unknown key '{key}'")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise StageError(f"{source}: '{key}' is a section; set its keys instead ({key}.<name>=...)")
+            overlay(base[k], v, source, key + ".")
+        else:
+            base[k] = v
+    return base
+
+
+def resolve(cfg, schema):
+    """{dotted key: value} for the keys this stage reads, each checked against its type; paths expanded.
+
+    Types: int, float, bool, str, path (str with ~ and ${ENV} expanded), list[str], list[float], a|b|c (one of these
+    strings); a trailing ? also allows null.
+    """
+    out = {}
+    for key, spec in schema.items():
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise StageError(f"config: missing key '{key}' (expected {spec})")
+            node = node[part]
+        kind = spec.rstrip("?")
+        if node is None:
+            if not spec.endswith("?"):
+                raise StageError(f"config: '{key}' must be {kind}, got null")
+        elif "|" in kind:
+            if node not in kind.split("|"):
+                raise StageError(f"config: '{key}' must be one of {kind.split('|')}, got {node!r}")
+        elif kind.startswith("list["):
+            item = {"list[str]": str, "list[float]": (int, float)}[kind]
+            if not isinstance(node, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in node):
+                raise StageError(f"config: '{key}' must be {kind}, got {node!r}")
+        else:
+            if kind == "float" and isinstance(node, str):
+                try:  # YAML reads 1e-6 (no dot) as a string; a number is clearly meant
+                    node = float(node)
+                except ValueError:
+                    pass
+            types = {"int": int, "float": (int, float), "bool": bool, "str": str, "path": str}[kind]
+            if not isinstance(node, types) or (isinstance(node, bool) and kind != "bool"):
+                raise StageError(f"config: '{key}' must be {kind}, got {type(node).__name__} {node!r}")
+            if kind == "float":
+                node = float(node)
+            if kind == "path":
+                node = os.path.expanduser(os.path.expandvars(node))
+                if "$" in node:
+                    raise StageError(f"config: '{key}': an environment variable in {node!r} is not set")
+        out[key] = node
+    return out
+
+
+def redacted(c):
+    """The resolved config with anything that looks like a secret masked, for printing and saving."""
+    secret = {"token", "secret", "password", "credential", "credentials"}
+    return {k: ("***" if secret & set(k.lower().replace("_", ".").split(".")) and v else v) for k, v in c.items()}
+
+
+def save_config(c, path):
+    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically."""
+    nested = {}
+    for key, value in redacted(c).items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(yaml.safe_dump(nested, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def config_arg_parser(doc):
+    """--config (repeatable, later files overlay earlier ones) and key=value overrides."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", metavar="PATH",
+                    help="YAML config; repeat to overlay (default: config.yaml)")
+    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    return ap
+
+# ------------------------------------------------------------------------------------------------ settings
+# The config keys this stage reads and their types (validated before any work starts).
+SCHEMA = {
+    "model.download.source": "path",
+    "model.download.revision": "str?",
+    "model.hf_weights_dir": "path",
+    "model.model_config": "path",
+    "data.tokenizer.type": "path",
+}
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def replace_atomically(tmp, final):
+    """Move a finished temporary file or directory into place, replacing what was there."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def staging(final):
+    """A fresh temporary directory beside `final` (same filesystem, so the rename is atomic)."""
+    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def fetch_from_hub(repo_id, revision, cache_dir):
+    """Download only the files a LoRA run needs; the token comes from HF_TOKEN or the login cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=cache_dir))
+    except GatedRepoError:
+        raise StageError(f"{repo_id} is gated: accept its licence on its Hub page, then provide a token with "
+                         f"`export HF_TOKEN=...` or `huggingface-cli login`") from None
+    except RepositoryNotFoundError:
+        raise StageError(f"{repo_id}: no such repository on the Hub (or it is private and no token was "
+                         f"given)") from None
+
+
+def write_from_gguf(gguf, weights_tmp, tok_tmp):
+    """Dequantize a GGUF file (weights to fp32) into an HF directory and a tokenizer directory."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise StageError(f"{gguf}: cannot be read as a GGUF model ({type(e).__name__}: {e})") from None
+    # transformers refuses to save a model loaded from GGUF, so the dequantized tensors are written directly.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    tied = config.get("tie_word_embeddings", False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(weights_tmp / "model.safetensors"), metadata={"format": "pt"})
+    (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(tok_tmp))
+
+
+def write_from_hf_dir(src, weights_tmp, tok_tmp):
+    """Copy an HF model directory's config and weights (.bin converted to safetensors) and its tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    if not (src / "config.json").exists():
+        raise StageError(f"model.download.source: {src} has no config.json (not an HF model directory)")
+    shutil.copy2(src / "config.json", weights_tmp / "config.json")
+    if (src / "generation_config.json").exists():
+        shutil.copy2(src / "generation_config.json", weights_tmp / "generation_config.json")
+    shards = sorted(src.glob("*.safetensors"))
+    if shards:
+        for f in shards + sorted(src.glob("model.safetensors.index.json")):
+            shutil.copy2(f, weights_tmp / f.name)
+    elif (src / "pytorch_model.bin").exists():
+        state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(weights_tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        raise StageError(f"model.download.source: {src} has neither *.safetensors nor pytorch_model.bin")
+    try:
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tok_tmp))
+    except Exception as e:
+        raise StageError(f"{src}: no usable tokenizer ({type(e).__name__}: {e})") from None
+
+
+def finish_tokenizer(tok_tmp):
+    """Make sure BOS/EOS are set and choose a pad token: the model's own, else EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_tmp))
+    if tokenizer.eos_token_id is None:
+        raise StageError("the tokenizer defines no EOS token; the SFT data format needs one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(str(tok_tmp))
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def expected_shapes(config):
+    """{HF tensor name: shape} that a LlamaForCausalLM with this config.json must hold."""
+    h, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    hd = config.get("head_dim") or h // heads
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
+            p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def verify_weights(weights_dir):
+    """Architecture, shard files and every tensor's shape against config.json; returns (tensors, bytes)."""
+    from safetensors import safe_open
+
+    config = json.loads((weights_dir / "config.json").read_text())
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch != "LlamaForCausalLM":
+        raise StageError(f"{weights_dir}/config.json: architecture {arch}, expected LlamaForCausalLM")
+    index = weights_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(weights_dir.glob("*.safetensors"))]
+    shapes, total = {}, 0
+    for name in files:
+        path = weights_dir / name
+        if not path.exists():
+            raise StageError(f"{path}: shard named in the index is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as e:
+            raise StageError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        total += path.stat().st_size
+    expected = expected_shapes(config)
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise StageError(f"{weights_dir}: tensor '{key}' missing")
+        if shapes[key] != shape:
+            raise StageError(f"{weights_dir}: tensor '{key}' has shape {list(shapes[key])}, config.json "
+                             f"implies {list(shape)}")
+    return len(shapes), total
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    args = config_arg_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
+    for k, v in redacted(c).items():
+        print(f"  {k}: {v}")
+    source = c["model.download.source"]
+    weights_dir, tok_dir, config_path = (Path(c["model.hf_weights_dir"]), Path(c["data.tokenizer.type"]),
+                                         Path(c["model.model_config"]))
+    weights_tmp, tok_tmp = staging(weights_dir), staging(tok_dir)
+    try:
+        src = Path(source)
+        if source.endswith(".gguf"):
+            if not src.is_file():
+                raise StageError(f"model.download.source: GGUF file {src} not found")
+            print(f"dequantizing {src}")
+            write_from_gguf(src, weights_tmp, tok_tmp)
+        else:
+            if not src.is_dir():
+                if source.startswith((".", "/", "~")) or source.count("/") != 1:
+                    raise StageError(f"model.download.source: {source} is neither a directory, a .gguf file nor "
+                                     f"a Hub repo id (owner/name)")
+                print(f"fetching {source} from the Hugging Face Hub")
+                src = fetch_from_hub(source, c["model.download.revision"], str(weights_dir.parent / ".hf_cache"))
+            write_from_hf_dir(src, weights_tmp, tok_tmp)
+        count, size = verify_weights(weights_tmp)
+        save_config(c, weights_tmp / "resolved_config.yaml")
+        tokenizer = finish_tokenizer(tok_tmp)
+        config_tmp = config_path.with_name(config_path.name + ".tmp")
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(weights_tmp / "config.json", config_tmp)
+        replace_atomically(weights_tmp, weights_dir)
+        replace_atomically(tok_tmp, tok_dir)
+        replace_atomically(config_tmp, config_path)
+    finally:
+        shutil.rmtree(weights_tmp, ignore_errors=True)
+        shutil.rmtree(tok_tmp, ignore_errors=True)
+    print(f"weights: {weights_dir} ({count} tensors, {size / 2**20:.1f} MiB)")
+    print(f"tokenizer: {tok_dir} (bos {tokenizer.bos_token!r}, eos {tokenizer.eos_token!r}, "
+          f"pad {tokenizer.pad_token!r})")
+    print(f"config: {config_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StageError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,1026 @@
+#!/usr/bin/env python3
+"""Stage 05: LoRA supervised fine-tuning of a Llama model, in one plain PyTorch loop.
+
+What it does
+  Loads the base model from the NxDT checkpoint that stage 03 wrote, wraps the configured projections with
+  LoRA adapters, builds the SFT data (prompt masked, optionally packed with per-document positions and
+  attention), trains the adapters with AdamW, evaluates, and exports the adapter in PEFT format.
+
+Inputs (config keys)
+  exp_manager.resume_from_checkpoint   NxDT checkpoint: <dir>/model/dp_rank_00_tp_rank_00_pp_rank_00.pt
+  model.model_config                   HF config.json of the base model
+  data.tokenizer.type                  tokenizer directory
+  data.train_dir, data.val_dir         jsonl (or arrow) files of {"input": str, "output": str} records
+
+Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>/<timestamp>)
+  config.yaml              the resolved config
+  metrics.jsonl            one JSON object per logged step and per evaluation
+  events.out.tfevents.*    TensorBoard scalars
+  final/adapter/           adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel
+
+Features and their keys
+  LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*  (targets: qkv_proj, o_proj,
+                                         gate_up_proj, down_proj; q|k|v and gate|up share one A, as in NxD)
+  packing with document isolation        model_alignment_strategy.sft.packing
+  prompt format raw | chat_template      data.prompt_format
+  token-weighted gradient accumulation   data.global_batch_size / data.micro_batch_size
+  warmup + linear/cosine decay           model.optim.*
+  gradient clipping                      trainer.gradient_clip_val
+  baseline evaluation only               trainer.max_steps=0
+  greedy generation, exact match         evaluation.generate.*
+  precision fp32 | autocast (bf16)       precision.type
+  inspect the label mask                 --inspect-data N
+
+Commands
+  CPU:       python 05_train.py --config config.yaml --config demo.yaml
+  CUDA:      python 05_train.py --config config.yaml trainer.accelerator=cuda distributed_strategy.tensor_model_parallel_size=1
+  Trainium:  torchrun --nproc_per_node 32 05_train.py --config config.yaml
+             (this version trains in one process; tensor and data parallel launches are refused with a message)
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------ config
+# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone.
+
+
+class StageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
+
+
+def load_config(paths, overrides):
+    """Overlay the YAML files in order, then `dotted.key=value` overrides; the first file defines the keys."""
+    cfg = None
+    for path in paths:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise StageError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise StageError(f"{path}: expected a mapping of config sections at the top level")
+        cfg = data if cfg is None else overlay(cfg, data, path)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise StageError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise StageError(f"override {item!r}: value is not a YAML scalar or list") from None
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        overlay(cfg, value, "command line")
+    return cfg
+
+
+def overlay(base, new, source, prefix=""):
+    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently)."""
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise StageError(f"{source}: unknown key '{key}'")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise StageError(f"{source}: '{key}' is a section; set its keys instead ({key}.<name>=...)")
+            overlay(base[k], v, source, key + ".")
+        else:
+            base[k] = v
+    return base
+
+
+def resolve(cfg, schema):
+    """{dotted key: value} for the keys this stage reads, each checked against its type; paths expanded.
+
+    Types: int, float, bool, str, path (str with ~ and ${ENV} expanded), list[str], list[float], a|b|c (one of these
+    strings); a trailing ? also allows null.
+    """
+    out = {}
+    for key, spec in schema.items():
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise StageError(f"config: missing key '{key}' (expected {spec})")
+            node = node[part]
+        kind = spec.rstrip("?")
+        if node is None:
+            if not spec.endswith("?"):
+                raise StageError(f"config: '{key}' must be {kind}, got null")
+        elif "|" in kind:
+            if node not in kind.split("|"):
+                raise StageError(f"config: '{key}' must be one of {kind.split('|')}, got {node!r}")
+        elif kind.startswith("list["):
+            item = {"list[str]": str, "list[float]": (int, float)}[kind]
+            if not isinstance(node, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in node):
+                raise StageError(f"config: '{key}' must be {kind}, got {node!r}")
+        else:
+            if kind == "float" and isinstance(node, str):
+                try:  # YAML reads 1e-6 (no dot) as a string; a number is clearly meant
+                    node = float(node)
+                except ValueError:
+                    pass
+            types = {"int": int, "float": (int, float), "bool": bool, "str": str, "path": str}[kind]
+            if not isinstance(node, types) or (isinstance(node, bool) and kind != "bool"):
+                raise StageError(f"config: '{key}' must be {kind}, got {type(node).__name__} {node!r}")
+            if kind == "float":
+                node = float(node)
+            if kind == "path":
+                node = os.path.expanduser(os.path.expandvars(node))
+                if "$" in node:
+                    raise StageError(f"config: '{key}': an environment variable in {node!r} is not set")
+        out[key] = node
+    return out
+
+
+def redacted(c):
+    """The resolved config with anything that looks like a secret masked, for printing and saving."""
+    secret = {"token", "secret", "password", "credential", "credentials"}
+    return {k: ("***" if secret & set(k.lower().replace("_", ".").split(".")) and v else v) for k, v in c.items()}
+
+
+def save_config(c, path):
+    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically."""
+    nested = {}
+    for key, value in redacted(c).items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(yaml.safe_dump(nested, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def config_arg_parser(doc):
+    """--config (repeatable, later files overlay earlier ones) and key=value overrides."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", metavar="PATH",
+                    help="YAML config; repeat to overlay (default: config.yaml)")
+    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    return ap
+
+# ------------------------------------------------------------------------------------------------ settings
+# The config keys this stage reads and their types (validated before any work starts).
+SCHEMA = {
+    "name": "str",
+    "seed": "int",
+    "trainer.accelerator": "auto|xla|cuda|cpu",
+    "trainer.max_steps": "int",
+    "trainer.log_every_n_steps": "int",
+    "trainer.val_check_interval": "int",
+    "trainer.gradient_clip_val": "float?",
+    "exp_manager.exp_dir": "path",
+    "exp_manager.explicit_log_dir": "path?",
+    "exp_manager.resume_from_checkpoint": "path",
+    "exp_manager.create_tensorboard_logger": "bool",
+    "distributed_strategy.tensor_model_parallel_size": "int",
+    "distributed_strategy.pipeline_model_parallel_size": "int",
+    "distributed_strategy.kv_replicator": "int",
+    "data.train_dir": "path",
+    "data.val_dir": "path?",
+    "data.dev_choose_samples": "int?",
+    "data.seq_length": "int",
+    "data.micro_batch_size": "int",
+    "data.global_batch_size": "int",
+    "data.prompt_format": "raw|chat_template",
+    "data.truncation": "truncate|drop",
+    "data.tokenizer.type": "path",
+    "model.model_config": "path",
+    "model.fuse_qkv": "bool",
+    "model.weight_init_only": "bool",
+    "model.optim.lr": "float",
+    "model.optim.weight_decay": "float",
+    "model.optim.betas": "list[float]",
+    "model.optim.eps": "float",
+    "model.optim.sched.name": "linear|cosine",
+    "model.optim.sched.warmup_steps": "int",
+    "model.optim.sched.max_steps": "int?",
+    "model.optim.sched.min_lr": "float",
+    "precision.type": "fp32|autocast",
+    "model_alignment_strategy.sft.packing": "bool",
+    "model_alignment_strategy.peft.lora_rank": "int",
+    "model_alignment_strategy.peft.lora_alpha": "float",
+    "model_alignment_strategy.peft.lora_dropout": "float",
+    "model_alignment_strategy.peft.lora_bias": "none|all|lora_only",
+    "model_alignment_strategy.peft.lora_verbose": "bool",
+    "model_alignment_strategy.peft.target_modules": "list[str]",
+    "evaluation.generate.num_prompts": "int",
+    "evaluation.generate.max_new_tokens": "int",
+    "evaluation.generate.batch_size": "int",
+    "evaluation.generate.show": "int",
+}
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def check_settings(c):
+    """Cross-key checks that types alone cannot express, before anything heavy is loaded."""
+    problems = []
+    for key in ("data.seq_length", "data.micro_batch_size", "data.global_batch_size",
+                "model_alignment_strategy.peft.lora_rank", "trainer.log_every_n_steps",
+                "trainer.val_check_interval", "evaluation.generate.batch_size"):
+        if c[key] < 1:
+            problems.append(f"'{key}' must be >= 1, got {c[key]}")
+    if c["trainer.max_steps"] < 0:
+        problems.append(f"'trainer.max_steps' must be >= 0, got {c['trainer.max_steps']}")
+    if c["data.global_batch_size"] % c["data.micro_batch_size"]:
+        problems.append(f"'data.global_batch_size' ({c['data.global_batch_size']}) must be a multiple of "
+                        f"'data.micro_batch_size' ({c['data.micro_batch_size']})")
+    if not 0.0 <= c["model_alignment_strategy.peft.lora_dropout"] < 1.0:
+        problems.append("'model_alignment_strategy.peft.lora_dropout' must be in [0, 1)")
+    if len(c["model.optim.betas"]) != 2:
+        problems.append(f"'model.optim.betas' must be two numbers, got {c['model.optim.betas']}")
+    unknown = [t for t in c["model_alignment_strategy.peft.target_modules"] if t not in LORA_TARGETS]
+    if unknown or not c["model_alignment_strategy.peft.target_modules"]:
+        problems.append(f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
+                        f"choose among {list(LORA_TARGETS)}")
+    tp, pp = c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.pipeline_model_parallel_size"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp != 1 or pp != 1 or world != 1:
+        problems.append(f"this version trains in a single process with tensor and pipeline parallel size 1 "
+                        f"(got TP {tp}, PP {pp}, {world} processes); set "
+                        f"distributed_strategy.tensor_model_parallel_size=1 and pipeline_model_parallel_size=1")
+    if problems:
+        raise StageError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------ device
+def pick_device(choice):
+    """auto: XLA when torch-xla is importable, else CUDA when available, else CPU."""
+    if choice == "auto":
+        try:
+            import torch_xla  # noqa: F401
+            choice = "xla"
+        except ImportError:
+            choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "xla":
+        raise StageError("trainer.accelerator: the XLA/Trainium path is not available in this version; "
+                         "use trainer.accelerator=cpu or cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise StageError("trainer.accelerator=cuda but torch sees no CUDA device")
+    return torch.device(choice)
+
+
+# ------------------------------------------------------------------------------------------------ model config
+def read_model_config(path):
+    """The fields of an HF Llama config.json that the model needs (old and new rope key styles)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StageError(f"model.model_config: {path} not found (stage 02 writes it)") from None
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
+    arch = raw.get("architectures") or ["LlamaForCausalLM"]
+    if raw.get("model_type", "llama") != "llama" or arch[0] != "LlamaForCausalLM":
+        raise StageError(f"{path}: expected a LlamaForCausalLM config, got {arch[0]} / {raw.get('model_type')}")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise StageError(f"{path}: '{key}: true' is not supported (Llama 3 has no biases)")
+    try:
+        heads = raw["num_attention_heads"]
+        rope = dict(raw.get("rope_parameters") or {})
+        rope_scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        cfg = dict(
+            vocab=raw["vocab_size"], hidden=raw["hidden_size"], inter=raw["intermediate_size"],
+            layers=raw["num_hidden_layers"], heads=heads, kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=raw.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling,
+            tie=bool(raw.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise StageError(f"{path}: missing key {e}") from None
+    if cfg["rope_scaling"] is not None:
+        kind = cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type"))
+        if kind != "llama3":
+            raise StageError(f"{path}: rope scaling type {kind!r} is not supported (only 'llama3')")
+    if cfg["heads"] % cfg["kv_heads"]:
+        raise StageError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ model
+def rope_inv_freq(cfg):
+    """RoPE inverse frequencies, with Llama-3.1 'llama3' frequency scaling when configured."""
+    d = cfg["head_dim"]
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg["rope_scaling"]
+    if s is None:
+        return inv
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate(x, cos, sin):
+    """HF's rotate-half RoPE: the checkpoint's q/k rows keep HF order, so no permutation is needed."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with an optional LoRA branch.
+
+        y = x W^T + (alpha / r) * B(A(dropout(x)))        W: [out, in] frozen, A: [r, in], B: [out, r]
+
+    A starts kaiming-uniform (a = sqrt 5) and B at zero, so training starts from the base model exactly.
+    LoRA weights stay fp32 whatever the base dtype. For fused projections (qkv_proj, gate_up_proj) one A is
+    shared and B's rows are the concatenated q|k|v (or gate|up) blocks, which is the NxD semantics; exporting
+    it as separate PEFT adapters (A copied, B split by rows) is exact.
+    """
+
+    def __init__(self, in_features, out_features, dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.lora_A = self.lora_B = None
+
+    def add_lora(self, rank, alpha, dropout):
+        self.lora_A = nn.Linear(self.weight.shape[1], rank, bias=False, dtype=torch.float32,
+                                device=self.weight.device)
+        self.lora_B = nn.Linear(rank, self.weight.shape[0], bias=False, dtype=torch.float32,
+                                device=self.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.lora_A is None:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, dtype):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+        self.sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        self.qkv_proj = LoRALinear(cfg["hidden"], sum(self.sizes), dtype)
+        self.o_proj = LoRALinear(self.heads * self.head_dim, cfg["hidden"], dtype)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        b, s, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = rotate(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = rotate(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, dtype):
+        super().__init__()
+        self.gate_up_proj = LoRALinear(cfg["hidden"], 2 * cfg["inter"], dtype)
+        self.down_proj = LoRALinear(cfg["inter"], cfg["hidden"], dtype)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
+        self.self_attn = Attention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg, dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg["vocab"], cfg["hidden"], dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, dtype) for _ in range(cfg["layers"]))
+        self.norm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
+
+
+class Llama(nn.Module):
+    """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused)."""
+
+    def __init__(self, cfg, dtype=torch.float32):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg, dtype)
+        self.lm_head = None if cfg["tie"] else LoRALinear(cfg["hidden"], cfg["vocab"], dtype)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def output_weight(self):
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids, position_ids, mask, caches=None):
+        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend)."""
+        x = self.model.embed_tokens(input_ids)
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i])
+        return self.model.norm(x)
+
+    def logits(self, hidden):
+        return F.linear(hidden, self.output_weight())
+
+
+def document_mask(segment_ids):
+    """Block-diagonal causal mask: a token sees earlier tokens of its own document only (padding = its own)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint
+def checkpoint_slots(model, fuse_qkv):
+    """{NxDT tensor name: the model tensor (or row slice of it) that the checkpoint tensor fills}."""
+    slots = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
+    if model.lm_head is not None:
+        slots["lm_head.weight"] = model.lm_head.weight
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        attn = layer.self_attn
+        qkv = attn.qkv_proj.weight
+        if fuse_qkv:
+            slots[p + "self_attn.qkv_proj.weight_qkv"] = qkv
+        else:
+            q, k, v = qkv.split(attn.sizes, dim=0)
+            slots.update({p + "self_attn.qkv_proj.weight_q": q, p + "self_attn.qkv_proj.weight_k": k,
+                          p + "self_attn.qkv_proj.weight_v": v})
+        slots.update({
+            p + "self_attn.o_proj.weight": attn.o_proj.weight,
+            p + "mlp.gate_up_proj.weight": layer.mlp.gate_up_proj.weight,
+            p + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
+            p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+        })
+    return slots
+
+
+def load_checkpoint(model, ckpt_dir, fuse_qkv):
+    """Fill every base tensor from the rank's NxDT shard; any missing, extra or misshapen tensor is an error."""
+    path = Path(ckpt_dir) / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
+    if not path.exists():
+        raise StageError(f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    slots = checkpoint_slots(model, fuse_qkv)
+    missing = [n for n in slots if n not in state]
+    extra = [n for n in state if n not in slots]
+    if missing:
+        hint = " (is model.fuse_qkv the same as when converting?)" if "qkv_proj" in missing[0] else ""
+        raise StageError(f"{path}: missing tensor '{missing[0]}'{hint} ({len(missing)} missing in all)")
+    if extra:
+        raise StageError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
+    with torch.no_grad():
+        for name, dest in slots.items():
+            src = state[name]
+            if tuple(src.shape) != tuple(dest.shape):
+                raise StageError(f"{path}: tensor '{name}' has shape {list(src.shape)}, expected "
+                                 f"{list(dest.shape)} from model.model_config")
+            dest.copy_(src)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def lora_modules(model, targets):
+    """(qualified name, LoRALinear) for every projection whose name is a configured target."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets]
+
+
+def add_lora(model, c):
+    peft = "model_alignment_strategy.peft."
+    modules = lora_modules(model, c[peft + "target_modules"])
+    for _, m in modules:
+        m.add_lora(c[peft + "lora_rank"], c[peft + "lora_alpha"], c[peft + "lora_dropout"])
+    params = [p for _, m in modules for p in (m.lora_A.weight, m.lora_B.weight)]
+    if c[peft + "lora_bias"] != "none":
+        # Llama 3 has no bias tensors (the config check refuses biased models), so nothing more trains.
+        print(f"lora_bias={c[peft + 'lora_bias']}: the model has no bias tensors; only LoRA weights train")
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    if c[peft + "lora_verbose"]:
+        for name, m in modules:
+            print(f"  lora {name}: A {list(m.lora_A.weight.shape)}  B {list(m.lora_B.weight.shape)}")
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    return params
+
+
+def peft_tensors(model):
+    """Our LoRA weights under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A."""
+    out = {}
+    for name, m in lora_modules(model, LORA_TARGETS):
+        if m.lora_A is None:
+            continue
+        parent, leaf = name.rsplit(".", 1)
+        a, b = m.lora_A.weight.detach().float().cpu(), m.lora_B.weight.detach().float().cpu()
+        if leaf == "qkv_proj":
+            parts = dict(zip(("q_proj", "k_proj", "v_proj"), b.split(model.model.layers[0].self_attn.sizes)))
+        elif leaf == "gate_up_proj":
+            parts = dict(zip(("gate_proj", "up_proj"), b.chunk(2)))
+        else:
+            parts = {leaf: b}
+        for hf_leaf, b_part in parts.items():
+            prefix = f"base_model.model.{parent}.{hf_leaf}"
+            out[f"{prefix}.lora_A.weight"] = a.clone().contiguous()
+            out[f"{prefix}.lora_B.weight"] = b_part.clone().contiguous()
+    return out
+
+
+def export_peft_adapter(model, c, out_dir):
+    """Write adapter_config.json + adapter_model.safetensors to a temporary directory, then rename it."""
+    from safetensors.torch import save_file
+
+    tensors = peft_tensors(model)
+    hf_targets = sorted({k.split(".")[-3] for k in tensors})
+    peft = "model_alignment_strategy.peft."
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c[peft + "lora_rank"],
+        "lora_alpha": c[peft + "lora_alpha"], "lora_dropout": c[peft + "lora_dropout"],
+        "bias": c[peft + "lora_bias"], "target_modules": hf_targets, "use_rslora": False,
+        "fan_in_fan_out": False, "inference_mode": True,
+        "base_model_name_or_path": str(Path(c["model.model_config"]).parent),
+    }
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ data
+def read_records(path, limit):
+    """Records from a jsonl/json or arrow file (through `datasets`), checked to have string input/output."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"data file {path} not found (stage 01 writes it)")
+    datasets.disable_progress_bars()
+    try:
+        if path.suffix == ".arrow":
+            ds = datasets.Dataset.from_file(str(path))
+        else:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as {'arrow' if path.suffix == '.arrow' else 'jsonl'} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for col in ("input", "output"):
+        if col not in ds.column_names:
+            raise StageError(f"{path}: records need string fields 'input' and 'output'; found {ds.column_names}")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    records = []
+    for i, (inp, out) in enumerate(zip(ds["input"], ds["output"])):
+        if not isinstance(inp, str) or not isinstance(out, str):
+            raise StageError(f"{path}:{i + 1}: 'input' and 'output' must be strings")
+        records.append((inp, out))
+    if not records:
+        raise StageError(f"{path}: no records")
+    return records
+
+
+def encode(tokenizer, fmt, prompt, response=None):
+    """Token ids of the prompt, and of the response if given (what the model must learn to produce)."""
+    if fmt == "raw":
+        p = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        p += tokenizer.encode(prompt, add_special_tokens=False)
+        if response is None:
+            return p
+        return p, tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    user = [{"role": "user", "content": prompt}]
+    p = list(as_ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True)))
+    if response is None:
+        return p
+    full = as_ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True))
+    if full[:len(p)] != p:
+        raise StageError("data.prompt_format=chat_template: this tokenizer's chat template does not render the "
+                         "prompt as a prefix of the conversation; use data.prompt_format=raw")
+    return p, full[len(p):]
+
+
+def as_ids(encoded):
+    return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+
+
+def tokenize(records, tokenizer, fmt, seq_len, truncation):
+    """(ids, labels) per record; labels are -100 on the prompt. Over-long records: prompt cut first, counted."""
+    docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0}
+    for prompt, response in records:
+        p, r = encode(tokenizer, fmt, prompt, response)
+        if len(p) + len(r) > seq_len:
+            if truncation == "drop":
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+            p = p[:max(1, seq_len - len(r))]
+            r = r[:seq_len - len(p)]
+        docs.append((p + r, [-100] * len(p) + r))
+    return docs, stats
+
+
+def pack(docs, seq_len, packing):
+    """Group documents into windows of at most seq_len tokens: greedy in file order, or one per window."""
+    windows, current, used = [], [], 0
+    for doc in docs:
+        if not packing or (current and used + len(doc[0]) > seq_len):
+            if current:
+                windows.append(current)
+            current, used = [], 0
+        current.append(doc)
+        used += len(doc[0])
+    if current:
+        windows.append(current)
+    return windows
+
+
+def collate(windows, seq_len, pad_id):
+    """Static [n, seq_len] tensors. Targets are shifted inside each document, so no label crosses a boundary;
+    positions restart at 0 per document; segment ids (1, 2, ...; 0 = padding) drive the attention mask."""
+    n = len(windows)
+    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    targets = torch.full((n, seq_len), -100, dtype=torch.long)
+    positions = torch.zeros((n, seq_len), dtype=torch.long)
+    segments = torch.zeros((n, seq_len), dtype=torch.long)
+    for w, window in enumerate(windows):
+        start = 0
+        for seg, (doc_ids, labels) in enumerate(window, start=1):
+            end = start + len(doc_ids)
+            ids[w, start:end] = torch.tensor(doc_ids)
+            targets[w, start:end - 1] = torch.tensor(labels[1:])
+            positions[w, start:end] = torch.arange(len(doc_ids))
+            segments[w, start:end] = seg
+            start = end
+        positions[w, start:] = torch.arange(seq_len - start)
+    return {"input_ids": ids, "targets": targets, "position_ids": positions, "segment_ids": segments}
+
+
+def build_split(path, tokenizer, c, name):
+    records = read_records(path, c["data.dev_choose_samples"])
+    docs, stats = tokenize(records, tokenizer, c["data.prompt_format"], c["data.seq_length"], c["data.truncation"])
+    if not docs:
+        raise StageError(f"{path}: every record is longer than data.seq_length={c['data.seq_length']}")
+    windows = pack(docs, c["data.seq_length"], c["model_alignment_strategy.sft.packing"])
+    batch = collate(windows, c["data.seq_length"], tokenizer.pad_token_id)
+    real = int((batch["segment_ids"] > 0).sum())
+    stats.update(windows=len(windows), tokens=real, supervised=int((batch["targets"] != -100).sum()),
+                 fill=real / batch["segment_ids"].numel())
+    print(f"{name}: {stats['records']} records -> {stats['windows']} windows of {c['data.seq_length']} "
+          f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens; "
+          f"truncated {stats['truncated']}, dropped {stats['dropped']}")
+    return records[:len(records)], batch, stats
+
+
+def step_indices(step, n_windows, per_step, seed):
+    """Window indices for optimizer step `step`: a fresh seeded permutation per epoch, laid end to end, so
+    the data order is a pure function of (seed, step) and no window is dropped at an epoch boundary."""
+    start, out = step * per_step, []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n_windows)
+        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
+        out.extend(perm[offset:offset + per_step - len(out)].tolist())
+    return out
+
+
+def inspect_data(batch, tokenizer, n):
+    """Print n windows with the trained tokens marked: [[trained]] text, plain text is context only."""
+    for w in range(min(n, batch["input_ids"].shape[0])):
+        ids, targets, segs = batch["input_ids"][w], batch["targets"][w], batch["segment_ids"][w]
+        # A token is trained when the position before it has it as its target.
+        trained = torch.zeros_like(ids, dtype=torch.bool)
+        trained[1:] = targets[:-1] != -100
+        print(f"--- window {w}: {int((segs > 0).sum())} tokens in {int(segs.max())} document(s), "
+              f"{int(trained.sum())} trained")
+        text, run, mode = [], [], None
+        for t in range(int((segs > 0).sum())):
+            if trained[t].item() != mode and run:
+                chunk = tokenizer.decode(run)
+                text.append(f"[[{chunk}]]" if mode else chunk)
+                run = []
+            mode = trained[t].item()
+            run.append(int(ids[t]))
+        if run:
+            chunk = tokenizer.decode(run)
+            text.append(f"[[{chunk}]]" if mode else chunk)
+        print("".join(text))
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def loss_sum(model, mb, device, autocast):
+    """Sum of token cross-entropies over supervised positions of one micro-batch, and their count.
+
+    Only supervised positions go through the output layer: prompts and padding never need logits."""
+    ids, pos, seg, targets = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids", "targets"))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        hidden = model(ids, pos, document_mask(seg))
+        keep = targets != -100
+        logits = model.logits(hidden[keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate(model, batch, mbs, device, autocast):
+    """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens."""
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    for start in range(0, batch["input_ids"].shape[0], mbs):
+        mb = {k: v[start:start + mbs] for k, v in batch.items()}
+        s, n = loss_sum(model, mb, device, autocast)
+        total += s.double()
+        count += n
+    model.train()
+    return total.item() / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+class KVCache:
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast):
+    """Greedy decoding of a batch of prompts (left-padded), with a KV cache; returns new token ids per prompt."""
+    model.eval()
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    valid = torch.zeros((b, longest), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        valid[i, longest - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    # Pad queries may see themselves, so no attention row is empty; real queries never see pads.
+    mask = (causal & valid[:, None, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
+    caches = [KVCache() for _ in model.model.layers]
+    out, done = [[] for _ in range(b)], torch.zeros(b, dtype=torch.bool, device=device)
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        hidden = model(ids, pos, mask, caches)
+        for _ in range(max_new_tokens):
+            nxt = model.logits(hidden[:, -1]).argmax(-1)
+            for i in range(b):
+                if not done[i]:
+                    out[i].append(int(nxt[i]))
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+            pos = pos[:, -1:] + 1
+            hidden = model(nxt[:, None], pos, valid[:, None, None, :], caches)
+    model.train()
+    return [[t for t in seq if t not in stop_ids] for seq in out]
+
+
+def generation_eval(model, records, tokenizer, c, device, autocast):
+    """Exact-match accuracy of greedy answers (stripped) on the first N validation prompts."""
+    n = min(c["evaluation.generate.num_prompts"], len(records))
+    stop_ids = {tokenizer.eos_token_id}
+    samples, hits = [], 0
+    bs = c["evaluation.generate.batch_size"]
+    for start in range(0, n, bs):
+        chunk = records[start:min(start + bs, n)]
+        prompts = [encode(tokenizer, c["data.prompt_format"], p)[-c["data.seq_length"]:] for p, _ in chunk]
+        for (prompt, expected), new in zip(chunk, generate(model, prompts, c["evaluation.generate.max_new_tokens"],
+                                                           stop_ids, tokenizer.pad_token_id, device, autocast)):
+            answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+            hits += answer == expected.strip()
+            samples.append({"prompt": prompt, "expected": expected, "answer": answer})
+    return hits / max(n, 1), samples
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+def lr_at(step, c):
+    """Linear warmup over warmup_steps (step 0 already trains at lr/warmup), then linear or cosine decay to
+    min_lr at the schedule's max_steps (default trainer.max_steps)."""
+    lr, warmup, floor = c["model.optim.lr"], c["model.optim.sched.warmup_steps"], c["model.optim.sched.min_lr"]
+    total = c["model.optim.sched.max_steps"] or c["trainer.max_steps"]
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if c["model.optim.sched.name"] == "cosine":
+        return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return floor + (lr - floor) * (1 - frac)
+
+
+# ------------------------------------------------------------------------------------------------ logging
+class Metrics:
+    """metrics.jsonl (one object per line, flushed) and TensorBoard scalars."""
+
+    def __init__(self, run_dir, tensorboard):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir))
+
+    def log(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def make_run_dir(c):
+    if c["exp_manager.explicit_log_dir"]:
+        run_dir = Path(c["exp_manager.explicit_log_dir"])
+    else:
+        run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
+    if (run_dir / "metrics.jsonl").exists():
+        raise StageError(f"run directory {run_dir} already holds a run (metrics.jsonl); "
+                         f"remove it or choose another exp_manager.explicit_log_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def progress_bar(total):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Epoch 0", dynamic_ncols=True, file=sys.stdout,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                           "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    ap = config_arg_parser(__doc__.split("\n\n")[0])
+    ap.add_argument("--inspect-data", type=int, metavar="N", default=0,
+                    help="print N training windows with the trained tokens marked [[like this]], then exit")
+    args = ap.parse_args(argv)
+    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
+    check_settings(c)
+    for k, v in redacted(c).items():
+        print(f"  {k}: {v}")
+    random.seed(c["seed"])
+    np.random.seed(c["seed"])
+    torch.manual_seed(c["seed"])
+
+    # Tokenizer and data first: cheap, and the most common source of mistakes.
+    from transformers import AutoTokenizer
+
+    tok_dir = c["data.tokenizer.type"]
+    if not Path(tok_dir).is_dir():
+        raise StageError(f"data.tokenizer.type: tokenizer directory {tok_dir} not found (stage 02 writes it)")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only fills padding, which is never attended or trained
+    _, train, _ = build_split(c["data.train_dir"], tokenizer, c, "train")
+    if args.inspect_data:
+        inspect_data(train, tokenizer, args.inspect_data)
+        return
+    val_records, val = (build_split(c["data.val_dir"], tokenizer, c, "val")[:2] if c["data.val_dir"]
+                        else ([], None))
+
+    device = pick_device(c["trainer.accelerator"])
+    autocast = c["precision.type"] == "autocast"
+    base_dtype = torch.bfloat16 if autocast else torch.float32
+    cfg = read_model_config(c["model.model_config"])
+    with torch.device(device):
+        model = Llama(cfg, base_dtype)
+    ckpt = load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"])
+    print(f"loaded {ckpt} ({base_dtype}) on {device}")
+    params = add_lora(model, c)
+    model.train()
+
+    run_dir = make_run_dir(c)
+    save_config(c, run_dir / "config.yaml")
+    metrics = Metrics(run_dir, c["exp_manager.create_tensorboard_logger"])
+    print(f"run directory: {run_dir}")
+
+    def run_evaluation(step, gen):
+        record = {"step": step}
+        if val is not None:
+            record["val_loss"] = evaluate(model, val, c["data.micro_batch_size"], device, autocast)
+            if gen and c["evaluation.generate.num_prompts"] > 0:
+                record["gen_exact_match"], samples = generation_eval(model, val_records, tokenizer, c, device, autocast)
+                record["gen_samples"] = len(samples)
+                (run_dir / f"generations_step{step}.jsonl").write_text(
+                    "".join(json.dumps(s) + "\n" for s in samples))
+                for s in samples[:c["evaluation.generate.show"]]:
+                    print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
+            metrics.log(record)
+            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        return record
+
+    max_steps = c["trainer.max_steps"]
+    run_evaluation(0, gen=True)
+    if max_steps == 0:
+        metrics.close()
+        print("trainer.max_steps=0: baseline evaluation only, no adapter written")
+        return
+
+    beta1, beta2 = c["model.optim.betas"]
+    optimizer = torch.optim.AdamW(params, lr=c["model.optim.lr"], betas=(beta1, beta2), eps=c["model.optim.eps"],
+                                  weight_decay=c["model.optim.weight_decay"])
+    mbs, gbs = c["data.micro_batch_size"], c["data.global_batch_size"]
+    n_windows = train["input_ids"].shape[0]
+    bar = progress_bar(max_steps)
+    window_losses, tokens_done, t_log = [], 0, time.perf_counter()
+    for step in range(max_steps):
+        lr = lr_at(step, c)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = step_indices(step, n_windows, gbs, c["seed"])
+        step_batch = {k: v[idx] for k, v in train.items()}
+        # One denominator for the whole step: every supervised token weighs the same, however it was batched.
+        n_sup = max(1, int((step_batch["targets"] != -100).sum()))
+        step_loss = torch.zeros((), device=device)
+        for start in range(0, gbs, mbs):
+            s, _ = loss_sum(model, {k: v[start:start + mbs] for k, v in step_batch.items()}, device, autocast)
+            (s / n_sup).backward()
+            step_loss += s.detach() / n_sup
+        clip = c["trainer.gradient_clip_val"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_done += int((step_batch["segment_ids"] > 0).sum())
+        window_losses.append(step_loss)
+
+        done = step + 1
+        epoch = done * gbs // n_windows
+        bar.set_description_str(f"Epoch {epoch}")
+        bar.update(1)
+        if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps:
+            now = time.perf_counter()
+            losses = torch.stack(window_losses).tolist()  # the only host sync of a log interval
+            record = {"step": done, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens_done / (now - t_log), "consumed_samples": done * gbs, "epoch": epoch}
+            metrics.log(record)
+            bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
+                                f"lr={lr:.3g}, global_step={done}, consumed_samples={done * gbs}, "
+                                f"tokens/s={record['tokens_per_s']:.0f}")
+            window_losses, tokens_done, t_log = [], 0, now
+        if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
+            bar.clear()
+            run_evaluation(done, gen=False)
+    bar.close()
+    run_evaluation(max_steps, gen=True)
+    adapter = export_peft_adapter(model, c, run_dir / "final" / "adapter")
+    metrics.close()
+    print(f"adapter (PEFT format): {adapter}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StageError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,140 @@
+"""Shared test fixtures: stage modules loaded by path, a tiny tokenizer and tiny random Llama models on disk."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = ROOT / "demo" / "data"
+
+
+def load_stage(filename):
+    """Import a stage file (their names start with a digit, so plain `import` cannot)."""
+    spec = importlib.util.spec_from_file_location(filename.replace(".py", "").replace("0", "s0", 1),
+                                                  ROOT / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def train_mod():
+    return load_stage("05_train.py")
+
+
+def run_stage(args, cwd=ROOT, env=None, check=True):
+    """Run a stage as a user would; returns the CompletedProcess (stdout and stderr captured)."""
+    cmd = args if args[0] == "bash" else [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def demo_texts():
+    for name in ("train.jsonl", "val.jsonl"):
+        for line in (DEMO_DATA / name).read_text().splitlines():
+            r = json.loads(line)
+            yield r["input"] + r["output"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer (vocab 384) trained on the demo texts, with BOS/EOS/pad and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(demo_texts(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(str(out))
+    return out
+
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def make_hf_model(out_dir, tokenizer_dir, seed=0, **overrides):
+    """Save a random tiny LlamaForCausalLM (norm weights randomized too) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    kwargs = dict(TINY, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return model
+
+
+def write_overlay(path, values):
+    """A config overlay file from a flat {dotted.key: value} dict."""
+    nested = {}
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    Path(path).write_text(yaml.safe_dump(nested))
+    return path
+
+
+def tiny_settings(work):
+    """Overlay values that point every stage at files under `work` with tiny-model sizes."""
+    work = Path(work)
+    return {
+        "trainer.accelerator": "cpu", "trainer.max_steps": 3, "trainer.log_every_n_steps": 1,
+        "trainer.val_check_interval": 2,
+        "exp_manager.explicit_log_dir": str(work / "run"),
+        "exp_manager.resume_from_checkpoint": str(work / "ckpt"),
+        "distributed_strategy.tensor_model_parallel_size": 1, "distributed_strategy.kv_replicator": 1,
+        "data.download.train_uri": str(DEMO_DATA / "train.jsonl"),
+        "data.download.val_uri": str(DEMO_DATA / "val.jsonl"),
+        "data.train_dir": str(work / "data" / "training.jsonl"),
+        "data.val_dir": str(work / "data" / "validation.jsonl"),
+        "data.dev_choose_samples": 24, "data.seq_length": 64, "data.global_batch_size": 2,
+        "data.tokenizer.type": str(work / "tokenizer"),
+        "model.download.source": str(work / "hf_source"),
+        "model.model_config": str(work / "config.json"), "model.hf_weights_dir": str(work / "hf_weights"),
+        "model.optim.lr": 1e-2, "model.optim.sched.warmup_steps": 1,
+        "precision.type": "fp32",
+        "model_alignment_strategy.peft.target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        "evaluation.generate.num_prompts": 4, "evaluation.generate.max_new_tokens": 6,
+        "evaluation.generate.batch_size": 4, "evaluation.generate.show": 1,
+    }
+
+
+def tiny_llama(train, work, tokenizer_dir, **overrides):
+    """(our Llama, HF model) with the same random weights, converted in-process by stage 03's mapping."""
+    convert = load_stage("03_convert_checkpoint.py")
+    hf = make_hf_model(work, tokenizer_dir, **overrides)
+    config = json.loads((Path(work) / "config.json").read_text())
+    state = dict(convert.nxdt_tensors(config, convert.TensorReader(convert.weight_files(Path(work))), False))
+    model = train.Llama(train.read_model_config(Path(work) / "config.json"))
+    with torch.no_grad():
+        for name, dest in train.checkpoint_slots(model, fuse_qkv=False).items():
+            dest.copy_(state[name])
+    return model.eval(), hf

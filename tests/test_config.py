@@ -1,0 +1,126 @@
+"""The config contract shared by every stage: overlays, overrides, strict keys and types."""
+
+import re
+
+import pytest
+import yaml
+
+from conftest import ROOT, load_stage, run_stage
+
+STAGES = ["01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py", "05_train.py"]
+
+
+def config_block(filename):
+    text = (ROOT / filename).read_text()
+    return re.search(r"# -+ config\n.*?(?=\n# -+ )", text, re.S).group(0)
+
+
+def test_every_stage_carries_the_same_config_helpers():
+    blocks = {f: config_block(f) for f in STAGES}
+    assert len(set(blocks.values())) == 1, "the config section must be identical in every stage"
+
+
+def test_stages_import_no_other_file_of_the_project():
+    local = {p.stem for p in ROOT.glob("*.py")}
+    for f in STAGES:
+        imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", (ROOT / f).read_text(), re.M)
+        assert not {i.split(".")[0] for i in imports} & local, f
+
+
+@pytest.fixture
+def cfgmod():
+    return load_stage("05_train.py")
+
+
+def test_later_files_and_overrides_replace_earlier_values(cfgmod, tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  seq_length: 128\n  micro_batch_size: 2\n")
+    cfg = cfgmod.load_config([ROOT / "config.yaml", tmp_path / "a.yaml"], ["data.seq_length=64", "seed=7"])
+    assert cfg["data"]["seq_length"] == 64 and cfg["data"]["micro_batch_size"] == 2 and cfg["seed"] == 7
+    assert cfg["data"]["global_batch_size"] == 64
+
+
+def test_overrides_parse_yaml_scalars_and_lists(cfgmod):
+    cfg = cfgmod.load_config([ROOT / "config.yaml"], ["model_alignment_strategy.peft.target_modules=[o_proj,down_proj]",
+                                                      "trainer.gradient_clip_val=null", "model.fuse_qkv=true"])
+    c = cfgmod.resolve(cfg, cfgmod.SCHEMA)
+    assert c["model_alignment_strategy.peft.target_modules"] == ["o_proj", "down_proj"]
+    assert c["trainer.gradient_clip_val"] is None and c["model.fuse_qkv"] is True
+
+
+def test_unknown_key_is_rejected_with_its_name(cfgmod, tmp_path):
+    (tmp_path / "a.yaml").write_text("data:\n  seq_lenght: 128\n")
+    with pytest.raises(cfgmod.StageError, match=r"a.yaml: unknown key 'data.seq_lenght'"):
+        cfgmod.load_config([ROOT / "config.yaml", tmp_path / "a.yaml"], [])
+    with pytest.raises(cfgmod.StageError, match=r"command line: unknown key 'trainer.max_step'"):
+        cfgmod.load_config([ROOT / "config.yaml"], ["trainer.max_step=3"])
+
+
+def test_wrong_type_is_rejected_with_key_and_expected_type(cfgmod):
+    cfg = cfgmod.load_config([ROOT / "config.yaml"], ["data.seq_length=4k"])
+    with pytest.raises(cfgmod.StageError, match=r"'data.seq_length' must be int, got str '4k'"):
+        cfgmod.resolve(cfg, cfgmod.SCHEMA)
+
+
+def test_the_string_False_is_not_a_true_boolean(cfgmod):
+    """NxD's converter treats the string "False" as True; here a quoted string is simply the wrong type."""
+    cfg = cfgmod.load_config([ROOT / "config.yaml"], ["model.fuse_qkv='False'"])
+    with pytest.raises(cfgmod.StageError, match=r"'model.fuse_qkv' must be bool"):
+        cfgmod.resolve(cfg, cfgmod.SCHEMA)
+    cfg = cfgmod.load_config([ROOT / "config.yaml"], ["model.fuse_qkv=False"])
+    assert cfgmod.resolve(cfg, cfgmod.SCHEMA)["model.fuse_qkv"] is False
+
+
+def test_choices_are_enforced(cfgmod):
+    cfg = cfgmod.load_config([ROOT / "config.yaml"], ["precision.type=bf16"])
+    with pytest.raises(cfgmod.StageError, match=r"'precision.type' must be one of \['fp32', 'autocast'\]"):
+        cfgmod.resolve(cfg, cfgmod.SCHEMA)
+
+
+def test_paths_expand_home_and_environment(cfgmod, monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", "/srv/data")
+    cfg = cfgmod.load_config([ROOT / "config.yaml"], ["data.train_dir=${DATA_ROOT}/t.jsonl"])
+    c = cfgmod.resolve(cfg, cfgmod.SCHEMA)
+    assert c["data.train_dir"] == "/srv/data/t.jsonl"
+    assert not c["exp_manager.resume_from_checkpoint"].startswith("~")
+    monkeypatch.delenv("DATA_ROOT")
+    with pytest.raises(cfgmod.StageError, match=r"'data.train_dir': an environment variable"):
+        cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], ["data.train_dir=${DATA_ROOT}/t"]), cfgmod.SCHEMA)
+
+
+def test_secrets_are_redacted_but_tokenizer_paths_are_not(cfgmod):
+    shown = cfgmod.redacted({"hub.token": "hf_abc", "data.tokenizer.type": "/tok", "s3.secret_key": "x"})
+    assert shown == {"hub.token": "***", "data.tokenizer.type": "/tok", "s3.secret_key": "***"}
+
+
+def test_config_yaml_has_the_tutorial_settings_and_one_sequence_length():
+    text = (ROOT / "config.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    assert cfg["distributed_strategy"]["tensor_model_parallel_size"] == 32
+    assert cfg["distributed_strategy"]["kv_replicator"] == 4
+    assert cfg["data"]["seq_length"] == 4096 and cfg["data"]["micro_batch_size"] == 1
+    assert cfg["data"]["global_batch_size"] == 64
+    assert cfg["model"]["optim"]["lr"] == 1.5e-4 and cfg["model"]["optim"]["sched"]["warmup_steps"] == 10
+    assert cfg["trainer"]["max_steps"] == 5000 and cfg["trainer"]["gradient_clip_val"] == 1.0
+    assert cfg["model_alignment_strategy"]["peft"] == {
+        "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_bias": "none", "lora_verbose": True,
+        "target_modules": ["qkv_proj"]}
+    assert cfg["model_alignment_strategy"]["sft"]["packing"] is True
+    assert len(re.findall(r"^\s*\w*seq_length\s*:", text, re.M)) == 1  # no second, conflicting sequence length
+
+
+def test_every_config_key_is_commented():
+    for n, line in enumerate((ROOT / "config.yaml").read_text().splitlines(), 1):
+        if re.match(r"^\s*\w+:\s*\S", line):
+            assert "#" in line, f"config.yaml:{n} has no comment: {line.strip()}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_reports_a_bad_config_in_one_line_and_exits_1(stage):
+    proc = run_stage([stage, "--config", "config.yaml", "data.nope=1"], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: command line: unknown key 'data.nope'"
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    proc = run_stage(["05_train.py", "--config", str(tmp_path / "none.yaml")], check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path / 'none.yaml'}: config file not found"

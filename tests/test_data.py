@@ -1,0 +1,144 @@
+"""SFT data semantics: prompt masking, packing with document isolation, static shapes, truncation."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import tiny_llama
+
+RECORDS = [("What is 4 + 2?\n", "6"), ("Write 'stone' in capital letters.\n", "STONE"),
+           ("Reverse the order of these words: red fox sun\n", "sun fox red"), ("Convert 7 km to meters.\n", "7000 m")]
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def windows(train, tok, records, seq_len, packing, fmt="raw"):
+    docs, stats = train.tokenize(records, tok, fmt, seq_len, "truncate")
+    return train.collate(train.pack(docs, seq_len, packing), seq_len, tok.pad_token_id), docs, stats
+
+
+def response_positions(batch):
+    """{(window, position)} of the tokens that a target asks the model to predict."""
+    w, t = torch.nonzero(batch["targets"] != -100, as_tuple=True)
+    return set(zip(w.tolist(), (t + 1).tolist()))
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("fmt", ["raw", "chat_template"])
+def test_prompt_tokens_never_carry_a_label(train_mod, tok, packing, fmt):
+    batch, docs, _ = windows(train_mod, tok, RECORDS, 64, packing, fmt)
+    expected = set()
+    w, start = 0, 0
+    for ids, labels in docs:
+        if not packing or start + len(ids) > 64:
+            if start:
+                w, start = w + 1, 0
+        expected |= {(w, start + i) for i, l in enumerate(labels) if l != -100}
+        start += len(ids)
+    assert response_positions(batch) == expected
+    # and what is predicted there is exactly the response (+ EOS), never a prompt token
+    for (w_, t) in expected:
+        assert batch["targets"][w_, t - 1] == batch["input_ids"][w_, t]
+
+
+def test_raw_format_is_bos_input_output_eos_with_only_output_and_eos_trained(train_mod, tok):
+    (ids, labels), = train_mod.tokenize([RECORDS[0]], tok, "raw", 64, "truncate")[0]
+    prompt = [tok.bos_token_id] + tok.encode(RECORDS[0][0], add_special_tokens=False)
+    response = tok.encode(RECORDS[0][1], add_special_tokens=False) + [tok.eos_token_id]
+    assert ids == prompt + response
+    assert labels == [-100] * len(prompt) + response
+
+
+def test_packing_restarts_positions_and_separates_documents(train_mod, tok):
+    batch, docs, _ = windows(train_mod, tok, RECORDS, 96, True)
+    lengths = [len(ids) for ids, _ in docs]
+    assert batch["input_ids"].shape == (1, 96) and sum(lengths) <= 96
+    seg, pos = batch["segment_ids"][0], batch["position_ids"][0]
+    start = 0
+    for k, n in enumerate(lengths, start=1):
+        assert seg[start:start + n].eq(k).all() and pos[start:start + n].tolist() == list(range(n))
+        assert batch["targets"][0, start + n - 1] == -100  # the last token of a document predicts nothing
+        start += n
+    assert seg[start:].eq(0).all() and batch["targets"][0, start:].eq(-100).all()
+    mask = train_mod.document_mask(batch["segment_ids"])[0, 0]
+    assert not mask[lengths[0], lengths[0] - 1]  # first token of document 2 cannot see document 1
+    assert mask[lengths[0] + 1, lengths[0]]
+
+
+def test_every_row_has_the_static_shape(train_mod, tok):
+    for packing in (True, False):
+        batch, _, _ = windows(train_mod, tok, RECORDS * 5, 48, packing)
+        assert all(v.shape[1] == 48 for v in batch.values())
+
+
+def test_document_losses_are_the_same_alone_and_packed(train_mod, tok, tokenizer_dir, tmp_path):
+    model, _ = tiny_llama(train_mod, tmp_path, tokenizer_dir)
+
+    def token_losses(records, doc_index):
+        batch, docs, _ = windows(train_mod, tok, records, 96, True)
+        with torch.no_grad():
+            h = model(batch["input_ids"], batch["position_ids"], train_mod.document_mask(batch["segment_ids"]))
+            losses = torch.nn.functional.cross_entropy(model.logits(h)[0], batch["targets"][0], reduction="none")
+        start = sum(len(ids) for ids, _ in docs[:doc_index])
+        n = len(docs[doc_index][0])
+        keep = batch["targets"][0, start:start + n] != -100
+        return losses[start:start + n][keep]
+
+    alone = token_losses([RECORDS[2]], 0)
+    packed = token_losses([RECORDS[0], RECORDS[1], RECORDS[2]], 2)
+    assert len(alone) > 0 and torch.allclose(alone, packed, atol=1e-5)
+
+
+def test_long_records_are_truncated_prompt_first_and_counted(train_mod, tok):
+    long = ("word " * 80 + "\n", "STONE")
+    docs, stats = train_mod.tokenize([long, RECORDS[0]], tok, "raw", 32, "truncate")
+    assert stats["truncated"] == 1 and len(docs[0][0]) == 32
+    response = tok.encode("STONE", add_special_tokens=False) + [tok.eos_token_id]
+    assert docs[0][1][-len(response):] == response  # the response survives intact
+
+
+def test_long_records_can_be_dropped_and_counted(train_mod, tok):
+    docs, stats = train_mod.tokenize([("word " * 80, "x"), RECORDS[0]], tok, "raw", 32, "drop")
+    assert stats["dropped"] == 1 and len(docs) == 1
+
+
+def test_dev_choose_samples_takes_the_head_of_the_file(train_mod, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(10)))
+    assert train_mod.read_records(path, 3) == [("q0", "a0"), ("q1", "a1"), ("q2", "a2")]
+    assert len(train_mod.read_records(path, None)) == 10
+
+
+def test_arrow_files_are_read_like_jsonl(train_mod, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"input": ["q0", "q1"], "output": ["a0", "a1"], "category": ["x", "y"]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    arrow = next((tmp_path / "ds").glob("*.arrow"))
+    assert train_mod.read_records(arrow, None) == [("q0", "a0"), ("q1", "a1")]
+
+
+def test_records_without_input_output_are_refused(train_mod, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    with pytest.raises(train_mod.StageError, match="'input' and 'output'"):
+        train_mod.read_records(path, None)
+
+
+def test_data_order_is_a_pure_function_of_seed_and_step_and_covers_every_window(train_mod):
+    first = [train_mod.step_indices(s, 10, 4, seed=7) for s in range(5)]
+    assert first == [train_mod.step_indices(s, 10, 4, seed=7) for s in range(5)]
+    flat = sum(first, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_inspect_data_marks_the_trained_tokens(train_mod, tok, capsys):
+    batch, _, _ = windows(train_mod, tok, [RECORDS[1]], 48, True)
+    train_mod.inspect_data(batch, tok, 1)
+    out = capsys.readouterr().out
+    assert "[[STONE</s>]]" in out and "[[Write" not in out

@@ -1,0 +1,129 @@
+"""Hand-written LoRA: semantics of the layer, and the exported adapter loads in peft with identical logits."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from conftest import load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
+
+TARGETS = [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"],
+           ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]]
+PEFT = "model_alignment_strategy.peft."
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, tokenizer_dir):
+    """A tiny random HF model converted through 02 and 03 (shared by the tests of this module)."""
+    work = tmp_path_factory.mktemp("lora")
+    hf = make_hf_model(work / "hf_source", tokenizer_dir)
+    overlay = write_overlay(work / "overlay.yaml", tiny_settings(work))
+    run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)])
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    return work, hf
+
+
+def lora_settings(train, work, targets, bias="none"):
+    cfg = train.resolve(train.load_config(["config.yaml", str(work / "overlay.yaml")], [
+        f"{PEFT}target_modules=[{','.join(targets)}]", f"{PEFT}lora_bias={bias}"]), train.SCHEMA)
+    return cfg
+
+
+def trained_looking_model(train, work, c):
+    """Our model with LoRA added and B randomized, as if trained (B = 0 would hide export mistakes)."""
+    model = train.Llama(train.read_model_config(c["model.model_config"]))
+    train.load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], False)
+    torch.manual_seed(5)
+    train.add_lora(model, c)
+    with torch.no_grad():
+        for _, m in train.lora_modules(model, train.LORA_TARGETS):
+            if m.lora_B is not None:
+                m.lora_B.weight.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("targets", TARGETS, ids=lambda t: "+".join(t))
+def test_exported_adapter_loads_in_peft_with_the_same_logits(converted, train_mod, targets):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    work, _ = converted
+    c = lora_settings(train_mod, work, targets)
+    model = trained_looking_model(train_mod, work, c)
+    adapter = train_mod.export_peft_adapter(model, c, work / f"adapter-{'-'.join(targets)}")
+    ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.logits(model(ids, torch.arange(50).expand(2, 50), train_mod.document_mask(torch.ones_like(ids))))
+    base = LlamaForCausalLM.from_pretrained(str(work / "hf_weights")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mis-named tensor would only warn and load a no-op adapter
+        # peft itself touches a deprecated transformers property; that says nothing about our adapter.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    with torch.no_grad():
+        plain = LlamaForCausalLM.from_pretrained(str(work / "hf_weights")).eval()(ids).logits
+    assert (ours - plain).abs().max() > 1e-3, "the adapter must change the logits for this test to mean anything"
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_adapter_config_names_hf_modules_and_scaling(converted, train_mod):
+    work, _ = converted
+    c = lora_settings(train_mod, work, ["qkv_proj", "gate_up_proj"])
+    adapter = train_mod.export_peft_adapter(trained_looking_model(train_mod, work, c), c, work / "adapter-cfg")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == 16 and config["lora_alpha"] == 32
+    assert config["target_modules"] == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_fused_qkv_lora_shares_one_A_across_q_k_v(converted, train_mod):
+    from safetensors.torch import load_file
+
+    work, _ = converted
+    c = lora_settings(train_mod, work, ["qkv_proj"])
+    adapter = train_mod.export_peft_adapter(trained_looking_model(train_mod, work, c), c, work / "adapter-a")
+    t = load_file(str(adapter / "adapter_model.safetensors"))
+    p = "base_model.model.model.layers.0.self_attn."
+    assert torch.equal(t[p + "q_proj.lora_A.weight"], t[p + "k_proj.lora_A.weight"])
+    assert torch.equal(t[p + "q_proj.lora_A.weight"], t[p + "v_proj.lora_A.weight"])
+    assert t[p + "q_proj.lora_B.weight"].shape == (64, 16) and t[p + "k_proj.lora_B.weight"].shape == (32, 16)
+
+
+def test_lora_layer_starts_as_the_base_layer_and_scales_by_alpha_over_r(train_mod):
+    torch.manual_seed(0)
+    layer = train_mod.LoRALinear(8, 6, torch.float32)
+    torch.nn.init.normal_(layer.weight)
+    layer.add_lora(rank=4, alpha=2.0, dropout=0.0)
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x), x @ layer.weight.T)  # B = 0 at init
+    torch.nn.init.normal_(layer.lora_B.weight)
+    expected = x @ layer.weight.T + 0.5 * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert layer.lora_A.weight.dtype == torch.float32 and not layer.weight.requires_grad
+
+
+def test_lora_weights_stay_fp32_over_a_bf16_base(train_mod):
+    layer = train_mod.LoRALinear(8, 6, torch.bfloat16)
+    layer.add_lora(rank=2, alpha=4.0, dropout=0.0)
+    assert layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+
+
+def test_only_lora_weights_are_trainable(converted, train_mod):
+    work, _ = converted
+    c = lora_settings(train_mod, work, ["o_proj", "down_proj"])
+    model = train_mod.Llama(train_mod.read_model_config(c["model.model_config"]))
+    params = train_mod.add_lora(model, c)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if ".lora_" in n}
+    assert len(params) == len(trainable) == 2 * 2 * 2  # 2 layers x 2 targets x (A, B)
+
+
+def test_unknown_lora_target_is_an_error(converted, train_mod):
+    work, _ = converted
+    c = lora_settings(train_mod, work, ["q_proj"])
+    with pytest.raises(train_mod.StageError, match=r"unknown target\(s\) \['q_proj'\]"):
+        train_mod.check_settings(c)

@@ -1,0 +1,127 @@
+"""Our Llama, loaded through stages 02 and 03, computes the same logits as transformers.LlamaForCausalLM."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import LLAMA3_ROPE, load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
+
+
+def convert(tmp_path, tokenizer_dir, fuse_qkv=False, **model_overrides):
+    """Random tiny HF model -> 02 (local directory source) -> 03; returns (hf model, settings)."""
+    hf = make_hf_model(tmp_path / "hf_source", tokenizer_dir, **model_overrides)
+    settings = dict(tiny_settings(tmp_path), **{"model.fuse_qkv": fuse_qkv})
+    overlay = write_overlay(tmp_path / "overlay.yaml", settings)
+    run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)])
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    return hf, settings
+
+
+def our_model(train, settings):
+    cfg = train.read_model_config(settings["model.model_config"])
+    model = train.Llama(cfg)
+    train.load_checkpoint(model, settings["exp_manager.resume_from_checkpoint"], settings["model.fuse_qkv"])
+    return model.eval()
+
+
+def our_logits(train, model, ids):
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return model.logits(model(ids, pos, train.document_mask(torch.ones_like(ids))))
+
+
+@pytest.mark.parametrize("case", [
+    dict(),                                                   # GQA (4 heads, 2 KV heads), untied
+    dict(tie_word_embeddings=True),
+    dict(num_key_value_heads=4),                              # plain multi-head attention
+    dict(rope_parameters=LLAMA3_ROPE),                        # Llama-3.1 frequency scaling
+    dict(head_dim=32),                                        # head_dim != hidden / heads
+], ids=["gqa-untied", "tied", "mha", "rope-llama3", "head-dim"])
+def test_logits_match_transformers(tmp_path, tokenizer_dir, train_mod, case):
+    hf, settings = convert(tmp_path, tokenizer_dir, **case)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    got = our_logits(train_mod, our_model(train_mod, settings), ids)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_fused_qkv_checkpoint_gives_the_same_logits(tmp_path, tokenizer_dir, train_mod):
+    hf, settings = convert(tmp_path, tokenizer_dir, fuse_qkv=True)
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (our_logits(train_mod, our_model(train_mod, settings), ids) - expected).abs().max().item() < 1e-4
+
+
+def test_legacy_rope_scaling_keys_are_read_like_transformers(tmp_path, tokenizer_dir, train_mod):
+    """Meta's Llama-3.1 config.json has top-level rope_theta and rope_scaling instead of rope_parameters."""
+    hf, settings = convert(tmp_path, tokenizer_dir, rope_parameters=LLAMA3_ROPE)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ids = torch.randint(0, hf.config.vocab_size, (1, 120), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (our_logits(train_mod, our_model(train_mod, settings), ids) - expected).abs().max().item() < 1e-4
+
+
+def test_checkpoint_layout_has_nxdt_names(tmp_path, tokenizer_dir):
+    convert(tmp_path, tokenizer_dir)
+    state = torch.load(tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt", weights_only=True)
+    assert {k for k in state if ".layers.0." in k} == {
+        f"model.layers.0.{n}" for n in (
+            "self_attn.qkv_proj.weight_q", "self_attn.qkv_proj.weight_k", "self_attn.qkv_proj.weight_v",
+            "self_attn.o_proj.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight",
+            "input_layernorm.weight", "post_attention_layernorm.weight")}
+    assert state["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 96, 64)
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(state)
+
+
+def test_checkpoint_with_a_missing_tensor_is_refused(tmp_path, tokenizer_dir, train_mod):
+    _, settings = convert(tmp_path, tokenizer_dir)
+    path = tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
+    state = torch.load(path, weights_only=True)
+    del state["model.layers.1.mlp.down_proj.weight"]
+    torch.save(state, path)
+    with pytest.raises(train_mod.StageError, match=r"missing tensor 'model.layers.1.mlp.down_proj.weight'"):
+        our_model(train_mod, settings)
+
+
+def test_checkpoint_with_a_wrong_shape_is_refused(tmp_path, tokenizer_dir, train_mod):
+    _, settings = convert(tmp_path, tokenizer_dir)
+    path = tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
+    state = torch.load(path, weights_only=True)
+    state["model.norm.weight"] = torch.ones(65)
+    torch.save(state, path)
+    with pytest.raises(train_mod.StageError, match=r"'model.norm.weight' has shape \[65\], expected \[64\]"):
+        our_model(train_mod, settings)
+
+
+def test_unfused_checkpoint_loaded_as_fused_names_the_flag(tmp_path, tokenizer_dir, train_mod):
+    _, settings = convert(tmp_path, tokenizer_dir)
+    with pytest.raises(train_mod.StageError, match="model.fuse_qkv"):
+        our_model(train_mod, dict(settings, **{"model.fuse_qkv": True}))
+
+
+def test_converter_refuses_a_non_empty_output_without_overwrite(tmp_path, tokenizer_dir):
+    _, settings = convert(tmp_path, tokenizer_dir)
+    overlay = tmp_path / "overlay.yaml"
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
+    assert proc.returncode == 1 and "is not empty; pass --overwrite" in proc.stderr
+
+
+def test_converter_rejects_a_shape_that_disagrees_with_config(tmp_path, tokenizer_dir):
+    make_hf_model(tmp_path / "hf_source", tokenizer_dir)
+    overlay = write_overlay(tmp_path / "overlay.yaml", tiny_settings(tmp_path))
+    run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)])
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
+    assert proc.returncode == 1
+    assert "mlp.gate_proj.weight' has shape [96, 64], config.json implies [128, 64]" in proc.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()

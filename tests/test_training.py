@@ -1,0 +1,125 @@
+"""05's training semantics against transformers: val_loss, token-weighted accumulation, clipping, schedule."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from conftest import load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tokenizer_dir):
+    """Stages 01-03 on a tiny random model; returns (work dir, overlay path)."""
+    work = tmp_path_factory.mktemp("train")
+    make_hf_model(work / "hf_source", tokenizer_dir)
+    overlay = write_overlay(work / "overlay.yaml", tiny_settings(work))
+    for stage in ("01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py"):
+        run_stage([stage, "--config", "config.yaml", "--config", str(overlay)])
+    return work, overlay
+
+
+def train(work, overlay, name, *overrides):
+    """Run 05 in-process with its own run directory; returns the metrics.jsonl records."""
+    run_dir = work / name
+    load_stage("05_train.py").main(["--config", "config.yaml", "--config", str(overlay),
+                                    f"exp_manager.explicit_log_dir={run_dir}", *overrides])
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def hf_masked_loss(work, records, fmt="raw"):
+    """Sum of supervised-token cross-entropies / their count, computed with transformers on each record."""
+    tok = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    model = LlamaForCausalLM.from_pretrained(str(work / "hf_weights")).eval()
+    total, count = 0.0, 0
+    for r in records:
+        prompt = [tok.bos_token_id] + tok.encode(r["input"], add_special_tokens=False)
+        response = tok.encode(r["output"], add_special_tokens=False) + [tok.eos_token_id]
+        ids = torch.tensor([prompt + response])
+        labels = torch.tensor([[-100] * len(prompt) + response])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+        count += len(response)
+    return total / count
+
+
+def head(path, n):
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_baseline_val_loss_equals_transformers_masked_cross_entropy(pipeline, packing):
+    work, overlay = pipeline
+    metrics = train(work, overlay, f"base-{packing}", "trainer.max_steps=0",
+                    f"model_alignment_strategy.sft.packing={packing}", "evaluation.generate.num_prompts=0")
+    assert len(metrics) == 1 and metrics[0]["step"] == 0
+    expected = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24))
+    assert metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_first_step_loss_is_the_token_weighted_mean_over_the_whole_step(pipeline):
+    """Step 1's loss (LoRA B = 0, so the base model) equals transformers' loss over exactly that step's records,
+    weighting every supervised token equally, not averaging per-micro-batch means."""
+    work, overlay = pipeline
+    t = load_stage("05_train.py")
+    metrics = train(work, overlay, "step1", "trainer.max_steps=1", "data.global_batch_size=4",
+                    "model_alignment_strategy.sft.packing=false", "evaluation.generate.num_prompts=0")
+    records = head(work / "data" / "training.jsonl", 24)
+    chosen = [records[i] for i in t.step_indices(0, len(records), 4, seed=1234)]
+    assert metrics[1]["loss"] == pytest.approx(hf_masked_loss(work, chosen), abs=1e-5)
+
+
+def test_losses_do_not_depend_on_the_micro_batch_size(pipeline):
+    work, overlay = pipeline
+    common = ["trainer.max_steps=3", "data.global_batch_size=4", "evaluation.generate.num_prompts=0",
+              "model_alignment_strategy.peft.lora_dropout=0"]
+    one = [m["loss"] for m in train(work, overlay, "mbs1", *common, "data.micro_batch_size=1") if "loss" in m]
+    four = [m["loss"] for m in train(work, overlay, "mbs4", *common, "data.micro_batch_size=4") if "loss" in m]
+    assert len(one) == 3 and one == pytest.approx(four, abs=1e-5)
+
+
+def adapter_b_norm(run_dir):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run_dir / "final" / "adapter" / "adapter_model.safetensors"))
+    return torch.sqrt(sum((v.double() ** 2).sum() for k, v in tensors.items() if "lora_B" in k)).item()
+
+
+def test_clipping_acts_on_the_gradients_that_are_stepped(pipeline):
+    """One AdamW step from B = 0 with eps = 1 moves B by lr * g / (|g| + 1): with the gradient clipped to norm
+    1e-6 the move is at most lr * 1e-6. Clipping stale gradients (the reference's bug) would leave it large."""
+    work, overlay = pipeline
+    common = ["trainer.max_steps=1", "model.optim.eps=1.0", "model.optim.weight_decay=0.0", "model.optim.lr=0.01",
+              "evaluation.generate.num_prompts=0"]
+    metrics = train(work, overlay, "clipped", *common, "trainer.gradient_clip_val=1e-6")
+    clipped = adapter_b_norm(work / "clipped")
+    free = adapter_b_norm(work / "unclipped") if train(work, overlay, "unclipped", *common,
+                                                          "trainer.gradient_clip_val=null") else None
+    assert metrics[1]["grad_norm"] > 1e-3           # the logged norm is the one before clipping
+    assert 0 < clipped <= 0.01 * 1e-6 * 1.001
+    assert free > 100 * clipped
+
+
+def test_training_lowers_the_validation_loss_and_ends_with_validation(pipeline):
+    work, overlay = pipeline
+    metrics = train(work, overlay, "learn", "trainer.max_steps=12", "trainer.val_check_interval=6",
+                    "model.optim.lr=0.02")
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.1
+    assert "val_loss" in metrics[-1] and metrics[-1]["step"] == 12
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"} <= set(metrics[1])
+    assert 0.0 <= metrics[-1]["gen_exact_match"] <= 1.0 and metrics[-1]["gen_samples"] == 4
+
+
+def test_warmup_then_linear_decay(train_mod):
+    c = {"model.optim.lr": 1.0, "model.optim.sched.warmup_steps": 10, "model.optim.sched.min_lr": 0.0,
+         "model.optim.sched.max_steps": None, "trainer.max_steps": 110, "model.optim.sched.name": "linear"}
+    assert train_mod.lr_at(0, c) == pytest.approx(0.1)
+    assert train_mod.lr_at(9, c) == pytest.approx(1.0)
+    assert train_mod.lr_at(60, c) == pytest.approx(0.5)
+    assert train_mod.lr_at(110, c) == pytest.approx(0.0)
+    assert train_mod.lr_at(35, dict(c, **{"model.optim.sched.name": "cosine"})) == pytest.approx(
+        0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.25)))
