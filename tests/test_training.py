@@ -35,8 +35,15 @@ def hf_masked_loss(work, records, fmt="raw"):
     model = LlamaForCausalLM.from_pretrained(str(work / "hf_weights")).eval()
     total, count = 0.0, 0
     for r in records:
-        prompt = [tok.bos_token_id] + tok.encode(r["input"], add_special_tokens=False)
-        response = tok.encode(r["output"], add_special_tokens=False) + [tok.eos_token_id]
+        if fmt == "raw":
+            prompt = [tok.bos_token_id] + tok.encode(r["input"], add_special_tokens=False)
+            response = tok.encode(r["output"], add_special_tokens=False) + [tok.eos_token_id]
+        else:
+            user = [{"role": "user", "content": r["input"]}]
+            prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+            full = tok.apply_chat_template(user + [{"role": "assistant", "content": r["output"]}],
+                                           tokenize=True, return_dict=False)
+            response = full[len(prompt):]
         ids = torch.tensor([prompt + response])
         labels = torch.tensor([[-100] * len(prompt) + response])
         with torch.no_grad():
@@ -58,6 +65,27 @@ def test_baseline_val_loss_equals_transformers_masked_cross_entropy(pipeline, pa
     assert len(metrics) == 1 and metrics[0]["step"] == 0
     expected = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24))
     assert metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_chat_template_val_loss_equals_transformers_on_the_assistant_turn(pipeline):
+    work, overlay = pipeline
+    metrics = train(work, overlay, "chat", "trainer.max_steps=0", "data.prompt_format=chat_template",
+                    "evaluation.generate.num_prompts=0")
+    expected = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24), fmt="chat_template")
+    assert metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_autocast_trains_lora_in_fp32_over_a_bf16_base(pipeline):
+    work, overlay = pipeline
+    metrics = train(work, overlay, "bf16", "precision.type=autocast", "trainer.max_steps=2")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(work / "bf16" / "final" / "adapter" / "adapter_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    fp32 = [m["val_loss"] for m in train(work, overlay, "fp32", "trainer.max_steps=0",
+                                         "evaluation.generate.num_prompts=0")]
+    assert len(losses) == 2 and metrics[0]["val_loss"] == pytest.approx(fp32[0], rel=0.05)
 
 
 def test_first_step_loss_is_the_token_weighted_mean_over_the_whole_step(pipeline):
