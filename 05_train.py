@@ -202,6 +202,7 @@ SCHEMA = {
     "data.truncation": "truncate|drop",
     "data.tokenizer.type": "path",
     "model.model_config": "path",
+    "model.hf_weights_dir": "path",
     "model.fuse_qkv": "bool",
     "model.weight_init_only": "bool",
     "model.optim.lr": "float",
@@ -580,7 +581,7 @@ def export_peft_adapter(model, c, out_dir):
         "lora_alpha": c[peft + "lora_alpha"], "lora_dropout": c[peft + "lora_dropout"],
         "bias": c[peft + "lora_bias"], "target_modules": hf_targets, "use_rslora": False,
         "fan_in_fan_out": False, "inference_mode": True,
-        "base_model_name_or_path": str(Path(c["model.model_config"]).parent),
+        "base_model_name_or_path": c["model.hf_weights_dir"],
     }
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -713,7 +714,7 @@ def build_split(path, tokenizer, c, name):
     print(f"{name}: {stats['records']} records -> {stats['windows']} windows of {c['data.seq_length']} "
           f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens; "
           f"truncated {stats['truncated']}, dropped {stats['dropped']}")
-    return records[:len(records)], batch, stats
+    return records, batch, stats
 
 
 def step_indices(step, n_windows, per_step, seed):
@@ -804,23 +805,23 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast)
     # Pad queries may see themselves, so no attention row is empty; real queries never see pads.
     mask = (causal & valid[:, None, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
     caches = [KVCache() for _ in model.model.layers]
-    out, done = [[] for _ in range(b)], torch.zeros(b, dtype=torch.bool, device=device)
-    stop = torch.tensor(sorted(stop_ids), device=device)
+    out, finished = [[] for _ in range(b)], [False] * b
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = model(ids, pos, mask, caches)
         for _ in range(max_new_tokens):
             nxt = model.logits(hidden[:, -1]).argmax(-1)
-            for i in range(b):
-                if not done[i]:
-                    out[i].append(int(nxt[i]))
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()):
+            for i, token in enumerate(nxt.tolist()):  # one host sync per generated position
+                if not finished[i]:
+                    finished[i] = token in stop_ids
+                    if not finished[i]:
+                        out[i].append(token)
+            if all(finished):
                 break
             valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
             pos = pos[:, -1:] + 1
             hidden = model(nxt[:, None], pos, valid[:, None, None, :], caches)
     model.train()
-    return [[t for t in seq if t not in stop_ids] for seq in out]
+    return out
 
 
 def generation_eval(model, records, tokenizer, c, device, autocast):
