@@ -367,12 +367,13 @@ class LoRALinear(nn.Module):
         self.lora_A = self.lora_B = None
 
     def add_lora(self, rank, alpha, dropout):
-        self.lora_A = nn.Linear(self.weight.shape[1], rank, bias=False, dtype=torch.float32,
-                                device=self.weight.device)
-        self.lora_B = nn.Linear(rank, self.weight.shape[0], bias=False, dtype=torch.float32,
-                                device=self.weight.device)
+        # Initialised on the CPU from the seeded CPU generator, so every device starts from the same A.
+        self.lora_A = nn.Linear(self.weight.shape[1], rank, bias=False, dtype=torch.float32, device="cpu")
+        self.lora_B = nn.Linear(rank, self.weight.shape[0], bias=False, dtype=torch.float32, device="cpu")
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(self.weight.device)
+        self.lora_B.to(self.weight.device)
         self.dropout = nn.Dropout(dropout)
         self.scaling = alpha / rank
 
@@ -430,8 +431,9 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg, dtype):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg["vocab"], cfg["hidden"], dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        # Built from an uninitialised tensor: the checkpoint fills it, and no random numbers are drawn, so
+        # the LoRA initialisation that follows sees the same generator state on every device.
+        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(cfg["vocab"], cfg["hidden"], dtype=dtype))
         self.layers = nn.ModuleList(Block(cfg, dtype) for _ in range(cfg["layers"]))
         self.norm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
 

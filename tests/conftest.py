@@ -138,3 +138,22 @@ def tiny_llama(train, work, tokenizer_dir, **overrides):
         for name, dest in train.checkpoint_slots(model, fuse_qkv=False).items():
             dest.copy_(state[name])
     return model.eval(), hf
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tokenizer_dir):
+    """Stages 01-03 on a tiny random model; returns (work dir, overlay path)."""
+    work = tmp_path_factory.mktemp("train")
+    make_hf_model(work / "hf_source", tokenizer_dir)
+    overlay = write_overlay(work / "overlay.yaml", tiny_settings(work))
+    for stage in ("01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py"):
+        run_stage([stage, "--config", "config.yaml", "--config", str(overlay)])
+    return work, overlay
+
+
+def train(work, overlay, name, *overrides):
+    """Run 05 in-process with its own run directory; returns the metrics.jsonl records."""
+    run_dir = work / name
+    load_stage("05_train.py").main(["--config", "config.yaml", "--config", str(overlay),
+                                    f"exp_manager.explicit_log_dir={run_dir}", *overrides])
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -7,26 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conftest import load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tokenizer_dir):
-    """Stages 01-03 on a tiny random model; returns (work dir, overlay path)."""
-    work = tmp_path_factory.mktemp("train")
-    make_hf_model(work / "hf_source", tokenizer_dir)
-    overlay = write_overlay(work / "overlay.yaml", tiny_settings(work))
-    for stage in ("01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py"):
-        run_stage([stage, "--config", "config.yaml", "--config", str(overlay)])
-    return work, overlay
-
-
-def train(work, overlay, name, *overrides):
-    """Run 05 in-process with its own run directory; returns the metrics.jsonl records."""
-    run_dir = work / name
-    load_stage("05_train.py").main(["--config", "config.yaml", "--config", str(overlay),
-                                    f"exp_manager.explicit_log_dir={run_dir}", *overrides])
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from conftest import load_stage, train
 
 
 def hf_masked_loss(work, records, fmt="raw"):
