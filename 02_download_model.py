@@ -4,9 +4,12 @@
 Sources (model.download.source)
   a .gguf file            dequantized to fp32 by transformers + gguf (the demo's SmolLM2-135M-Instruct)
   a local HF directory    config.json + *.safetensors (with index when sharded) or pytorch_model.bin
+  a Meta checkpoint dir   params.json + consolidated.00.pth (Meta's original release), converted to the HF
+                          layout (q/k rows permuted to HF's RoPE convention); HF tokenizer files beside it
   a Hub repo id           e.g. meta-llama/Meta-Llama-3-8B; only config, safetensors, tokenizer and generation
                           config are fetched. Gated repos need a token: HF_TOKEN or `huggingface-cli login`;
-                          the token is never printed or written.
+                          the token is never printed or written. Files land in the standard HF cache
+                          (HF_HUB_CACHE), so a model already downloaded there is not fetched again.
 
 Outputs (config keys)
   model.hf_weights_dir    safetensors (+ model.safetensors.index.json when sharded), config.json
@@ -24,6 +27,7 @@ Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelera
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -188,25 +192,132 @@ def staging(final):
 
 
 # ------------------------------------------------------------------------------------------------ sources
-def fetch_from_hub(repo_id, revision, cache_dir):
+def fetch_from_hub(repo_id, revision):
     """Download only the files a LoRA run needs; the token comes from HF_TOKEN or the login cache."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
+    # Messages are built from the repo id only: exception texts can quote request headers.
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=cache_dir))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
     except GatedRepoError:
         raise StageError(f"{repo_id} is gated: accept its licence on its Hub page, then provide a token with "
-                         f"`export HF_TOKEN=...` or `huggingface-cli login`") from None
+                         f"`export HF_TOKEN=...` or `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise StageError(f"{repo_id}: no such repository on the Hub (or it is private and no token was "
+        raise StageError(f"{repo_id}: no such repository on the Hub (or it is private and no valid token was "
                          f"given)") from None
+    except RevisionNotFoundError:
+        raise StageError(f"{repo_id}: revision {revision!r} not found (model.download.revision)") from None
+    except LocalEntryNotFoundError:
+        raise StageError(f"{repo_id}: not in the local HF cache and the Hub cannot be reached (no network, or "
+                         f"HF_HUB_OFFLINE=1)") from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        raise StageError(f"{repo_id}: the Hub answered HTTP {status}") from None
+
+
+def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
+    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+META_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
+              "ffn_norm": "post_attention_layernorm"}
+
+
+def write_from_meta(src, weights_tmp, tok_tmp):
+    """Convert Meta's original checkpoint (params.json + consolidated.00.pth) to the HF layout.
+
+    Meta's q/k rows interleave the two halves of each rotary pair; HF's rotate-half RoPE wants them split,
+    so q_proj and k_proj rows are permuted per head (the same permutation as transformers' own converter)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    params = json.loads((src / "params.json").read_text())
+    shards = sorted(src.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise StageError(f"{src}: expected one consolidated.00.pth (an 8B checkpoint), found {len(shards)}; "
+                         f"model-parallel Meta checkpoints are not supported, use the HF release instead")
+    try:
+        state = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise StageError(f"{shards[0]}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    dim, heads = params["dim"], params["n_heads"]
+    kv, head_dim = params.get("n_kv_heads") or heads, dim // heads
+
+    def to_rotate_half(w, n):
+        return w.view(n, head_dim // 2, 2, w.shape[1]).transpose(1, 2).reshape(n * head_dim, w.shape[1])
+
+    out = {}
+    for name, t in state.items():
+        if name == "rope.freqs":  # a precomputed buffer in older releases, not a weight
+            continue
+        top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+        if name in top:
+            out[top[name]] = t
+        elif m and m.group(2) in META_NAMES:
+            if m.group(2) == "attention.wq":
+                t = to_rotate_half(t, heads)
+            elif m.group(2) == "attention.wk":
+                t = to_rotate_half(t, kv)
+            out[f"model.layers.{m.group(1)}.{META_NAMES[m.group(2)]}.weight"] = t
+        else:
+            raise StageError(f"{shards[0]}: unexpected tensor '{name}' for a Llama checkpoint")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception:
+        raise StageError(f"{src}: no HF tokenizer files (tokenizer.json, tokenizer_config.json) beside the Meta "
+                         f"checkpoint; copy them from the model's HF release into {src}") from None
+    embed = out["model.embed_tokens.weight"]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": dim, "intermediate_size": out["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        "num_hidden_layers": params["n_layers"], "num_attention_heads": heads, "num_key_value_heads": kv,
+        "vocab_size": embed.shape[0], "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "rope_theta": params.get("rope_theta", 10000.0), "max_position_embeddings": params.get("max_seq_len", 8192),
+        "tie_word_embeddings": "lm_head.weight" not in out, "torch_dtype": str(embed.dtype).replace("torch.", ""),
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "attention_bias": False, "mlp_bias": False,
+    }
+    if params.get("use_scaled_rope"):  # Llama 3.1: the frequency scaling of its release
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor", 8.0),
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}
+    save_sharded(out, weights_tmp)
+    (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(tok_tmp))
 
 
 def write_from_gguf(gguf, weights_tmp, tok_tmp):
     """Dequantize a GGUF file (weights to fp32) into an HF directory and a tokenizer directory."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -219,8 +330,7 @@ def write_from_gguf(gguf, weights_tmp, tok_tmp):
     config.pop("quantization_config", None)
     config["architectures"] = ["LlamaForCausalLM"]
     tied = config.get("tie_word_embeddings", False)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    save_file(state, str(weights_tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_sharded({k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}, weights_tmp)
     (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(str(tok_tmp))
 
@@ -228,7 +338,6 @@ def write_from_gguf(gguf, weights_tmp, tok_tmp):
 def write_from_hf_dir(src, weights_tmp, tok_tmp):
     """Copy an HF model directory's config and weights (.bin converted to safetensors) and its tokenizer."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     if not (src / "config.json").exists():
@@ -241,9 +350,7 @@ def write_from_hf_dir(src, weights_tmp, tok_tmp):
         for f in shards + sorted(src.glob("model.safetensors.index.json")):
             shutil.copy2(f, weights_tmp / f.name)
     elif (src / "pytorch_model.bin").exists():
-        state = torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(weights_tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_sharded(torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True), weights_tmp)
     else:
         raise StageError(f"model.download.source: {src} has neither *.safetensors nor pytorch_model.bin")
     try:
@@ -344,8 +451,12 @@ def main(argv=None):
                     raise StageError(f"model.download.source: {source} is neither a directory, a .gguf file nor "
                                      f"a Hub repo id (owner/name)")
                 print(f"fetching {source} from the Hugging Face Hub")
-                src = fetch_from_hub(source, c["model.download.revision"], str(weights_dir.parent / ".hf_cache"))
-            write_from_hf_dir(src, weights_tmp, tok_tmp)
+                src = fetch_from_hub(source, c["model.download.revision"])
+            if (src / "params.json").exists() and not (src / "config.json").exists():
+                print(f"converting Meta checkpoint {src}")
+                write_from_meta(src, weights_tmp, tok_tmp)
+            else:
+                write_from_hf_dir(src, weights_tmp, tok_tmp)
         count, size = verify_weights(weights_tmp)
         save_config(c, weights_tmp / "resolved_config.yaml")
         tokenizer = finish_tokenizer(tok_tmp)
