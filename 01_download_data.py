@@ -2,10 +2,16 @@
 """Stage 01: fetch the SFT data, validate every record and write the jsonl files that 05 reads.
 
 Sources (data.download.train_uri / val_uri)
-  a local path (or file://...)          copied
-  https://... or http://...             streamed to a temporary file, renamed when complete and size-checked
-  s3://bucket/key                       anonymous (unsigned) HTTPS GET of the object, like
-                                        `aws s3 cp --no-sign-request`; AWS_ENDPOINT_URL selects another endpoint
+  s3://bucket/key           one object; s3://bucket/prefix/ downloads every object under the prefix (keys that
+                            would escape the destination, with .. or a leading /, are refused). Anonymous by
+                            default (unsigned, like `aws s3 cp --no-sign-request`); data.download.anonymous:
+                            false uses the standard AWS credential chain or data.download.profile.
+                            AWS_ENDPOINT_URL, data.download.endpoint_url and data.download.region are honoured.
+                            Objects arrive in concurrent ranged parts (part_size_mb, workers); an interrupted
+                            download resumes with the parts it lacks; size and ETag are verified.
+  https://... or http://... streamed with retries; an interrupted transfer continues with a Range request
+  hf://datasets/owner/name[:split]   through `datasets` (default split: train)
+  a local path (or file://...)
 
 Records
   Each line must be a JSON object with string "input" and "output" (other fields are kept). Raw
@@ -16,8 +22,10 @@ Records
 
 Outputs
   data.train_dir, data.val_dir   validated jsonl, written under a temporary name and renamed
-  <file>.manifest.json            source, sha256 of the source and of the output, record counts, rejected lines
-                                  with reasons, duplicate records, resolved config
+  <file>.manifest.json            source and its identity (ETag/size or sha256), sha256 of every object and of
+                                  the output, record counts, rejected lines with reasons, duplicates, token
+                                  length statistics (when data.tokenizer.type exists already), resolved config
+  A re-run whose source and output are unchanged (checked by ETag or checksum) does nothing and says so.
 
 Commands (the same on CPU, CUDA and Trainium hosts)
   python 01_download_data.py --config config.yaml
@@ -25,12 +33,17 @@ Commands (the same on CPU, CUDA and Trainium hosts)
 """
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -164,55 +177,267 @@ SCHEMA = {
     "data.download.val_uri": "str?",
     "data.download.anonymous": "bool",
     "data.download.bad_lines": "fail|skip",
+    "data.download.endpoint_url": "str?",
+    "data.download.region": "str?",
+    "data.download.profile": "str?",
+    "data.download.part_size_mb": "int",
+    "data.download.workers": "int",
     "data.train_dir": "path",
     "data.val_dir": "path?",
+    "data.tokenizer.type": "path",
 }
 
 
 # ------------------------------------------------------------------------------------------------ fetch
-def s3_https_url(uri):
-    """The HTTPS address of an S3 object, for an unsigned GET (AWS_ENDPOINT_URL: path-style on that host)."""
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket or not key:
-        raise StageError(f"{uri}: expected s3://bucket/key")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        return f"{endpoint.rstrip('/')}/{bucket}/{urllib.request.quote(key)}"
-    return f"https://{bucket}.s3.amazonaws.com/{urllib.request.quote(key)}"
+def s3_client(c):
+    """boto3 S3 client: unsigned requests when anonymous, else the standard credential chain (or a profile).
+    AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 are honoured by botocore itself; endpoint_url overrides them."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    config = Config(signature_version=UNSIGNED if c["data.download.anonymous"] else None,
+                    retries={"mode": "standard", "max_attempts": 8}, region_name=c["data.download.region"],
+                    max_pool_connections=max(10, c["data.download.workers"]))
+    session = boto3.Session(profile_name=c["data.download.profile"])
+    return session.client("s3", endpoint_url=c["data.download.endpoint_url"], config=config)
 
 
-def http_download(url, uri, dest):
-    """Stream url to dest (a temporary name), checking the size against Content-Length."""
+def s3_failure(client, error, uri, bucket):
+    """A one-line StageError saying what went wrong with an S3 request and how to fix it."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(error, NoCredentialsError):
+        return StageError(f"{uri}: no AWS credentials found (data.download.anonymous is false); configure a "
+                          f"profile (data.download.profile) or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    if isinstance(error, EndpointConnectionError):
+        return StageError(f"{uri}: cannot reach the S3 endpoint ({error.kwargs.get('endpoint_url')}); check the "
+                          f"network, data.download.endpoint_url and AWS_ENDPOINT_URL")
+    if not isinstance(error, ClientError):
+        return StageError(f"{uri}: {type(error).__name__}: {error}")
+    code = error.response.get("Error", {}).get("Code", "")
+    if code in ("403", "AccessDenied", "Forbidden"):
+        return StageError(f"{uri}: access denied; this object needs credentials: set data.download.anonymous: "
+                          f"false and provide AWS credentials")
+    if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+        try:
+            client.head_bucket(Bucket=bucket)
+        except Exception as e:  # a private bucket answers 403 here, which still means it exists
+            if getattr(e, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                return StageError(f"{uri}: no such bucket '{bucket}'")
+        return StageError(f"{uri}: no such object")
+    if code in ("412", "PreconditionFailed"):
+        return StageError(f"{uri}: the object changed while it was downloading; run the stage again")
+    return StageError(f"{uri}: S3 error {code}: {error.response.get('Error', {}).get('Message', '')}")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failed write into a one-line error naming the file (disk full, permissions)."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(dest, "wb") as f:
-            expected = resp.headers.get("Content-Length")
-            shutil.copyfileobj(resp, f, 1 << 20)
-    except urllib.error.HTTPError as e:
-        hint = {403: "access denied: the object needs credentials or does not exist (S3 answers 403 for both)",
-                404: "no such object or bucket"}.get(e.code, e.reason)
-        raise StageError(f"{uri}: HTTP {e.code}, {hint}") from None
-    except urllib.error.URLError as e:
-        raise StageError(f"{uri}: cannot connect ({e.reason}); check the address and the network") from None
+        yield
     except OSError as e:
-        raise StageError(f"{uri}: writing {dest} failed ({e.strerror})") from None
-    if expected is not None and dest.stat().st_size != int(expected):
-        raise StageError(f"{uri}: received {dest.stat().st_size} bytes, the server announced {expected}")
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise StageError(f"writing {path} failed: {reason}") from None
 
 
-def fetch(uri, anonymous, dest):
-    """Bring the source to the local file `dest`."""
-    if uri.startswith("s3://"):
-        if not anonymous:
-            raise StageError(f"{uri}: signed S3 requests are not supported by this version; the object must "
-                             f"be public (data.download.anonymous: true) or copied locally first")
-        http_download(s3_https_url(uri), uri, dest)
-    elif uri.startswith(("https://", "http://")):
-        http_download(uri, uri, dest)
+def multipart_etag_matches(path, etag, size, part_sizes):
+    """S3's ETag of a multipart upload is md5(md5(part 1) + ... + md5(part N)) + '-N'; check it for the part
+    sizes the uploader may have used (the object does not record which)."""
+    n = int(etag.rsplit("-", 1)[1])
+    for part in sorted(set(part_sizes)):
+        if -(-size // part) != n:
+            continue
+        digests = b""
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(part), b""):
+                digests += hashlib.md5(block).digest()
+        if f"{hashlib.md5(digests).hexdigest()}-{n}" == etag:
+            return True
+    return False
+
+
+def download_s3_object(client, bucket, key, dest, c):
+    """Download one object in concurrent ranged parts into dest, resumably; returns its identity.
+
+    Progress is kept in <dest>.state.json (ETag, size, part size, finished parts) next to a preallocated
+    <dest>.partial, so an interrupted run fetches only the parts it lacks. The object is verified by size and
+    ETag (MD5 for single-part uploads, the multipart formula otherwise) before it is renamed into place."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    uri = f"s3://{bucket}/{key}"
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        raise s3_failure(client, e, uri, bucket) from None
+    size, etag = head["ContentLength"], head["ETag"].strip('"')
+    part = c["data.download.part_size_mb"] * 2**20
+    n_parts = max(1, -(-size // part))
+    state_path, partial = dest.with_name(dest.name + ".state.json"), dest.with_name(dest.name + ".partial")
+    state = json.loads(state_path.read_text()) if state_path.exists() and partial.exists() else None
+    if state and (state["etag"], state["size"], state["part_size"]) == (etag, size, part):
+        print(f"{uri}: resuming, {len(state['done'])} of {n_parts} parts already downloaded")
     else:
+        state = {"etag": etag, "size": size, "part_size": part, "done": []}
+        with writing(partial), open(partial, "wb") as f:
+            f.truncate(size)
+    done, lock = set(state["done"]), threading.Lock()
+    bar = tqdm(total=size, initial=min(size, len(done) * part), unit="B", unit_scale=True, desc=key, leave=False,
+               file=sys.stdout)
+    fd = os.open(partial, os.O_RDWR)
+
+    def fetch_part(i):
+        first, last = i * part, min(size, (i + 1) * part) - 1
+        try:
+            body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={first}-{last}",
+                                     IfMatch=head["ETag"])["Body"].read()
+        except Exception as e:
+            raise s3_failure(client, e, uri, bucket) from None
+        if len(body) != last - first + 1:
+            raise StageError(f"{uri}: part {i} came back with {len(body)} bytes, expected {last - first + 1}")
+        with writing(partial):
+            os.pwrite(fd, body, first)
+        with lock:  # the state names a part only once its bytes are in the file
+            done.add(i)
+            state["done"] = sorted(done)
+            tmp = state_path.with_name(state_path.name + ".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, state_path)
+            bar.update(len(body))
+
+    try:
+        with ThreadPoolExecutor(c["data.download.workers"]) as pool:
+            list(pool.map(fetch_part, [i for i in range(n_parts) if i not in done]))
+    finally:
+        os.close(fd)
+        bar.close()
+    if partial.stat().st_size != size:
+        raise StageError(f"{uri}: downloaded {partial.stat().st_size} bytes, the object has {size}")
+    if "-" in etag:
+        verified = multipart_etag_matches(partial, etag, size, [part, 5 * 2**20, 8 * 2**20, 16 * 2**20,
+                                                                -(-size // int(etag.rsplit("-", 1)[1]))])
+    else:
+        verified = hashlib.md5(partial.read_bytes()).hexdigest() == etag
+        if not verified:
+            raise StageError(f"{uri}: MD5 of the download does not match the object's ETag; run the stage again")
+    os.replace(partial, dest)
+    state_path.unlink()
+    return {"key": key, "etag": etag, "size": size, "etag_verified": verified}
+
+
+def fetch_s3(uri, c, workdir):
+    """s3://bucket/key, or every object under s3://bucket/prefix/ (keys that would escape workdir refused)."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StageError(f"{uri}: expected s3://bucket/key or s3://bucket/prefix/")
+    client = s3_client(c)
+    if key and not key.endswith("/"):
+        dest = workdir / Path(key).name
+        return [(uri, dest)], [download_s3_object(client, bucket, key, dest, c)]
+    keys = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            keys += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    except Exception as e:
+        raise s3_failure(client, e, uri, bucket) from None
+    if not keys:
+        raise StageError(f"{uri}: no objects under this prefix")
+    files, identity = [], []
+    for k in sorted(keys):
+        rel = k[len(key):]
+        if rel.startswith("/") or ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise StageError(f"s3://{bucket}/{k}: key would escape the destination directory; refused")
+        dest = workdir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        identity.append(download_s3_object(client, bucket, k, dest, c))
+        files.append((f"s3://{bucket}/{k}", dest))
+    return files, identity
+
+
+def fetch_http(url, dest):
+    """Stream url to dest with retries; a partial file is continued with a Range request when the server
+    supports it. The size is checked against Content-Length."""
+    partial = dest.with_name(dest.name + ".partial")
+    for attempt in range(6):
+        have = partial.stat().st_size if partial.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                if have and resp.status != 206:
+                    have = 0  # the server ignored the range: start over
+                length = resp.headers.get("Content-Length")
+                with writing(partial), open(partial, "ab" if have else "wb") as f:
+                    shutil.copyfileobj(resp, f, 1 << 20)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code >= 500 and attempt < 5:
+                time.sleep(2 ** attempt)
+                continue
+            hint = {403: "access denied (the file needs credentials or does not exist)",
+                    404: "no such file", 416: "range not satisfiable"}.get(e.code, e.reason)
+            raise StageError(f"{url}: HTTP {e.code}, {hint}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            if attempt < 5:
+                time.sleep(2 ** attempt)
+                continue
+            raise StageError(f"{url}: cannot connect ({getattr(e, 'reason', e)}); check the address and the "
+                             f"network") from None
+    if length is not None and partial.stat().st_size != have + int(length):
+        raise StageError(f"{url}: received {partial.stat().st_size} bytes, expected {have + int(length)}")
+    os.replace(partial, dest)
+    return [(url, dest)], [{"size": dest.stat().st_size}]
+
+
+def fetch_hf(uri, workdir):
+    """hf://datasets/<owner>/<name>[:split] through `datasets` (its own cache and HF token handling)."""
+    import datasets
+
+    repo, _, split = uri[len("hf://datasets/"):].partition(":")
+    try:
+        ds = datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:
+        raise StageError(f"{uri}: cannot be loaded with datasets ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    dest = workdir / "records.jsonl"
+    with writing(dest), open(dest, "w", encoding="utf-8") as f:
+        for row in ds:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return [(uri, dest)], [{"rows": len(ds), "fingerprint": ds._fingerprint}]
+
+
+def fetch(uri, c, workdir):
+    """Bring the source into workdir: [(label for messages, local file)] and what identifies each object."""
+    if not uri.startswith(("s3://", "https://", "http://", "hf://datasets/")):
         src = Path(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
         if not src.is_file():
             raise StageError(f"{uri}: local file not found")
-        shutil.copyfile(src, dest)
+        return [(uri, src)], [{"path": str(src)}]
+    workdir.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("s3://"):
+        return fetch_s3(uri, c, workdir)
+    if uri.startswith(("https://", "http://")):
+        return fetch_http(uri, workdir / (Path(urllib.parse.urlparse(uri).path).name or "download"))
+    return fetch_hf(uri, workdir)
+
+
+def source_identity(uri, c):
+    """What identifies the source's current content without downloading it, or None when that is unknown."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        if key and not key.endswith("/"):
+            client = s3_client(c)
+            try:
+                head = client.head_object(Bucket=bucket, Key=key)
+            except Exception as e:
+                raise s3_failure(client, e, uri, bucket) from None
+            return {"etag": head["ETag"].strip('"'), "size": head["ContentLength"]}
+        return None
+    if uri.startswith(("https://", "http://", "hf://")):
+        return None
+    src = Path(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
+    return {"sha256": sha256(src)} if src.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------ validate
@@ -271,38 +496,75 @@ def sha256(path):
 
 
 # ------------------------------------------------------------------------------------------------ split
+def token_lengths(records, tokenizer_dir):
+    """Length statistics (tokens of input + output) when the tokenizer is already there, else None."""
+    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    lengths = sorted(len(tok.encode(r["input"] + r["output"], add_special_tokens=False)) for r in records)
+    pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
+    return {"min": lengths[0], "mean": sum(lengths) / len(lengths), "p50": pick(0.5), "p95": pick(0.95),
+            "max": lengths[-1], "tokenizer": str(tokenizer_dir)}
+
+
+def up_to_date(uri, dest, manifest_path, identity, c):
+    """True when dest is exactly what an earlier run wrote from this very source content and policy."""
+    if identity is None or not dest.exists() or not manifest_path.exists():
+        return False
+    old = json.loads(manifest_path.read_text())
+    return (old.get("source") == uri and old.get("source_identity") == identity
+            and old.get("bad_lines") == c["data.download.bad_lines"] and old.get("output_sha256") == sha256(dest))
+
+
 def prepare_split(uri, dest, c):
-    """Fetch, validate and write one split plus its manifest; outputs appear only when complete."""
+    """Fetch, validate and write one split plus its manifest; outputs appear only when complete. Partial
+    downloads stay in .<name>.download/ beside the output so that a re-run resumes them."""
     dest = Path(dest)
+    manifest_path = dest.with_name(dest.name + ".manifest.json")
+    identity = source_identity(uri, c)
+    if up_to_date(uri, dest, manifest_path, identity, c):
+        print(f"{dest}: up to date with {uri} (verified by checksum); nothing to do")
+        return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    raw = dest.with_name(dest.name + ".download")
-    try:
-        fetch(uri, c["data.download.anonymous"], raw)
-        records, rejected = validate(raw, uri, c["data.download.bad_lines"])
-        if not records:
-            raise StageError(f"{uri}: no valid records")
-        source_sha = sha256(raw)
-    finally:
-        raw.unlink(missing_ok=True)
+    files, objects = fetch(uri, c, dest.parent / f".{dest.name}.download")
+    records, rejected = [], []
+    for (label, path), obj in zip(files, objects):
+        obj["sha256"] = sha256(path)
+        ok, bad = validate(path, label, c["data.download.bad_lines"])
+        records += ok
+        rejected += [dict(r, source=label) for r in bad]
+    if not records:
+        raise StageError(f"{uri}: no valid records")
     seen, duplicates = set(), 0
     for r in records:
         key = (r["input"], r["output"])
         duplicates += key in seen
         seen.add(key)
     tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    with writing(tmp):
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     manifest = {
-        "source": uri, "source_sha256": source_sha, "output": str(dest), "output_sha256": sha256(tmp),
-        "records": len(records), "rejected": len(rejected), "rejected_lines": rejected,
-        "duplicates": duplicates, "config": redacted(c),
+        "source": uri, "source_identity": identity, "source_objects": objects,
+        "source_sha256": objects[0]["sha256"] if len(objects) == 1 else None,
+        "output": str(dest), "output_sha256": sha256(tmp), "records": len(records),
+        "bad_lines": c["data.download.bad_lines"], "rejected": len(rejected), "rejected_lines": rejected,
+        "duplicates": duplicates, "token_lengths": token_lengths(records, c["data.tokenizer.type"]),
+        "config": redacted(c),
     }
-    manifest_tmp = dest.with_name(dest.name + ".manifest.json.tmp")
-    manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest_tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    with writing(manifest_tmp):
+        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, dest)
-    os.replace(manifest_tmp, dest.with_name(dest.name + ".manifest.json"))
+    os.replace(manifest_tmp, manifest_path)
+    shutil.rmtree(dest.parent / f".{dest.name}.download", ignore_errors=True)
+    unverified = [o["key"] for o in objects if o.get("etag_verified") is False]
     print(f"{dest}: {len(records)} records ({len(rejected)} rejected, {duplicates} duplicates) from {uri}")
+    if unverified:
+        print(f"  size verified, ETag not checkable (multipart upload of unknown part size): {unverified}")
     for r in rejected[:10]:
-        print(f"  skipped {uri}:{r['line']}: {r['reason']}")
+        print(f"  skipped {r['source']}:{r['line']}: {r['reason']}")
 
 
 # ------------------------------------------------------------------------------------------------ main
