@@ -359,6 +359,8 @@ def fetch_s3(uri, c, workdir):
 def fetch_http(url, dest):
     """Stream url to dest with retries; a partial file is continued with a Range request when the server
     supports it. The size is checked against Content-Length."""
+    from tqdm import tqdm
+
     partial = dest.with_name(dest.name + ".partial")
     for attempt in range(6):
         have = partial.stat().st_size if partial.exists() else 0
@@ -368,8 +370,12 @@ def fetch_http(url, dest):
                 if have and resp.status != 206:
                     have = 0  # the server ignored the range: start over
                 length = resp.headers.get("Content-Length")
-                with writing(partial), open(partial, "ab" if have else "wb") as f:
-                    shutil.copyfileobj(resp, f, 1 << 20)
+                with writing(partial), open(partial, "ab" if have else "wb") as f, tqdm(
+                        total=have + int(length) if length else None, initial=have, unit="B", unit_scale=True,
+                        desc=Path(dest).name, leave=False, file=sys.stdout) as bar:
+                    for block in iter(lambda: resp.read(1 << 20), b""):
+                        f.write(block)
+                        bar.update(len(block))
             break
         except urllib.error.HTTPError as e:
             if e.code >= 500 and attempt < 5:

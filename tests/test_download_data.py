@@ -100,3 +100,15 @@ def test_demo_data_matches_its_generator():
     import sys
 
     subprocess.run([sys.executable, str(ROOT / "demo" / "make_demo_data.py"), "--check"], check=True)
+
+
+def test_manifest_has_token_length_statistics_when_the_tokenizer_exists(tmp_path, tokenizer_dir):
+    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"input": "What is 4 + 2?\n", "output": "6"}),
+                                              json.dumps({"input": "Convert 7 km to meters.\n", "output": "7000 m"})])
+    run_stage(["01_download_data.py", *settings(tmp_path, src, **{"data.tokenizer.type": str(tokenizer_dir)})])
+    stats = json.loads((tmp_path / "out" / "train.jsonl.manifest.json").read_text())["token_lengths"]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    lengths = sorted(len(tok.encode(t, add_special_tokens=False)) for t in ("What is 4 + 2?\n6",
+                                                                             "Convert 7 km to meters.\n7000 m"))
+    assert (stats["min"], stats["max"], stats["mean"]) == (lengths[0], lengths[1], sum(lengths) / 2)
