@@ -200,3 +200,15 @@ def test_an_unreachable_endpoint_is_explained(tmp_path):
     proc = run_stage(args(tmp_path, f"s3://{BUCKET}/x.jsonl"), env=env_for(f"http://127.0.0.1:{free_port()}"),
                      check=False)
     assert proc.returncode == 1 and "cannot reach the S3 endpoint" in proc.stderr
+
+
+def test_signed_requests_read_a_private_object_with_credentials(tmp_path, s3):
+    endpoint, _, _ = s3
+    secret = "s3cr3t-Zq7Zq7Zq7"
+    env = dict(env_for(endpoint), AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY=secret,
+               AWS_DEFAULT_REGION="us-east-1")
+    uri = f"s3://{BUCKET}/private/training.jsonl"
+    proc = run_stage(args(tmp_path, uri, **{"data.download.anonymous": False}), env=env)
+    assert manifest(tmp_path)["records"] == 200
+    written = "".join(p.read_text() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert secret not in written + proc.stdout + proc.stderr
