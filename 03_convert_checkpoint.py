@@ -1,22 +1,30 @@
 #!/usr/bin/env python3
-"""Stage 03: convert an HF safetensors checkpoint into the NxDT sharded layout that 05 (and NxD) load.
+"""Stage 03: convert an HF safetensors checkpoint into the NxDT sharded layout that 05 (and NxD) load, and back.
 
-Layout written (the same as NxD's converter with --qkv_linear True --hw_backend trn1)
-  <exp_manager.resume_from_checkpoint>/model/dp_rank_00_tp_rank_00_pp_rank_00.pt
-  a torch.save of a flat {name: tensor} dict, HF names except:
+Layout written (the same as NxD's converter with --qkv_linear True and the configured --hw_backend)
+  <exp_manager.resume_from_checkpoint>/model/dp_rank_00_tp_rank_{TT}_pp_rank_{PP}.pt, one per rank and stage,
+  each a torch.save of a flat {name: tensor} dict with HF names except:
     model.layers.{i}.self_attn.qkv_proj.weight_q|weight_k|weight_v   (q/k/v_proj; one weight_qkv = cat(q, k, v)
-                                                                      when model.fuse_qkv is true)
-    model.layers.{i}.mlp.gate_up_proj.weight                         (cat(gate_proj, up_proj))
-  plus resolved_config.yaml beside model/. Tensors keep the source dtype. With tied embeddings there is no
-  lm_head.weight. This version writes tensor- and pipeline-parallel size 1 (one shard).
+                                                                      per rank when model.fuse_qkv is true)
+    model.layers.{i}.mlp.gate_up_proj.weight                         (per rank cat(gate rows, up rows))
+  Split dims: embed, lm_head, q/k/v, gate/up along rows; o_proj, down_proj along columns; norms replicated.
+  K/V heads are tiled kv_replicator times before splitting; on trn1 with replication the Q heads (and o_proj
+  columns) are permuted so each rank's Q heads belong to its KV head. Layers are split evenly over the
+  pipeline stages, remainder on the later stages. Tensors keep the source dtype; tied embeddings have no
+  lm_head.weight. resolved_config.yaml is written beside model/.
 
-Inputs: model.hf_weights_dir (safetensors, sharded with an index or single), model.model_config.
-Tensors are read one at a time from the memory-mapped safetensors files; the output is written to a temporary
-directory and renamed when complete, and an existing non-empty output is refused unless --overwrite is given.
+Reverse direction (--to-hf DIR): shards reassembled (inverse head permutation, one copy of each replicated KV
+  head, which must agree across ranks; gate/up split) into an HF safetensors directory with config.json.
+
+Inputs: model.hf_weights_dir (safetensors, sharded with an index or single), model.model_config, the
+distributed_strategy keys. Tensors are read slice by slice from the memory-mapped safetensors files, one
+output shard at a time. Every output is written to a temporary directory and renamed when complete; an
+existing non-empty output is refused unless --overwrite is given.
 
 Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
-  python 03_convert_checkpoint.py --config config.yaml
+  python 03_convert_checkpoint.py --config config.yaml                      # TP 32, kv_replicator 4, trn1
   python 03_convert_checkpoint.py --config config.yaml --config demo.yaml --overwrite
+  python 03_convert_checkpoint.py --config config.yaml --to-hf merged_hf/   # back to HF
 """
 
 import argparse
@@ -160,8 +168,8 @@ SCHEMA = {
     "distributed_strategy.tensor_model_parallel_size": "int",
     "distributed_strategy.pipeline_model_parallel_size": "int",
     "distributed_strategy.kv_replicator": "int",
+    "distributed_strategy.hw_backend": "trn1|trn2",
 }
-SHARD = "dp_rank_00_tp_rank_00_pp_rank_00.pt"
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -177,7 +185,7 @@ def read_config(path):
 
 
 def weight_files(weights_dir):
-    """{tensor name: safetensors file} from the index, or from the single model.safetensors."""
+    """{tensor name: safetensors file} from the index, or from the single *.safetensors file."""
     index = weights_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -188,17 +196,21 @@ def weight_files(weights_dir):
                          f"*.safetensors file (found {len(files)})")
     from safetensors import safe_open
 
-    with safe_open(str(files[0]), framework="pt") as f:
-        return {name: files[0] for name in f.keys()}
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            return {name: files[0] for name in f.keys()}
+    except Exception as e:
+        raise StageError(f"{files[0]}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 class TensorReader:
-    """Reads named tensors lazily from memory-mapped safetensors files, keeping each file open once."""
+    """Reads row or column ranges of named tensors from memory-mapped safetensors files, so converting
+    never holds more than the slices of the output shard being written."""
 
     def __init__(self, files):
         self.files, self.open = files, {}
 
-    def get(self, name):
+    def slice(self, name):
         from safetensors import safe_open
 
         path = self.files.get(name)
@@ -212,51 +224,119 @@ class TensorReader:
             except Exception as e:
                 raise StageError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         try:
-            return self.open[path].get_tensor(name)
+            return self.open[path].get_slice(name)
         except Exception as e:
             raise StageError(f"{path}: tensor '{name}' cannot be read ({type(e).__name__}: {e})") from None
 
 
-# ------------------------------------------------------------------------------------------------ mapping
-def nxdt_tensors(config, reader, fuse_qkv):
-    """Yield (NxDT name, tensor) for a single-shard checkpoint, checking every shape against config.json."""
-    h, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    hd = config.get("head_dim") or h // heads
-    tied = config.get("tie_word_embeddings", False)
+# ------------------------------------------------------------------------------------------------ layout
+class Layout:
+    """Which part of every HF tensor each (tensor-parallel rank, pipeline stage) holds, as NxD lays it out.
 
-    def get(name, shape):
-        t = reader.get(name)
-        if tuple(t.shape) != shape:
-            raise StageError(f"HF checkpoint: tensor '{name}' has shape {list(t.shape)}, config.json implies "
-                             f"{list(shape)}")
-        return t
+    Split dims: embed, lm_head, q/k/v and gate/up along rows; o_proj and down_proj along columns; norms
+    replicated. K/V heads are tiled kv_replicator times before splitting. On trn1 with replication, rank r
+    holds the Q head group (r % kv) * (tp / kv) + r // kv, which belongs to its KV head r % kv (NxD's
+    converter with --hw_backend trn1); otherwise, and on trn2, Q heads are split in order. Layers are split
+    evenly over pipeline stages with the remainder on the later stages; embed on the first stage, the final
+    norm and lm_head on the last."""
 
-    yield "model.embed_tokens.weight", get("model.embed_tokens.weight", (config["vocab_size"], h))
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        q = get(p + "self_attn.q_proj.weight", (heads * hd, h))
-        k = get(p + "self_attn.k_proj.weight", (kv * hd, h))
-        v = get(p + "self_attn.v_proj.weight", (kv * hd, h))
-        if fuse_qkv:
-            yield p + "self_attn.qkv_proj.weight_qkv", torch.cat([q, k, v])
+    def __init__(self, config, tp, pp, kv_mult, backend):
+        self.tp, self.pp, self.m, self.backend = tp, pp, kv_mult, backend
+        self.hidden, self.inter = config["hidden_size"], config["intermediate_size"]
+        self.heads = config["num_attention_heads"]
+        self.kv = config.get("num_key_value_heads") or self.heads
+        self.hd = config.get("head_dim") or self.hidden // self.heads
+        self.vocab, self.n_layers = config["vocab_size"], config["num_hidden_layers"]
+        self.tied = config.get("tie_word_embeddings", False)
+        checks = [("num_attention_heads", self.heads), ("num_key_value_heads x kv_replicator", self.kv * kv_mult),
+                  ("intermediate_size", self.inter), ("vocab_size", self.vocab)]
+        bad = [f"{what} ({n})" for what, n in checks if n % tp]
+        if tp < 1 or kv_mult < 1 or pp < 1 or bad:
+            raise StageError(f"tensor_model_parallel_size {tp} does not divide {', '.join(bad) or 'anything'}")
+        if kv_mult > 1 and backend == "trn1" and self.kv * kv_mult != tp:
+            raise StageError(f"with kv_replicator > 1, num_key_value_heads x kv_replicator ({self.kv * kv_mult}) must "
+                             f"equal tensor_model_parallel_size ({tp}) on trn1")
+        if pp > self.n_layers:
+            raise StageError(f"pipeline_model_parallel_size {pp} exceeds the {self.n_layers} layers")
+        if self.tied and pp > 1:
+            raise StageError("tied embeddings with pipeline_model_parallel_size > 1 are not supported")
+        base, extra = divmod(self.n_layers, pp)
+        sizes = [base + (stage >= pp - extra) for stage in range(pp)]
+        starts = [sum(sizes[:s]) for s in range(pp)]
+        self.stages = [range(st, st + n) for st, n in zip(starts, sizes)]
+
+    def q_heads(self, r):
+        per = self.heads // self.tp
+        group = r
+        if self.backend == "trn1" and self.m > 1:
+            group = (r % self.kv) * (self.tp // self.kv) + r // self.kv
+        return list(range(group * per, (group + 1) * per))
+
+    def kv_heads(self, r):
+        per = self.kv * self.m // self.tp
+        return [t % self.kv for t in range(r * per, (r + 1) * per)]
+
+    def part(self, n, r):
+        size = n // self.tp
+        return r * size, (r + 1) * size
+
+
+def head_rows(heads, hd):
+    """Row ranges (start, end) covering the given heads, merged where they are consecutive."""
+    runs = []
+    for h in heads:
+        if runs and runs[-1][1] == h * hd:
+            runs[-1][1] += hd
         else:
-            yield p + "self_attn.qkv_proj.weight_q", q
-            yield p + "self_attn.qkv_proj.weight_k", k
-            yield p + "self_attn.qkv_proj.weight_v", v
-        yield p + "self_attn.o_proj.weight", get(p + "self_attn.o_proj.weight", (h, heads * hd))
-        yield p + "mlp.gate_up_proj.weight", torch.cat([get(p + "mlp.gate_proj.weight", (inter, h)),
-                                                        get(p + "mlp.up_proj.weight", (inter, h))])
-        yield p + "mlp.down_proj.weight", get(p + "mlp.down_proj.weight", (h, inter))
-        yield p + "input_layernorm.weight", get(p + "input_layernorm.weight", (h,))
-        yield p + "post_attention_layernorm.weight", get(p + "post_attention_layernorm.weight", (h,))
-    yield "model.norm.weight", get("model.norm.weight", (h,))
-    if not tied:
-        yield "lm_head.weight", get("lm_head.weight", (config["vocab_size"], h))
+            runs.append([h * hd, (h + 1) * hd])
+    return runs
 
 
-def consumed_names(config):
-    """The HF tensor names the mapping reads; any other name in the checkpoint is an error."""
+def take(reader, name, shape, runs, dim=0):
+    """Rows (dim 0) or columns (dim 1) of a tensor given as ranges, checking its full shape first."""
+    sl = reader.slice(name)
+    if tuple(sl.get_shape()) != shape:
+        raise StageError(f"HF checkpoint: tensor '{name}' has shape {list(sl.get_shape())}, config.json implies "
+                         f"{list(shape)}")
+    parts = [sl[a:b] if dim == 0 else sl[:, a:b] for a, b in runs]
+    return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def nxdt_shard(layout, reader, r, stage, fuse_qkv):
+    """The {name: tensor} of one output shard, read slice by slice."""
+    L, h = layout, layout.hidden
+    out = {}
+    if stage == 0:
+        out["model.embed_tokens.weight"] = take(reader, "model.embed_tokens.weight", (L.vocab, h),
+                                                [L.part(L.vocab, r)])
+    q_runs, kv_runs = head_rows(L.q_heads(r), L.hd), head_rows(L.kv_heads(r), L.hd)
+    for i in L.stages[stage]:
+        p = f"model.layers.{i}."
+        q = take(reader, p + "self_attn.q_proj.weight", (L.heads * L.hd, h), q_runs)
+        k = take(reader, p + "self_attn.k_proj.weight", (L.kv * L.hd, h), kv_runs)
+        v = take(reader, p + "self_attn.v_proj.weight", (L.kv * L.hd, h), kv_runs)
+        if fuse_qkv:
+            out[p + "self_attn.qkv_proj.weight_qkv"] = torch.cat([q, k, v])
+        else:
+            out.update({p + "self_attn.qkv_proj.weight_q": q, p + "self_attn.qkv_proj.weight_k": k,
+                        p + "self_attn.qkv_proj.weight_v": v})
+        out[p + "self_attn.o_proj.weight"] = take(reader, p + "self_attn.o_proj.weight", (h, L.heads * L.hd),
+                                                  q_runs, dim=1)
+        rows = [L.part(L.inter, r)]
+        out[p + "mlp.gate_up_proj.weight"] = torch.cat([take(reader, p + "mlp.gate_proj.weight", (L.inter, h), rows),
+                                                        take(reader, p + "mlp.up_proj.weight", (L.inter, h), rows)])
+        out[p + "mlp.down_proj.weight"] = take(reader, p + "mlp.down_proj.weight", (h, L.inter), rows, dim=1)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[p + norm + ".weight"] = take(reader, p + norm + ".weight", (h,), [(0, h)])
+    if stage == L.pp - 1:
+        out["model.norm.weight"] = take(reader, "model.norm.weight", (h,), [(0, h)])
+        if not L.tied:
+            out["lm_head.weight"] = take(reader, "lm_head.weight", (L.vocab, h), [L.part(L.vocab, r)])
+    return out
+
+
+def hf_names(config):
+    """The HF tensor names a Llama with this config has; any other name in the checkpoint is an error."""
     names = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.get("tie_word_embeddings", False):
         names.add("lm_head.weight")
@@ -268,46 +348,183 @@ def consumed_names(config):
     return names
 
 
+def shard_name(r, stage):
+    return f"dp_rank_00_tp_rank_{r:02d}_pp_rank_{stage:02d}.pt"
+
+
+# ------------------------------------------------------------------------------------------------ reverse
+def load_shards(layout, model_dir, fuse_qkv):
+    """{(rank, stage): state} of every shard, memory-mapped; a missing or unreadable file is an error."""
+    shards = {}
+    for stage in range(layout.pp):
+        for r in range(layout.tp):
+            path = model_dir / shard_name(r, stage)
+            if not path.exists():
+                raise StageError(f"{path}: shard missing (TP {layout.tp} x PP {layout.pp} expected)")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+            if fuse_qkv:
+                for name in [n for n in state if n.endswith("qkv_proj.weight_qkv")]:
+                    q, k, v = state.pop(name).split([len(layout.q_heads(r)) * layout.hd,
+                                                     len(layout.kv_heads(r)) * layout.hd,
+                                                     len(layout.kv_heads(r)) * layout.hd])
+                    base = name[:-len("weight_qkv")]
+                    state.update({base + "weight_q": q, base + "weight_k": k, base + "weight_v": v})
+            shards[(r, stage)] = state
+    return shards
+
+
+def hf_tensors(layout, shards):
+    """Reassemble HF tensors from NxDT shards: inverse head permutation, one copy of each replicated KV head
+    (the copies must agree), gate/up split, pipeline stages merged."""
+    L = layout
+
+    def get(r, stage, name):
+        state = shards[(r, stage)]
+        if name not in state:
+            raise StageError(f"{shard_name(r, stage)}: tensor '{name}' missing")
+        return state[name]
+
+    def by_heads(stage, name, heads_of, n_heads, dim=0):
+        full = None
+        for r in range(L.tp):
+            t = get(r, stage, name)
+            blocks = t.split(L.hd, dim=dim)
+            if full is None:
+                shape = list(t.shape)
+                shape[dim] = n_heads * L.hd
+                full, seen = torch.empty(shape, dtype=t.dtype), {}
+            for head, block in zip(heads_of(r), blocks):
+                if head in seen:
+                    if not torch.equal(seen[head], block):
+                        raise StageError(f"{shard_name(r, stage)}: replicated KV head {head} of '{name}' differs "
+                                         f"from its copy on another rank")
+                    continue
+                seen[head] = block
+                full.narrow(dim, head * L.hd, L.hd).copy_(block)
+        return full
+
+    def cat(stage, name, dim):
+        return torch.cat([get(r, stage, name) for r in range(L.tp)], dim=dim)
+
+    yield "model.embed_tokens.weight", cat(0, "model.embed_tokens.weight", 0)
+    for stage in range(L.pp):
+        for i in L.stages[stage]:
+            p = f"model.layers.{i}."
+            yield p + "self_attn.q_proj.weight", by_heads(stage, p + "self_attn.qkv_proj.weight_q", L.q_heads, L.heads)
+            yield p + "self_attn.k_proj.weight", by_heads(stage, p + "self_attn.qkv_proj.weight_k", L.kv_heads, L.kv)
+            yield p + "self_attn.v_proj.weight", by_heads(stage, p + "self_attn.qkv_proj.weight_v", L.kv_heads, L.kv)
+            yield p + "self_attn.o_proj.weight", by_heads(stage, p + "self_attn.o_proj.weight", L.q_heads, L.heads, 1)
+            halves = [get(r, stage, p + "mlp.gate_up_proj.weight").chunk(2) for r in range(L.tp)]
+            yield p + "mlp.gate_proj.weight", torch.cat([g for g, _ in halves])
+            yield p + "mlp.up_proj.weight", torch.cat([u for _, u in halves])
+            yield p + "mlp.down_proj.weight", cat(stage, p + "mlp.down_proj.weight", 1)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                yield p + norm + ".weight", get(0, stage, p + norm + ".weight")
+    yield "model.norm.weight", get(0, L.pp - 1, "model.norm.weight")
+    if not L.tied:
+        yield "lm_head.weight", cat(L.pp - 1, "lm_head.weight", 0)
+
+
+def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
+    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def prepare_output(out, overwrite, key):
+    """A fresh temporary directory beside `out`; a non-empty `out` is refused unless overwrite is set."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise StageError(f"{key}: {out} is not empty; pass --overwrite to replace it")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp, out):
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     ap = config_arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--to-hf", metavar="DIR", help="reverse direction: reassemble the NxDT checkpoint at "
+                    "exp_manager.resume_from_checkpoint into an HF safetensors directory DIR")
     args = ap.parse_args(argv)
     c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
     for k, v in redacted(c).items():
         print(f"  {k}: {v}")
-    tp, pp = c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.pipeline_model_parallel_size"]
-    if tp != 1 or pp != 1:
-        raise StageError(f"this version converts to tensor and pipeline parallel size 1 only (got TP {tp}, PP {pp}); "
-                         f"set distributed_strategy.tensor_model_parallel_size=1 pipeline_model_parallel_size=1")
     config = read_config(c["model.model_config"])
+    layout = Layout(config, c["distributed_strategy.tensor_model_parallel_size"],
+                    c["distributed_strategy.pipeline_model_parallel_size"], c["distributed_strategy.kv_replicator"],
+                    c["distributed_strategy.hw_backend"])
+    ckpt = Path(c["exp_manager.resume_from_checkpoint"])
+    if args.to_hf:
+        out = Path(args.to_hf)
+        tmp = prepare_output(out, args.overwrite, "--to-hf")
+        try:
+            state = dict(hf_tensors(layout, load_shards(layout, ckpt / "model", c["model.fuse_qkv"])))
+            save_sharded(state, tmp)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            save_config(c, tmp / "resolved_config.yaml")
+            publish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"wrote {out}: {len(state)} tensors (HF layout)")
+        return
     weights_dir = Path(c["model.hf_weights_dir"])
     if not weights_dir.is_dir():
         raise StageError(f"model.hf_weights_dir: {weights_dir} not found (stage 02 writes it)")
     files = weight_files(weights_dir)
     # Tied models may still carry a redundant lm_head copy; it is the embedding, so it is not written.
-    unknown = sorted(set(files) - consumed_names(config) - {"lm_head.weight"})
+    unknown = sorted(set(files) - hf_names(config) - {"lm_head.weight"})
     if unknown:
         raise StageError(f"HF checkpoint: unexpected tensor '{unknown[0]}' ({len(unknown)} in all); "
                          f"is {weights_dir} a Llama model matching {c['model.model_config']}?")
-    out = Path(c["exp_manager.resume_from_checkpoint"])
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise StageError(f"exp_manager.resume_from_checkpoint: {out} is not empty; pass --overwrite to replace it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "model").mkdir(parents=True)
+    tmp = prepare_output(ckpt, args.overwrite, "exp_manager.resume_from_checkpoint")
+    (tmp / "model").mkdir()
+    reader, total = TensorReader(files), 0
     try:
-        state = dict(nxdt_tensors(config, TensorReader(files), c["model.fuse_qkv"]))
-        torch.save(state, tmp / "model" / SHARD)
+        for stage in range(layout.pp):
+            for r in range(layout.tp):
+                shard = nxdt_shard(layout, reader, r, stage, c["model.fuse_qkv"])
+                torch.save(shard, tmp / "model" / shard_name(r, stage))
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+                del shard
         save_config(c, tmp / "resolved_config.yaml")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        publish(tmp, ckpt)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"wrote {out / 'model' / SHARD}: {len(state)} tensors, {size / 2**20:.1f} MiB")
+    print(f"wrote {ckpt / 'model'}: {layout.tp * layout.pp} shard(s) (TP {layout.tp} x PP {layout.pp}), "
+          f"{total / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

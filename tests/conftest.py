@@ -132,7 +132,8 @@ def tiny_llama(train, work, tokenizer_dir, **overrides):
     convert = load_stage("03_convert_checkpoint.py")
     hf = make_hf_model(work, tokenizer_dir, **overrides)
     config = json.loads((Path(work) / "config.json").read_text())
-    state = dict(convert.nxdt_tensors(config, convert.TensorReader(convert.weight_files(Path(work))), False))
+    layout = convert.Layout(config, tp=1, pp=1, kv_mult=1, backend="trn1")
+    state = convert.nxdt_shard(layout, convert.TensorReader(convert.weight_files(Path(work))), 0, 0, False)
     model = train.Llama(train.read_model_config(Path(work) / "config.json"))
     with torch.no_grad():
         for name, dest in train.checkpoint_slots(model, fuse_qkv=False).items():

@@ -1,0 +1,122 @@
+"""Stage 03: NxD's checkpoint layout for every TP / PP / KV-replication setting, and the way back to HF."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import load_stage, make_hf_model, run_stage, write_overlay
+
+convert = load_stage("03_convert_checkpoint.py")
+
+
+def settings(tmp_path, tp=1, pp=1, m=1, fuse=False, backend="trn1"):
+    return write_overlay(tmp_path / "o.yaml", {
+        "model.hf_weights_dir": str(tmp_path / "hf"), "model.model_config": str(tmp_path / "hf" / "config.json"),
+        "exp_manager.resume_from_checkpoint": str(tmp_path / "ckpt"), "model.fuse_qkv": fuse,
+        "distributed_strategy.tensor_model_parallel_size": tp, "distributed_strategy.pipeline_model_parallel_size": pp,
+        "distributed_strategy.kv_replicator": m, "distributed_strategy.hw_backend": backend})
+
+
+@pytest.fixture
+def hf_dir(tmp_path, tokenizer_dir):
+    make_hf_model(tmp_path / "hf", tokenizer_dir, num_hidden_layers=3)  # 3 layers: an uneven PP split
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("tp,pp,m,fuse,backend", [
+    (1, 1, 1, False, "trn1"), (2, 1, 1, False, "trn1"), (2, 2, 1, True, "trn1"), (4, 1, 2, False, "trn1"),
+    (4, 2, 2, True, "trn1"), (4, 1, 2, False, "trn2"), (4, 2, 2, True, "trn2"), (1, 2, 1, True, "trn1"),
+])
+def test_hf_to_nxdt_to_hf_is_bit_exact(tmp_path, hf_dir, tp, pp, m, fuse, backend):
+    overlay = settings(tmp_path, tp, pp, m, fuse, backend)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    shards = sorted(p.name for p in (tmp_path / "ckpt" / "model").iterdir())
+    assert shards == sorted(f"dp_rank_00_tp_rank_{r:02d}_pp_rank_{s:02d}.pt" for r in range(tp) for s in range(pp))
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+               "--to-hf", str(tmp_path / "back")])
+    original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert original.keys() == back.keys()
+    assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+def shard(tmp_path, r, s=0):
+    return torch.load(tmp_path / "ckpt" / "model" / f"dp_rank_00_tp_rank_{r:02d}_pp_rank_{s:02d}.pt", weights_only=True)
+
+
+def test_trn1_replication_pairs_each_rank_s_q_heads_with_its_kv_head(tmp_path, hf_dir):
+    """4 Q heads, 2 KV heads, TP 4, kv_replicator 2: rank r holds Q head 2*(r%2) + r//2 and KV head r%2."""
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 4, 1, 2))])
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    q, k = hf["model.layers.0.self_attn.q_proj.weight"], hf["model.layers.0.self_attn.k_proj.weight"]
+    o = hf["model.layers.0.self_attn.o_proj.weight"]
+    for r in range(4):
+        s, head, kv = shard(tmp_path, r), 2 * (r % 2) + r // 2, r % 2
+        assert torch.equal(s["model.layers.0.self_attn.qkv_proj.weight_q"], q[head * 16:(head + 1) * 16])
+        assert torch.equal(s["model.layers.0.self_attn.qkv_proj.weight_k"], k[kv * 16:(kv + 1) * 16])
+        assert torch.equal(s["model.layers.0.self_attn.o_proj.weight"], o[:, head * 16:(head + 1) * 16])
+
+
+def test_llama3_8b_on_trn1_32_ranks_uses_nxd_s_head_order():
+    config = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "vocab_size": 128256, "num_hidden_layers": 32}
+    layout = convert.Layout(config, tp=32, pp=1, kv_mult=4, backend="trn1")
+    assert [layout.q_heads(r) for r in range(32)] == [[4 * (r % 8) + r // 8] for r in range(32)]
+    assert [layout.kv_heads(r) for r in range(32)] == [[r % 8] for r in range(32)]
+    assert convert.Layout(config, tp=8, pp=1, kv_mult=1, backend="trn1").q_heads(1) == [4, 5, 6, 7]
+
+
+def test_pipeline_stages_split_layers_evenly_with_the_remainder_last():
+    config = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 384, "num_hidden_layers": 30}
+    layout = convert.Layout(config, tp=1, pp=4, kv_mult=1, backend="trn1")
+    assert [len(s) for s in layout.stages] == [7, 7, 8, 8] and layout.stages[3] == range(22, 30)
+
+
+def test_gate_up_shard_is_the_rank_s_gate_rows_then_its_up_rows(tmp_path, hf_dir):
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 2))])
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    gate, up = hf["model.layers.1.mlp.gate_proj.weight"], hf["model.layers.1.mlp.up_proj.weight"]
+    assert torch.equal(shard(tmp_path, 1)["model.layers.1.mlp.gate_up_proj.weight"], torch.cat([gate[48:], up[48:]]))
+
+
+def test_a_tp_size_that_does_not_divide_is_named_and_nothing_is_written(tmp_path, hf_dir):
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 3))],
+                     check=False)
+    assert proc.returncode == 1
+    assert "tensor_model_parallel_size 3 does not divide num_attention_heads (4)" in proc.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_unknown_tensor_name_is_refused(tmp_path, hf_dir):
+    state = load_file(str(hf_dir / "model.safetensors"))
+    state["model.layers.0.self_attn.rotary_emb.extra"] = torch.zeros(2)
+    from safetensors.torch import save_file
+    save_file(state, str(hf_dir / "model.safetensors"))
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path))],
+                     check=False)
+    assert proc.returncode == 1 and "unexpected tensor 'model.layers.0.self_attn.rotary_emb.extra'" in proc.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_reverse_conversion_names_a_missing_shard(tmp_path, hf_dir):
+    overlay = settings(tmp_path, 2, 2)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    (tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_01_pp_rank_01.pt").unlink()
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+                      "--to-hf", str(tmp_path / "back")], check=False)
+    assert proc.returncode == 1 and "dp_rank_00_tp_rank_01_pp_rank_01.pt: shard missing" in proc.stderr
+    assert not (tmp_path / "back").exists()
+
+
+def test_replicated_kv_copies_that_disagree_are_caught(tmp_path, hf_dir):
+    overlay = settings(tmp_path, 4, 1, 2)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    path = tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_02_pp_rank_00.pt"
+    state = torch.load(path, weights_only=True)
+    state["model.layers.0.self_attn.qkv_proj.weight_k"] += 1
+    torch.save(state, path)
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+                      "--to-hf", str(tmp_path / "back")], check=False)
+    assert proc.returncode == 1 and "replicated KV head 0" in proc.stderr
