@@ -14,7 +14,9 @@ Layout written (the same as NxD's converter with --qkv_linear True and the confi
   lm_head.weight. resolved_config.yaml is written beside model/.
 
 Reverse direction (--to-hf DIR): shards reassembled (inverse head permutation, one copy of each replicated KV
-  head, which must agree across ranks; gate/up split) into an HF safetensors directory with config.json.
+  head, which must agree across ranks; gate/up split) into an HF safetensors directory (sharded with an index
+  above 5 GiB) with config.json and the tokenizer (data.tokenizer.type). --merge-adapter ADAPTER_DIR also
+  merges a PEFT LoRA adapter (05's final/adapter) into the weights, in fp32, then cast to the weights' dtype.
 
 Inputs: model.hf_weights_dir (safetensors, sharded with an index or single), model.model_config, the
 distributed_strategy keys. Tensors are read slice by slice from the memory-mapped safetensors files, one
@@ -24,11 +26,12 @@ existing non-empty output is refused unless --overwrite is given.
 Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
   python 03_convert_checkpoint.py --config config.yaml                      # TP 32, kv_replicator 4, trn1
   python 03_convert_checkpoint.py --config config.yaml --config demo.yaml --overwrite
-  python 03_convert_checkpoint.py --config config.yaml --to-hf merged_hf/   # back to HF
+  python 03_convert_checkpoint.py --config config.yaml --to-hf merged_hf/ --merge-adapter <run>/final/adapter
 """
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -169,6 +172,7 @@ SCHEMA = {
     "distributed_strategy.pipeline_model_parallel_size": "int",
     "distributed_strategy.kv_replicator": "int",
     "distributed_strategy.hw_backend": "trn1|trn2",
+    "data.tokenizer.type": "path",
 }
 
 
@@ -428,6 +432,41 @@ def hf_tensors(layout, shards):
         yield "lm_head.weight", cat(L.pp - 1, "lm_head.weight", 0)
 
 
+def merge_adapter(state, adapter_dir):
+    """Add a PEFT LoRA adapter into the HF tensors: W += (alpha / r) B A, computed in fp32 and cast back to W's
+    dtype (merging in bf16 loses the small updates). Every adapter tensor must match a weight."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    try:
+        acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+        tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except FileNotFoundError as e:
+        raise StageError(f"--merge-adapter: {e.filename} not found (a PEFT adapter directory holds "
+                         f"adapter_config.json and adapter_model.safetensors)") from None
+    if acfg.get("peft_type") != "LORA":
+        raise StageError(f"{adapter_dir}/adapter_config.json: peft_type {acfg.get('peft_type')!r}, expected 'LORA'")
+    r = acfg["r"]
+    scaling = acfg["lora_alpha"] / (math.sqrt(r) if acfg.get("use_rslora") else r)
+    prefix = "base_model.model."
+    modules = sorted({k[len(prefix):].rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+    extra = [k for k in tensors if ".lora_" not in k or not k.startswith(prefix)]
+    if extra:
+        raise StageError(f"{adapter_dir}: tensor '{extra[0]}' is not a LoRA weight this stage can merge")
+    for module in modules:
+        weight = module + ".weight"
+        if weight not in state:
+            raise StageError(f"{adapter_dir}: adapter for '{module}', which the model does not have")
+        a = tensors[f"{prefix}{module}.lora_A.weight"].float()
+        b = tensors[f"{prefix}{module}.lora_B.weight"].float()
+        w = state[weight]
+        if (b.shape[0], a.shape[1]) != tuple(w.shape) or a.shape[0] != r or b.shape[1] != r:
+            raise StageError(f"{adapter_dir}: LoRA shapes A {list(a.shape)}, B {list(b.shape)} do not fit "
+                             f"'{weight}' {list(w.shape)} with r = {r}")
+        state[weight] = (w.float() + scaling * (b @ a)).to(w.dtype)
+    return len(modules)
+
+
 def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
     """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
     from safetensors.torch import save_file
@@ -478,7 +517,11 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--to-hf", metavar="DIR", help="reverse direction: reassemble the NxDT checkpoint at "
                     "exp_manager.resume_from_checkpoint into an HF safetensors directory DIR")
+    ap.add_argument("--merge-adapter", metavar="ADAPTER_DIR", help="with --to-hf: merge this PEFT LoRA adapter "
+                    "(e.g. <run dir>/final/adapter) into the weights")
     args = ap.parse_args(argv)
+    if args.merge_adapter and not args.to_hf:
+        raise StageError("--merge-adapter needs --to-hf DIR")
     c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
     for k, v in redacted(c).items():
         print(f"  {k}: {v}")
@@ -492,8 +535,14 @@ def main(argv=None):
         tmp = prepare_output(out, args.overwrite, "--to-hf")
         try:
             state = dict(hf_tensors(layout, load_shards(layout, ckpt / "model", c["model.fuse_qkv"])))
+            if args.merge_adapter:
+                print(f"merged {merge_adapter(state, args.merge_adapter)} LoRA modules from {args.merge_adapter}")
             save_sharded(state, tmp)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            tokenizer = Path(c["data.tokenizer.type"])
+            for f in sorted(tokenizer.glob("*")) if tokenizer.is_dir() else []:
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
             save_config(c, tmp / "resolved_config.yaml")
             publish(tmp, out)
         finally:

@@ -120,3 +120,49 @@ def test_replicated_kv_copies_that_disagree_are_caught(tmp_path, hf_dir):
     proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
                       "--to-hf", str(tmp_path / "back")], check=False)
     assert proc.returncode == 1 and "replicated KV head 0" in proc.stderr
+
+
+def peft_adapter(hf_dir, out, targets):
+    """A PEFT adapter for the model in hf_dir with random (non-zero) B, saved the way PEFT saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(hf_dir)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_merged_model_gives_base_plus_adapter_logits(tmp_path, hf_dir):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    adapter = peft_adapter(hf_dir, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"])
+    overlay = settings(tmp_path, 4, 2, 2)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+               "--to-hf", str(tmp_path / "merged"), "--merge-adapter", str(adapter)])
+    ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(hf_dir)), str(adapter)).eval()(ids)
+        merged = LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()(ids)
+        base = LlamaForCausalLM.from_pretrained(str(hf_dir)).eval()(ids)
+    assert (expected.logits - base.logits).abs().max() > 1e-3
+    assert (merged.logits - expected.logits).abs().max().item() < 1e-5
+
+
+def test_an_adapter_for_another_model_is_refused(tmp_path, hf_dir, tokenizer_dir):
+    make_hf_model(tmp_path / "other", tokenizer_dir, num_hidden_layers=3, intermediate_size=128)
+    adapter = peft_adapter(tmp_path / "other", tmp_path / "adapter", ["down_proj"])
+    overlay = settings(tmp_path)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+                      "--to-hf", str(tmp_path / "merged"), "--merge-adapter", str(adapter)], check=False)
+    assert proc.returncode == 1 and "do not fit 'model.layers.0.mlp.down_proj.weight'" in proc.stderr
+    assert not (tmp_path / "merged").exists()
