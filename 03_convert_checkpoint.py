@@ -11,7 +11,8 @@ Layout written (the same as NxD's converter with --qkv_linear True and the confi
   K/V heads are tiled kv_replicator times before splitting; on trn1 with replication the Q heads (and o_proj
   columns) are permuted so each rank's Q heads belong to its KV head. Layers are split evenly over the
   pipeline stages, remainder on the later stages. Tensors keep the source dtype; tied embeddings have no
-  lm_head.weight. resolved_config.yaml is written beside model/.
+  lm_head.weight. Beside model/: resolved_config.yaml and manifest.json (layout settings; per file its size,
+  sha256 and every tensor's name, shape and dtype), which --verify and stage 05 check.
 
 Reverse direction (--to-hf DIR): shards reassembled (inverse head permutation, one copy of each replicated KV
   head, which must agree across ranks; gate/up split) into an HF safetensors directory (sharded with an index
@@ -30,6 +31,7 @@ Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelera
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -511,12 +513,62 @@ def publish(tmp, out):
     os.replace(tmp, out)
 
 
+# ------------------------------------------------------------------------------------------------ manifest
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(state):
+    return {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for name, t in state.items()}
+
+
+def settings_of(c):
+    return {"tensor_model_parallel_size": c["distributed_strategy.tensor_model_parallel_size"],
+            "pipeline_model_parallel_size": c["distributed_strategy.pipeline_model_parallel_size"],
+            "kv_replicator": c["distributed_strategy.kv_replicator"],
+            "hw_backend": c["distributed_strategy.hw_backend"], "fuse_qkv": c["model.fuse_qkv"]}
+
+
+def verify(ckpt, c):
+    """Check a converted checkpoint against its manifest.json: layout settings, files, sizes, sha256, and every
+    tensor's name, shape and dtype. Returns the number of files checked."""
+    path = ckpt / "manifest.json"
+    if not path.exists():
+        raise StageError(f"{path} not found (written by this stage when it converts)")
+    manifest = json.loads(path.read_text())
+    for key, value in settings_of(c).items():
+        if manifest["settings"][key] != value:
+            raise StageError(f"{ckpt}: converted with {key} = {manifest['settings'][key]}, the config says {value}")
+    for rel, entry in manifest["files"].items():
+        f = ckpt / rel
+        if not f.exists():
+            raise StageError(f"{f}: missing")
+        if f.stat().st_size != entry["bytes"]:
+            raise StageError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated?)")
+        if file_sha256(f) != entry["sha256"]:
+            raise StageError(f"{f}: sha256 differs from the manifest (the file changed after conversion)")
+        try:
+            found = describe(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise StageError(f"{f}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        if found != entry["tensors"]:
+            diff = [n for n in sorted(set(found) | set(entry["tensors"])) if found.get(n) != entry["tensors"].get(n)]
+            raise StageError(f"{f}: tensor '{diff[0]}' differs from the manifest")
+    return len(manifest["files"])
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     ap = config_arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--to-hf", metavar="DIR", help="reverse direction: reassemble the NxDT checkpoint at "
                     "exp_manager.resume_from_checkpoint into an HF safetensors directory DIR")
+    ap.add_argument("--verify", action="store_true", help="check the checkpoint at "
+                    "exp_manager.resume_from_checkpoint against its manifest.json, then exit")
     ap.add_argument("--merge-adapter", metavar="ADAPTER_DIR", help="with --to-hf: merge this PEFT LoRA adapter "
                     "(e.g. <run dir>/final/adapter) into the weights")
     args = ap.parse_args(argv)
@@ -530,6 +582,9 @@ def main(argv=None):
                     c["distributed_strategy.pipeline_model_parallel_size"], c["distributed_strategy.kv_replicator"],
                     c["distributed_strategy.hw_backend"])
     ckpt = Path(c["exp_manager.resume_from_checkpoint"])
+    if args.verify:
+        print(f"{ckpt}: {verify(ckpt, c)} file(s) match manifest.json (sizes, sha256, tensor names, shapes, dtypes)")
+        return
     if args.to_hf:
         out = Path(args.to_hf)
         tmp = prepare_output(out, args.overwrite, "--to-hf")
@@ -560,14 +615,19 @@ def main(argv=None):
                          f"is {weights_dir} a Llama model matching {c['model.model_config']}?")
     tmp = prepare_output(ckpt, args.overwrite, "exp_manager.resume_from_checkpoint")
     (tmp / "model").mkdir()
-    reader, total = TensorReader(files), 0
+    reader, total, entries = TensorReader(files), 0, {}
     try:
         for stage in range(layout.pp):
             for r in range(layout.tp):
                 shard = nxdt_shard(layout, reader, r, stage, c["model.fuse_qkv"])
-                torch.save(shard, tmp / "model" / shard_name(r, stage))
+                path = tmp / "model" / shard_name(r, stage)
+                torch.save(shard, path)
                 total += sum(t.numel() * t.element_size() for t in shard.values())
+                entries[f"model/{path.name}"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path),
+                                                 "tensors": describe(shard)}
                 del shard
+        manifest = {"source": str(weights_dir), "settings": settings_of(c), "files": entries}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         save_config(c, tmp / "resolved_config.yaml")
         publish(tmp, ckpt)
     finally:

@@ -503,6 +503,17 @@ def load_checkpoint(model, ckpt_dir, fuse_qkv):
     path = Path(ckpt_dir) / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
     if not path.exists():
         raise StageError(f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it)")
+    manifest = Path(ckpt_dir) / "manifest.json"  # written by stage 03; NxD's own converter writes none
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        wanted = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "fuse_qkv": fuse_qkv}
+        for key, value in wanted.items():
+            if m["settings"][key] != value:
+                raise StageError(f"{ckpt_dir}: converted with {key} = {m['settings'][key]}, this run needs "
+                                 f"{value}; convert again with stage 03")
+        expected = m["files"].get(f"model/{path.name}", {}).get("bytes")
+        if expected is not None and path.stat().st_size != expected:
+            raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for truncated or foreign files

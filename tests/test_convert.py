@@ -166,3 +166,19 @@ def test_an_adapter_for_another_model_is_refused(tmp_path, hf_dir, tokenizer_dir
                       "--to-hf", str(tmp_path / "merged"), "--merge-adapter", str(adapter)], check=False)
     assert proc.returncode == 1 and "do not fit 'model.layers.0.mlp.down_proj.weight'" in proc.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_verify_accepts_a_fresh_conversion_and_catches_a_truncated_or_changed_file(tmp_path, hf_dir):
+    overlay = settings(tmp_path, 2, 1)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    verify = ["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay), "--verify"]
+    assert "2 file(s) match manifest.json" in run_stage(verify).stdout
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    entry = manifest["files"]["model/dp_rank_00_tp_rank_01_pp_rank_00.pt"]
+    assert entry["tensors"]["model.layers.0.mlp.down_proj.weight"] == {"shape": [64, 48], "dtype": "float32"}
+    path = tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_01_pp_rank_00.pt"
+    path.write_bytes(path.read_bytes()[:-10])
+    proc = run_stage(verify, check=False)
+    assert proc.returncode == 1 and "the manifest says" in proc.stderr and "truncated" in proc.stderr
+    proc = run_stage([*verify, "model.fuse_qkv=true"], check=False)
+    assert proc.returncode == 1 and "converted with fuse_qkv = False, the config says True" in proc.stderr

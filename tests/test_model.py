@@ -83,6 +83,7 @@ def test_checkpoint_layout_has_nxdt_names(tmp_path, tokenizer_dir):
 
 def test_checkpoint_with_a_missing_tensor_is_refused(tmp_path, tokenizer_dir, train_mod):
     _, settings = convert(tmp_path, tokenizer_dir)
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # as NxD's own converter writes it: no manifest
     path = tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
     state = torch.load(path, weights_only=True)
     del state["model.layers.1.mlp.down_proj.weight"]
@@ -93,6 +94,7 @@ def test_checkpoint_with_a_missing_tensor_is_refused(tmp_path, tokenizer_dir, tr
 
 def test_checkpoint_with_a_wrong_shape_is_refused(tmp_path, tokenizer_dir, train_mod):
     _, settings = convert(tmp_path, tokenizer_dir)
+    (tmp_path / "ckpt" / "manifest.json").unlink()
     path = tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
     state = torch.load(path, weights_only=True)
     state["model.norm.weight"] = torch.ones(65)
@@ -103,8 +105,19 @@ def test_checkpoint_with_a_wrong_shape_is_refused(tmp_path, tokenizer_dir, train
 
 def test_unfused_checkpoint_loaded_as_fused_names_the_flag(tmp_path, tokenizer_dir, train_mod):
     _, settings = convert(tmp_path, tokenizer_dir)
+    with pytest.raises(train_mod.StageError, match="converted with fuse_qkv = False, this run needs True"):
+        our_model(train_mod, dict(settings, **{"model.fuse_qkv": True}))
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # without a manifest the tensor names give it away
     with pytest.raises(train_mod.StageError, match="model.fuse_qkv"):
         our_model(train_mod, dict(settings, **{"model.fuse_qkv": True}))
+
+
+def test_a_truncated_shard_is_caught_by_its_manifest_size(tmp_path, tokenizer_dir, train_mod):
+    _, settings = convert(tmp_path, tokenizer_dir)
+    path = tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
+    path.write_bytes(path.read_bytes()[:-50])
+    with pytest.raises(train_mod.StageError, match=r"manifest.json says \d+ \(truncated\?\)"):
+        our_model(train_mod, settings)
 
 
 def test_converter_refuses_a_non_empty_output_without_overwrite(tmp_path, tokenizer_dir):
