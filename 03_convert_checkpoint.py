@@ -20,8 +20,8 @@ Reverse direction (--to-hf DIR): shards reassembled (inverse head permutation, o
   merges a PEFT LoRA adapter (05's final/adapter) into the weights, in fp32, then cast to the weights' dtype.
 
 Inputs: model.hf_weights_dir (safetensors, sharded with an index or single), model.model_config, the
-distributed_strategy keys. Tensors are read slice by slice from the memory-mapped safetensors files, one
-output shard at a time. Every output is written to a temporary directory and renamed when complete; an
+distributed_strategy keys. Tensors are read slice by slice from the safetensors files with positioned reads
+(no memory map), one output shard at a time, so peak memory stays near the largest output shard. Every output is written to a temporary directory and renamed when complete; an
 existing non-empty output is refused unless --overwrite is given.
 
 Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -200,39 +201,93 @@ def weight_files(weights_dir):
     if len(files) != 1:
         raise StageError(f"model.hf_weights_dir: {weights_dir} needs model.safetensors.index.json or exactly one "
                          f"*.safetensors file (found {len(files)})")
-    from safetensors import safe_open
+    _, header = TensorReader({}).header(files[0])
+    return {name: files[0] for name in header if name != "__metadata__"}
 
-    try:
-        with safe_open(str(files[0]), framework="pt") as f:
-            return {name: files[0] for name in f.keys()}
-    except Exception as e:
-        raise StageError(f"{files[0]}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+class TensorSlicer:
+    """Row or column ranges of one tensor inside a safetensors file, read with plain positioned reads.
+
+    No memory map: a mapped file's touched pages count as this process's resident memory, and a column
+    slice touches every page of the tensor. Columns are read in blocks of rows, so the extra memory stays
+    at one block whatever the tensor's size (one positioned read per row was measured slower)."""
+
+    BLOCK_BYTES = 64 * 2**20
+
+    def __init__(self, path, fd, start, shape, dtype):
+        self.path, self.fd, self.start, self.shape, self.dtype = path, fd, start, tuple(shape), dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.row_bytes = self.itemsize * (self.shape[1] if len(self.shape) > 1 else 1)
+
+    def get_shape(self):
+        return list(self.shape)
+
+    def read(self, offset, nbytes):
+        data = bytearray(nbytes)
+        view, done = memoryview(data), 0
+        while done < nbytes:
+            n = os.preadv(self.fd, [view[done:]], self.start + offset + done)
+            if n == 0:
+                raise StageError(f"{self.path}: file ends inside a tensor (truncated?)")
+            done += n
+        return data
+
+    def rows(self, a, b):
+        data = self.read(a * self.row_bytes, (b - a) * self.row_bytes)
+        if not data:
+            return torch.empty((0,) + self.shape[1:], dtype=self.dtype)
+        return torch.frombuffer(data, dtype=self.dtype).reshape((b - a,) + self.shape[1:])
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):  # [a:b] rows
+            return self.rows(key.start or 0, self.shape[0] if key.stop is None else key.stop)
+        _, cols = key  # [:, a:b] columns, a block of rows at a time
+        out = torch.empty((self.shape[0], cols.stop - cols.start), dtype=self.dtype)
+        step = max(1, self.BLOCK_BYTES // self.row_bytes)
+        for r in range(0, self.shape[0], step):
+            out[r:r + step] = self.rows(r, min(self.shape[0], r + step))[:, cols]
+        return out
 
 
 class TensorReader:
-    """Reads row or column ranges of named tensors from memory-mapped safetensors files, so converting
-    never holds more than the slices of the output shard being written."""
+    """Finds named tensors in safetensors files (headers parsed once per file) and hands out slicers."""
 
     def __init__(self, files):
-        self.files, self.open = files, {}
+        self.files, self.headers, self.fds = files, {}, {}
 
-    def slice(self, name):
-        from safetensors import safe_open
-
-        path = self.files.get(name)
-        if path is None:
-            raise StageError(f"HF checkpoint: tensor '{name}' missing")
-        if path not in self.open:
+    def header(self, path):
+        if path not in self.headers:
             if not path.exists():
                 raise StageError(f"{path}: shard named in the index is missing")
             try:
-                self.open[path] = safe_open(str(path), framework="pt")
-            except Exception as e:
+                fd = os.open(path, os.O_RDONLY)
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                header = json.loads(os.pread(fd, n, 8))
+                size = os.fstat(fd).st_size
+            except (OSError, ValueError, struct.error) as e:
                 raise StageError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-        try:
-            return self.open[path].get_slice(name)
-        except Exception as e:
-            raise StageError(f"{path}: tensor '{name}' cannot be read ({type(e).__name__}: {e})") from None
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise StageError(f"{path}: not a readable safetensors file (ends at byte {size}, its header "
+                                 f"needs {8 + n + end}: truncated?)")
+            self.headers[path], self.fds[path] = (8 + n, header), fd
+        return self.headers[path]
+
+    def slice(self, name):
+        path = self.files.get(name)
+        if path is None:
+            raise StageError(f"HF checkpoint: tensor '{name}' missing")
+        base, header = self.header(path)
+        entry = header.get(name)
+        if entry is None or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise StageError(f"{path}: tensor '{name}' is not in the file or has an unsupported dtype")
+        return TensorSlicer(path, self.fds[path], base + entry["data_offsets"][0], entry["shape"],
+                            SAFETENSORS_DTYPES[entry["dtype"]])
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -305,7 +360,7 @@ def take(reader, name, shape, runs, dim=0):
         raise StageError(f"HF checkpoint: tensor '{name}' has shape {list(sl.get_shape())}, config.json implies "
                          f"{list(shape)}")
     parts = [sl[a:b] if dim == 0 else sl[:, a:b] for a, b in runs]
-    return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=dim)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def nxdt_shard(layout, reader, r, stage, fuse_qkv):

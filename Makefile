@@ -1,5 +1,6 @@
 # make demo   set up .venv if missing, then run stages 01-05 on the embedded demo (SmolLM2-135M-Instruct, CPU)
 # make test   set up .venv if missing, then run the test suite
+# make bench  run the benchmarks under bench/ (stage 03 conversion: memory and throughput)
 # make clean  remove the demo's outputs (work/demo, runs/demo)
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := --config config.yaml --config demo.yaml
 
-.PHONY: demo test clean venv
+.PHONY: demo test bench clean venv
 
 venv: $(VENV)/.installed
 
@@ -28,6 +29,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/convert_bench.py
 
 clean:
 	rm -rf work/demo runs/demo

@@ -182,3 +182,12 @@ def test_verify_accepts_a_fresh_conversion_and_catches_a_truncated_or_changed_fi
     assert proc.returncode == 1 and "the manifest says" in proc.stderr and "truncated" in proc.stderr
     proc = run_stage([*verify, "model.fuse_qkv=true"], check=False)
     assert proc.returncode == 1 and "converted with fuse_qkv = False, the config says True" in proc.stderr
+
+
+def test_a_truncated_input_file_is_named_and_nothing_is_written(tmp_path, hf_dir):
+    path = hf_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 2))],
+                     check=False)
+    assert proc.returncode == 1 and "model.safetensors: not a readable safetensors file" in proc.stderr
+    assert "truncated?" in proc.stderr and not (tmp_path / "ckpt").exists()
