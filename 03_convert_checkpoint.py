@@ -19,8 +19,9 @@ Reverse direction (--to-hf DIR): shards reassembled (inverse head permutation, o
   above 5 GiB) with config.json and the tokenizer (data.tokenizer.type). --merge-adapter ADAPTER_DIR also
   merges a PEFT LoRA adapter (05's final/adapter) into the weights, in fp32, then cast to the weights' dtype.
 
-Inputs: model.hf_weights_dir (safetensors, sharded with an index or single), model.model_config, the
-distributed_strategy keys. Tensors are read slice by slice from the safetensors files with positioned reads
+Inputs: model.hf_weights_dir (safetensors, sharded with an index or single, or one pytorch_model.bin),
+model.model_config, the distributed_strategy keys; --tp, --pp, --kv-replicator, --hw-backend and
+--fuse-qkv / --no-fuse-qkv override them (real booleans: there is no string that means true by accident). Tensors are read slice by slice from the safetensors files with positioned reads
 (no memory map), one output shard at a time, so peak memory stays near the largest output shard. Every output is written to a temporary directory and renamed when complete; an
 existing non-empty output is refused unless --overwrite is given.
 
@@ -198,9 +199,12 @@ def weight_files(weights_dir):
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: weights_dir / f for name, f in weight_map.items()}
     files = sorted(weights_dir.glob("*.safetensors"))
+    if not files and (weights_dir / "pytorch_model.bin").exists():
+        return {name: weights_dir / "pytorch_model.bin" for name in TensorReader({}).torch_file(
+            weights_dir / "pytorch_model.bin")}
     if len(files) != 1:
-        raise StageError(f"model.hf_weights_dir: {weights_dir} needs model.safetensors.index.json or exactly one "
-                         f"*.safetensors file (found {len(files)})")
+        raise StageError(f"model.hf_weights_dir: {weights_dir} needs model.safetensors.index.json, exactly one "
+                         f"*.safetensors file or a pytorch_model.bin (found {len(files)} safetensors files)")
     _, header = TensorReader({}).header(files[0])
     return {name: files[0] for name in header if name != "__metadata__"}
 
@@ -254,11 +258,34 @@ class TensorSlicer:
         return out
 
 
+class TorchSlice:
+    """The slicer interface over a tensor already loaded (from pytorch_model.bin)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def get_shape(self):
+        return list(self.tensor.shape)
+
+    def __getitem__(self, key):
+        return self.tensor[key].clone()
+
+
 class TensorReader:
-    """Finds named tensors in safetensors files (headers parsed once per file) and hands out slicers."""
+    """Finds named tensors in safetensors files (headers parsed once per file) and hands out slicers. A
+    single pytorch_model.bin is also accepted; it is memory-mapped by torch.load, so there the whole file can
+    become resident (convert it to safetensors with stage 02 for large models)."""
 
     def __init__(self, files):
-        self.files, self.headers, self.fds = files, {}, {}
+        self.files, self.headers, self.fds, self.torch_files = files, {}, {}, {}
+
+    def torch_file(self, path):
+        if path not in self.torch_files:
+            try:
+                self.torch_files[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        return self.torch_files[path]
 
     def header(self, path):
         if path not in self.headers:
@@ -282,6 +309,8 @@ class TensorReader:
         path = self.files.get(name)
         if path is None:
             raise StageError(f"HF checkpoint: tensor '{name}' missing")
+        if path.suffix == ".bin":
+            return TorchSlice(self.torch_file(path)[name])
         base, header = self.header(path)
         entry = header.get(name)
         if entry is None or entry.get("dtype") not in SAFETENSORS_DTYPES:
@@ -624,12 +653,22 @@ def main(argv=None):
                     "exp_manager.resume_from_checkpoint into an HF safetensors directory DIR")
     ap.add_argument("--verify", action="store_true", help="check the checkpoint at "
                     "exp_manager.resume_from_checkpoint against its manifest.json, then exit")
+    ap.add_argument("--tp", type=int, help="tensor_model_parallel_size (overrides the config)")
+    ap.add_argument("--pp", type=int, help="pipeline_model_parallel_size (overrides the config)")
+    ap.add_argument("--kv-replicator", type=int, help="kv_replicator (overrides the config)")
+    ap.add_argument("--hw-backend", choices=["trn1", "trn2"], help="head layout (overrides the config)")
+    ap.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, help="one weight_qkv per rank, or not")
     ap.add_argument("--merge-adapter", metavar="ADAPTER_DIR", help="with --to-hf: merge this PEFT LoRA adapter "
                     "(e.g. <run dir>/final/adapter) into the weights")
     args = ap.parse_args(argv)
     if args.merge_adapter and not args.to_hf:
         raise StageError("--merge-adapter needs --to-hf DIR")
-    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
+    flags = {"distributed_strategy.tensor_model_parallel_size": args.tp,
+             "distributed_strategy.pipeline_model_parallel_size": args.pp,
+             "distributed_strategy.kv_replicator": args.kv_replicator,
+             "distributed_strategy.hw_backend": args.hw_backend, "model.fuse_qkv": args.fuse_qkv}
+    overrides = args.overrides + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    c = resolve(load_config(args.config or ["config.yaml"], overrides), SCHEMA)
     for k, v in redacted(c).items():
         print(f"  {k}: {v}")
     config = read_config(c["model.model_config"])

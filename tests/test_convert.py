@@ -191,3 +191,18 @@ def test_a_truncated_input_file_is_named_and_nothing_is_written(tmp_path, hf_dir
                      check=False)
     assert proc.returncode == 1 and "model.safetensors: not a readable safetensors file" in proc.stderr
     assert "truncated?" in proc.stderr and not (tmp_path / "ckpt").exists()
+
+
+def test_a_single_pytorch_model_bin_converts_like_safetensors(tmp_path, hf_dir):
+    original = load_file(str(hf_dir / "model.safetensors"))
+    torch.save(original, hf_dir / "pytorch_model.bin")
+    (hf_dir / "model.safetensors").unlink()
+    overlay = settings(tmp_path)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+               "--tp", "2", "--fuse-qkv"])
+    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    assert manifest["settings"]["tensor_model_parallel_size"] == 2 and manifest["settings"]["fuse_qkv"] is True
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay), "--tp", "2",
+               "--fuse-qkv", "--to-hf", str(tmp_path / "back")])
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert all(torch.equal(original[k], back[k]) for k in original)
