@@ -206,3 +206,17 @@ def test_a_single_pytorch_model_bin_converts_like_safetensors(tmp_path, hf_dir):
                "--fuse-qkv", "--to-hf", str(tmp_path / "back")])
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert all(torch.equal(original[k], back[k]) for k in original)
+
+
+def test_a_missing_input_shard_is_named_and_nothing_is_written(tmp_path, hf_dir):
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM.from_pretrained(str(hf_dir)).save_pretrained(str(hf_dir), max_shard_size="100KB")
+    (hf_dir / "model.safetensors").unlink(missing_ok=True)
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (hf_dir / victim).unlink()
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 2))],
+                     check=False)
+    assert proc.returncode == 1 and f"{victim}: shard named in the index is missing" in proc.stderr
+    assert not (tmp_path / "ckpt").exists()
