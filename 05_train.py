@@ -185,6 +185,7 @@ SCHEMA = {
     "trainer.log_every_n_steps": "int",
     "trainer.val_check_interval": "int",
     "trainer.gradient_clip_val": "float?",
+    "trainer.peak_tflops": "float?",
     "exp_manager.exp_dir": "path",
     "exp_manager.explicit_log_dir": "path?",
     "exp_manager.resume_from_checkpoint": "path",
@@ -868,6 +869,56 @@ def lr_at(step, c):
     return floor + (lr - floor) * (1 - frac)
 
 
+# ------------------------------------------------------------------------------------------------ throughput
+def step_flops(batch, cfg):
+    """Model FLOPs of training on these rows, LoRA convention: 4 x weights per token (forward + input-gradient
+    backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output
+    layer only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV,
+    forward and backward) over the keys each token really attends to: its own document so far. Padding is
+    not counted."""
+    h, hd, heads, kv = cfg["hidden"], cfg["head_dim"], cfg["heads"], cfg["kv_heads"]
+    body = cfg["layers"] * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * cfg["inter"])
+    seg = batch["segment_ids"]
+    tokens = int((seg > 0).sum())
+    supervised = int((batch["targets"] != -100).sum())
+    lengths = torch.stack([torch.bincount(row, minlength=int(seg.max()) + 1)[1:] for row in seg]).double()
+    keys = float((lengths * (lengths + 1) / 2).sum())
+    attention = 3 * 4 * cfg["layers"] * heads * hd * keys
+    return 4 * body * tokens + 4 * h * cfg["vocab"] * supervised + attention
+
+
+DATASHEET_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6),
+                    "A10G": (125, 31.2), "L4": (121, 30.3)}  # dense (bf16 tensor core, fp32) per GPU
+
+
+def peak_flops(device, autocast, configured):
+    """The peak the MFU is measured against, and where it comes from: the config, a datasheet (GPU), or a
+    large fp32 matrix product timed here (CPU)."""
+    if configured:
+        return configured * 1e12, "trainer.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
+            if key in name:
+                return (bf16 if autocast else fp32) * 1e12, f"{name} datasheet, {'bf16' if autocast else 'fp32'}"
+        return None, f"{name}: no datasheet figure; set trainer.peak_tflops"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.5:
+        a @ b
+        n += 1
+    return 2 * 2048**3 * n / (time.perf_counter() - start), "measured: fp32 2048x2048 matmul on this CPU"
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 # ------------------------------------------------------------------------------------------------ logging
 class Metrics:
     """metrics.jsonl (one object per line, flushed) and TensorBoard scalars."""
@@ -987,8 +1038,12 @@ def main(argv=None):
                                   weight_decay=c["model.optim.weight_decay"])
     mbs, gbs = c["data.micro_batch_size"], c["data.global_batch_size"]
     n_windows = train["input_ids"].shape[0]
+    peak, peak_source = peak_flops(device, autocast, c["trainer.peak_tflops"])
+    print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else f"MFU not reported: {peak_source}")
     bar = progress_bar(max_steps)
-    window_losses, tokens_done, t_log = [], 0, time.perf_counter()
+    window_losses, t_log, t_start = [], time.perf_counter(), time.perf_counter()
+    done_tokens = done_supervised = done_flops = 0  # since the last log
+    total_tokens = 0
     for step in range(max_steps):
         lr = lr_at(step, c)
         for group in optimizer.param_groups:
@@ -1006,7 +1061,9 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_done += int((step_batch["segment_ids"] > 0).sum())
+        done_tokens += int((step_batch["segment_ids"] > 0).sum())
+        done_supervised += int((step_batch["targets"] != -100).sum())
+        done_flops += step_flops(step_batch, cfg)
         window_losses.append(step_loss)
 
         done = step + 1
@@ -1016,21 +1073,38 @@ def main(argv=None):
         if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps:
             now = time.perf_counter()
             losses = torch.stack(window_losses).tolist()  # the only host sync of a log interval
+            elapsed = now - t_log
             record = {"step": done, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_done / (now - t_log), "consumed_samples": done * gbs, "epoch": epoch}
+                      "tokens_per_s": done_tokens / elapsed, "supervised_tokens_per_s": done_supervised / elapsed,
+                      "consumed_samples": done * gbs, "epoch": epoch,
+                      "peak_memory_gib": peak_memory_gib(device)}
+            if peak:
+                record["mfu"] = done_flops / elapsed / peak
             metrics.log(record)
             bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
                                 f"lr={lr:.3g}, global_step={done}, consumed_samples={done * gbs}, "
-                                f"tokens/s={record['tokens_per_s']:.0f}")
-            window_losses, tokens_done, t_log = [], 0, now
+                                f"tokens/s={record['tokens_per_s']:.0f}"
+                                + (f", mfu={record['mfu']:.1%}" if peak else ""))
+            total_tokens += done_tokens
+            window_losses, t_log = [], now
+            done_tokens = done_supervised = done_flops = 0
         if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
             bar.clear()
             run_evaluation(done, gen=False)
     bar.close()
-    run_evaluation(max_steps, gen=True)
+    final = run_evaluation(max_steps, gen=True)
     adapter = export_peft_adapter(model, c, run_dir / "final" / "adapter")
     metrics.close()
+    vals = [json.loads(line).get("val_loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v is not None]
+    print(f"done: {max_steps} steps in {time.perf_counter() - t_start:.0f} s, {total_tokens:,} tokens trained, "
+          f"peak memory {peak_memory_gib(device):.2f} GiB")
+    if vals:
+        print(f"val_loss: first {vals[0]:.4f}, best {min(vals):.4f}, last {vals[-1]:.4f}"
+              + (f"; gen_exact_match {final['gen_exact_match']:.0%}" if "gen_exact_match" in final else ""))
     print(f"adapter (PEFT format): {adapter}")
+    print(f"merged HF model: python 03_convert_checkpoint.py {' '.join(f'--config {p}' for p in args.config or ['config.yaml'])} "
+          f"--to-hf <dir> --merge-adapter {adapter}")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,9 @@ def test_training_lowers_the_validation_loss_and_ends_with_validation(pipeline):
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.1
     assert "val_loss" in metrics[-1] and metrics[-1]["step"] == 12
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"} <= set(metrics[1])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens_per_s", "consumed_samples",
+            "mfu", "peak_memory_gib"} <= set(metrics[1])
+    assert 0 < metrics[1]["mfu"] < 1 and metrics[1]["supervised_tokens_per_s"] < metrics[1]["tokens_per_s"]
     assert 0.0 <= metrics[-1]["gen_exact_match"] <= 1.0 and metrics[-1]["gen_samples"] == 4
 
 
@@ -132,3 +134,13 @@ def test_warmup_then_linear_decay(train_mod):
     assert train_mod.lr_at(110, c) == pytest.approx(0.0)
     assert train_mod.lr_at(35, dict(c, **{"model.optim.sched.name": "cosine"})) == pytest.approx(
         0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.25)))
+
+
+def test_step_flops_count_4n_per_token_the_output_layer_where_supervised_and_real_attention(train_mod):
+    cfg = {"hidden": 8, "head_dim": 2, "heads": 4, "kv_heads": 2, "layers": 3, "inter": 16, "vocab": 100}
+    seg = torch.tensor([[1, 1, 1, 2, 2, 0]])                  # documents of 3 and 2 tokens, one pad
+    targets = torch.tensor([[-100, 5, 6, -100, 7, -100]])      # 3 supervised positions
+    body = 3 * (8 * (4 + 2 * 2) * 2 + 4 * 2 * 8 + 3 * 8 * 16)
+    attention = 3 * 4 * 3 * 4 * 2 * (6 + 3)                   # keys seen: 1+2+3 and 1+2
+    expected = 4 * body * 5 + 4 * 8 * 100 * 3 + attention
+    assert train_mod.step_flops({"segment_ids": seg, "targets": targets}, cfg) == expected
