@@ -247,6 +247,9 @@ def check_settings(c):
         problems.append("'model_alignment_strategy.peft.lora_dropout' must be in [0, 1)")
     if len(c["model.optim.betas"]) != 2:
         problems.append(f"'model.optim.betas' must be two numbers, got {c['model.optim.betas']}")
+    if not c["model.weight_init_only"]:
+        problems.append("'model.weight_init_only: false' (optimizer state from resume_from_checkpoint) is not "
+                        "supported: the converted checkpoint holds model weights only")
     unknown = [t for t in c["model_alignment_strategy.peft.target_modules"] if t not in LORA_TARGETS]
     if unknown or not c["model_alignment_strategy.peft.target_modules"]:
         problems.append(f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "

@@ -124,3 +124,11 @@ def test_each_stage_reports_a_bad_config_in_one_line_and_exits_1(stage):
 def test_a_missing_config_file_is_named(tmp_path):
     proc = run_stage(["05_train.py", "--config", str(tmp_path / "none.yaml")], check=False)
     assert proc.returncode == 1 and proc.stderr.strip() == f"error: {tmp_path / 'none.yaml'}: config file not found"
+
+
+def test_weight_init_only_false_is_refused_rather_than_ignored(cfgmod):
+    c = cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], ["model.weight_init_only=false",
+                                                                   "distributed_strategy.tensor_model_parallel_size=1"]),
+                       cfgmod.SCHEMA)
+    with pytest.raises(cfgmod.StageError, match="weight_init_only: false"):
+        cfgmod.check_settings(c)
