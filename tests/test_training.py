@@ -144,3 +144,9 @@ def test_step_flops_count_4n_per_token_the_output_layer_where_supervised_and_rea
     attention = 3 * 4 * 3 * 4 * 2 * (6 + 3)                   # keys seen: 1+2+3 and 1+2
     expected = 4 * body * 5 + 4 * 8 * 100 * 3 + attention
     assert train_mod.step_flops({"segment_ids": seg, "targets": targets}, cfg) == expected
+
+
+def test_the_cpu_peak_probe_leaves_the_training_rng_alone(train_mod):
+    state = torch.get_rng_state()
+    peak, source = train_mod.peak_flops(torch.device("cpu"), autocast=False, configured=None)
+    assert peak > 0 and "measured" in source and torch.equal(state, torch.get_rng_state())
