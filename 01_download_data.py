@@ -241,6 +241,15 @@ def writing(path):
         raise StageError(f"writing {path} failed: {reason}") from None
 
 
+def s3_head(client, bucket, key):
+    """(size, ETag as S3 quotes it) of an object, or a StageError saying what is wrong."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        raise s3_failure(client, e, f"s3://{bucket}/{key}", bucket) from None
+    return head["ContentLength"], head["ETag"]
+
+
 def multipart_etag_matches(path, etag, size, part_sizes):
     """S3's ETag of a multipart upload is md5(md5(part 1) + ... + md5(part N)) + '-N'; check it for the part
     sizes the uploader may have used (the object does not record which)."""
@@ -268,11 +277,8 @@ def download_s3_object(client, bucket, key, dest, c):
     from tqdm import tqdm
 
     uri = f"s3://{bucket}/{key}"
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except Exception as e:
-        raise s3_failure(client, e, uri, bucket) from None
-    size, etag = head["ContentLength"], head["ETag"].strip('"')
+    size, quoted_etag = s3_head(client, bucket, key)
+    etag = quoted_etag.strip('"')
     part = c["data.download.part_size_mb"] * 2**20
     n_parts = max(1, -(-size // part))
     state_path, partial = dest.with_name(dest.name + ".state.json"), dest.with_name(dest.name + ".partial")
@@ -292,7 +298,7 @@ def download_s3_object(client, bucket, key, dest, c):
         first, last = i * part, min(size, (i + 1) * part) - 1
         try:
             body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={first}-{last}",
-                                     IfMatch=head["ETag"])["Body"].read()
+                                     IfMatch=quoted_etag)["Body"].read()
         except Exception as e:
             raise s3_failure(client, e, uri, bucket) from None
         if len(body) != last - first + 1:
@@ -413,10 +419,14 @@ def fetch_hf(uri, workdir):
     return [(uri, dest)], [{"rows": len(ds), "fingerprint": ds._fingerprint}]
 
 
+def local_path(uri):
+    return Path(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
+
+
 def fetch(uri, c, workdir):
     """Bring the source into workdir: [(label for messages, local file)] and what identifies each object."""
     if not uri.startswith(("s3://", "https://", "http://", "hf://datasets/")):
-        src = Path(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
+        src = local_path(uri)
         if not src.is_file():
             raise StageError(f"{uri}: local file not found")
         return [(uri, src)], [{"path": str(src)}]
@@ -433,16 +443,12 @@ def source_identity(uri, c):
     if uri.startswith("s3://"):
         bucket, _, key = uri[len("s3://"):].partition("/")
         if key and not key.endswith("/"):
-            client = s3_client(c)
-            try:
-                head = client.head_object(Bucket=bucket, Key=key)
-            except Exception as e:
-                raise s3_failure(client, e, uri, bucket) from None
-            return {"etag": head["ETag"].strip('"'), "size": head["ContentLength"]}
+            size, etag = s3_head(s3_client(c), bucket, key)
+            return {"etag": etag.strip('"'), "size": size}
         return None
     if uri.startswith(("https://", "http://", "hf://")):
         return None
-    src = Path(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
+    src = local_path(uri)
     return {"sha256": sha256(src)} if src.is_file() else None
 
 

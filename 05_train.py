@@ -772,13 +772,16 @@ def inspect_data(batch, tokenizer, n):
 def loss_sum(model, mb, device, autocast):
     """Sum of token cross-entropies over supervised positions of one micro-batch, and their count.
 
-    Only supervised positions go through the output layer: prompts and padding never need logits."""
-    ids, pos, seg, targets = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids", "targets"))
+    Only supervised positions go through the output layer: prompts and padding never need logits. They are
+    found on the host from the CPU targets, so selecting them costs the device no synchronisation."""
+    keep = mb["targets"].flatten() != -100
+    index = keep.nonzero().squeeze(1).to(device)
+    ids, pos, seg = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids"))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = model(ids, pos, document_mask(seg))
-        keep = targets != -100
-        logits = model.logits(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+        logits = model.logits(hidden.flatten(0, 1)[index])
+    targets = mb["targets"].flatten()[keep].to(device)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(keep.sum())
 
 
 @torch.no_grad()
@@ -1054,7 +1057,8 @@ def main(argv=None):
         idx = step_indices(step, n_windows, gbs, c["seed"])
         step_batch = {k: v[idx] for k, v in train.items()}
         # One denominator for the whole step: every supervised token weighs the same, however it was batched.
-        n_sup = max(1, int((step_batch["targets"] != -100).sum()))
+        supervised = int((step_batch["targets"] != -100).sum())
+        n_sup = max(1, supervised)
         step_loss = torch.zeros((), device=device)
         for start in range(0, gbs, mbs):
             s, _ = loss_sum(model, {k: v[start:start + mbs] for k, v in step_batch.items()}, device, autocast)
@@ -1065,7 +1069,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done_tokens += int((step_batch["segment_ids"] > 0).sum())
-        done_supervised += int((step_batch["targets"] != -100).sum())
+        done_supervised += supervised
         done_flops += step_flops(step_batch, cfg)
         window_losses.append(step_loss)
 
