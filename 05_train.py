@@ -186,6 +186,7 @@ SCHEMA = {
     "trainer.val_check_interval": "int",
     "trainer.gradient_clip_val": "float?",
     "trainer.peak_tflops": "float?",
+    "trainer.device_memory_gib": "float?",
     "exp_manager.exp_dir": "path",
     "exp_manager.explicit_log_dir": "path?",
     "exp_manager.resume_from_checkpoint": "path",
@@ -193,6 +194,7 @@ SCHEMA = {
     "distributed_strategy.tensor_model_parallel_size": "int",
     "distributed_strategy.pipeline_model_parallel_size": "int",
     "distributed_strategy.kv_replicator": "int",
+    "distributed_strategy.hw_backend": "trn1|trn2",
     "data.train_dir": "path",
     "data.val_dir": "path?",
     "data.dev_choose_samples": "int?",
@@ -206,6 +208,8 @@ SCHEMA = {
     "model.hf_weights_dir": "path",
     "model.fuse_qkv": "bool",
     "model.weight_init_only": "bool",
+    "model.activations_checkpoint": "bool",
+    "model.activations_checkpoint_layers": "int?",
     "model.optim.lr": "float",
     "model.optim.weight_decay": "float",
     "model.optim.betas": "list[float]",
@@ -226,6 +230,14 @@ SCHEMA = {
     "evaluation.generate.max_new_tokens": "int",
     "evaluation.generate.batch_size": "int",
     "evaluation.generate.show": "int",
+    "xla.cache_dir": "path?",
+    "xla.neuron.compiler_flags": "str",
+    "xla.neuron.compiler_cache_url": "str",
+    "xla.neuron.fuse_softmax": "bool",
+    "xla.neuron.async_exec_max_inflight_requests": "int",
+    "xla.neuron.bucket_size_collectives": "int",
+    "xla.neuron.rt_exec_timeout": "int",
+    "xla.neuron.experimental_compress_rg": "bool",
 }
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -240,9 +252,6 @@ def check_settings(c):
             problems.append(f"'{key}' must be >= 1, got {c[key]}")
     if c["trainer.max_steps"] < 0:
         problems.append(f"'trainer.max_steps' must be >= 0, got {c['trainer.max_steps']}")
-    if c["data.global_batch_size"] % c["data.micro_batch_size"]:
-        problems.append(f"'data.global_batch_size' ({c['data.global_batch_size']}) must be a multiple of "
-                        f"'data.micro_batch_size' ({c['data.micro_batch_size']})")
     if not 0.0 <= c["model_alignment_strategy.peft.lora_dropout"] < 1.0:
         problems.append("'model_alignment_strategy.peft.lora_dropout' must be in [0, 1)")
     if len(c["model.optim.betas"]) != 2:
@@ -254,31 +263,264 @@ def check_settings(c):
     if unknown or not c["model_alignment_strategy.peft.target_modules"]:
         problems.append(f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
                         f"choose among {list(LORA_TARGETS)}")
+    if (c["model.activations_checkpoint_layers"] or 0) < 0:
+        problems.append("'model.activations_checkpoint_layers' must be >= 0 or null (all layers)")
     tp, pp = c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.pipeline_model_parallel_size"]
+    if tp < 1 or c["distributed_strategy.kv_replicator"] < 1:
+        problems.append("'distributed_strategy.tensor_model_parallel_size' and 'kv_replicator' must be >= 1")
+    if pp != 1:
+        problems.append(f"'distributed_strategy.pipeline_model_parallel_size' is {pp}: 05 trains with tensor and data "
+                        f"parallelism only (a LoRA run of Llama 3 8B fits with TP alone); set it to 1 and convert "
+                        f"the checkpoint with PP 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp != 1 or pp != 1 or world != 1:
-        problems.append(f"this version trains in a single process with tensor and pipeline parallel size 1 "
-                        f"(got TP {tp}, PP {pp}, {world} processes); set "
-                        f"distributed_strategy.tensor_model_parallel_size=1 and pipeline_model_parallel_size=1")
+    if tp >= 1 and world % tp:
+        problems.append(f"{world} processes cannot be split into tensor-parallel groups of "
+                        f"{tp} (distributed_strategy.tensor_model_parallel_size); launch a multiple of {tp}")
+    elif tp >= 1 and c["data.micro_batch_size"] >= 1:
+        dp = world // tp
+        if c["data.global_batch_size"] % (c["data.micro_batch_size"] * dp):
+            problems.append(f"'data.global_batch_size' ({c['data.global_batch_size']}) must be a multiple of "
+                            f"'data.micro_batch_size' x data-parallel size ({c['data.micro_batch_size']} x {dp})")
     if problems:
         raise StageError("; ".join(problems))
 
 
 # ------------------------------------------------------------------------------------------------ device
-def pick_device(choice):
-    """auto: XLA when torch-xla is importable, else CUDA when available, else CPU."""
+def neuron_environment(c):
+    """The Neuron compiler and runtime settings of the tutorial, as environment variables (set before torch-xla
+    starts; a variable already set by the user wins). Harmless on XLA devices other than Trainium."""
+    n = "xla.neuron."
+    flags = c[n + "compiler_flags"]
+    if c["precision.type"] == "autocast":  # bf16 comes from autocast, so the compiler must not cast on its own
+        flags += " --enable-mixed-precision-accumulation --auto-cast none"
+    env = {
+        "NEURON_CC_FLAGS": f"{os.environ.get('NEURON_CC_FLAGS', '')} {flags}".strip(),
+        "NEURON_COMPILE_CACHE_URL": os.path.expanduser(c[n + "compiler_cache_url"]),
+        "NEURON_FUSE_SOFTMAX": str(int(c[n + "fuse_softmax"])),
+        "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": str(c[n + "async_exec_max_inflight_requests"]),
+        "BUCKET_CAP_MB": str(c[n + "bucket_size_collectives"]),
+        "NEURON_RT_EXEC_TIMEOUT": str(c[n + "rt_exec_timeout"]),
+        "NEURON_EXPERIMENTAL_COMPRESS_RG": str(int(c[n + "experimental_compress_rg"])),
+        "XLA_USE_BF16": "0", "XLA_DOWNCAST_BF16": "0", "NEURON_RT_STOCHASTIC_ROUNDING_EN": "0",
+        "XLA_DISABLE_FUNCTIONALIZATION": "0", "MALLOC_ARENA_MAX": "128",
+    }
+    for key, value in env.items():
+        if key == "NEURON_CC_FLAGS" or key not in os.environ:
+            os.environ[key] = value
+
+
+def pick_device(c):
+    """auto: XLA when torch-xla is importable, else CUDA when available, else CPU. Under torchrun each process
+    takes its LOCAL_RANK's GPU; XLA assigns its own device per process."""
+    import importlib.util
+
+    choice = c["trainer.accelerator"]
     if choice == "auto":
-        try:
-            import torch_xla  # noqa: F401
-            choice = "xla"
-        except ImportError:
-            choice = "cuda" if torch.cuda.is_available() else "cpu"
+        choice = "xla" if importlib.util.find_spec("torch_xla") else "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "xla":
-        raise StageError("trainer.accelerator: the XLA/Trainium path is not available in this version; "
-                         "use trainer.accelerator=cpu or cuda")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise StageError("trainer.accelerator=cuda but torch sees no CUDA device")
-    return torch.device(choice)
+        if not importlib.util.find_spec("torch_xla"):
+            raise StageError("trainer.accelerator=xla but torch-xla is not installed (Trainium: "
+                             "requirements-neuron.txt; XLA on CPU: make test-xla's environment)")
+        neuron_environment(c)
+        import torch_xla
+        import torch_xla.runtime as xr
+
+        if c["xla.cache_dir"] and os.environ.get("PJRT_DEVICE") != "NEURON":
+            xr.initialize_cache(c["xla.cache_dir"], readonly=False)  # Neuron caches in NEURON_COMPILE_CACHE_URL
+        return torch_xla.device()
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise StageError("trainer.accelerator=cuda but torch sees no CUDA device")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def sync_device(device):
+    """End of a traced XLA graph (one per micro-batch and one per optimizer step); nothing elsewhere."""
+    if device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()
+
+
+def xla_compiles():
+    """Graphs compiled so far in this process (on XLA), so that a recompiling step shows in the metrics."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+# ------------------------------------------------------------------------------------------------ parallel
+class Parallel:
+    """This process's place in the run and the collectives the model needs.
+
+    Ranks form tensor-parallel groups of consecutive ranks (as in Megatron and NxD); data-parallel groups join
+    the ranks with the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks that hold copies
+    of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed (gloo on CPU,
+    nccl on CUDA) or, on XLA (Trainium), torch-xla's all-reduce and all-gather over replica groups, which is
+    what NxD's parallel state uses. In a single process every collective is the identity."""
+
+    def __init__(self, tp, device, kv_groups=None, world=None, rank=None, connect=True):
+        self.world = world or int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = rank if rank is not None else int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        self.tp, self.dp = tp, self.world // tp
+        self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
+        self.xla = device.type == "xla"
+        kv_groups = kv_groups or [[t] for t in range(tp)]
+        self.groups = {
+            "tp": [list(range(d * tp, (d + 1) * tp)) for d in range(self.dp)],
+            "dp": [list(range(t, self.world, tp)) for t in range(tp)],
+            "kv": [[d * tp + t for t in g] for d in range(self.dp) for g in kv_groups],
+            "world": [list(range(self.world))],
+        }
+        self.mine = {name: next(g for g in gs if self.rank in g) for name, gs in self.groups.items()}
+        self.handles = {}
+        if not connect:  # layout only (the dry run's per-rank checks)
+            return
+        if self.world > 1 and not self.xla:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            for name, gs in self.groups.items():  # every rank creates every group, in the same order
+                for g in gs:
+                    handle = dist.new_group(g)
+                    if self.rank in g:
+                        self.handles[name] = handle
+        elif self.world > 1:
+            import torch.distributed as dist
+            import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" backend
+
+            if not dist.is_initialized():
+                dist.init_process_group("xla", init_method="xla://")
+
+    def size(self, name):
+        return len(self.mine[name])
+
+    def all_reduce(self, x, name, op="sum"):
+        """Sum (or max) of x over the group `name`; a new tensor, identical on every member."""
+        if self.size(name) == 1:
+            return x
+        if self.xla:
+            import torch_xla.core.xla_model as xm
+
+            return xm.all_reduce(xm.REDUCE_SUM if op == "sum" else xm.REDUCE_MAX, x, groups=self.groups[name])
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.handles[name])
+        return x
+
+    def all_gather(self, x, name):
+        """[x of each member of the group `name`], in group order."""
+        if self.size(name) == 1:
+            return [x]
+        if self.xla:
+            import torch_xla.core.xla_model as xm
+
+            return list(xm.all_gather(x.unsqueeze(0), dim=0, groups=self.groups[name]).unbind(0))
+        import torch.distributed as dist
+
+        out = [torch.empty_like(x) for _ in self.mine[name]]
+        dist.all_gather(out, x.contiguous(), group=self.handles[name])
+        return out
+
+    def copy(self, x):
+        """Enter a tensor-parallel region: identity forward; the input gradient is summed over the TP group."""
+        return x if self.tp == 1 else _CopyToTP.apply(x, self)
+
+    def reduce(self, x):
+        """Leave a row-parallel region: partial results summed over the TP group; gradient passed through."""
+        return x if self.tp == 1 else _ReduceFromTP.apply(x, self)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, par):
+        ctx.par = par
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.par.all_reduce(grad, "tp"), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, par):
+        return par.all_reduce(x, "tp")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy over logits split by vocabulary across the TP group, without gathering them:
+    the max, the softmax denominator and the target's logit are each reduced over the group. Targets of
+    -100 (and padding) give 0 and no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, par):
+        rows = logits.shape[-1]
+        start = par.tp_rank * rows
+        z = logits - par.all_reduce(logits.max(dim=-1).values, "tp", op="max")[:, None]
+        local = targets - start
+        here = (local >= 0) & (local < rows)
+        local = local.clamp(0, rows - 1)
+        picked = par.all_reduce(z.gather(1, local[:, None]).squeeze(1) * here, "tp")
+        exp = z.exp()
+        total = par.all_reduce(exp.sum(dim=-1), "tp")
+        valid = (targets != -100).to(logits.dtype)
+        ctx.save_for_backward(exp.div_(total[:, None]), local, here, valid)
+        return (total.log() - picked) * valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, here, valid = ctx.saved_tensors
+        g = softmax
+        g.scatter_add_(1, local[:, None], -here.to(g.dtype)[:, None])
+        return g * (grad * valid)[:, None], None, None
+
+
+def shard_heads(cfg, tp, kv_mult, backend, r):
+    """(Q heads, KV heads) that tensor-parallel rank r holds, as stage 03 (and NxD's converter) lays them out:
+    KV heads tiled kv_mult times, then split; on trn1 with replication the Q head groups are permuted so that
+    rank r's Q heads belong to its KV head; otherwise Q heads are split in order."""
+    heads, kv = cfg["heads"], cfg["kv_heads"]
+    per_q, per_kv = heads // tp, kv * kv_mult // tp
+    group = r
+    if backend == "trn1" and kv_mult > 1:
+        group = (r % kv) * (tp // kv) + r // kv
+    return list(range(group * per_q, (group + 1) * per_q)), [t % kv for t in range(r * per_kv, (r + 1) * per_kv)]
+
+
+def check_layout(cfg, tp, kv_mult, backend):
+    """What TP, kv_replicator and the head layout must satisfy for every rank to attend correctly: each local Q
+    head's KV head must be the local KV head that grouped-query attention pairs it with."""
+    checks = [("num_attention_heads", cfg["heads"]), ("num_key_value_heads x kv_replicator", cfg["kv_heads"] * kv_mult),
+              ("intermediate_size", cfg["inter"]), ("vocab_size", cfg["vocab"])]
+    bad = [f"{what} ({n})" for what, n in checks if n % tp]
+    if bad:
+        raise StageError(f"distributed_strategy.tensor_model_parallel_size {tp} does not divide {', '.join(bad)}")
+    group_size = cfg["heads"] // cfg["kv_heads"]
+    for r in range(tp):
+        q, kvh = shard_heads(cfg, tp, kv_mult, backend, r)
+        per = len(q) // len(kvh)
+        if [h // group_size for h in q] != [kvh[i // per] for i in range(len(q))]:
+            raise StageError(f"with tensor_model_parallel_size {tp}, kv_replicator {kv_mult} and hw_backend "
+                             f"{backend}, rank {r}'s Q heads {q} do not belong to its KV heads {kvh}; use "
+                             f"kv_replicator = tensor_model_parallel_size / num_key_value_heads with hw_backend "
+                             f"trn1, and convert the checkpoint with the same settings")
+
+
+def kv_replica_groups(cfg, tp, kv_mult, backend):
+    """Tensor-parallel ranks grouped by the KV heads they hold (copies of a head sit in one group)."""
+    groups = {}
+    for r in range(tp):
+        groups.setdefault(tuple(shard_heads(cfg, tp, kv_mult, backend, r)[1]), []).append(r)
+    return list(groups.values())
 
 
 # ------------------------------------------------------------------------------------------------ model config
@@ -363,38 +605,69 @@ class LoRALinear(nn.Module):
     LoRA weights stay fp32 whatever the base dtype. For fused projections (qkv_proj, gate_up_proj) one A is
     shared and B's rows are the concatenated q|k|v (or gate|up) blocks, which is the NxD semantics; exporting
     it as separate PEFT adapters (A copied, B split by rows) is exact.
+
+    Tensor parallel (DESIGN §7): a column-parallel layer (split="out") holds the output rows `index` of the full
+    W; its A is replicated and B holds the same rows. A row-parallel layer (split="in") holds the input columns
+    `index`; its A holds those columns and B is replicated. `full` is the unsplit (out, in) shape.
     """
 
-    def __init__(self, in_features, out_features, dtype):
+    def __init__(self, full, dtype, par=None, split=None, index=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.full, self.par, self.split = full, par, split
+        self.index = index if index is not None else torch.arange(full[0 if split != "in" else 1])
+        out_f, in_f = full
+        shape = (len(self.index), in_f) if split != "in" else (out_f, len(self.index))
+        self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
         self.lora_A = self.lora_B = None
+        self.kv_rows_from = None  # qkv_proj: rows from here on are K/V, copied on ranks sharing a KV head
 
     def add_lora(self, rank, alpha, dropout):
-        # Initialised on the CPU from the seeded CPU generator, so every device starts from the same A.
-        self.lora_A = nn.Linear(self.weight.shape[1], rank, bias=False, dtype=torch.float32, device="cpu")
-        self.lora_B = nn.Linear(rank, self.weight.shape[0], bias=False, dtype=torch.float32, device="cpu")
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        self.lora_A.to(self.weight.device)
-        self.lora_B.to(self.weight.device)
+        # Drawn at full size on the CPU from the seeded CPU generator, then sliced: every device and every
+        # tensor-parallel layout starts from the same A as a single process.
+        a = nn.Linear(self.full[1], rank, bias=False, dtype=torch.float32, device="cpu")
+        b = nn.Linear(rank, self.full[0], bias=False, dtype=torch.float32, device="cpu")
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        with torch.no_grad():
+            if self.split == "in":
+                a.weight = nn.Parameter(a.weight[:, self.index].contiguous())
+            elif self.split == "out":
+                b.weight = nn.Parameter(b.weight[self.index].contiguous())
+        self.lora_A, self.lora_B = a.to(self.weight.device), b.to(self.weight.device)
         self.dropout = nn.Dropout(dropout)
         self.scaling = alpha / rank
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        if self.split == "in":  # x holds this rank's input columns: partial products are summed over TP
+            y = self.par.reduce(F.linear(x, self.weight))
+            if self.lora_A is None:
+                return y
+            return y + self.lora_B(self.par.reduce(self.lora_A(self.dropout(x)))) * self.scaling
+        y = F.linear(x if self.par is None else self.par.copy(x), self.weight)
         if self.lora_A is None:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # A sees the replicated input directly and its output enters the TP region, so the gradient of the
+        # replicated A is already the full one, identical on every rank.
+        a = self.lora_A(self.dropout(x))
+        return y + self.lora_B(a if self.par is None else self.par.copy(a)) * self.scaling
+
+
+def head_index(heads, hd, offset=0):
+    return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd) for h in heads])
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, dtype):
+    def __init__(self, cfg, dtype, par, heads):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+        q_heads, kv_heads = heads
+        self.heads, self.kv_heads, self.head_dim = len(q_heads), len(kv_heads), cfg["head_dim"]
         self.sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
-        self.qkv_proj = LoRALinear(cfg["hidden"], sum(self.sizes), dtype)
-        self.o_proj = LoRALinear(self.heads * self.head_dim, cfg["hidden"], dtype)
+        hd, q_full, kv_full = cfg["head_dim"], cfg["heads"] * cfg["head_dim"], cfg["kv_heads"] * cfg["head_dim"]
+        rows = torch.cat([head_index(q_heads, hd), head_index(kv_heads, hd, q_full),
+                          head_index(kv_heads, hd, q_full + kv_full)])
+        self.qkv_proj = LoRALinear((q_full + 2 * kv_full, cfg["hidden"]), dtype, par, "out", rows)
+        self.o_proj = LoRALinear((cfg["hidden"], q_full), dtype, par, "in", head_index(q_heads, hd))
+        self.qkv_proj.kv_rows_from = self.sizes[0]
 
     def forward(self, x, cos, sin, mask, cache=None):
         b, s, _ = x.shape
@@ -409,10 +682,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, dtype):
+    def __init__(self, cfg, dtype, par):
         super().__init__()
-        self.gate_up_proj = LoRALinear(cfg["hidden"], 2 * cfg["inter"], dtype)
-        self.down_proj = LoRALinear(cfg["inter"], cfg["hidden"], dtype)
+        inter, tp, r = cfg["inter"], par.tp, par.tp_rank
+        cols = torch.arange(r * inter // tp, (r + 1) * inter // tp)
+        self.gate_up_proj = LoRALinear((2 * inter, cfg["hidden"]), dtype, par, "out", torch.cat([cols, inter + cols]))
+        self.down_proj = LoRALinear((cfg["hidden"], inter), dtype, par, "in", cols)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -420,36 +695,61 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, dtype):
+    def __init__(self, cfg, dtype, par, heads):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
-        self.self_attn = Attention(cfg, dtype)
+        self.self_attn = Attention(cfg, dtype, par, heads)
         self.post_attention_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, par)
 
     def forward(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Decoder(nn.Module):
-    def __init__(self, cfg, dtype):
+class VocabEmbedding(nn.Module):
+    """Embedding whose rows are split by vocabulary over the TP group: each rank looks up the ids in its range
+    and the partial results are summed. Built from an uninitialised tensor: the checkpoint fills it, and no
+    random numbers are drawn, so the LoRA initialisation that follows sees the same generator everywhere."""
+
+    def __init__(self, cfg, dtype, par):
         super().__init__()
-        # Built from an uninitialised tensor: the checkpoint fills it, and no random numbers are drawn, so
-        # the LoRA initialisation that follows sees the same generator state on every device.
-        self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(cfg["vocab"], cfg["hidden"], dtype=dtype))
-        self.layers = nn.ModuleList(Block(cfg, dtype) for _ in range(cfg["layers"]))
+        self.par, self.rows = par, cfg["vocab"] // par.tp
+        self.start = par.tp_rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, cfg["hidden"], dtype=dtype), requires_grad=False)
+
+    def forward(self, ids):
+        if self.par.tp == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.clamp(0, self.rows - 1), self.weight).masked_fill(outside[..., None], 0)
+        return self.par.reduce(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg, dtype, par):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg, dtype, par)
+        heads = shard_heads(cfg, par.tp, cfg.get("kv_mult", 1), cfg.get("hw_backend", "trn1"), par.tp_rank)
+        self.layers = nn.ModuleList(Block(cfg, dtype, par, heads) for _ in range(cfg["layers"]))
         self.norm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
 
 
 class Llama(nn.Module):
-    """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused)."""
+    """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused). With a
+    Parallel of TP > 1 it holds one tensor-parallel rank's shard: column-parallel qkv/gate_up, row-parallel
+    o/down, vocabulary-parallel embedding and output layer; cfg's kv_mult and hw_backend give the head layout."""
 
-    def __init__(self, cfg, dtype=torch.float32):
+    def __init__(self, cfg, dtype=torch.float32, par=None, checkpoint_layers=0):
         super().__init__()
-        self.cfg = cfg
-        self.model = Decoder(cfg, dtype)
-        self.lm_head = None if cfg["tie"] else LoRALinear(cfg["hidden"], cfg["vocab"], dtype)
+        self.cfg, self.par = cfg, par or Parallel(1, torch.device("cpu"), world=1)
+        self.checkpoint_layers = checkpoint_layers  # the first N layers recompute their activations in backward
+        self.model = Decoder(cfg, dtype, self.par)
+        vocab_rows = torch.arange(self.par.tp_rank * cfg["vocab"] // self.par.tp,
+                                  (self.par.tp_rank + 1) * cfg["vocab"] // self.par.tp)
+        self.lm_head = (None if cfg["tie"] else
+                        LoRALinear((cfg["vocab"], cfg["hidden"]), dtype, self.par, "out", vocab_rows))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def output_weight(self):
@@ -462,11 +762,29 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, None if caches is None else caches[i])
+            if i < self.checkpoint_layers and self.training and torch.is_grad_enabled():
+                x = checkpointed(layer, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask, None if caches is None else caches[i])
         return self.model.norm(x)
 
     def logits(self, hidden):
-        return F.linear(hidden, self.output_weight())
+        """This rank's vocabulary slice of the logits."""
+        return F.linear(self.par.copy(hidden), self.output_weight())
+
+    def full_logits(self, hidden):
+        """Logits over the whole vocabulary (gathered over the TP group): for generation."""
+        return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
+
+
+def checkpointed(layer, x, cos, sin, mask):
+    """Run a layer keeping only its input; the backward pass recomputes the rest (XLA needs its own variant,
+    which stops the compiler from merging the recomputation back into the forward pass)."""
+    if x.device.type == "xla":
+        from torch_xla.utils.checkpoint import checkpoint
+    else:
+        from torch.utils.checkpoint import checkpoint
+    return checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
 
 
 def document_mask(segment_ids):
@@ -502,22 +820,33 @@ def checkpoint_slots(model, fuse_qkv):
     return slots
 
 
-def load_checkpoint(model, ckpt_dir, fuse_qkv):
-    """Fill every base tensor from the rank's NxDT shard; any missing, extra or misshapen tensor is an error."""
-    path = Path(ckpt_dir) / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt"
+def shard_path(ckpt_dir, tp_rank):
+    return Path(ckpt_dir) / "model" / f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_00.pt"
+
+
+def check_manifest(ckpt_dir, wanted):
+    """Stage 03's manifest.json (NxD's own converter writes none) must show the layout this run needs."""
+    manifest = Path(ckpt_dir) / "manifest.json"
+    if not manifest.exists():
+        return {}
+    m = json.loads(manifest.read_text())
+    for key, value in wanted.items():
+        if m["settings"].get(key, value) != value:
+            raise StageError(f"{ckpt_dir}: converted with {key} = {m['settings'][key]}, this run needs "
+                             f"{value}; convert again with stage 03")
+    return m["files"]
+
+
+def load_checkpoint(model, ckpt_dir, fuse_qkv, wanted=None):
+    """Fill every base tensor from this rank's NxDT shard; any missing, extra or misshapen tensor is an error."""
+    wanted = dict(wanted or {"tensor_model_parallel_size": 1}, pipeline_model_parallel_size=1, fuse_qkv=fuse_qkv)
+    path = shard_path(ckpt_dir, model.par.tp_rank)
     if not path.exists():
-        raise StageError(f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it)")
-    manifest = Path(ckpt_dir) / "manifest.json"  # written by stage 03; NxD's own converter writes none
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        wanted = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "fuse_qkv": fuse_qkv}
-        for key, value in wanted.items():
-            if m["settings"][key] != value:
-                raise StageError(f"{ckpt_dir}: converted with {key} = {m['settings'][key]}, this run needs "
-                                 f"{value}; convert again with stage 03")
-        expected = m["files"].get(f"model/{path.name}", {}).get("bytes")
-        if expected is not None and path.stat().st_size != expected:
-            raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
+        raise StageError(f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it with "
+                         f"tensor_model_parallel_size {wanted['tensor_model_parallel_size']})")
+    expected = check_manifest(ckpt_dir, wanted).get(f"model/{path.name}", {}).get("bytes")
+    if expected is not None and path.stat().st_size != expected:
+        raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -535,8 +864,9 @@ def load_checkpoint(model, ckpt_dir, fuse_qkv):
             src = state[name]
             if tuple(src.shape) != tuple(dest.shape):
                 raise StageError(f"{path}: tensor '{name}' has shape {list(src.shape)}, expected "
-                                 f"{list(dest.shape)} from model.model_config")
-            dest.copy_(src)
+                                 f"{list(dest.shape)} from model.model_config and the parallel layout")
+            if dest.device.type != "meta":
+                dest.copy_(src)
     return path
 
 
@@ -547,34 +877,98 @@ def lora_modules(model, targets):
             if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets]
 
 
-def add_lora(model, c):
+def add_lora(model, c, verbose=True):
     peft = "model_alignment_strategy.peft."
     modules = lora_modules(model, c[peft + "target_modules"])
     for _, m in modules:
         m.add_lora(c[peft + "lora_rank"], c[peft + "lora_alpha"], c[peft + "lora_dropout"])
     params = [p for _, m in modules for p in (m.lora_A.weight, m.lora_B.weight)]
+    if not verbose:
+        return modules, params
     if c[peft + "lora_bias"] != "none":
         # Llama 3 has no bias tensors (the config check refuses biased models), so nothing more trains.
         print(f"lora_bias={c[peft + 'lora_bias']}: the model has no bias tensors; only LoRA weights train")
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(m.lora_A.weight.shape[0] * (m.full[0] + m.full[1]) for _, m in modules)
+    total = trainable + sum(m.full[0] * m.full[1] for m in model.modules() if isinstance(m, LoRALinear))
+    total += model.cfg["vocab"] * model.cfg["hidden"] + sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
     if c[peft + "lora_verbose"]:
+        print(f"  {'module':<44} {'A (full)':>14} {'B (full)':>14} {'params':>10}   split")
         for name, m in modules:
-            print(f"  lora {name}: A {list(m.lora_A.weight.shape)}  B {list(m.lora_B.weight.shape)}")
+            r = m.lora_A.weight.shape[0]
+            print(f"  {name:<44} {str([r, m.full[1]]):>14} {str([m.full[0], r]):>14} "
+                  f"{r * (m.full[0] + m.full[1]):>10,}   {'column (B split)' if m.split == 'out' else 'row (A split)'}")
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    return params
+    return modules, params
 
 
-def peft_tensors(model):
+def sync_gradients(modules, params, par):
+    """Make every rank's LoRA gradients the full ones: copies of replicated K/V rows in qkv_proj's B each saw
+    only their rank's Q heads, so they are summed over the ranks holding that KV head; then data-parallel
+    ranks sum theirs (each rank's loss is already divided by the step's global supervised-token count)."""
+    if par.size("kv") > 1:
+        for _, m in modules:
+            if m.kv_rows_from is not None:
+                g = m.lora_B.weight.grad
+                g[m.kv_rows_from:] = par.all_reduce(g[m.kv_rows_from:], "kv")
+    if par.dp > 1:
+        grads = [p.grad for p in params]
+        flat = par.all_reduce(torch.cat([g.flatten() for g in grads]), "dp")
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+
+
+def global_grad_norm(modules, par):
+    """L2 norm of the whole, unsharded LoRA gradient: each rank adds the squares of what it holds, a tensor
+    held in several copies counting once (divided by its number of copies), and the TP group sums."""
+    total = 0.0
+    for _, m in modules:
+        a, b = m.lora_A.weight.grad.float(), m.lora_B.weight.grad.float()
+        if m.split == "in":  # A split, B replicated
+            total = total + a.square().sum() + b.square().sum() / par.tp
+            continue
+        own = m.kv_rows_from if m.kv_rows_from is not None else b.shape[0]
+        total = total + a.square().sum() / par.tp + b[:own].square().sum() + b[own:].square().sum() / par.size("kv")
+    return par.all_reduce(total, "tp").sqrt()
+
+
+def clip_gradients(params, norm, max_norm):
+    """Scale the gradients so that their global norm is at most max_norm (as torch's clip_grad_norm_), on the
+    device, without a host synchronisation."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    torch._foreach_mul_([p.grad for p in params], coef)
+
+
+def gather_lora(modules, par):
+    """{module name: (A, B)} at full size, assembled from every tensor-parallel rank's shard. Copies of
+    replicated tensors (A of column-parallel layers, B of row-parallel ones, replicated K/V rows) must be
+    identical on every rank that holds them; a difference is an error, never averaged away."""
+    out = {}
+    for name, m in modules:
+        a_all = par.all_gather(m.lora_A.weight.detach().float(), "tp")
+        b_all = par.all_gather(m.lora_B.weight.detach().float(), "tp")
+        idx_all = par.all_gather(m.index.to(m.lora_A.weight.device), "tp")
+        # The replicated factor, and the split one with its split dimension first.
+        rep_all, split_all = (a_all, b_all) if m.split == "out" else (b_all, [x.t() for x in a_all])
+        rep = rep_all[0].cpu()
+        n = m.full[0] if m.split == "out" else m.full[1]
+        full, seen = torch.zeros(n, split_all[0].shape[1]), torch.zeros(n, dtype=torch.bool)
+        for copy, part, idx in zip(rep_all, split_all, idx_all):
+            part, idx = part.cpu(), idx.cpu()
+            if not torch.equal(copy.cpu(), rep) or not torch.equal(full[idx][seen[idx]], part[seen[idx]]):
+                raise StageError(f"LoRA weights of {name}: the copies on different tensor-parallel ranks differ")
+            full[idx], seen[idx] = part, True
+        out[name] = (rep, full) if m.split == "out" else (full.t().contiguous(), rep)
+    return out
+
+
+def peft_tensors(lora, sizes):
     """Our LoRA weights under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A."""
     out = {}
-    for name, m in lora_modules(model, LORA_TARGETS):
-        if m.lora_A is None:
-            continue
+    for name, (a, b) in lora.items():
         parent, leaf = name.rsplit(".", 1)
-        a, b = m.lora_A.weight.detach().float().cpu(), m.lora_B.weight.detach().float().cpu()
         if leaf == "qkv_proj":
-            parts = dict(zip(("q_proj", "k_proj", "v_proj"), b.split(model.model.layers[0].self_attn.sizes)))
+            parts = dict(zip(("q_proj", "k_proj", "v_proj"), b.split(sizes)))
         elif leaf == "gate_up_proj":
             parts = dict(zip(("gate_proj", "up_proj"), b.chunk(2)))
         else:
@@ -586,11 +980,12 @@ def peft_tensors(model):
     return out
 
 
-def export_peft_adapter(model, c, out_dir):
+def export_peft_adapter(lora, cfg, c, out_dir):
     """Write adapter_config.json + adapter_model.safetensors to a temporary directory, then rename it."""
     from safetensors.torch import save_file
 
-    tensors = peft_tensors(model)
+    kv = cfg["kv_heads"] * cfg["head_dim"]
+    tensors = peft_tensors(lora, [cfg["heads"] * cfg["head_dim"], kv, kv])
     hf_targets = sorted({k.split(".")[-3] for k in tensors})
     peft = "model_alignment_strategy.peft."
     config = {
@@ -770,32 +1165,53 @@ def inspect_data(batch, tokenizer, n):
 
 # ------------------------------------------------------------------------------------------------ loss
 def loss_sum(model, mb, device, autocast):
-    """Sum of token cross-entropies over supervised positions of one micro-batch, and their count.
+    """Sum of token cross-entropies over the supervised positions of one micro-batch.
 
-    Only supervised positions go through the output layer: prompts and padding never need logits. They are
-    found on the host from the CPU targets, so selecting them costs the device no synchronisation."""
-    keep = mb["targets"].flatten() != -100
-    index = keep.nonzero().squeeze(1).to(device)
+    On CPU and CUDA only supervised positions go through the output layer (prompts and padding never need
+    logits); they are found on the host from the CPU targets, so selecting them costs the device no
+    synchronisation. On XLA the shapes must not change between steps, so every position gets logits and the
+    unsupervised ones count zero. Under tensor parallelism the logits stay split by vocabulary."""
     ids, pos, seg = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids"))
+    targets, index = mb["targets"].flatten(), None
+    if device.type != "xla":
+        keep = targets != -100
+        index, targets = keep.nonzero().squeeze(1).to(device), targets[keep]
+    targets = targets.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, pos, document_mask(seg))
-        logits = model.logits(hidden.flatten(0, 1)[index])
-    targets = mb["targets"].flatten()[keep].to(device)
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(keep.sum())
+        hidden = model(ids, pos, document_mask(seg)).flatten(0, 1)
+        logits = model.logits(hidden if index is None else hidden[index]).float()
+    if model.par.tp == 1:
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    return _VocabParallelCrossEntropy.apply(logits, targets, model.par).sum()
+
+
+def pad_rows(batch, multiple):
+    """Append empty rows (padding only, nothing supervised) so the row count is a multiple of `multiple`."""
+    extra = -batch["input_ids"].shape[0] % multiple
+    if not extra:
+        return batch
+    fill = {"input_ids": 0, "targets": -100, "position_ids": 0, "segment_ids": 0}
+    return {k: torch.cat([v, torch.full((extra, v.shape[1]), fill[k], dtype=v.dtype)]) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate(model, batch, mbs, device, autocast):
-    """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens."""
+    """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens. Each
+    data-parallel rank takes an equal share of rows (padded with empty rows, so every micro-batch has the
+    same shape)."""
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start in range(0, batch["input_ids"].shape[0], mbs):
-        mb = {k: v[start:start + mbs] for k, v in batch.items()}
-        s, n = loss_sum(model, mb, device, autocast)
-        total += s.double()
-        count += n
+    par = model.par
+    count = int((batch["targets"] != -100).sum())
+    batch = pad_rows(batch, mbs * par.dp)
+    share = batch["input_ids"].shape[0] // par.dp
+    mine = {k: v[par.dp_rank * share:(par.dp_rank + 1) * share] for k, v in batch.items()}
+    # float64 sums, except on XLA, where Trainium has no float64
+    total = torch.zeros((), dtype=torch.float32 if device.type == "xla" else torch.float64, device=device)
+    for start in range(0, share, mbs):
+        total += loss_sum(model, {k: v[start:start + mbs] for k, v in mine.items()}, device, autocast).double()
+        sync_device(device)
     model.train()
-    return total.item() / max(count, 1)
+    return par.all_reduce(total, "dp").item() / max(count, 1)
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -829,7 +1245,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = model(ids, pos, mask, caches)
         for _ in range(max_new_tokens):
-            nxt = model.logits(hidden[:, -1]).argmax(-1)
+            nxt = model.full_logits(hidden[:, -1]).argmax(-1)
             for i, token in enumerate(nxt.tolist()):  # one host sync per generated position
                 if not finished[i]:
                     finished[i] = token in stop_ids
@@ -893,6 +1309,22 @@ def step_flops(batch, cfg):
     return 4 * body * tokens + 4 * h * cfg["vocab"] * supervised + attention
 
 
+# Per NeuronCore (trn1: 2 NeuronCore-v2 per chip at 190 BF16 / 47.5 FP32 TFLOPS; trn2: 4 logical NeuronCores
+# per chip at 667 / 181) and its device memory (GiB).
+NEURONCORE_TFLOPS = {"trn1": (95, 23.75), "trn2": (166.75, 45.25)}
+NEURONCORE_GIB = {"trn1": 16, "trn2": 24}
+
+
+def neuron_generation():
+    """trn1 or trn2, from the instance type the Neuron runtime reports (trn1 when unknown)."""
+    kind = os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "")
+    try:
+        kind = kind or Path("/sys/devices/virtual/dmi/id/product_name").read_text()
+    except OSError:
+        pass
+    return "trn2" if "trn2" in kind else "trn1"
+
+
 DATASHEET_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6),
                     "A10G": (125, 31.2), "L4": (121, 30.3)}  # dense (bf16 tensor core, fp32) per GPU
 
@@ -902,6 +1334,12 @@ def peak_flops(device, autocast, configured):
     large fp32 matrix product timed here (CPU)."""
     if configured:
         return configured * 1e12, "trainer.peak_tflops"
+    if device.type == "xla":
+        if os.environ.get("PJRT_DEVICE") != "NEURON":
+            return None, "XLA device without a datasheet figure; set trainer.peak_tflops"
+        bf16, fp32 = NEURONCORE_TFLOPS[neuron_generation()]
+        return (bf16 if autocast else fp32) * 1e12, f"{neuron_generation()} datasheet per NeuronCore, " \
+                                                    f"{'bf16' if autocast else 'fp32'}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
@@ -920,6 +1358,12 @@ def peak_flops(device, autocast, configured):
 def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        info = xm.get_memory_info(device)
+        used = info.get("peak_bytes_used", info.get("bytes_used"))
+        return None if used is None else used / 2**30
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -971,12 +1415,149 @@ def progress_bar(total):
                            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
 
+# ------------------------------------------------------------------------------------------------ pre-flight
+def check_shards(c, cfg, par_cfg):
+    """Every tensor-parallel shard: tensor names and shapes against config.json (on a meta-device model, so
+    nothing is allocated), one floating dtype throughout, and that dtype against config.json's."""
+    tp = par_cfg["tensor_model_parallel_size"]
+    dtypes = set()
+    for r in range(tp):
+        par = Parallel(tp, torch.device("meta"), world=tp, rank=r, connect=False)
+        with torch.device("meta"):
+            model = Llama(cfg, par=par)
+        load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)
+        state = torch.load(shard_path(c["exp_manager.resume_from_checkpoint"], r), map_location="cpu",
+                           weights_only=True, mmap=True)
+        dtypes |= {t.dtype for t in state.values()}
+    raw = json.loads(Path(c["model.model_config"]).read_text())
+    declared = raw.get("torch_dtype") or raw.get("dtype")
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise StageError(f"{c['exp_manager.resume_from_checkpoint']}: tensors of mixed or non-float dtypes {dtypes}")
+    found = str(next(iter(dtypes))).removeprefix("torch.")
+    if declared and declared != found:
+        raise StageError(f"{c['exp_manager.resume_from_checkpoint']}: tensors are {found}, "
+                         f"{c['model.model_config']} says {declared}")
+    return tp, found
+
+
+def memory_estimate(cfg, c, tp, supervised_per_row, xla):
+    """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, all fp32),
+    and activations of one micro-batch with and without per-layer checkpointing. Activations count what
+    autograd keeps per layer (norm outputs, q/k/v, attention output, the MLP's gate/up/product) at the
+    compute dtype, the fp32 residual kept for each RMSNorm, the attention matrix where no fused attention
+    kernel is used (XLA here), the boolean document mask, and the fp32 logits, softmax and gradient of
+    the output layer at the positions that get logits. An estimate, typically within 20%; allocator
+    fragmentation and the runtime's own buffers come on top."""
+    par = Parallel(tp, torch.device("meta"), world=tp, rank=0, connect=False)
+    with torch.device("meta"):
+        model = Llama(cfg, par=par)
+    modules, params = add_lora(model, c, verbose=False)
+    e = 2 if c["precision.type"] == "autocast" else 4
+    b, s, h = c["data.micro_batch_size"], c["data.seq_length"], cfg["hidden"]
+    attn = model.model.layers[0].self_attn
+    ql, kvl, hd, il = attn.heads, attn.kv_heads, cfg["head_dim"], cfg["inter"] // tp
+    r = c["model_alignment_strategy.peft.lora_rank"]
+    per_layer = b * s * (2 * 4 * h + e * (2 * h + (2 * ql + 4 * kvl) * hd + 4 * il) + 4 * 4 * r)
+    if xla:
+        per_layer += b * ql * s * s * (e + 4)
+    n_ckpt = cfg["layers"] if c["model.activations_checkpoint_layers"] is None else \
+        min(cfg["layers"], c["model.activations_checkpoint_layers"])
+    positions = b * s if xla else b * supervised_per_row
+    shared = b * s * s + positions * (cfg["vocab"] // tp) * 4 * 3
+    return {
+        "frozen base": sum(p.numel() for p in model.parameters() if not p.requires_grad) * e,
+        "LoRA weights, gradients, AdamW": sum(p.numel() for p in params) * 16,
+        "activations": cfg["layers"] * per_layer + shared,
+        "activations, checkpointed": (cfg["layers"] - n_ckpt + 1) * per_layer + n_ckpt * b * s * h * e + shared,
+    }
+
+
+def device_memory(c):
+    """(GiB per rank, where the figure comes from) for the device this config trains on."""
+    if c["trainer.device_memory_gib"]:
+        return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
+    import importlib.util
+
+    acc = c["trainer.accelerator"]
+    if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla")):
+        gen = c["distributed_strategy.hw_backend"]
+        return NEURONCORE_GIB[gen], f"{gen} NeuronCore datasheet"
+    if acc in ("cuda", "auto") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / 2**30, props.name
+    mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    per = int(os.environ.get("LOCAL_WORLD_SIZE", c["distributed_strategy.tensor_model_parallel_size"]))
+    return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
+
+
+def dry_run(c, cfg, stats, supervised_per_row):
+    """Check everything a run needs and print a report; raise StageError on the first problem."""
+    par_cfg = {"tensor_model_parallel_size": c["distributed_strategy.tensor_model_parallel_size"],
+               "kv_replicator": c["distributed_strategy.kv_replicator"],
+               "hw_backend": c["distributed_strategy.hw_backend"]}
+    tp, dtype = check_shards(c, cfg, par_cfg)
+    print(f"checkpoint: {tp} shard(s) in {c['exp_manager.resume_from_checkpoint']}/model, every tensor present "
+          f"with the expected shape, {dtype}")
+    for name, st in stats.items():
+        print(f"data {name}: {st['records']:,} records -> {st['windows']:,} rows of {c['data.seq_length']} "
+              f"tokens, {st['tokens']:,} tokens ({st['fill']:.1%} of the rows filled), "
+              f"{st['supervised']:,} supervised ({st['supervised'] / max(st['tokens'], 1):.1%}); "
+              f"truncated {st['truncated']}, dropped {st['dropped']}")
+    xla = c["trainer.accelerator"] == "xla"
+    est = memory_estimate(cfg, c, tp, supervised_per_row, xla)
+    limit, source = device_memory(c)
+    print(f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
+          f"{c['data.seq_length']}, {c['precision.type']}):")
+    for k, v in est.items():
+        print(f"  {k:<34} {v / 2**30:8.2f} GiB")
+    fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"]
+    plain, ckpt = (fixed + est["activations"]) / 2**30, (fixed + est["activations, checkpointed"]) / 2**30
+    print(f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n  {'total with checkpointing':<34} {ckpt:8.2f} GiB")
+    print(f"  device memory                      {limit:8.2f} GiB ({source})")
+    need = ckpt if c["model.activations_checkpoint"] else plain
+    if need > limit:
+        hint = (" ; model.activations_checkpoint=true would bring it to {:.2f} GiB".format(ckpt)
+                if not c["model.activations_checkpoint"] and ckpt <= limit else
+                "; raise distributed_strategy.tensor_model_parallel_size or lower data.micro_batch_size / seq_length")
+        raise StageError(f"this configuration needs about {need:.2f} GiB per rank, the device has {limit:.2f} GiB{hint}")
+    print(f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
+          f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained")
+
+
+def micro_batches(train, max_steps, gbs, mbs, seed, par):
+    """This rank's micro-batches, step after step: the step's rows (a pure function of seed and step) split
+    evenly over the data-parallel ranks, each share cut into micro-batches. Each carries `scale`, one over
+    the step's supervised tokens on all ranks, so that every supervised token weighs the same."""
+    n_windows, share = train["input_ids"].shape[0], gbs // par.dp
+    for step in range(max_steps):
+        idx = step_indices(step, n_windows, gbs, seed)
+        scale = torch.tensor(1.0 / max(1, int((train["targets"][idx] != -100).sum())))
+        mine = idx[par.dp_rank * share:(par.dp_rank + 1) * share]
+        for start in range(0, share, mbs):
+            rows = mine[start:start + mbs]
+            yield dict({k: v[rows] for k, v in train.items()}, scale=scale)
+
+
+def device_loader(batches, device):
+    """On XLA, torch-xla's loader copies the next batches to the device in the background; elsewhere the loss
+    moves each micro-batch itself."""
+    if device.type != "xla":
+        return iter(batches)
+    import torch_xla.distributed.parallel_loader as pl
+
+    return iter(pl.MpDeviceLoader(batches, device))
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     ap = config_arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--inspect-data", type=int, metavar="N", default=0,
                     help="print N training windows with the trained tokens marked [[like this]], then exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check config, tokenizer, checkpoint shards and data, estimate memory per rank, then exit")
     args = ap.parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
+        sys.stdout = open(os.devnull, "w")
     c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
     check_settings(c)
     for k, v in redacted(c).items():
@@ -984,6 +1565,11 @@ def main(argv=None):
     random.seed(c["seed"])
     np.random.seed(c["seed"])
     torch.manual_seed(c["seed"])
+    tp, kv_mult, backend = (c["distributed_strategy.tensor_model_parallel_size"],
+                            c["distributed_strategy.kv_replicator"], c["distributed_strategy.hw_backend"])
+    cfg = read_model_config(c["model.model_config"])
+    cfg.update(kv_mult=kv_mult, hw_backend=backend)
+    check_layout(cfg, tp, kv_mult, backend)
 
     # Tokenizer and data first: cheap, and the most common source of mistakes.
     from transformers import AutoTokenizer
@@ -994,48 +1580,69 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only fills padding, which is never attended or trained
-    _, train, _ = build_split(c["data.train_dir"], tokenizer, c, "train")
+    _, train, train_stats = build_split(c["data.train_dir"], tokenizer, c, "train")
     if args.inspect_data:
         inspect_data(train, tokenizer, args.inspect_data)
         return
-    val_records, val = (build_split(c["data.val_dir"], tokenizer, c, "val")[:2] if c["data.val_dir"]
-                        else ([], None))
+    val_records, val, val_stats = (build_split(c["data.val_dir"], tokenizer, c, "val") if c["data.val_dir"]
+                                   else ([], None, None))
+    if args.dry_run:
+        stats = {"train": train_stats, **({"val": val_stats} if val_stats else {})}
+        dry_run(c, cfg, stats, int((train["targets"] != -100).sum(1).max()))
+        return
 
-    device = pick_device(c["trainer.accelerator"])
+    device = pick_device(c)
+    par = Parallel(tp, device, kv_replica_groups(cfg, tp, kv_mult, backend))
     autocast = c["precision.type"] == "autocast"
     base_dtype = torch.bfloat16 if autocast else torch.float32
-    cfg = read_model_config(c["model.model_config"])
+    n_ckpt = (cfg["layers"] if c["model.activations_checkpoint_layers"] is None
+              else c["model.activations_checkpoint_layers"]) if c["model.activations_checkpoint"] else 0
     with torch.device(device):
-        model = Llama(cfg, base_dtype)
-    ckpt = load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"])
-    print(f"loaded {ckpt} ({base_dtype}) on {device}")
-    params = add_lora(model, c)
+        model = Llama(cfg, base_dtype, par, checkpoint_layers=n_ckpt)
+    ckpt = load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
+                           {"tensor_model_parallel_size": tp, "kv_replicator": kv_mult, "hw_backend": backend})
+    print(f"loaded {ckpt.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
+          f"process(es): TP {tp} x DP {par.dp}" + (f"; activation checkpointing on {n_ckpt} layer(s)" if n_ckpt else ""))
+    modules, params = add_lora(model, c)
+    if par.dp_rank:  # different dropout masks on each data-parallel replica; TP ranks must draw alike
+        torch.manual_seed(c["seed"] + par.dp_rank)
     model.train()
 
-    run_dir = make_run_dir(c)
-    save_config(c, run_dir / "config.yaml")
-    metrics = Metrics(run_dir, c["exp_manager.create_tensorboard_logger"])
-    print(f"run directory: {run_dir}")
+    rank0 = par.rank == 0
+    run_dir = make_run_dir(c) if rank0 else None
+    if rank0:
+        save_config(c, run_dir / "config.yaml")
+        print(f"run directory: {run_dir}")
+    metrics = Metrics(run_dir, c["exp_manager.create_tensorboard_logger"]) if rank0 else None
+    generate_ok = c["evaluation.generate.num_prompts"] > 0 and device.type != "xla"
+    if c["evaluation.generate.num_prompts"] > 0 and device.type == "xla":
+        print("evaluation.generate: skipped on XLA (every generated length would compile a new graph); "
+              "generate from the merged model instead")
 
     def run_evaluation(step, gen):
         record = {"step": step}
         if val is not None:
             record["val_loss"] = evaluate(model, val, c["data.micro_batch_size"], device, autocast)
-            if gen and c["evaluation.generate.num_prompts"] > 0:
+            if gen and generate_ok:
                 record["gen_exact_match"], samples = generation_eval(model, val_records, tokenizer, c, device, autocast)
                 record["gen_samples"] = len(samples)
-                (run_dir / f"generations_step{step}.jsonl").write_text(
-                    "".join(json.dumps(s) + "\n" for s in samples))
+                if rank0:
+                    (run_dir / f"generations_step{step}.jsonl").write_text(
+                        "".join(json.dumps(s) + "\n" for s in samples))
                 for s in samples[:c["evaluation.generate.show"]]:
                     print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
-            metrics.log(record)
+            if device.type == "xla":
+                record["xla_compiles"] = xla_compiles()
+            if rank0:
+                metrics.log(record)
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         return record
 
     max_steps = c["trainer.max_steps"]
     run_evaluation(0, gen=True)
     if max_steps == 0:
-        metrics.close()
+        if rank0:
+            metrics.close()
         print("trainer.max_steps=0: baseline evaluation only, no adapter written")
         return
 
@@ -1045,8 +1652,11 @@ def main(argv=None):
     mbs, gbs = c["data.micro_batch_size"], c["data.global_batch_size"]
     n_windows = train["input_ids"].shape[0]
     peak, peak_source = peak_flops(device, autocast, c["trainer.peak_tflops"])
-    print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s ({peak_source})" if peak else f"MFU not reported: {peak_source}")
-    bar = progress_bar(max_steps)
+    print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})" if peak
+          else f"MFU not reported: {peak_source}")
+    clip = c["trainer.gradient_clip_val"]
+    loader = device_loader(micro_batches(train, max_steps, gbs, mbs, c["seed"], par), device)
+    bar = progress_bar(max_steps) if rank0 else None
     window_losses, t_log, t_start = [], time.perf_counter(), time.perf_counter()
     done_tokens = done_supervised = done_flops = 0  # since the last log
     total_tokens = 0
@@ -1054,58 +1664,73 @@ def main(argv=None):
         lr = lr_at(step, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = step_indices(step, n_windows, gbs, c["seed"])
-        step_batch = {k: v[idx] for k, v in train.items()}
-        # One denominator for the whole step: every supervised token weighs the same, however it was batched.
-        supervised = int((step_batch["targets"] != -100).sum())
-        n_sup = max(1, supervised)
         step_loss = torch.zeros((), device=device)
-        for start in range(0, gbs, mbs):
-            s, _ = loss_sum(model, {k: v[start:start + mbs] for k, v in step_batch.items()}, device, autocast)
-            (s / n_sup).backward()
-            step_loss += s.detach() / n_sup
-        clip = c["trainer.gradient_clip_val"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        for _ in range(gbs // (mbs * par.dp)):
+            mb = next(loader)
+            scale = mb["scale"].to(device)
+            s = loss_sum(model, mb, device, autocast) * scale
+            s.backward()
+            step_loss += s.detach()
+            sync_device(device)
+        sync_gradients(modules, params, par)
+        grad_norm = global_grad_norm(modules, par)
+        if clip:
+            clip_gradients(params, grad_norm, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done_tokens += int((step_batch["segment_ids"] > 0).sum())
-        done_supervised += supervised
-        done_flops += step_flops(step_batch, cfg)
-        window_losses.append(step_loss)
+        window_losses.append(par.all_reduce(step_loss, "dp"))
+        sync_device(device)
 
+        # Host-side bookkeeping from the CPU copy of the step's rows: no device synchronisation.
+        step_batch = {k: v[step_indices(step, n_windows, gbs, c["seed"])] for k, v in train.items()}
+        done_tokens += int((step_batch["segment_ids"] > 0).sum())
+        done_supervised += int((step_batch["targets"] != -100).sum())
+        done_flops += step_flops(step_batch, cfg)
         done = step + 1
         epoch = done * gbs // n_windows
-        bar.set_description_str(f"Epoch {epoch}")
-        bar.update(1)
+        if rank0:
+            bar.set_description_str(f"Epoch {epoch}")
+            bar.update(1)
         if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps:
-            now = time.perf_counter()
             losses = torch.stack(window_losses).tolist()  # the only host sync of a log interval
+            now = time.perf_counter()
             elapsed = now - t_log
             record = {"step": done, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
                       "tokens_per_s": done_tokens / elapsed, "supervised_tokens_per_s": done_supervised / elapsed,
-                      "consumed_samples": done * gbs, "epoch": epoch,
-                      "peak_memory_gib": peak_memory_gib(device)}
+                      "consumed_samples": done * gbs, "epoch": epoch}
+            memory = peak_memory_gib(device)
+            if memory is not None:
+                record["peak_memory_gib"] = memory
             if peak:
-                record["mfu"] = done_flops / elapsed / peak
-            metrics.log(record)
-            bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
-                                f"lr={lr:.3g}, global_step={done}, consumed_samples={done * gbs}, "
-                                f"tokens/s={record['tokens_per_s']:.0f}"
-                                + (f", mfu={record['mfu']:.1%}" if peak else ""))
+                record["mfu"] = done_flops / elapsed / (peak * par.world)
+            if device.type == "xla":
+                record["xla_compiles"] = xla_compiles()
+            if rank0:
+                metrics.log(record)
+                bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
+                                    f"lr={lr:.3g}, global_step={done}, consumed_samples={done * gbs}, "
+                                    f"tokens/s={record['tokens_per_s']:.0f}"
+                                    + (f", mfu={record['mfu']:.1%}" if peak else ""))
             total_tokens += done_tokens
             window_losses, t_log = [], now
             done_tokens = done_supervised = done_flops = 0
         if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
-            bar.clear()
+            if rank0:
+                bar.clear()
             run_evaluation(done, gen=False)
-    bar.close()
+    if rank0:
+        bar.close()
     final = run_evaluation(max_steps, gen=True)
-    adapter = export_peft_adapter(model, c, run_dir / "final" / "adapter")
+    lora = gather_lora(modules, par)
+    if not rank0:
+        return
+    adapter = export_peft_adapter(lora, cfg, c, run_dir / "final" / "adapter")
     metrics.close()
     vals = [json.loads(line).get("val_loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     vals = [v for v in vals if v is not None]
-    print(f"done: {max_steps} steps in {time.perf_counter() - t_start:.0f} s, {total_tokens:,} tokens trained, "
-          f"peak memory {peak_memory_gib(device):.2f} GiB")
+    memory = peak_memory_gib(device)
+    print(f"done: {max_steps} steps in {time.perf_counter() - t_start:.0f} s, {total_tokens:,} tokens trained"
+          + (f", peak memory {memory:.2f} GiB per rank" if memory is not None else ""))
     if vals:
         print(f"val_loss: first {vals[0]:.4f}, best {min(vals):.4f}, last {vals[-1]:.4f}"
               + (f"; gen_exact_match {final['gen_exact_match']:.0%}" if "gen_exact_match" in final else ""))

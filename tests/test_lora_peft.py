@@ -43,6 +43,12 @@ def trained_looking_model(train, work, c):
     return model.eval()
 
 
+def export(train, model, c, path):
+    """What 05 does at the end of a run: gather the LoRA weights (one rank here) and write the PEFT adapter."""
+    modules = [(n, m) for n, m in train.lora_modules(model, train.LORA_TARGETS) if m.lora_A is not None]
+    return train.export_peft_adapter(train.gather_lora(modules, model.par), model.cfg, c, path)
+
+
 @pytest.mark.parametrize("targets", TARGETS, ids=lambda t: "+".join(t))
 def test_exported_adapter_loads_in_peft_with_the_same_logits(converted, train_mod, targets):
     from peft import PeftModel
@@ -51,7 +57,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(converted, train_mo
     work, _ = converted
     c = lora_settings(train_mod, work, targets)
     model = trained_looking_model(train_mod, work, c)
-    adapter = train_mod.export_peft_adapter(model, c, work / f"adapter-{'-'.join(targets)}")
+    adapter = export(train_mod, model, c, work / f"adapter-{'-'.join(targets)}")
     ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.logits(model(ids, torch.arange(50).expand(2, 50), train_mod.document_mask(torch.ones_like(ids))))
@@ -72,7 +78,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(converted, train_mo
 def test_adapter_config_names_hf_modules_and_scaling(converted, train_mod):
     work, _ = converted
     c = lora_settings(train_mod, work, ["qkv_proj", "gate_up_proj"])
-    adapter = train_mod.export_peft_adapter(trained_looking_model(train_mod, work, c), c, work / "adapter-cfg")
+    adapter = export(train_mod, trained_looking_model(train_mod, work, c), c, work / "adapter-cfg")
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["r"] == 16 and config["lora_alpha"] == 32
@@ -84,7 +90,7 @@ def test_fused_qkv_lora_shares_one_A_across_q_k_v(converted, train_mod):
 
     work, _ = converted
     c = lora_settings(train_mod, work, ["qkv_proj"])
-    adapter = train_mod.export_peft_adapter(trained_looking_model(train_mod, work, c), c, work / "adapter-a")
+    adapter = export(train_mod, trained_looking_model(train_mod, work, c), c, work / "adapter-a")
     t = load_file(str(adapter / "adapter_model.safetensors"))
     p = "base_model.model.model.layers.0.self_attn."
     assert torch.equal(t[p + "q_proj.lora_A.weight"], t[p + "k_proj.lora_A.weight"])
@@ -94,7 +100,7 @@ def test_fused_qkv_lora_shares_one_A_across_q_k_v(converted, train_mod):
 
 def test_lora_layer_starts_as_the_base_layer_and_scales_by_alpha_over_r(train_mod):
     torch.manual_seed(0)
-    layer = train_mod.LoRALinear(8, 6, torch.float32)
+    layer = train_mod.LoRALinear((6, 8), torch.float32)
     torch.nn.init.normal_(layer.weight)
     layer.add_lora(rank=4, alpha=2.0, dropout=0.0)
     x = torch.randn(3, 8)
@@ -106,7 +112,7 @@ def test_lora_layer_starts_as_the_base_layer_and_scales_by_alpha_over_r(train_mo
 
 
 def test_lora_weights_stay_fp32_over_a_bf16_base(train_mod):
-    layer = train_mod.LoRALinear(8, 6, torch.bfloat16)
+    layer = train_mod.LoRALinear((6, 8), torch.bfloat16)
     layer.add_lora(rank=2, alpha=4.0, dropout=0.0)
     assert layer.weight.dtype == torch.bfloat16
     assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
@@ -116,7 +122,7 @@ def test_only_lora_weights_are_trainable(converted, train_mod):
     work, _ = converted
     c = lora_settings(train_mod, work, ["o_proj", "down_proj"])
     model = train_mod.Llama(train_mod.read_model_config(c["model.model_config"]))
-    params = train_mod.add_lora(model, c)
+    _, params = train_mod.add_lora(model, c)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in model.named_parameters() if ".lora_" in n}
     assert len(params) == len(trainable) == 2 * 2 * 2  # 2 layers x 2 targets x (A, B)

@@ -1,0 +1,107 @@
+"""Tensor and data parallel training under torchrun (gloo, CPU) gives the single-process run's numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_stage, train
+
+# Dropout off (its masks depend on how tensors are split). A small learning rate: near a zero gradient AdamW's
+# update g / (|g| + eps) turns the last-bit differences of a reordered sum into lr / eps times as much.
+EXACT = ["model_alignment_strategy.peft.lora_dropout=0.0", "data.global_batch_size=4", "trainer.max_steps=3",
+         "model.optim.lr=2e-3",
+         "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]
+
+
+@pytest.fixture(scope="module")
+def shards(pipeline):
+    """The tiny model converted for TP 2 and for TP 4 with each KV head copied twice (trn1 layout)."""
+    work, overlay = pipeline
+    for tp, kv in ((2, 1), (4, 2)):
+        run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+                   f"exp_manager.resume_from_checkpoint={work / f'ckpt-tp{tp}'}",
+                   f"distributed_strategy.tensor_model_parallel_size={tp}", f"distributed_strategy.kv_replicator={kv}"])
+    return work, overlay
+
+
+@pytest.fixture(scope="module")
+def reference(shards):
+    work, overlay = shards
+    return run_metrics(train(work, overlay, "single", *EXACT)), adapter(work / "single")
+
+
+def torchrun(work, overlay, name, nproc, *overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         "05_train.py", "--config", "config.yaml", "--config", str(overlay),
+         f"exp_manager.explicit_log_dir={work / name}", *overrides],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def run_metrics(records):
+    return {"loss": [r["loss"] for r in records if "loss" in r], "val": [r["val_loss"] for r in records if "val_loss" in r],
+            "grad_norm": [r["grad_norm"] for r in records if "grad_norm" in r]}
+
+
+def adapter(run_dir):
+    return load_file(str(run_dir / "final" / "adapter" / "adapter_model.safetensors"))
+
+
+def read_metrics(run_dir):
+    return run_metrics([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
+
+
+LAUNCHES = {
+    "tp2": (2, ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.kv_replicator=1"], "ckpt-tp2"),
+    "tp4-kv2": (4, ["distributed_strategy.tensor_model_parallel_size=4", "distributed_strategy.kv_replicator=2"],
+                "ckpt-tp4"),
+    "dp2": (2, [], "ckpt"),
+    "tp2xdp2": (4, ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.kv_replicator=1"],
+                "ckpt-tp2"),
+    "tp2-activation-checkpointing": (2, ["distributed_strategy.tensor_model_parallel_size=2",
+                                         "distributed_strategy.kv_replicator=1", "model.activations_checkpoint=true"],
+                                     "ckpt-tp2"),
+}
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_parallel_run_equals_the_single_process_run(shards, reference, launch):
+    work, overlay = shards
+    nproc, overrides, ckpt = LAUNCHES[launch]
+    torchrun(work, overlay, launch, nproc, *EXACT, *overrides, f"exp_manager.resume_from_checkpoint={work / ckpt}")
+    want, want_adapter = reference
+    got = read_metrics(work / launch)
+    assert len(got["loss"]) == 3 and len(got["val"]) == 3
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    assert want["loss"][0] != pytest.approx(want["loss"][2], abs=1e-3), "training must move the loss"
+    got_adapter = adapter(work / launch)
+    assert got_adapter.keys() == want_adapter.keys()
+    for name, tensor in want_adapter.items():
+        assert torch.allclose(got_adapter[name], tensor, atol=1e-5, rtol=0), name
+    assert any(t.abs().max() > 1e-3 for n, t in want_adapter.items() if "lora_B" in n), "B must have trained"
+
+
+def test_activation_checkpointing_leaves_single_process_numbers_unchanged(shards, reference):
+    work, overlay = shards
+    got = run_metrics(train(work, overlay, "single-ckpt", *EXACT, "model.activations_checkpoint=true",
+                            "model.activations_checkpoint_layers=1"))
+    for key, want in reference[0].items():
+        assert got[key] == pytest.approx(want, abs=1e-6), key
+
+
+def test_only_rank_zero_writes_the_run_directory_and_prints(shards):
+    work, overlay = shards
+    proc = torchrun(work, overlay, "dp2-quiet", 2, "trainer.max_steps=1", "evaluation.generate.num_prompts=0")
+    assert proc.stdout.count("run directory:") == 1
+    assert "TP 1 x DP 2" in proc.stdout
+    names = sorted("events" if p.name.startswith("events.out") else p.name for p in (work / "dp2-quiet").iterdir())
+    assert names == ["config.yaml", "events", "final", "metrics.jsonl"]
