@@ -7,12 +7,13 @@ What it does
   attention), trains the adapters with AdamW, evaluates, and exports the adapter in PEFT format.
 
 Inputs (config keys)
-  exp_manager.resume_from_checkpoint   NxDT checkpoint: <dir>/model/dp_rank_00_tp_rank_00_pp_rank_00.pt
+  exp_manager.resume_from_checkpoint   NxDT checkpoint: <dir>/model/dp_rank_00_tp_rank_TT_pp_rank_00.pt, one per
+                                       tensor-parallel rank (each rank loads only its own)
   model.model_config                   HF config.json of the base model
   data.tokenizer.type                  tokenizer directory
   data.train_dir, data.val_dir         jsonl (or arrow) files of {"input": str, "output": str} records
 
-Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>/<timestamp>)
+Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>/<timestamp>), from rank 0
   config.yaml              the resolved config
   metrics.jsonl            one JSON object per logged step and per evaluation
   events.out.tfevents.*    TensorBoard scalars
@@ -23,19 +24,27 @@ Features and their keys
                                          gate_up_proj, down_proj; q|k|v and gate|up share one A, as in NxD)
   packing with document isolation        model_alignment_strategy.sft.packing
   prompt format raw | chat_template      data.prompt_format
-  token-weighted gradient accumulation   data.global_batch_size / data.micro_batch_size
+  token-weighted gradient accumulation   data.global_batch_size / (data.micro_batch_size x data-parallel size)
+  tensor parallel (Megatron-style)       distributed_strategy.tensor_model_parallel_size, kv_replicator, hw_backend
+  data parallel                          every further multiple of TP in the torchrun world
+  activation checkpointing per layer     model.activations_checkpoint, model.activations_checkpoint_layers
   warmup + linear/cosine decay           model.optim.*
-  gradient clipping                      trainer.gradient_clip_val
+  gradient clipping (global norm)        trainer.gradient_clip_val
   baseline evaluation only               trainer.max_steps=0
-  greedy generation, exact match         evaluation.generate.*
+  greedy generation, exact match         evaluation.generate.*  (CPU and CUDA; skipped on XLA)
   precision fp32 | autocast (bf16)       precision.type
+  device cpu | cuda | xla (Trainium)     trainer.accelerator; Neuron compiler/runtime settings in xla.neuron.*
   inspect the label mask                 --inspect-data N
+  pre-flight checks + memory estimate    --dry-run
 
 Commands
-  CPU:       python 05_train.py --config config.yaml --config demo.yaml
-  CUDA:      python 05_train.py --config config.yaml trainer.accelerator=cuda distributed_strategy.tensor_model_parallel_size=1
-  Trainium:  torchrun --nproc_per_node 32 05_train.py --config config.yaml
-             (this version trains in one process; tensor and data parallel launches are refused with a message)
+  CPU:        python 05_train.py --config config.yaml --config demo.yaml
+  CPU, TP 2:  torchrun --standalone --nproc_per_node 2 05_train.py --config config.yaml --config demo.yaml \
+                  distributed_strategy.tensor_model_parallel_size=2   (checkpoint converted by 03 with TP 2)
+  CUDA:       torchrun --standalone --nproc_per_node 8 05_train.py --config config.yaml trainer.accelerator=cuda \
+                  distributed_strategy.tensor_model_parallel_size=8 distributed_strategy.kv_replicator=1
+  Trainium:   torchrun --nproc_per_node 32 05_train.py --config config.yaml     (trn1.32xlarge: TP 32)
+  Plan first: python 05_train.py --config config.yaml --dry-run
 """
 
 import argparse
@@ -242,8 +251,9 @@ SCHEMA = {
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def check_settings(c):
-    """Cross-key checks that types alone cannot express, before anything heavy is loaded."""
+def check_settings(c, launched=True):
+    """Cross-key checks that types alone cannot express, before anything heavy is loaded. `launched`: also
+    check the settings against this launch's process count (not for --dry-run, which plans one)."""
     problems = []
     for key in ("data.seq_length", "data.micro_batch_size", "data.global_batch_size",
                 "model_alignment_strategy.peft.lora_rank", "trainer.log_every_n_steps",
@@ -273,10 +283,10 @@ def check_settings(c):
                         f"parallelism only (a LoRA run of Llama 3 8B fits with TP alone); set it to 1 and convert "
                         f"the checkpoint with PP 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp >= 1 and world % tp:
+    if launched and tp >= 1 and world % tp:
         problems.append(f"{world} processes cannot be split into tensor-parallel groups of "
                         f"{tp} (distributed_strategy.tensor_model_parallel_size); launch a multiple of {tp}")
-    elif tp >= 1 and c["data.micro_batch_size"] >= 1:
+    elif launched and tp >= 1 and c["data.micro_batch_size"] >= 1:
         dp = world // tp
         if c["data.global_batch_size"] % (c["data.micro_batch_size"] * dp):
             problems.append(f"'data.global_batch_size' ({c['data.global_batch_size']}) must be a multiple of "
@@ -614,7 +624,7 @@ class LoRALinear(nn.Module):
     def __init__(self, full, dtype, par=None, split=None, index=None):
         super().__init__()
         self.full, self.par, self.split = full, par, split
-        self.index = index if index is not None else torch.arange(full[0 if split != "in" else 1])
+        self.index = index if index is not None else torch.arange(full[0 if split != "in" else 1], device="cpu")
         out_f, in_f = full
         shape = (len(self.index), in_f) if split != "in" else (out_f, len(self.index))
         self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -653,7 +663,7 @@ class LoRALinear(nn.Module):
 
 
 def head_index(heads, hd, offset=0):
-    return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd) for h in heads])
+    return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd, device="cpu") for h in heads])
 
 
 class Attention(nn.Module):
@@ -685,7 +695,7 @@ class MLP(nn.Module):
     def __init__(self, cfg, dtype, par):
         super().__init__()
         inter, tp, r = cfg["inter"], par.tp, par.tp_rank
-        cols = torch.arange(r * inter // tp, (r + 1) * inter // tp)
+        cols = torch.arange(r * inter // tp, (r + 1) * inter // tp, device="cpu")
         self.gate_up_proj = LoRALinear((2 * inter, cfg["hidden"]), dtype, par, "out", torch.cat([cols, inter + cols]))
         self.down_proj = LoRALinear((cfg["hidden"], inter), dtype, par, "in", cols)
 
@@ -747,7 +757,7 @@ class Llama(nn.Module):
         self.checkpoint_layers = checkpoint_layers  # the first N layers recompute their activations in backward
         self.model = Decoder(cfg, dtype, self.par)
         vocab_rows = torch.arange(self.par.tp_rank * cfg["vocab"] // self.par.tp,
-                                  (self.par.tp_rank + 1) * cfg["vocab"] // self.par.tp)
+                                  (self.par.tp_rank + 1) * cfg["vocab"] // self.par.tp, device="cpu")
         self.lm_head = (None if cfg["tie"] else
                         LoRALinear((cfg["vocab"], cfg["hidden"]), dtype, self.par, "out", vocab_rows))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -778,13 +788,18 @@ class Llama(nn.Module):
 
 
 def checkpointed(layer, x, cos, sin, mask):
-    """Run a layer keeping only its input; the backward pass recomputes the rest (XLA needs its own variant,
-    which stops the compiler from merging the recomputation back into the forward pass)."""
-    if x.device.type == "xla":
-        from torch_xla.utils.checkpoint import checkpoint
-    else:
+    """Run a layer keeping only its input; the backward pass recomputes the rest. XLA needs torch-xla's variant
+    (it stops the compiler from merging the recomputation back into the forward pass), which is reentrant: it
+    passes gradients only through inputs that require them, so the frozen embedding's output is made to."""
+    if x.device.type != "xla":
         from torch.utils.checkpoint import checkpoint
-    return checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+
+        return checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+    from torch_xla.utils.checkpoint import checkpoint
+
+    if not x.requires_grad:
+        x = x.detach().requires_grad_()
+    return checkpoint(layer, x, cos, sin, mask, use_reentrant=True)
 
 
 def document_mask(segment_ids):
@@ -936,7 +951,8 @@ def clip_gradients(params, norm, max_norm):
     """Scale the gradients so that their global norm is at most max_norm (as torch's clip_grad_norm_), on the
     device, without a host synchronisation."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    torch._foreach_mul_([p.grad for p in params], coef)
+    for p in params:
+        p.grad.mul_(coef)
 
 
 def gather_lora(modules, par):
@@ -1124,7 +1140,8 @@ def build_split(path, tokenizer, c, name):
     stats.update(windows=len(windows), tokens=real, supervised=int((batch["targets"] != -100).sum()),
                  fill=real / batch["segment_ids"].numel())
     print(f"{name}: {stats['records']} records -> {stats['windows']} windows of {c['data.seq_length']} "
-          f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens; "
+          f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens "
+          f"({stats['supervised'] / max(stats['tokens'], 1):.1%}); "
           f"truncated {stats['truncated']}, dropped {stats['dropped']}")
     return records, batch, stats
 
@@ -1361,7 +1378,10 @@ def peak_memory_gib(device):
     if device.type == "xla":
         import torch_xla.core.xla_model as xm
 
-        info = xm.get_memory_info(device)
+        try:
+            info = xm.get_memory_info(device)
+        except Exception:  # not every XLA device reports memory
+            return None
         used = info.get("peak_bytes_used", info.get("bytes_used"))
         return None if used is None else used / 2**30
     import resource
@@ -1490,7 +1510,7 @@ def device_memory(c):
     return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
 
 
-def dry_run(c, cfg, stats, supervised_per_row):
+def dry_run(c, cfg, supervised_per_row):
     """Check everything a run needs and print a report; raise StageError on the first problem."""
     par_cfg = {"tensor_model_parallel_size": c["distributed_strategy.tensor_model_parallel_size"],
                "kv_replicator": c["distributed_strategy.kv_replicator"],
@@ -1498,11 +1518,6 @@ def dry_run(c, cfg, stats, supervised_per_row):
     tp, dtype = check_shards(c, cfg, par_cfg)
     print(f"checkpoint: {tp} shard(s) in {c['exp_manager.resume_from_checkpoint']}/model, every tensor present "
           f"with the expected shape, {dtype}")
-    for name, st in stats.items():
-        print(f"data {name}: {st['records']:,} records -> {st['windows']:,} rows of {c['data.seq_length']} "
-              f"tokens, {st['tokens']:,} tokens ({st['fill']:.1%} of the rows filled), "
-              f"{st['supervised']:,} supervised ({st['supervised'] / max(st['tokens'], 1):.1%}); "
-              f"truncated {st['truncated']}, dropped {st['dropped']}")
     xla = c["trainer.accelerator"] == "xla"
     est = memory_estimate(cfg, c, tp, supervised_per_row, xla)
     limit, source = device_memory(c)
@@ -1559,7 +1574,7 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
         sys.stdout = open(os.devnull, "w")
     c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
-    check_settings(c)
+    check_settings(c, launched=not args.dry_run)
     for k, v in redacted(c).items():
         print(f"  {k}: {v}")
     random.seed(c["seed"])
@@ -1580,15 +1595,13 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only fills padding, which is never attended or trained
-    _, train, train_stats = build_split(c["data.train_dir"], tokenizer, c, "train")
+    _, train, _ = build_split(c["data.train_dir"], tokenizer, c, "train")
     if args.inspect_data:
         inspect_data(train, tokenizer, args.inspect_data)
         return
-    val_records, val, val_stats = (build_split(c["data.val_dir"], tokenizer, c, "val") if c["data.val_dir"]
-                                   else ([], None, None))
+    val_records, val = build_split(c["data.val_dir"], tokenizer, c, "val")[:2] if c["data.val_dir"] else ([], None)
     if args.dry_run:
-        stats = {"train": train_stats, **({"val": val_stats} if val_stats else {})}
-        dry_run(c, cfg, stats, int((train["targets"] != -100).sum(1).max()))
+        dry_run(c, cfg, int((train["targets"] != -100).sum(1).max()))
         return
 
     device = pick_device(c)

@@ -2,13 +2,15 @@
 # make test   set up .venv if missing, then run the test suite
 # make bench  run the benchmarks under bench/ (stage 03 conversion: memory and throughput)
 # make clean  remove the demo's outputs (work/demo, runs/demo)
+# make test-xla  optional: build .venv-xla (torch 2.9.0 + torch-xla 2.9.0, about 7.6 GB, ~2 min from a fast
+#                mirror) and run the tests marked xla on XLA's CPU device; not part of `make test`
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := --config config.yaml --config demo.yaml
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test test-xla bench clean venv venv-xla
 
 venv: $(VENV)/.installed
 
@@ -29,6 +31,16 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+venv-xla: .venv-xla/.installed
+
+.venv-xla/.installed: requirements-xla.txt
+	$(PYTHON) -m venv .venv-xla
+	.venv-xla/bin/python -m pip install --quiet -r requirements-xla.txt
+	touch $@
+
+test-xla: venv-xla
+	PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -q -m xla tests/test_xla.py
 
 bench: venv
 	$(PY) bench/convert_bench.py

@@ -158,3 +158,7 @@ def train(work, overlay, name, *overrides):
     load_stage("05_train.py").main(["--config", "config.yaml", "--config", str(overlay),
                                     f"exp_manager.explicit_log_dir={run_dir}", *overrides])
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xla: needs torch-xla (run by `make test-xla` in its own environment)")

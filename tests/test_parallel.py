@@ -105,3 +105,29 @@ def test_only_rank_zero_writes_the_run_directory_and_prints(shards):
     assert "TP 1 x DP 2" in proc.stdout
     names = sorted("events" if p.name.startswith("events.out") else p.name for p in (work / "dp2-quiet").iterdir())
     assert names == ["config.yaml", "events", "final", "metrics.jsonl"]
+
+
+def test_pipeline_parallel_training_is_refused_with_a_reason(shards):
+    work, overlay = shards
+    with pytest.raises(Exception, match="pipeline_model_parallel_size' is 2: 05 trains with tensor"):
+        train(work, overlay, "pp2", "distributed_strategy.pipeline_model_parallel_size=2")
+
+
+def test_a_world_size_that_tp_does_not_divide_is_refused(shards, monkeypatch):
+    work, overlay = shards
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(Exception, match="3 processes cannot be split into tensor-parallel groups of 2"):
+        train(work, overlay, "w3", "distributed_strategy.tensor_model_parallel_size=2")
+
+
+def test_a_head_layout_that_pairs_q_heads_with_foreign_kv_heads_is_refused(train_mod):
+    cfg = dict(heads=4, kv_heads=2, inter=96, vocab=384, head_dim=16)
+    train_mod.check_layout(cfg, 4, 2, "trn1")  # rank r: Q head 2(r%2)+r//2, KV head r%2
+    with pytest.raises(train_mod.StageError, match="rank 1's Q heads \\[1\\] do not belong to its KV heads \\[1\\]"):
+        train_mod.check_layout(cfg, 4, 2, "trn2")
+
+
+def test_a_checkpoint_converted_for_another_tp_size_is_refused(shards):
+    work, overlay = shards
+    with pytest.raises(Exception, match="converted with tensor_model_parallel_size = 2, this run needs 1"):
+        train(work, overlay, "wrong-tp", f"exp_manager.resume_from_checkpoint={work / 'ckpt-tp2'}")

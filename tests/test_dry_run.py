@@ -1,0 +1,70 @@
+"""05 --dry-run: every input checked and the per-rank memory estimated before any training starts."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_stage
+
+LLAMA3_8B = dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=128, eps=1e-5,
+                 rope_theta=500000.0, rope_scaling=None, tie=False, kv_mult=4, hw_backend="trn1")
+
+
+def dry(overlay, *overrides, check=True):
+    return run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay), "--dry-run", *overrides],
+                     check=check)
+
+
+def test_dry_run_reports_checkpoint_data_and_memory_and_trains_nothing(pipeline):
+    work, overlay = pipeline
+    out = dry(overlay, f"exp_manager.explicit_log_dir={work / 'dry'}").stdout
+    assert "checkpoint: 1 shard(s)" in out and "float32" in out
+    assert "train: 24 records" in out and "supervised of" in out and "filled" in out
+    assert "memory per rank" in out and "total with checkpointing" in out and "dry run: fits" in out
+    assert not (work / "dry").exists()
+
+
+def test_dry_run_refuses_a_configuration_that_does_not_fit(pipeline):
+    work, overlay = pipeline
+    proc = dry(overlay, "trainer.device_memory_gib=0.0001", check=False)
+    assert proc.returncode != 0
+    assert "needs about" in proc.stderr and "the device has 0.00 GiB" in proc.stderr
+
+
+def test_dry_run_names_a_missing_shard(pipeline, tmp_path):
+    work, overlay = pipeline
+    proc = dry(overlay, f"exp_manager.resume_from_checkpoint={tmp_path}", check=False)
+    assert proc.returncode != 0 and "dp_rank_00_tp_rank_00_pp_rank_00.pt not found" in proc.stderr
+
+
+def test_dry_run_checks_every_tensor_parallel_shard(pipeline):
+    work, overlay = pipeline
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+               f"exp_manager.resume_from_checkpoint={work / 'dry-tp2'}", "distributed_strategy.tensor_model_parallel_size=2"])
+    shard = work / "dry-tp2" / "model" / "dp_rank_00_tp_rank_01_pp_rank_00.pt"
+    state = torch.load(shard, weights_only=True)
+    state["model.norm.weight"] = state["model.norm.weight"][:-1]
+    torch.save(state, shard)
+    manifest = json.loads((work / "dry-tp2" / "manifest.json").read_text())
+    manifest["files"][f"model/{shard.name}"]["bytes"] = shard.stat().st_size
+    (work / "dry-tp2" / "manifest.json").write_text(json.dumps(manifest))
+    proc = dry(overlay, f"exp_manager.resume_from_checkpoint={work / 'dry-tp2'}",
+               "distributed_strategy.tensor_model_parallel_size=2", check=False)
+    assert proc.returncode != 0
+    assert "tp_rank_01" in proc.stderr and "'model.norm.weight' has shape [63], expected [64]" in proc.stderr
+
+
+def test_llama3_8b_at_tp32_on_trn1_needs_a_sixteenth_of_the_base_per_rank(train_mod, pipeline):
+    work, overlay = pipeline
+    c = train_mod.resolve(train_mod.load_config(["config.yaml", str(overlay)], [
+        "precision.type=autocast", "data.seq_length=4096", "data.micro_batch_size=1",
+        "distributed_strategy.tensor_model_parallel_size=32", "distributed_strategy.kv_replicator=4",
+        "model_alignment_strategy.peft.target_modules=[qkv_proj]"]), train_mod.SCHEMA)
+    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, xla=True)
+    # Per rank: 1/32 of the 8.03 B weights, plus the K/V projections copied 4x (3 more copies of 32 layers x
+    # 2 x 1024 x 4096 / 32), in bf16.
+    expected = (8_030_261_248 + 3 * 32 * 2 * 1024 * 4096) / 32 * 2
+    assert est["frozen base"] == pytest.approx(expected, rel=1e-3)
+    assert est["activations, checkpointed"] < est["activations"] / 4
+    assert sum(est.values()) - est["activations"] < 16 * 2**30  # fits a NeuronCore-v2 with checkpointing
