@@ -53,6 +53,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -194,12 +195,16 @@ SCHEMA = {
     "trainer.log_every_n_steps": "int",
     "trainer.val_check_interval": "int",
     "trainer.gradient_clip_val": "float?",
+    "trainer.nonfinite": "stop|skip",
     "trainer.peak_tflops": "float?",
     "trainer.device_memory_gib": "float?",
     "exp_manager.exp_dir": "path",
     "exp_manager.explicit_log_dir": "path?",
     "exp_manager.resume_from_checkpoint": "path",
     "exp_manager.create_tensorboard_logger": "bool",
+    "exp_manager.resume_if_exists": "bool",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps": "int",
+    "exp_manager.checkpoint_callback_params.save_top_k": "int",
     "distributed_strategy.tensor_model_parallel_size": "int",
     "distributed_strategy.pipeline_model_parallel_size": "int",
     "distributed_strategy.kv_replicator": "int",
@@ -273,6 +278,10 @@ def check_settings(c, launched=True):
     if unknown or not c["model_alignment_strategy.peft.target_modules"]:
         problems.append(f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
                         f"choose among {list(LORA_TARGETS)}")
+    if c["exp_manager.checkpoint_callback_params.every_n_train_steps"] < 0:
+        problems.append("'exp_manager.checkpoint_callback_params.every_n_train_steps' must be >= 0 (0 = none)")
+    if c["exp_manager.checkpoint_callback_params.save_top_k"] < 1:
+        problems.append("'exp_manager.checkpoint_callback_params.save_top_k' must be >= 1")
     if (c["model.activations_checkpoint_layers"] or 0) < 0:
         problems.append("'model.activations_checkpoint_layers' must be >= 0 or null (all layers)")
     tp, pp = c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.pipeline_model_parallel_size"]
@@ -376,7 +385,7 @@ class Parallel:
         self.rank = rank if rank is not None else int(os.environ.get("RANK", "0")) if self.world > 1 else 0
         self.tp, self.dp = tp, self.world // tp
         self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
-        self.xla = device.type == "xla"
+        self.xla, self.device = device.type == "xla", device
         kv_groups = kv_groups or [[t] for t in range(tp)]
         self.groups = {
             "tp": [list(range(d * tp, (d + 1) * tp)) for d in range(self.dp)],
@@ -435,6 +444,25 @@ class Parallel:
         out = [torch.empty_like(x) for _ in self.mine[name]]
         dist.all_gather(out, x.contiguous(), group=self.handles[name])
         return out
+
+    def barrier(self):
+        """Every rank waits here for all the others (file writes before, reads after)."""
+        if self.world > 1:
+            self.all_reduce(torch.zeros(1, device=self.device), "world").cpu()
+
+    def broadcast_text(self, text):
+        """Rank 0's string, on every rank."""
+        if self.world == 1:
+            return text
+        if self.xla:
+            import torch_xla.core.xla_model as xm
+
+            return xm.rendezvous("broadcast_text", text.encode())[0].decode()
+        import torch.distributed as dist
+
+        box = [text]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
     def copy(self, x):
         """Enter a tensor-parallel region: identity forward; the input gradient is summed over the TP group."""
@@ -1393,16 +1421,19 @@ def peak_memory_gib(device):
 class Metrics:
     """metrics.jsonl (one object per line, flushed) and TensorBoard scalars."""
 
-    def __init__(self, run_dir, tensorboard):
+    def __init__(self, run_dir, tensorboard, resume_step=None):
         self.file = open(run_dir / "metrics.jsonl", "a")
+        self.lines = sum(1 for _ in open(run_dir / "metrics.jsonl"))
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir))
+            # On resume, TensorBoard drops what the interrupted run logged after the checkpoint.
+            self.tb = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, record):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.lines += 1
         if self.tb:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -1415,24 +1446,185 @@ class Metrics:
             self.tb.close()
 
 
-def make_run_dir(c):
-    if c["exp_manager.explicit_log_dir"]:
-        run_dir = Path(c["exp_manager.explicit_log_dir"])
-    else:
-        run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
-    if (run_dir / "metrics.jsonl").exists():
-        raise StageError(f"run directory {run_dir} already holds a run (metrics.jsonl); "
-                         f"remove it or choose another exp_manager.explicit_log_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def progress_bar(total):
+def progress_bar(total, initial=0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="Epoch 0", dynamic_ncols=True, file=sys.stdout,
+    return tqdm(total=total, initial=initial, desc="Epoch 0", dynamic_ncols=True, file=sys.stdout,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
+# ------------------------------------------------------------------------------------------------ run checkpoints
+# <run dir>/checkpoints/step_NNNNNNN/: adapter/ (PEFT, usable as is), rank_RRRRR.pt (each rank's LoRA shard,
+# optimizer state and RNG states; never base weights) and trainer_state.json, written last, which lists every
+# file with its size and sha256. A checkpoint is written under step_N.tmp and renamed once complete.
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_states(device):
+    """Every random generator a step can touch, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                        "has_gauss": has_gauss, "cached": cached}}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        states["xla"] = xm.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(states["xla"], device)
+
+
+def save_checkpoint(root, state, par, params, optimizer, write_adapter, device, keep):
+    """Write a checkpoint of `state` (step, consumed samples, ...) for every rank, atomically; keep the last
+    `keep` complete ones. Rank 0 writes the PEFT adapter with `write_adapter(dir)`."""
+    final = root / f"step_{state['step']:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if par.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    par.barrier()
+    own = tmp / f"rank_{par.rank:05d}.pt"
+    torch.save({"lora": [p.detach().cpu() for p in params], "optimizer": to_cpu(optimizer.state_dict()),
+                "rng": rng_states(device)}, f"{own}.part")
+    fsync_path(f"{own}.part")
+    os.replace(f"{own}.part", own)
+    par.barrier()
+    if par.rank == 0:
+        write_adapter(tmp / "adapter")
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, files=files), indent=1) + "\n")
+        for f in [*tmp.rglob("*"), tmp]:
+            fsync_path(f)
+        shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of the same step, from before a resume
+        os.replace(tmp, final)
+        fsync_path(root)
+        complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp")  # names sort by step
+        for old in complete[:-keep] + [p for p in root.glob("step_*.tmp")]:  # and unfinished writes of killed runs
+            shutil.rmtree(old, ignore_errors=True)
+    par.barrier()
+    return final
+
+
+def checkpoint_problem(path):
+    """Why the checkpoint at `path` cannot be resumed from, or None if it is complete and intact."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json (incomplete)"
+    except json.JSONDecodeError:
+        return "trainer_state.json is not valid JSON"
+    for rel, entry in state.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != entry["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, trainer_state.json says {entry['bytes']}"
+        if file_sha256(f) != entry["sha256"]:
+            return f"{rel} does not match its sha256 in trainer_state.json"
+    return None
+
+
+def newest_checkpoint(run_dir):
+    """The newest complete, intact checkpoint of a run directory; broken ones are named in a warning."""
+    for path in sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True):
+        problem = "an unfinished write (.tmp)" if path.name.endswith(".tmp") else checkpoint_problem(path)
+        if problem is None:
+            return path
+        print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr)
+    return None
+
+
+def load_checkpoint_state(path, par, params, optimizer, device):
+    """Restore this rank's LoRA shard, optimizer and RNG states; returns trainer_state.json."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if (state["tensor_parallel"], state["data_parallel"]) != (par.tp, par.dp):
+        raise StageError(f"{path} was written by TP {state['tensor_parallel']} x DP {state['data_parallel']}; "
+                         f"resume with the same layout (this launch: TP {par.tp} x DP {par.dp})")
+    own = torch.load(path / f"rank_{par.rank:05d}.pt", map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for p, saved in zip(params, own["lora"], strict=True):
+            p.copy_(saved)
+    optimizer.load_state_dict(own["optimizer"])
+    set_rng_states(own["rng"], device)
+    return state
+
+
+def resume_point(c, par):
+    """(run directory, checkpoint to resume from or None), decided by rank 0 and shared with every rank.
+    With exp_manager.resume_if_exists the run directory is explicit_log_dir, or else the newest run of this
+    experiment that holds a checkpoint; without it, an existing run is never overwritten."""
+    choice = ""
+    if par.rank == 0:
+        run_dir = Path(c["exp_manager.explicit_log_dir"]) if c["exp_manager.explicit_log_dir"] else None
+        resume = c["exp_manager.resume_if_exists"]
+        if run_dir is None and resume:
+            runs = sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob("*/checkpoints/step_*"))
+            run_dir = runs[-1].parents[1] if runs else None
+        if run_dir is None:
+            run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
+        ckpt = newest_checkpoint(run_dir) if resume else None
+        if (run_dir / "metrics.jsonl").exists() and not resume:
+            raise StageError(f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose "
+                             f"another exp_manager.explicit_log_dir, or resume it with "
+                             f"exp_manager.resume_if_exists=true")
+        if (run_dir / "metrics.jsonl").exists() and ckpt is None:
+            print(f"warning: {run_dir} holds a run but no complete checkpoint; starting it again from step 0",
+                  file=sys.stderr)
+            (run_dir / "metrics.jsonl").unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        choice = json.dumps([str(run_dir), str(ckpt) if ckpt else ""])
+    run_dir, ckpt = json.loads(par.broadcast_text(choice))
+    return Path(run_dir), Path(ckpt) if ckpt else None
+
+
+def keep_metrics_lines(run_dir, n):
+    """Drop what a killed run logged after its checkpoint, so the resumed run's records follow on exactly."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ pre-flight
@@ -1539,12 +1731,12 @@ def dry_run(c, cfg, supervised_per_row):
           f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained")
 
 
-def micro_batches(train, max_steps, gbs, mbs, seed, par):
+def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
     """This rank's micro-batches, step after step: the step's rows (a pure function of seed and step) split
     evenly over the data-parallel ranks, each share cut into micro-batches. Each carries `scale`, one over
     the step's supervised tokens on all ranks, so that every supervised token weighs the same."""
     n_windows, share = train["input_ids"].shape[0], gbs // par.dp
-    for step in range(max_steps):
+    for step in range(start, max_steps):
         idx = step_indices(step, n_windows, gbs, seed)
         scale = torch.tensor(1.0 / max(1, int((train["targets"][idx] != -100).sum())))
         mine = idx[par.dp_rank * share:(par.dp_rank + 1) * share]
@@ -1622,11 +1814,22 @@ def main(argv=None):
     model.train()
 
     rank0 = par.rank == 0
-    run_dir = make_run_dir(c) if rank0 else None
+    run_dir, resume_from = resume_point(c, par)
+    beta1, beta2 = c["model.optim.betas"]
+    optimizer = torch.optim.AdamW(params, lr=c["model.optim.lr"], betas=(beta1, beta2), eps=c["model.optim.eps"],
+                                  weight_decay=c["model.optim.weight_decay"])
+    start, skipped = 0, 0
+    if resume_from:
+        state = load_checkpoint_state(resume_from, par, params, optimizer, device)
+        start, skipped = state["step"], state["skipped_steps"]
+        if rank0:
+            keep_metrics_lines(run_dir, state["metrics_lines"])
+        print(f"resuming from {resume_from}: step {start}, {state['consumed_samples']} samples consumed")
     if rank0:
         save_config(c, run_dir / "config.yaml")
         print(f"run directory: {run_dir}")
-    metrics = Metrics(run_dir, c["exp_manager.create_tensorboard_logger"]) if rank0 else None
+    metrics = Metrics(run_dir, c["exp_manager.create_tensorboard_logger"], start if resume_from else None) \
+        if rank0 else None
     generate_ok = c["evaluation.generate.num_prompts"] > 0 and device.type != "xla"
     if c["evaluation.generate.num_prompts"] > 0 and device.type == "xla":
         print("evaluation.generate: skipped on XLA (every generated length would compile a new graph); "
@@ -1652,28 +1855,46 @@ def main(argv=None):
         return record
 
     max_steps = c["trainer.max_steps"]
-    run_evaluation(0, gen=True)
+    if not resume_from:
+        run_evaluation(0, gen=True)
     if max_steps == 0:
         if rank0:
             metrics.close()
         print("trainer.max_steps=0: baseline evaluation only, no adapter written")
         return
 
-    beta1, beta2 = c["model.optim.betas"]
-    optimizer = torch.optim.AdamW(params, lr=c["model.optim.lr"], betas=(beta1, beta2), eps=c["model.optim.eps"],
-                                  weight_decay=c["model.optim.weight_decay"])
     mbs, gbs = c["data.micro_batch_size"], c["data.global_batch_size"]
     n_windows = train["input_ids"].shape[0]
     peak, peak_source = peak_flops(device, autocast, c["trainer.peak_tflops"])
     print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})" if peak
           else f"MFU not reported: {peak_source}")
     clip = c["trainer.gradient_clip_val"]
-    loader = device_loader(micro_batches(train, max_steps, gbs, mbs, c["seed"], par), device)
-    bar = progress_bar(max_steps) if rank0 else None
+    every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
+    last_checkpoint = resume_from
+
+    def checkpoint(done):
+        state = {"step": done, "consumed_samples": done * gbs, "skipped_steps": skipped,
+                 "data": {"seed": c["seed"], "next_step": done, "windows": n_windows, "global_batch_size": gbs},
+                 "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
+                 "tensor_parallel": par.tp, "data_parallel": par.dp,
+                 "metrics_lines": metrics.lines if rank0 else 0}
+        lora = gather_lora(modules, par)  # a collective: every rank takes part
+        path = save_checkpoint(run_dir / "checkpoints", state, par, params, optimizer,
+                               lambda out: export_peft_adapter(lora, cfg, c, out), device,
+                               c["exp_manager.checkpoint_callback_params.save_top_k"])
+        print(f"checkpoint: {path}")
+        return path
+
+    # SIGTERM (a scheduler's preemption, torchrun passing on Ctrl-C) ends the run after the current step,
+    # with a checkpoint, and exit status 0.
+    stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    loader = device_loader(micro_batches(train, start, max_steps, gbs, mbs, c["seed"], par), device)
+    bar = progress_bar(max_steps, start) if rank0 else None
     window_losses, t_log, t_start = [], time.perf_counter(), time.perf_counter()
     done_tokens = done_supervised = done_flops = 0  # since the last log
     total_tokens = 0
-    for step in range(max_steps):
+    for step in range(start, max_steps):
         lr = lr_at(step, c)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -1687,11 +1908,25 @@ def main(argv=None):
             sync_device(device)
         sync_gradients(modules, params, par)
         grad_norm = global_grad_norm(modules, par)
-        if clip:
-            clip_gradients(params, grad_norm, clip)
-        optimizer.step()
+        step_loss = par.all_reduce(step_loss, "dp")
+        # The one host read per step, between steps: a non-finite loss or norm, or a stop request on any rank.
+        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()
+        flags = par.all_reduce(torch.stack([bad, torch.tensor(float(bool(stop)), device=device)]), "world", op="max")
+        nonfinite, stopping = (v > 0 for v in flags.tolist())
+        if nonfinite and c["trainer.nonfinite"] == "stop":
+            raise StageError(f"step {step + 1}: loss {float(step_loss)} / gradient norm {float(grad_norm)} is not "
+                             f"finite; last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
+                             f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps")
+        if nonfinite:
+            skipped += 1
+            print(f"warning: step {step + 1}: non-finite loss or gradient norm; update skipped "
+                  f"({skipped} skipped so far)", file=sys.stderr)
+        else:
+            if clip:
+                clip_gradients(params, grad_norm, clip)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window_losses.append(par.all_reduce(step_loss, "dp"))
+        window_losses.append(step_loss)
         sync_device(device)
 
         # Host-side bookkeeping from the CPU copy of the step's rows: no device synchronisation.
@@ -1704,13 +1939,15 @@ def main(argv=None):
         if rank0:
             bar.set_description_str(f"Epoch {epoch}")
             bar.update(1)
-        if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps:
-            losses = torch.stack(window_losses).tolist()  # the only host sync of a log interval
+        if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps or stopping:
+            losses = torch.stack(window_losses).tolist()  # the host sync of a log interval
             now = time.perf_counter()
             elapsed = now - t_log
-            record = {"step": done, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
+            norm = float(grad_norm)
+            record = {"step": done, "loss": losses[-1] if math.isfinite(losses[-1]) else None, "lr": lr,
+                      "grad_norm": norm if math.isfinite(norm) else None,
                       "tokens_per_s": done_tokens / elapsed, "supervised_tokens_per_s": done_supervised / elapsed,
-                      "consumed_samples": done * gbs, "epoch": epoch}
+                      "consumed_samples": done * gbs, "epoch": epoch, "skipped_steps": skipped}
             memory = peak_memory_gib(device)
             if memory is not None:
                 record["peak_memory_gib"] = memory
@@ -1731,6 +1968,15 @@ def main(argv=None):
             if rank0:
                 bar.clear()
             run_evaluation(done, gen=False)
+        if (every and done % every == 0) or stopping:
+            last_checkpoint = checkpoint(done)
+        if stopping:
+            if rank0:
+                bar.close()
+                metrics.close()
+            print(f"stopped by SIGTERM after step {done}; resume with exp_manager.resume_if_exists=true "
+                  f"(checkpoint {last_checkpoint})")
+            return
     if rank0:
         bar.close()
     final = run_evaluation(max_steps, gen=True)

@@ -64,3 +64,16 @@ def test_04_fills_the_xla_cache_with_the_training_steps(pipeline, tmp_path):
     assert "fill the persistent XLA cache" in proc.stdout
     assert int(proc.stdout.rsplit("graphs compiled:", 1)[1].split()[0]) > 0
     assert list((tmp_path / "cache").iterdir())
+
+
+def test_checkpoints_on_xla_compile_once_and_resume_exactly(pipeline):
+    work, overlay = pipeline
+    fixed = ["trainer.accelerator=xla", "model.optim.sched.max_steps=5",
+             "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+    _, whole = run(work, overlay, "xla-whole", *fixed)
+    compiles = [r["xla_compiles"] for r in whole if "loss" in r]
+    assert compiles[2:] == [compiles[2]] * 3, f"graphs compiled per step: {compiles}"  # first checkpoint: step 2
+    run(work, overlay, "xla-resumed", *fixed, "trainer.max_steps=4")
+    proc, resumed = run(work, overlay, "xla-resumed", *fixed)
+    assert "resuming from" in proc.stdout
+    assert [r.get("loss") for r in resumed] == [r.get("loss") for r in whole]

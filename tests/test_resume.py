@@ -1,0 +1,173 @@
+"""05 survives interruption: atomic step checkpoints, exact resume after SIGKILL, SIGTERM, non-finite steps."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_stage
+
+RUN = ["trainer.max_steps=10", "trainer.log_every_n_steps=1", "trainer.val_check_interval=4",
+       "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+       "exp_manager.checkpoint_callback_params.save_top_k=2", "data.global_batch_size=8",
+       "evaluation.generate.num_prompts=0", "exp_manager.create_tensorboard_logger=false"]  # dropout stays 0.05
+
+
+def command(work, overlay, name, nproc, overrides):
+    args = ["05_train.py", "--config", "config.yaml", "--config", str(overlay),
+            f"exp_manager.explicit_log_dir={work / name}", *RUN, *overrides]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run_to_end(work, overlay, name, nproc=1, *overrides):
+    proc = subprocess.run(command(work, overlay, name, nproc, overrides), cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def start(work, overlay, name, nproc=1, *overrides):
+    return subprocess.Popen(command(work, overlay, name, nproc, overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_until_step(proc, run_dir, step):
+    """Block until the run has logged `step` and holds a complete checkpoint."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before step {step}:\n{proc.stderr.read()[-3000:]}"
+        try:
+            logged = [r["step"] for r in records(run_dir) if "loss" in r]
+        except (FileNotFoundError, json.JSONDecodeError):
+            logged = []
+        if logged and logged[-1] >= step and any(p.suffix != ".tmp" for p in (run_dir / "checkpoints").glob("step_*")):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"step {step} not reached")
+
+
+def same_run(resumed, reference):
+    """Every record's loss / val_loss (bit-exact) and step, in order, with nothing repeated or missing."""
+    keys = ("step", "loss", "val_loss", "grad_norm", "lr", "consumed_samples")
+    pick = [[(k, r[k]) for k in keys if k in r] for r in records(resumed)]
+    assert pick == [[(k, r[k]) for k in keys if k in r] for r in records(reference)]
+
+
+@pytest.fixture(scope="module")
+def references(pipeline):
+    work, overlay = pipeline
+    for packing in (True, False):
+        run_to_end(work, overlay, f"ref-packing-{packing}", 1, f"model_alignment_strategy.sft.packing={packing}")
+    run_to_end(work, overlay, "ref-dp2", 2)
+    return work, overlay
+
+
+@pytest.mark.parametrize("nproc,packing", [(1, True), (1, False), (2, True)], ids=["packed", "unpacked", "dp2"])
+def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_losses(references, nproc, packing):
+    work, overlay = references
+    name = f"killed-{nproc}-{packing}"
+    kill_at = random.Random(f"{nproc}{packing}").randint(3, 7)
+    proc = start(work, overlay, name, nproc, f"model_alignment_strategy.sft.packing={packing}")
+    wait_until_step(proc, work / name, kill_at)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (work / name / "final").exists(), "the run finished before it could be killed"
+    resumed = run_to_end(work, overlay, name, nproc, f"model_alignment_strategy.sft.packing={packing}")
+    assert "resuming from" in resumed.stdout
+    same_run(work / name, work / ("ref-dp2" if nproc == 2 else f"ref-packing-{packing}"))
+
+
+def test_an_incomplete_or_corrupt_checkpoint_is_skipped_with_a_warning_naming_it(references):
+    work, overlay = references
+    proc = start(work, overlay, "corrupt")
+    wait_until_step(proc, work / "corrupt", 7)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    complete = sorted(p for p in (work / "corrupt" / "checkpoints").glob("step_*") if p.suffix != ".tmp")
+    assert len(complete) == 2
+    newest = complete[-1]
+    (newest / "rank_00000.pt").write_bytes((newest / "rank_00000.pt").read_bytes()[:-10])
+    (work / "corrupt" / "checkpoints" / "step_9999999.tmp").mkdir()
+    resumed = run_to_end(work, overlay, "corrupt")
+    assert f"skipping checkpoint {work / 'corrupt' / 'checkpoints' / 'step_9999999.tmp'}" in resumed.stderr
+    assert f"skipping checkpoint {newest}: rank_00000.pt has" in resumed.stderr
+    assert f"resuming from {complete[0]}" in resumed.stdout
+    same_run(work / "corrupt", work / "ref-packing-True")
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(references):
+    work, overlay = references
+    proc = start(work, overlay, "term")
+    wait_until_step(proc, work / "term", 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert (work / "term" / "checkpoints" / f"step_{stopped:07d}" / "trainer_state.json").exists()
+    run_to_end(work, overlay, "term")
+    same_run(work / "term", work / "ref-packing-True")
+
+
+def test_a_checkpoint_holds_the_adapter_optimizer_and_rng_but_no_base_weights(references):
+    from safetensors.torch import load_file
+
+    work, _ = references
+    ckpt = sorted((work / "ref-packing-True" / "checkpoints").glob("step_*"))
+    assert [p.name for p in ckpt] == ["step_0000008", "step_0000010"]  # the last 2 of 5
+    state = json.loads((ckpt[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["consumed_samples"] == 80 and state["data"]["next_step"] == 10
+    assert set(state["files"]) == {"rank_00000.pt", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+    own = torch.load(ckpt[-1] / "rank_00000.pt", weights_only=True)
+    assert set(own) == {"lora", "optimizer", "rng"} and set(own["rng"]) >= {"python", "numpy", "torch"}
+    lora = sum(t.numel() for t in own["lora"])
+    assert lora == 23_552  # 2 layers x the four targets' A and B at rank 16
+    assert all(t.numel() == own["lora"][i].numel() for i, s in own["optimizer"]["state"].items()
+               for t in (s["exp_avg"], s["exp_avg_sq"]))
+    adapter = load_file(str(ckpt[-1] / "adapter" / "adapter_model.safetensors"))
+    assert all(16 in t.shape for t in adapter.values()), "only rank-16 LoRA factors, no base weight"
+
+
+def test_resuming_with_another_layout_is_refused(references):
+    work, overlay = references
+    proc = subprocess.run(command(work, overlay, "ref-dp2", 1, []), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "was written by TP 1 x DP 2; resume with the same layout" in proc.stderr
+
+
+def test_a_non_finite_step_stops_the_run_naming_the_step_and_the_last_checkpoint(pipeline):
+    work, overlay = pipeline
+    proc = run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay), *RUN,
+                      f"exp_manager.explicit_log_dir={work / 'nan-stop'}", "model.optim.lr=1e12",
+                      "trainer.gradient_clip_val=null", "exp_manager.checkpoint_callback_params.every_n_train_steps=1"],
+                     check=False)
+    assert proc.returncode == 1
+    message = proc.stderr.strip().splitlines()[-1]
+    step = int(message.split("step ")[1].split(":")[0])
+    assert step >= 2 and "is not finite" in message
+    assert f"last good checkpoint: {work / 'nan-stop' / 'checkpoints' / f'step_{step - 1:07d}'}" in message
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(pipeline):
+    from safetensors.torch import load_file
+
+    work, overlay = pipeline
+    run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay), *RUN,
+               f"exp_manager.explicit_log_dir={work / 'nan-skip'}", "model.optim.lr=1e12",
+               "trainer.gradient_clip_val=null", "trainer.nonfinite=skip"])
+    steps = [r for r in records(work / "nan-skip") if "skipped_steps" in r]
+    assert steps[-1]["skipped_steps"] >= 1 and steps[0]["skipped_steps"] == 0
+    assert any(r["loss"] is None for r in steps)
+    adapter = load_file(str(work / "nan-skip" / "final" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in adapter.values()), "a skipped step must not reach the weights"
