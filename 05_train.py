@@ -672,7 +672,7 @@ class LoRALinear(nn.Module):
             elif self.split == "out":
                 b.weight = nn.Parameter(b.weight[self.index].contiguous())
         self.lora_A, self.lora_B = a.to(self.weight.device), b.to(self.weight.device)
-        self.dropout = nn.Dropout(dropout)
+        self.p = dropout
         self.scaling = alpha / rank
 
     def forward(self, x):
@@ -680,14 +680,27 @@ class LoRALinear(nn.Module):
             y = self.par.reduce(F.linear(x, self.weight))
             if self.lora_A is None:
                 return y
-            return y + self.lora_B(self.par.reduce(self.lora_A(self.dropout(x)))) * self.scaling
+            return lora_add(y, self.par.reduce(self.lora_A(self.dropout(x))), self.lora_B.weight, self.scaling)
         y = F.linear(x if self.par is None else self.par.copy(x), self.weight)
         if self.lora_A is None:
             return y
         # A sees the replicated input directly and its output enters the TP region, so the gradient of the
         # replicated A is already the full one, identical on every rank.
         a = self.lora_A(self.dropout(x))
-        return y + self.lora_B(a if self.par is None else self.par.copy(a)) * self.scaling
+        return lora_add(y, a if self.par is None else self.par.copy(a), self.lora_B.weight, self.scaling)
+
+    def dropout(self, x):
+        """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
+        lower cost on CPU (bench/train_bench.py)."""
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand(x.shape, device=x.device) >= self.p) * (1 / (1 - self.p))
+
+
+def lora_add(y, a, b, scaling):
+    """y + scaling * a B^T as one GEMM that accumulates into y (addmm): no separate scale and sum passes."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), b.t(), alpha=scaling)
+    return out.view(y.shape)
 
 
 def head_index(heads, hd, offset=0):
@@ -707,7 +720,7 @@ class Attention(nn.Module):
         self.o_proj = LoRALinear((cfg["hidden"], q_full), dtype, par, "in", head_index(q_heads, hd))
         self.qkv_proj.kv_rows_from = self.sizes[0]
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, spans=None):
         b, s, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = rotate(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), cos, sin)
@@ -715,7 +728,13 @@ class Attention(nn.Module):
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        gqa = self.heads != self.kv_heads
+        if spans is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:  # each block of queries against only the keys its documents can reach
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1],
+                                                          attn_mask=mask[:, :, q0:q1, k0:q1], enable_gqa=gqa)
+                           for q0, q1, k0 in spans], dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -740,8 +759,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
         self.mlp = MLP(cfg, dtype, par)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache=None, spans=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, spans)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -793,17 +812,18 @@ class Llama(nn.Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids, position_ids, mask, caches=None):
-        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend)."""
+    def forward(self, input_ids, position_ids, mask, caches=None, spans=None):
+        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend);
+        `spans` (optional, see attention_spans) limits each block of queries to the keys it can see."""
         x = self.model.embed_tokens(input_ids)
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             if i < self.checkpoint_layers and self.training and torch.is_grad_enabled():
-                x = checkpointed(layer, x, cos, sin, mask)
+                x = checkpointed(layer, x, cos, sin, mask, spans)
             else:
-                x = layer(x, cos, sin, mask, None if caches is None else caches[i])
+                x = layer(x, cos, sin, mask, None if caches is None else caches[i], spans)
         return self.model.norm(x)
 
     def logits(self, hidden):
@@ -815,19 +835,31 @@ class Llama(nn.Module):
         return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
 
 
-def checkpointed(layer, x, cos, sin, mask):
+def checkpointed(layer, x, cos, sin, mask, spans):
     """Run a layer keeping only its input; the backward pass recomputes the rest. XLA needs torch-xla's variant
     (it stops the compiler from merging the recomputation back into the forward pass), which is reentrant: it
     passes gradients only through inputs that require them, so the frozen embedding's output is made to."""
     if x.device.type != "xla":
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+        return checkpoint(layer, x, cos, sin, mask, None, spans, use_reentrant=False)
     from torch_xla.utils.checkpoint import checkpoint
 
     if not x.requires_grad:
         x = x.detach().requires_grad_()
-    return checkpoint(layer, x, cos, sin, mask, use_reentrant=True)
+    return checkpoint(layer, x, cos, sin, mask, None, spans, use_reentrant=True)
+
+
+def attention_spans(segment_ids, block):
+    """[(q0, q1, k0)]: query blocks of `block` positions and, for each, the first key that any of its queries may
+    see (the start of the document holding the block's first query, in any row). Attention over keys k0..q1
+    instead of the whole row gives the same result, and packed rows of short documents skip most of the
+    masked-out work. Computed on the host from the CPU segment ids."""
+    b, s = segment_ids.shape
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    run_start = torch.where(change, torch.arange(s).expand(b, s), 0).cummax(dim=1).values
+    return [(q0, min(q0 + block, s), int(run_start[:, q0].min())) for q0 in range(0, s, block)]
 
 
 def document_mask(segment_ids):
@@ -1222,8 +1254,10 @@ def loss_sum(model, mb, device, autocast):
         keep = targets != -100
         index, targets = keep.nonzero().squeeze(1).to(device), targets[keep]
     targets = targets.to(device)
+    # Static shapes on XLA: one attention over the whole row there; elsewhere only the reachable keys.
+    spans = None if device.type == "xla" else attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, pos, document_mask(seg)).flatten(0, 1)
+        hidden = model(ids, pos, document_mask(seg), spans=spans).flatten(0, 1)
         logits = model.logits(hidden if index is None else hidden[index]).float()
     if model.par.tp == 1:
         return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")

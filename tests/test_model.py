@@ -138,3 +138,24 @@ def test_converter_rejects_a_shape_that_disagrees_with_config(tmp_path, tokenize
     assert proc.returncode == 1
     assert "mlp.gate_proj.weight' has shape [96, 64], config.json implies [128, 64]" in proc.stderr
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()
+
+
+def test_attention_over_each_blocks_reachable_keys_equals_full_attention(train_mod):
+    cfg = dict(vocab=64, hidden=32, inter=48, layers=2, heads=4, kv_heads=2, head_dim=8, eps=1e-5,
+               rope_theta=10000.0, rope_scaling=None, tie=False)
+    torch.manual_seed(0)
+    model = train_mod.Llama(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    seg = torch.tensor([[1] * 5 + [2] * 20 + [3] * 3 + [0] * 12, [1] * 20 + [2] * 20])
+    pos = torch.cat([torch.arange(n) for n in (5, 20, 3, 12, 20, 20)]).view(2, 40)
+    ids = torch.randint(0, 64, (2, 40))
+    spans = train_mod.attention_spans(seg, 8)
+    # Queries 24..31 start in documents beginning at 5 (row 0) and 20 (row 1); queries 32..39 in the padding
+    # run from 28 (row 0) and the document from 20 (row 1).
+    assert spans == [(0, 8, 0), (8, 16, 0), (16, 24, 0), (24, 32, 5), (32, 40, 20)]
+    with torch.no_grad():
+        full = model(ids, pos, train_mod.document_mask(seg))
+        blocked = model(ids, pos, train_mod.document_mask(seg), spans=spans)
+    assert torch.allclose(full, blocked, atol=1e-6)
