@@ -1244,18 +1244,23 @@ def inspect_data(batch, tokenizer, n):
 def loss_sum(model, mb, device, autocast):
     """Sum of token cross-entropies over the supervised positions of one micro-batch.
 
-    On CPU and CUDA only supervised positions go through the output layer (prompts and padding never need
-    logits); they are found on the host from the CPU targets, so selecting them costs the device no
-    synchronisation. On XLA the shapes must not change between steps, so every position gets logits and the
+    On CPU and CUDA trailing padding is cut off and only supervised positions go through the output layer
+    (prompts and padding never need logits); both are found on the host from the CPU tensors, so they cost
+    the device no synchronisation. On XLA the shapes must not change between steps, so every position gets logits and the
     unsupervised ones count zero. Under tensor parallelism the logits stay split by vocabulary."""
+    if device.type != "xla":  # padding after every row's last token changes nothing before it: leave it out
+        real = (mb["segment_ids"] > 0).any(0).nonzero()
+        used = int(real.max()) + 1 if len(real) else 1
+        mb = {k: v[:, :used] if v.dim() == 2 else v for k, v in mb.items()}
     ids, pos, seg = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids"))
     targets, index = mb["targets"].flatten(), None
     if device.type != "xla":
         keep = targets != -100
         index, targets = keep.nonzero().squeeze(1).to(device), targets[keep]
     targets = targets.to(device)
-    # Static shapes on XLA: one attention over the whole row there; elsewhere only the reachable keys.
-    spans = None if device.type == "xla" else attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8))
+    # On the CPU, attention over only the reachable keys pays (bench/train_bench.py); CUDA's fused kernels
+    # lose more to the extra calls than they save, and XLA needs one static shape.
+    spans = attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8)) if device.type == "cpu" else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = model(ids, pos, document_mask(seg), spans=spans).flatten(0, 1)
         logits = model.logits(hidden if index is None else hidden[index]).float()
