@@ -1637,11 +1637,15 @@ def resume_point(c, par):
     if par.rank == 0:
         run_dir = Path(c["exp_manager.explicit_log_dir"]) if c["exp_manager.explicit_log_dir"] else None
         resume = c["exp_manager.resume_if_exists"]
-        if run_dir is None and resume:
-            runs = sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob("*/checkpoints/step_*"))
-            run_dir = runs[-1].parents[1] if runs else None
+        if run_dir is None and resume:  # the newest unfinished run of this experiment that has a checkpoint
+            runs = [p.parents[1] for p in sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob(
+                "*/checkpoints/step_*")) if not (p.parents[1] / "final" / "adapter").exists()]
+            run_dir = runs[-1] if runs else None
         if run_dir is None:
             run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
+        if (run_dir / "final" / "adapter").exists():
+            raise StageError(f"run directory {run_dir} holds a finished run (final/adapter); remove it or "
+                             f"choose another exp_manager.explicit_log_dir")
         ckpt = newest_checkpoint(run_dir) if resume else None
         if (run_dir / "metrics.jsonl").exists() and not resume:
             raise StageError(f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose "

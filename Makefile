@@ -1,6 +1,6 @@
 # make demo   set up .venv if missing, then run stages 01-05 on the embedded demo (SmolLM2-135M-Instruct, CPU)
 # make test   set up .venv if missing, then run the test suite
-# make bench  run the benchmarks under bench/ (stage 03 conversion: memory and throughput)
+# make bench  run the CPU benchmarks under bench/: 05's step vs transformers + peft, and stage 03's conversion
 # make clean  remove the demo's outputs (work/demo, runs/demo)
 # make test-xla  optional: build .venv-xla (torch 2.9.0 + torch-xla 2.9.0, about 7.6 GB, ~2 min from a fast
 #                mirror) and run the tests marked xla on XLA's CPU device; not part of `make test`
@@ -43,6 +43,9 @@ test-xla: venv-xla
 	PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -q -m xla tests/test_xla.py
 
 bench: venv
+	$(PY) bench/train_bench.py
+	$(PY) bench/train_bench.py --packing
+	$(PY) bench/train_bench.py --profile
 	$(PY) bench/convert_bench.py
 
 clean:

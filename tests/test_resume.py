@@ -171,3 +171,9 @@ def test_non_finite_steps_can_be_skipped_and_counted(pipeline):
     assert any(r["loss"] is None for r in steps)
     adapter = load_file(str(work / "nan-skip" / "final" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.isfinite(t).all() for t in adapter.values()), "a skipped step must not reach the weights"
+
+
+def test_a_finished_run_is_never_resumed_or_overwritten(references):
+    work, overlay = references
+    proc = subprocess.run(command(work, overlay, "ref-packing-True", 1, []), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "holds a finished run (final/adapter)" in proc.stderr
