@@ -3,10 +3,12 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +61,23 @@ def wait_until_step(proc, run_dir, step):
     raise AssertionError(f"step {step} not reached")
 
 
+def kill_run(proc, run_dir):
+    """SIGKILL the launcher and every process of this run (torchrun starts its workers in their own sessions);
+    returns how many processes running the training script were killed."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes()
+            if f"explicit_log_dir={run_dir}\0".encode() in args and b"torch.distributed.run" not in args:
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError):
+            pass  # the process ended meanwhile
+    proc.wait()
+    return killed
+
+
 def same_run(resumed, reference):
     """Every record's loss / val_loss (bit-exact) and step, in order, with nothing repeated or missing."""
     keys = ("step", "loss", "val_loss", "grad_norm", "lr", "consumed_samples")
@@ -82,8 +101,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_lo
     kill_at = random.Random(f"{nproc}{packing}").randint(3, 7)
     proc = start(work, overlay, name, nproc, f"model_alignment_strategy.sft.packing={packing}")
     wait_until_step(proc, work / name, kill_at)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = kill_run(proc, work / name)
+    assert nproc == 1 or killed == nproc, f"{killed} of {nproc} workers found to kill"
     assert not (work / name / "final").exists(), "the run finished before it could be killed"
     resumed = run_to_end(work, overlay, name, nproc, f"model_alignment_strategy.sft.packing={packing}")
     assert "resuming from" in resumed.stdout
@@ -94,8 +113,7 @@ def test_an_incomplete_or_corrupt_checkpoint_is_skipped_with_a_warning_naming_it
     work, overlay = references
     proc = start(work, overlay, "corrupt")
     wait_until_step(proc, work / "corrupt", 7)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc, work / "corrupt")
     complete = sorted(p for p in (work / "corrupt" / "checkpoints").glob("step_*") if p.suffix != ".tmp")
     assert len(complete) == 2
     newest = complete[-1]
@@ -142,7 +160,9 @@ def test_a_checkpoint_holds_the_adapter_optimizer_and_rng_but_no_base_weights(re
 
 def test_resuming_with_another_layout_is_refused(references):
     work, overlay = references
-    proc = subprocess.run(command(work, overlay, "ref-dp2", 1, []), cwd=ROOT, capture_output=True, text=True)
+    shutil.copytree(work / "ref-dp2", work / "dp2-unfinished")
+    shutil.rmtree(work / "dp2-unfinished" / "final")
+    proc = subprocess.run(command(work, overlay, "dp2-unfinished", 1, []), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "was written by TP 1 x DP 2; resume with the same layout" in proc.stderr
 
 
