@@ -1643,10 +1643,11 @@ def resume_point(c, par):
             run_dir = runs[-1] if runs else None
         if run_dir is None:
             run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
-        if (run_dir / "final" / "adapter").exists():
-            raise StageError(f"run directory {run_dir} holds a finished run (final/adapter); remove it or "
-                             f"choose another exp_manager.explicit_log_dir")
         ckpt = newest_checkpoint(run_dir) if resume else None
+        reached = int(ckpt.name.removeprefix("step_")) if ckpt else 0
+        if (run_dir / "final" / "adapter").exists() and (ckpt is None or reached >= c["trainer.max_steps"]):
+            raise StageError(f"run directory {run_dir} holds a finished run (final/adapter); remove it, choose "
+                             f"another exp_manager.explicit_log_dir, or raise trainer.max_steps to train it on")
         if (run_dir / "metrics.jsonl").exists() and not resume:
             raise StageError(f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose "
                              f"another exp_manager.explicit_log_dir, or resume it with "

@@ -193,7 +193,16 @@ def test_non_finite_steps_can_be_skipped_and_counted(pipeline):
     assert all(torch.isfinite(t).all() for t in adapter.values()), "a skipped step must not reach the weights"
 
 
-def test_a_finished_run_is_never_resumed_or_overwritten(references):
+def test_a_finished_run_is_not_run_again(references):
     work, overlay = references
     proc = subprocess.run(command(work, overlay, "ref-packing-True", 1, []), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "holds a finished run (final/adapter)" in proc.stderr
+
+
+def test_raising_max_steps_trains_a_finished_run_on(references):
+    work, overlay = references
+    shutil.copytree(work / "ref-packing-True", work / "longer")
+    proc = run_to_end(work, overlay, "longer", 1, "trainer.max_steps=12", "model.optim.sched.max_steps=10")
+    assert f"resuming from {work / 'longer' / 'checkpoints' / 'step_0000010'}" in proc.stdout
+    steps = [r["step"] for r in records(work / "longer") if "loss" in r]
+    assert steps == list(range(1, 13))
