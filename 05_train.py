@@ -913,7 +913,8 @@ def check_manifest(ckpt_dir, wanted):
 
 
 def load_checkpoint(model, ckpt_dir, fuse_qkv, wanted=None):
-    """Fill every base tensor from this rank's NxDT shard; any missing, extra or misshapen tensor is an error."""
+    """Fill every base tensor from this rank's NxDT shard; any missing, extra or misshapen tensor is an error.
+    Returns the shard's path and the dtypes found in it."""
     wanted = dict(wanted or {"tensor_model_parallel_size": 1}, pipeline_model_parallel_size=1, fuse_qkv=fuse_qkv)
     path = shard_path(ckpt_dir, model.par.tp_rank)
     if not path.exists():
@@ -942,7 +943,7 @@ def load_checkpoint(model, ckpt_dir, fuse_qkv, wanted=None):
                                  f"{list(dest.shape)} from model.model_config and the parallel layout")
             if dest.device.type != "meta":
                 dest.copy_(src)
-    return path
+    return path, {t.dtype for t in state.values()}
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
@@ -1376,8 +1377,8 @@ def lr_at(step, c):
 
 
 # ------------------------------------------------------------------------------------------------ throughput
-def step_flops(batch, cfg):
-    """Model FLOPs of training on these rows, LoRA convention: 4 x weights per token (forward + input-gradient
+def window_flops(batch, cfg):
+    """Model FLOPs of training on each row, LoRA convention: 4 x weights per token (forward + input-gradient
     backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output
     layer only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV,
     forward and backward) over the keys each token really attends to: its own document so far. Padding is
@@ -1385,12 +1386,11 @@ def step_flops(batch, cfg):
     h, hd, heads, kv = cfg["hidden"], cfg["head_dim"], cfg["heads"], cfg["kv_heads"]
     body = cfg["layers"] * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * cfg["inter"])
     seg = batch["segment_ids"]
-    tokens = int((seg > 0).sum())
-    supervised = int((batch["targets"] != -100).sum())
+    tokens = (seg > 0).sum(1).double()
+    supervised = (batch["targets"] != -100).sum(1).double()
     lengths = torch.stack([torch.bincount(row, minlength=int(seg.max()) + 1)[1:] for row in seg]).double()
-    keys = float((lengths * (lengths + 1) / 2).sum())
-    attention = 3 * 4 * cfg["layers"] * heads * hd * keys
-    return 4 * body * tokens + 4 * h * cfg["vocab"] * supervised + attention
+    keys = (lengths * (lengths + 1) / 2).sum(1)
+    return 4 * body * tokens + 4 * h * cfg["vocab"] * supervised + 3 * 4 * cfg["layers"] * heads * hd * keys
 
 
 # Per NeuronCore (trn1: 2 NeuronCore-v2 per chip at 190 BF16 / 47.5 FP32 TFLOPS; trn2: 4 logical NeuronCores
@@ -1681,10 +1681,7 @@ def check_shards(c, cfg, par_cfg):
         par = Parallel(tp, torch.device("meta"), world=tp, rank=r, connect=False)
         with torch.device("meta"):
             model = Llama(cfg, par=par)
-        load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)
-        state = torch.load(shard_path(c["exp_manager.resume_from_checkpoint"], r), map_location="cpu",
-                           weights_only=True, mmap=True)
-        dtypes |= {t.dtype for t in state.values()}
+        dtypes |= load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)[1]
     raw = json.loads(Path(c["model.model_config"]).read_text())
     declared = raw.get("torch_dtype") or raw.get("dtype")
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
@@ -1775,17 +1772,17 @@ def dry_run(c, cfg, supervised_per_row):
           f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained")
 
 
-def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
+def micro_batches(train, supervised, start, max_steps, gbs, mbs, seed, par):
     """This rank's micro-batches, step after step: the step's rows (a pure function of seed and step) split
     evenly over the data-parallel ranks, each share cut into micro-batches. Each carries `scale`, one over
-    the step's supervised tokens on all ranks, so that every supervised token weighs the same."""
+    the step's supervised tokens on all ranks (`supervised`: per row), so every supervised token weighs the same."""
     n_windows, share = train["input_ids"].shape[0], gbs // par.dp
     for step in range(start, max_steps):
         idx = step_indices(step, n_windows, gbs, seed)
-        scale = torch.tensor(1.0 / max(1, int((train["targets"][idx] != -100).sum())))
+        scale = torch.tensor(1.0 / max(1, int(supervised[idx].sum())))
         mine = idx[par.dp_rank * share:(par.dp_rank + 1) * share]
-        for start in range(0, share, mbs):
-            rows = mine[start:start + mbs]
+        for first in range(0, share, mbs):
+            rows = mine[first:first + mbs]
             yield dict({k: v[rows] for k, v in train.items()}, scale=scale)
 
 
@@ -1848,8 +1845,8 @@ def main(argv=None):
               else c["model.activations_checkpoint_layers"]) if c["model.activations_checkpoint"] else 0
     with torch.device(device):
         model = Llama(cfg, base_dtype, par, checkpoint_layers=n_ckpt)
-    ckpt = load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
-                           {"tensor_model_parallel_size": tp, "kv_replicator": kv_mult, "hw_backend": backend})
+    ckpt, _ = load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
+                              {"tensor_model_parallel_size": tp, "kv_replicator": kv_mult, "hw_backend": backend})
     print(f"loaded {ckpt.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
           f"process(es): TP {tp} x DP {par.dp}" + (f"; activation checkpointing on {n_ckpt} layer(s)" if n_ckpt else ""))
     modules, params = add_lora(model, c)
@@ -1933,7 +1930,11 @@ def main(argv=None):
     # with a checkpoint, and exit status 0.
     stop = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
-    loader = device_loader(micro_batches(train, start, max_steps, gbs, mbs, c["seed"], par), device)
+    # Per-row counts, once: each step's bookkeeping is then a sum over its rows, with no copy of them.
+    row_tokens = (train["segment_ids"] > 0).sum(1)
+    row_supervised = (train["targets"] != -100).sum(1)
+    row_flops = window_flops(train, cfg)
+    loader = device_loader(micro_batches(train, row_supervised, start, max_steps, gbs, mbs, c["seed"], par), device)
     bar = progress_bar(max_steps, start) if rank0 else None
     window_losses, t_log, t_start = [], time.perf_counter(), time.perf_counter()
     done_tokens = done_supervised = done_flops = 0  # since the last log
@@ -1973,11 +1974,11 @@ def main(argv=None):
         window_losses.append(step_loss)
         sync_device(device)
 
-        # Host-side bookkeeping from the CPU copy of the step's rows: no device synchronisation.
-        step_batch = {k: v[step_indices(step, n_windows, gbs, c["seed"])] for k, v in train.items()}
-        done_tokens += int((step_batch["segment_ids"] > 0).sum())
-        done_supervised += int((step_batch["targets"] != -100).sum())
-        done_flops += step_flops(step_batch, cfg)
+        # Host-side bookkeeping from the per-row counts: no device synchronisation.
+        idx = step_indices(step, n_windows, gbs, c["seed"])
+        done_tokens += int(row_tokens[idx].sum())
+        done_supervised += int(row_supervised[idx].sum())
+        done_flops += float(row_flops[idx].sum())
         done = step + 1
         epoch = done * gbs // n_windows
         if rank0:

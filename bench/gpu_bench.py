@@ -150,7 +150,7 @@ def main():
     rows = packed_rows(args.warmup + args.steps, args.seq, 128256, train)
     timed_rows = rows[args.warmup:]
     tokens = sum(int((mb["segment_ids"] > 0).sum()) for mb in timed_rows)
-    flops = sum(train.step_flops(mb, cfg) for mb in timed_rows)
+    flops = sum(float(train.window_flops(mb, cfg).sum()) for mb in timed_rows)
     name = torch.cuda.get_device_name()
     peak = train.peak_flops(torch.device("cuda"), True, None)[0]
 

@@ -230,7 +230,7 @@ def child(args):
     timed = rows[args.warmup:]
     tokens = sum(int((mb["segment_ids"] > 0).sum()) for mb in timed)
     supervised = sum(int((mb["targets"] != -100).sum()) for mb in timed)
-    flops = sum(train.step_flops(mb, cfg) for mb in timed)
+    flops = sum(float(train.window_flops(mb, cfg).sum()) for mb in timed)
     out = {"variant": args.variant, "tokens": tokens, "supervised": supervised, "flops": flops}
     if args.variant == "trainer":
         out["first_loss"], seconds = peft_trainer(model_dir, rows, train, args.warmup, WORK / "trainer-out")
