@@ -2,14 +2,18 @@
 # Stage 04: ahead-of-time compilation of the training graphs, so that 05 starts training at full speed.
 #
 # What it does on each device
-#   Trainium (neuron_parallel_compile on PATH): runs the same torchrun ... 05_train.py command as training for
-#     a few steps in graph-extraction mode, then compiles every extracted graph in parallel into the Neuron
-#     compiler cache (xla.neuron.compiler_cache_url -> NEURON_COMPILE_CACHE_URL), and prints the graph totals.
-#     The real 05 run with the same config then loads the compiled graphs instead of compiling them.
+#   Trainium trn1 (neuron_parallel_compile on PATH): runs the same torchrun ... 05_train.py command as training
+#     for a few steps in graph-extraction mode, then compiles every extracted graph in parallel into the Neuron
+#     compiler cache (xla.neuron.compiler_cache_url), and prints the graph totals. The real 05 run with the
+#     same config then loads the compiled graphs instead of compiling them. It fails if no graph was extracted
+#     or any graph failed to compile.
 #   Other XLA devices (torch-xla installed, no Neuron compiler): runs the same few steps, which fills the
-#     persistent XLA cache (xla.cache_dir) that the real run reuses.
+#     persistent XLA cache (xla.cache_dir) that the real run reuses; fails if nothing was compiled.
 #   CPU and CUDA without torch-xla: PyTorch runs eagerly; there are no graphs to compile ahead of time, so
 #     this stage has nothing to do, says so and exits 0.
+#
+# The extraction run writes no run checkpoints (every rank would race over the same step_N.tmp while every
+# graph returns zeros); 05 also skips them by itself when NEURON_EXTRACT_GRAPHS_ONLY is set.
 #
 # Usage: bash 04_precompile.sh [--config FILE ...] [dotted.key=value ...]     (the same arguments as 05)
 #   Trainium, one trn1.32xlarge:   bash 04_precompile.sh --config config.yaml
@@ -17,11 +21,27 @@
 #                                  NNODES=4 NODE_RANK=$SLURM_NODEID MASTER_ADDR=node0 bash 04_precompile.sh ...
 #   CPU/CUDA:                      bash 04_precompile.sh --config config.yaml --config demo.yaml
 # Environment: NPROC_PER_NODE (32), NNODES (1), NODE_RANK (0), MASTER_ADDR (localhost), MASTER_PORT (41000),
-#   PRECOMPILE_STEPS (10, as NxDT's COMPILE=1 run), PYTHON (default .venv/bin/python if present).
+#   PRECOMPILE_STEPS (10, as NxDT's COMPILE=1 run), PYTHON (default: the first of python3, python on PATH -
+#   the active environment, e.g. the Neuron DLAMI's - and .venv/bin/python that has torch-xla).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+
+has_module() { "$1" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$2') is None)" 2>/dev/null; }
+
+# The interpreter that can run 05 on XLA: the active environment first (on Trainium, the Neuron virtual
+# environment), then the project's .venv, whose CPU build of torch has no torch-xla.
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+else
+  PY=""
+  for cand in "$(command -v python3 || true)" "$(command -v python || true)" .venv/bin/python; do
+    if [ -n "$cand" ] && [ -x "$cand" ] && has_module "$cand" torch_xla; then PY=$cand; break; fi
+  done
+  if [ -z "$PY" ]; then
+    PY=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
+  fi
+fi
 STEPS=${PRECOMPILE_STEPS:-10}
 TORCHRUN=("$PY" -m torch.distributed.run --nproc_per_node "${NPROC_PER_NODE:-32}" --nnodes "${NNODES:-1}"
           --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-41000}")
@@ -29,15 +49,35 @@ SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/precompile.XXXXXX")  # the extraction run's
 trap 'rm -rf "$SCRATCH"' EXIT
 # The training steps and the validation pass are what get compiled; generation (dynamic shapes) is skipped on XLA.
 STEP_ARGS=("trainer.max_steps=${STEPS}" "exp_manager.create_tensorboard_logger=false"
-           "exp_manager.explicit_log_dir=${SCRATCH}/run" "evaluation.generate.num_prompts=0")
+           "exp_manager.explicit_log_dir=${SCRATCH}/run" "evaluation.generate.num_prompts=0"
+           "exp_manager.checkpoint_callback_params.every_n_train_steps=0" "trainer.accelerator=xla")
+
+# The config's Neuron variables, exported here: neuron_parallel_compile compiles into NEURON_COMPILE_CACHE_URL
+# itself, so the workers alone having it is not enough; MALLOC_ARENA_MAX takes effect only from a process's start.
+export_neuron_environment() {
+  local lines
+  lines=$("$PY" 05_train.py "$@" --neuron-env)
+  eval "$lines"
+  echo "04: Neuron compiler cache: ${NEURON_COMPILE_CACHE_URL}; NEURON_CC_FLAGS: ${NEURON_CC_FLAGS}"
+}
 
 if command -v neuron_parallel_compile >/dev/null 2>&1; then
-  echo "04: Neuron compiler found: extracting graphs from ${STEPS} training steps, then compiling them in parallel"
-  neuron_parallel_compile "${TORCHRUN[@]}" 05_train.py "$@" "${STEP_ARGS[@]}" "trainer.accelerator=xla" \
-    2>&1 | tee "${SCRATCH}/compile.log"
-  echo "04: graphs compiled into the Neuron cache (${NEURON_COMPILE_CACHE_URL:-as set by xla.neuron.compiler_cache_url}):"
+  if ! has_module "$PY" torch_xla; then
+    echo "04: neuron_parallel_compile is here but $PY has no torch-xla; activate the Neuron virtual environment" \
+         "(requirements-neuron.txt) or set PYTHON to its interpreter" >&2
+    exit 1
+  fi
+  export_neuron_environment "$@"
+  echo "04: Neuron compiler found: extracting graphs from ${STEPS} training steps with $PY, then compiling them in parallel"
+  neuron_parallel_compile "${TORCHRUN[@]}" 05_train.py "$@" "${STEP_ARGS[@]}" 2>&1 | tee "${SCRATCH}/compile.log"
+  echo "04: graphs compiled into the Neuron cache (${NEURON_COMPILE_CACHE_URL}):"
   grep -E "Total (graphs|successful compilations|failed compilations)" "${SCRATCH}/compile.log" || {
     echo "04: neuron_parallel_compile printed no graph totals; see the log above" >&2; exit 1; }
+  total=$(grep -oE "Total graphs: [0-9]+" "${SCRATCH}/compile.log" | tail -n 1 | grep -oE "[0-9]+$")
+  if [ "${total:-0}" -eq 0 ]; then
+    echo "04: no graph was extracted, so nothing was compiled; see the training output above" >&2
+    exit 1
+  fi
   if grep -qE "Total failed compilations: [1-9]" "${SCRATCH}/compile.log"; then
     echo "04: some graphs failed to compile" >&2
     exit 1
@@ -45,10 +85,16 @@ if command -v neuron_parallel_compile >/dev/null 2>&1; then
   exit 0
 fi
 
-if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch_xla') is None)"; then
-  echo "04: torch-xla found (no Neuron compiler): running ${STEPS} steps to fill the persistent XLA cache (xla.cache_dir)"
-  "${TORCHRUN[@]}" 05_train.py "$@" "${STEP_ARGS[@]}" "trainer.accelerator=xla"
-  echo "04: graphs compiled: $(tail -n 1 "${SCRATCH}/run/metrics.jsonl" | sed -E 's/.*"xla_compiles": ([0-9]+).*/\1/')"
+if has_module "$PY" torch_xla; then
+  export_neuron_environment "$@"
+  echo "04: torch-xla found (no Neuron compiler): running ${STEPS} steps with $PY to fill the persistent XLA cache (xla.cache_dir)"
+  "${TORCHRUN[@]}" 05_train.py "$@" "${STEP_ARGS[@]}"
+  compiled=$(grep -oE '"xla_compiles": [0-9]+' "${SCRATCH}/run/metrics.jsonl" | tail -n 1 | grep -oE "[0-9]+$" || true)
+  echo "04: graphs compiled: ${compiled}"
+  if [ "${compiled:-0}" -eq 0 ]; then
+    echo "04: no graph was compiled; see the training output above" >&2
+    exit 1
+  fi
   exit 0
 fi
 

@@ -249,7 +249,6 @@ SCHEMA = {
     "xla.neuron.compiler_cache_url": "str",
     "xla.neuron.fuse_softmax": "bool",
     "xla.neuron.async_exec_max_inflight_requests": "int",
-    "xla.neuron.bucket_size_collectives": "int",
     "xla.neuron.rt_exec_timeout": "int",
     "xla.neuron.experimental_compress_rg": "bool",
 }
@@ -305,27 +304,53 @@ def check_settings(c, launched=True):
 
 
 # ------------------------------------------------------------------------------------------------ device
+# Variables that matter only if set before a process starts, so they are exported by whoever launches it
+# (04_precompile.sh, or `eval "$(python 05_train.py ... --neuron-env)"` before torchrun): glibc reads
+# MALLOC_ARENA_MAX at start-up (the tutorial's launch sets 128 to bound host memory over 32 ranks).
+LAUNCH_ENV = {"MALLOC_ARENA_MAX": "128"}
+
+
 def neuron_environment(c):
     """The Neuron compiler and runtime settings of the tutorial, as environment variables (set before torch-xla
-    starts; a variable already set by the user wins). Harmless on XLA devices other than Trainium."""
+    starts; a variable already set by the user wins; the configured compiler flags are added to
+    NEURON_CC_FLAGS unless already there, so that 04's launch and the training launch compile with the same
+    flags and share the cache). Harmless on XLA devices other than Trainium. Returns what it set.
+
+    Deliberately absent: BUCKET_CAP_MB (the bucket size of DDP's gradient all-reduce; this loop reduces one
+    flat gradient itself, so it would do nothing)."""
     n = "xla.neuron."
     flags = c[n + "compiler_flags"]
     if c["precision.type"] == "autocast":  # bf16 comes from autocast, so the compiler must not cast on its own
         flags += " --enable-mixed-precision-accumulation --auto-cast none"
+    inherited = os.environ.get("NEURON_CC_FLAGS", "")
     env = {
-        "NEURON_CC_FLAGS": f"{os.environ.get('NEURON_CC_FLAGS', '')} {flags}".strip(),
+        "NEURON_CC_FLAGS": inherited if flags in inherited else f"{inherited} {flags}".strip(),
         "NEURON_COMPILE_CACHE_URL": os.path.expanduser(c[n + "compiler_cache_url"]),
         "NEURON_FUSE_SOFTMAX": str(int(c[n + "fuse_softmax"])),
         "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": str(c[n + "async_exec_max_inflight_requests"]),
-        "BUCKET_CAP_MB": str(c[n + "bucket_size_collectives"]),
         "NEURON_RT_EXEC_TIMEOUT": str(c[n + "rt_exec_timeout"]),
         "NEURON_EXPERIMENTAL_COMPRESS_RG": str(int(c[n + "experimental_compress_rg"])),
         "XLA_USE_BF16": "0", "XLA_DOWNCAST_BF16": "0", "NEURON_RT_STOCHASTIC_ROUNDING_EN": "0",
-        "XLA_DISABLE_FUNCTIONALIZATION": "0", "MALLOC_ARENA_MAX": "128",
     }
     for key, value in env.items():
         if key == "NEURON_CC_FLAGS" or key not in os.environ:
             os.environ[key] = value
+    # Always 0, whatever is inherited (the tutorial's launch script sets 0 too): a 1 puts torch-xla on its legacy
+    # path without functionalization, where in-place updates through views are known to give wrong results.
+    if os.environ.get("XLA_DISABLE_FUNCTIONALIZATION", "0") != "0":
+        print("warning: XLA_DISABLE_FUNCTIONALIZATION=1 in the environment is overridden with 0", file=sys.stderr)
+    os.environ["XLA_DISABLE_FUNCTIONALIZATION"] = "0"
+    return {key: os.environ[key] for key in [*env, "XLA_DISABLE_FUNCTIONALIZATION"]}
+
+
+def print_launch_environment(c):
+    """--neuron-env: the Neuron variables of this config, and the start-up ones, as shell export lines."""
+    import shlex
+
+    env = neuron_environment(c)
+    env.update({k: os.environ.get(k, v) for k, v in LAUNCH_ENV.items()})
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
 
 
 def pick_device(c):
@@ -362,12 +387,38 @@ def sync_device(device):
         torch_xla.sync()
 
 
-def xla_compiles():
-    """Graphs compiled so far in this process (on XLA), so that a recompiling step shows in the metrics."""
+def extracting_graphs():
+    """True under neuron_parallel_compile's extraction run, where every device graph returns zeros: no decision may
+    then be taken from a device value, and nothing written is a real result."""
+    return bool(os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY"))
+
+
+def seed_dropout(seed, par, device):
+    """Dropout masks: a different stream on each data-parallel replica, the same on the tensor-parallel ranks of
+    one replica (they must drop alike). torch.manual_seed does not reach torch-xla's generator, which is
+    seeded on its own (and saved and restored with the run checkpoints)."""
+    if par.dp_rank:
+        torch.manual_seed(seed + par.dp_rank)
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed + par.dp_rank, device)
+
+
+def xla_counts():
+    """Graphs compiled and graph executions so far in this process (on XLA): a recompiling step, or a step that
+    runs more graphs than it should, shows in the metrics."""
     import torch_xla.debug.metrics as met
 
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0
+    compiled, executed = met.metric_data("CompileTime"), met.metric_data("ExecuteTime")
+    return {"xla_compiles": int(compiled[0]) if compiled else 0, "xla_executions": int(executed[0]) if executed else 0}
+
+
+def xla_fallback_ops():
+    """Operations torch-xla ran on the CPU instead of the device (slow on Trainium), host reads left out."""
+    import torch_xla.debug.metrics as met
+
+    return sorted(op for op in met.executed_fallback_ops() if op != "aten::_local_scalar_dense")
 
 
 # ------------------------------------------------------------------------------------------------ parallel
@@ -378,7 +429,8 @@ class Parallel:
     the ranks with the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks that hold copies
     of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed (gloo on CPU,
     nccl on CUDA) or, on XLA (Trainium), torch-xla's all-reduce and all-gather over replica groups, which is
-    what NxD's parallel state uses. In a single process every collective is the identity."""
+    what NxD's parallel state uses. Host data (strings, barriers, stop requests) goes over a gloo group on the
+    CPU in every case. In a single process every collective is the identity."""
 
     def __init__(self, tp, device, kv_groups=None, world=None, rank=None, connect=True):
         self.world = world or int(os.environ.get("WORLD_SIZE", "1"))
@@ -394,25 +446,30 @@ class Parallel:
             "world": [list(range(self.world))],
         }
         self.mine = {name: next(g for g in gs if self.rank in g) for name, gs in self.groups.items()}
-        self.handles = {}
+        self.handles, self.host = {}, None
         if not connect:  # layout only (the dry run's per-rank checks)
             return
-        if self.world > 1 and not self.xla:
+        if self.world > 1:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            for name, gs in self.groups.items():  # every rank creates every group, in the same order
-                for g in gs:
-                    handle = dist.new_group(g)
-                    if self.rank in g:
-                        self.handles[name] = handle
-        elif self.world > 1:
-            import torch.distributed as dist
-            import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" backend
+                if self.xla:
+                    import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" backend
 
-            if not dist.is_initialized():
-                dist.init_process_group("xla", init_method="xla://")
+                    dist.init_process_group("xla", init_method="xla://")
+                else:
+                    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # Host data (the run directory, barriers, stop requests) travels over gloo on the CPU, never through
+            # device collectives: NxD does the same, and under neuron_parallel_compile every device graph
+            # returns zeros, so a device barrier would synchronise nothing and a payload would come back empty.
+            self.host = (dist.group.WORLD if dist.get_backend() == "gloo"
+                         else dist.new_group(list(range(self.world)), backend="gloo"))
+            if not self.xla:  # torch-xla takes replica groups per call instead
+                for name, gs in self.groups.items():  # every rank creates every group, in the same order
+                    for g in gs:
+                        handle = dist.new_group(g)
+                        if self.rank in g:
+                            self.handles[name] = handle
 
     def size(self, name):
         return len(self.mine[name])
@@ -438,7 +495,9 @@ class Parallel:
         if self.xla:
             import torch_xla.core.xla_model as xm
 
-            return list(xm.all_gather(x.unsqueeze(0), dim=0, groups=self.groups[name]).unbind(0))
+            # pin_layout=False (as NxD): the pinned variant is built from an all-reduce over a buffer placed at
+            # this rank's ordinal, so its graph would differ from rank to rank.
+            return list(xm.all_gather(x.unsqueeze(0), dim=0, groups=self.groups[name], pin_layout=False).unbind(0))
         import torch.distributed as dist
 
         out = [torch.empty_like(x) for _ in self.mine[name]]
@@ -448,21 +507,33 @@ class Parallel:
     def barrier(self):
         """Every rank waits here for all the others (file writes before, reads after)."""
         if self.world > 1:
-            self.all_reduce(torch.zeros(1, device=self.device), "world").cpu()
+            import torch.distributed as dist
+
+            dist.barrier(group=self.host)
 
     def broadcast_text(self, text):
         """Rank 0's string, on every rank."""
         if self.world == 1:
             return text
-        if self.xla:
-            import torch_xla.core.xla_model as xm
-
-            return xm.rendezvous("broadcast_text", text.encode())[0].decode()
         import torch.distributed as dist
 
         box = [text]
-        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        dist.broadcast_object_list(box, src=0, group=self.host)
         return box[0]
+
+    def gather_to_host(self, x, name):
+        """[members of the group `name`, *x.shape] on the CPU: one gather and one transfer to the host."""
+        return torch.stack(self.all_gather(x, name)).cpu()
+
+    def any_rank(self, flag):
+        """True on every rank when `flag` (a host value) is true on any rank."""
+        if self.world == 1:
+            return bool(flag)
+        import torch.distributed as dist
+
+        t = torch.tensor([int(bool(flag))])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host)
+        return bool(t.item())
 
     def copy(self, x):
         """Enter a tensor-parallel region: identity forward; the input gradient is summed over the TP group."""
@@ -497,12 +568,11 @@ class _ReduceFromTP(torch.autograd.Function):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy over logits split by vocabulary across the TP group, without gathering them:
     the max, the softmax denominator and the target's logit are each reduced over the group. Targets of
-    -100 (and padding) give 0 and no gradient."""
+    -100 (and padding) give 0 and no gradient. `start` (a device tensor) is this rank's first vocabulary row."""
 
     @staticmethod
-    def forward(ctx, logits, targets, par):
+    def forward(ctx, logits, targets, par, start):
         rows = logits.shape[-1]
-        start = par.tp_rank * rows
         z = logits - par.all_reduce(logits.max(dim=-1).values, "tp", op="max")[:, None]
         local = targets - start
         here = (local >= 0) & (local < rows)
@@ -519,7 +589,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         softmax, local, here, valid = ctx.saved_tensors
         g = softmax
         g.scatter_add_(1, local[:, None], -here.to(g.dtype)[:, None])
-        return g * (grad * valid)[:, None], None, None
+        return g * (grad * valid)[:, None], None, None, None
 
 
 def shard_heads(cfg, tp, kv_mult, backend, r):
@@ -532,6 +602,25 @@ def shard_heads(cfg, tp, kv_mult, backend, r):
     if backend == "trn1" and kv_mult > 1:
         group = (r % kv) * (tp // kv) + r // kv
     return list(range(group * per_q, (group + 1) * per_q)), [t % kv for t in range(r * per_kv, (r + 1) * per_kv)]
+
+
+def head_index(heads, hd, offset=0):
+    """The rows of the given heads (head_dim hd each) in a projection whose head rows start at offset."""
+    return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd, device="cpu") for h in heads])
+
+
+def shard_rows(cfg, tp, r):
+    """{projection: the rows (column-parallel) or input columns (row-parallel) of the full weight that
+    tensor-parallel rank r holds}. The model is laid out from it and the adapter reassembled with it, so no
+    index ever travels between ranks."""
+    q_heads, kv_heads = shard_heads(cfg, tp, cfg.get("kv_mult", 1), cfg.get("hw_backend", "trn1"), r)
+    hd, inter, vocab = cfg["head_dim"], cfg["inter"], cfg["vocab"]
+    q_full, kv_full = cfg["heads"] * hd, cfg["kv_heads"] * hd
+    cols = torch.arange(r * inter // tp, (r + 1) * inter // tp, device="cpu")
+    return {"qkv_proj": torch.cat([head_index(q_heads, hd), head_index(kv_heads, hd, q_full),
+                                   head_index(kv_heads, hd, q_full + kv_full)]),
+            "o_proj": head_index(q_heads, hd), "gate_up_proj": torch.cat([cols, inter + cols]), "down_proj": cols,
+            "lm_head": torch.arange(r * vocab // tp, (r + 1) * vocab // tp, device="cpu")}
 
 
 def check_layout(cfg, tp, kv_mult, backend):
@@ -691,33 +780,34 @@ class LoRALinear(nn.Module):
 
     def dropout(self, x):
         """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
-        lower cost on CPU (bench/train_bench.py)."""
+        lower cost on CPU (bench/train_bench.py). p is compared as a float32 tensor, which is what a Python
+        float becomes in eager mode too; torch-xla would compare with a Python float in float64, which
+        NeuronCores do not have."""
         if not self.training or self.p == 0:
             return x
-        return x * (torch.rand(x.shape, device=x.device) >= self.p) * (1 / (1 - self.p))
+        keep = torch.rand(x.shape, device=x.device) >= torch.full((), self.p, device=x.device)
+        return x * keep * (1 / (1 - self.p))
 
 
 def lora_add(y, a, b, scaling):
-    """y + scaling * a B^T as one GEMM that accumulates into y (addmm): no separate scale and sum passes."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), b.t(), alpha=scaling)
-    return out.view(y.shape)
-
-
-def head_index(heads, hd, offset=0):
-    return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd, device="cpu") for h in heads])
+    """y + scaling * a B^T as one GEMM that accumulates into y (addmm): no separate scale and sum passes.
+    torch-xla runs addmm with alpha != 1 on the CPU (a fallback that copies the operands to the host), so on
+    XLA the scale goes on the small [tokens, r] factor instead."""
+    y2, a2 = y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1])
+    if y.device.type == "xla":
+        return torch.addmm(y2, a2 * scaling, b.t()).view(y.shape)
+    return torch.addmm(y2, a2, b.t(), alpha=scaling).view(y.shape)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, dtype, par, heads):
+    def __init__(self, cfg, dtype, par, rows):
         super().__init__()
-        q_heads, kv_heads = heads
-        self.heads, self.kv_heads, self.head_dim = len(q_heads), len(kv_heads), cfg["head_dim"]
-        self.sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         hd, q_full, kv_full = cfg["head_dim"], cfg["heads"] * cfg["head_dim"], cfg["kv_heads"] * cfg["head_dim"]
-        rows = torch.cat([head_index(q_heads, hd), head_index(kv_heads, hd, q_full),
-                          head_index(kv_heads, hd, q_full + kv_full)])
-        self.qkv_proj = LoRALinear((q_full + 2 * kv_full, cfg["hidden"]), dtype, par, "out", rows)
-        self.o_proj = LoRALinear((cfg["hidden"], q_full), dtype, par, "in", head_index(q_heads, hd))
+        self.head_dim, self.heads = hd, len(rows["o_proj"]) // hd
+        self.kv_heads = (len(rows["qkv_proj"]) - len(rows["o_proj"])) // (2 * hd)
+        self.sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
+        self.qkv_proj = LoRALinear((q_full + 2 * kv_full, cfg["hidden"]), dtype, par, "out", rows["qkv_proj"])
+        self.o_proj = LoRALinear((cfg["hidden"], q_full), dtype, par, "in", rows["o_proj"])
         self.qkv_proj.kv_rows_from = self.sizes[0]
 
     def forward(self, x, cos, sin, mask, cache=None, spans=None):
@@ -739,12 +829,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, dtype, par):
+    def __init__(self, cfg, dtype, par, rows):
         super().__init__()
-        inter, tp, r = cfg["inter"], par.tp, par.tp_rank
-        cols = torch.arange(r * inter // tp, (r + 1) * inter // tp, device="cpu")
-        self.gate_up_proj = LoRALinear((2 * inter, cfg["hidden"]), dtype, par, "out", torch.cat([cols, inter + cols]))
-        self.down_proj = LoRALinear((cfg["hidden"], inter), dtype, par, "in", cols)
+        inter = cfg["inter"]
+        self.gate_up_proj = LoRALinear((2 * inter, cfg["hidden"]), dtype, par, "out", rows["gate_up_proj"])
+        self.down_proj = LoRALinear((cfg["hidden"], inter), dtype, par, "in", rows["down_proj"])
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -752,12 +841,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, dtype, par, heads):
+    def __init__(self, cfg, dtype, par, rows):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
-        self.self_attn = Attention(cfg, dtype, par, heads)
+        self.self_attn = Attention(cfg, dtype, par, rows)
         self.post_attention_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
-        self.mlp = MLP(cfg, dtype, par)
+        self.mlp = MLP(cfg, dtype, par, rows)
 
     def forward(self, x, cos, sin, mask, cache=None, spans=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, spans)
@@ -772,7 +861,9 @@ class VocabEmbedding(nn.Module):
     def __init__(self, cfg, dtype, par):
         super().__init__()
         self.par, self.rows = par, cfg["vocab"] // par.tp
-        self.start = par.tp_rank * self.rows
+        # The first row as a one-element tensor, not a Python int: on XLA the graph then takes it as an input and
+        # every rank runs the same graph (an int, or a 0-d tensor holding 0, would be baked in as a constant).
+        self.register_buffer("start", torch.tensor([par.tp_rank * self.rows]), persistent=False)
         self.weight = nn.Parameter(torch.empty(self.rows, cfg["hidden"], dtype=dtype), requires_grad=False)
 
     def forward(self, ids):
@@ -785,11 +876,10 @@ class VocabEmbedding(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg, dtype, par):
+    def __init__(self, cfg, dtype, par, rows):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg, dtype, par)
-        heads = shard_heads(cfg, par.tp, cfg.get("kv_mult", 1), cfg.get("hw_backend", "trn1"), par.tp_rank)
-        self.layers = nn.ModuleList(Block(cfg, dtype, par, heads) for _ in range(cfg["layers"]))
+        self.layers = nn.ModuleList(Block(cfg, dtype, par, rows) for _ in range(cfg["layers"]))
         self.norm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
 
 
@@ -802,11 +892,10 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg, self.par = cfg, par or Parallel(1, torch.device("cpu"), world=1)
         self.checkpoint_layers = checkpoint_layers  # the first N layers recompute their activations in backward
-        self.model = Decoder(cfg, dtype, self.par)
-        vocab_rows = torch.arange(self.par.tp_rank * cfg["vocab"] // self.par.tp,
-                                  (self.par.tp_rank + 1) * cfg["vocab"] // self.par.tp, device="cpu")
+        rows = shard_rows(cfg, self.par.tp, self.par.tp_rank)
+        self.model = Decoder(cfg, dtype, self.par, rows)
         self.lm_head = (None if cfg["tie"] else
-                        LoRALinear((cfg["vocab"], cfg["hidden"]), dtype, self.par, "out", vocab_rows))
+                        LoRALinear((cfg["vocab"], cfg["hidden"]), dtype, self.par, "out", rows["lm_head"]))
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def output_weight(self):
@@ -1008,6 +1097,13 @@ def global_grad_norm(modules, par):
     return par.all_reduce(total, "tp").sqrt()
 
 
+def nonfinite(x):
+    """True if any element of x is NaN or infinite: x - x is NaN exactly there. (torch.isfinite is lowered by
+    torch-xla with a float64 constant, and NeuronCores have no float64.)"""
+    d = x - x
+    return (d != d).any()
+
+
 def clip_gradients(params, norm, max_norm):
     """Scale the gradients so that their global norm is at most max_norm (as torch's clip_grad_norm_), on the
     device, without a host synchronisation."""
@@ -1016,27 +1112,48 @@ def clip_gradients(params, norm, max_norm):
         p.grad.mul_(coef)
 
 
-def gather_lora(modules, par):
-    """{module name: (A, B)} at full size, assembled from every tensor-parallel rank's shard. Copies of
-    replicated tensors (A of column-parallel layers, B of row-parallel ones, replicated K/V rows) must be
-    identical on every rank that holds them; a difference is an error, never averaged away."""
+def gather_lora(modules, par, cfg):
+    """{module name: (A, B)} at full size, from every tensor-parallel rank's shard: all LoRA tensors travel as
+    one flat float32 vector in one gather and one transfer to the host, the same graph on every rank."""
+    flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)])
+    return assemble_lora(modules, par.gather_to_host(flat, "tp"), [shard_rows(cfg, par.tp, r) for r in range(par.tp)])
+
+
+def assemble_lora(modules, everyone, rows):
+    """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n], given the rows each rank
+    holds (shard_rows; known on the host, so no index travels). Copies of replicated tensors (A of
+    column-parallel layers, B of row-parallel ones, replicated K/V rows) must be identical on every rank that
+    holds them; a difference is an error naming its size, never averaged away."""
+    tensors = [t for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)]
+    tp = everyone.shape[0]
+    parts = iter(x.reshape(tp, *t.shape) for x, t in zip(everyone.split([t.numel() for t in tensors], 1), tensors))
     out = {}
     for name, m in modules:
-        a_all = par.all_gather(m.lora_A.weight.detach().float(), "tp")
-        b_all = par.all_gather(m.lora_B.weight.detach().float(), "tp")
-        idx_all = par.all_gather(m.index.to(m.lora_A.weight.device), "tp")
+        a_all, b_all = next(parts), next(parts)
+        leaf = name.rsplit(".", 1)[-1]
         # The replicated factor, and the split one with its split dimension first.
-        rep_all, split_all = (a_all, b_all) if m.split == "out" else (b_all, [x.t() for x in a_all])
-        rep = rep_all[0].cpu()
+        rep_all, split_all = (a_all, b_all) if m.split == "out" else (b_all, a_all.transpose(1, 2))
         n = m.full[0] if m.split == "out" else m.full[1]
-        full, seen = torch.zeros(n, split_all[0].shape[1]), torch.zeros(n, dtype=torch.bool)
-        for copy, part, idx in zip(rep_all, split_all, idx_all):
-            part, idx = part.cpu(), idx.cpu()
-            if not torch.equal(copy.cpu(), rep) or not torch.equal(full[idx][seen[idx]], part[seen[idx]]):
-                raise StageError(f"LoRA weights of {name}: the copies on different tensor-parallel ranks differ")
+        full, seen = torch.zeros(n, split_all.shape[2]), torch.zeros(n, dtype=torch.bool)
+        for r in range(tp):
+            part, idx = split_all[r], rows[r][leaf]
+            check_copies(name, r, rep_all[r], rep_all[0])
+            check_copies(name, r, part[seen[idx]], full[idx][seen[idx]])
             full[idx], seen[idx] = part, True
+        rep = rep_all[0].clone()
         out[name] = (rep, full) if m.split == "out" else (full.t().contiguous(), rep)
     return out
+
+
+def check_copies(name, rank, copy, first):
+    """Replicated LoRA values must be bitwise equal on every rank that holds them (compared as bits, so that
+    identical NaNs of a diverged run count as equal)."""
+    differ = copy.view(torch.int32) != first.view(torch.int32)
+    if differ.any():
+        raise StageError(f"LoRA weights of {name}: tensor-parallel rank {rank} holds a replicated copy that differs "
+                         f"from the first one in {int(differ.sum())} of {differ.numel()} values (largest "
+                         f"difference {float((copy - first).abs().max()):.3g}); replicated weights must stay "
+                         f"identical, so the parallel layout or the gradient synchronisation is wrong")
 
 
 def peft_tensors(lora, sizes):
@@ -1267,7 +1384,7 @@ def loss_sum(model, mb, device, autocast):
         logits = model.logits(hidden if index is None else hidden[index]).float()
     if model.par.tp == 1:
         return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-    return _VocabParallelCrossEntropy.apply(logits, targets, model.par).sum()
+    return _VocabParallelCrossEntropy.apply(logits, targets, model.par, model.model.embed_tokens.start).sum()
 
 
 def pad_rows(batch, multiple):
@@ -1290,10 +1407,11 @@ def evaluate(model, batch, mbs, device, autocast):
     batch = pad_rows(batch, mbs * par.dp)
     share = batch["input_ids"].shape[0] // par.dp
     mine = {k: v[par.dp_rank * share:(par.dp_rank + 1) * share] for k, v in batch.items()}
-    # float64 sums, except on XLA, where Trainium has no float64
-    total = torch.zeros((), dtype=torch.float32 if device.type == "xla" else torch.float64, device=device)
+    # float64 sums, except on XLA: NeuronCores have no float64, so no float64 may enter a device graph there
+    acc = torch.float32 if device.type == "xla" else torch.float64
+    total = torch.zeros((), dtype=acc, device=device)
     for start in range(0, share, mbs):
-        total += loss_sum(model, {k: v[start:start + mbs] for k, v in mine.items()}, device, autocast).double()
+        total += loss_sum(model, {k: v[start:start + mbs] for k, v in mine.items()}, device, autocast).to(acc)
         sync_device(device)
     model.train()
     return par.all_reduce(total, "dp").item() / max(count, 1)
@@ -1360,6 +1478,38 @@ def generation_eval(model, records, tokenizer, c, device, autocast):
             hits += answer == expected.strip()
             samples.append({"prompt": prompt, "expected": expected, "answer": answer})
     return hits / max(n, 1), samples
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+class XlaAdamW(torch.optim.AdamW):
+    """torch's AdamW update (decoupled weight decay, bias correction, the same state and state_dict), with every
+    scalar applied through mul/lerp/add: torch-xla passes the Python floats of addcmul_/addcdiv_'s `value=` to
+    the device as float64, which NeuronCores do not have. Used on XLA only; CPU and CUDA keep torch's AdamW."""
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = float(state["step"])  # a host tensor, as in torch's AdamW: no device read
+                p.mul_(1 - lr * wd)
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).add_(p.grad * p.grad, alpha=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                p.add_(state["exp_avg"] / denom, alpha=-lr / (1 - beta1 ** t))
+
+
+def make_optimizer(params, c, device):
+    beta1, beta2 = c["model.optim.betas"]
+    kind = XlaAdamW if device.type == "xla" else torch.optim.AdamW
+    return kind(params, lr=c["model.optim.lr"], betas=(beta1, beta2), eps=c["model.optim.eps"],
+                weight_decay=c["model.optim.weight_decay"])
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -1515,13 +1665,19 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def to_cpu(obj):
+def to_cpu(obj, device):
+    """obj (nested dicts, lists, tuples) with every tensor copied to the host. On XLA all of them in one
+    transfer (one graph), instead of one per tensor."""
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        return xm._maybe_convert_to_cpu(obj)  # what xm.save uses: one sync, one batched transfer
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v, device) for v in obj)
     return obj
 
 
@@ -1563,8 +1719,8 @@ def save_checkpoint(root, state, par, params, optimizer, write_adapter, device, 
         tmp.mkdir(parents=True)
     par.barrier()
     own = tmp / f"rank_{par.rank:05d}.pt"
-    torch.save({"lora": [p.detach().cpu() for p in params], "optimizer": to_cpu(optimizer.state_dict()),
-                "rng": rng_states(device)}, f"{own}.part")
+    held = to_cpu({"lora": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, device)
+    torch.save(dict(held, rng=rng_states(device)), f"{own}.part")
     fsync_path(f"{own}.part")
     os.replace(f"{own}.part", own)
     par.barrier()
@@ -1693,14 +1849,22 @@ def check_shards(c, cfg, par_cfg):
     return tp, found
 
 
+# What the Neuron runtime holds on a NeuronCore besides the program's tensors: model code (with 96 MB of
+# micro-code per physical core), scratchpad, DMA rings and collective buffers (Neuron docs, "Neuron device
+# memory"). No fixed figure is published; 1 GiB is this estimate's allowance.
+NEURON_RUNTIME_RESERVE_GIB = 1.0
+ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak (the dry run warns within it)
+
+
 def memory_estimate(cfg, c, tp, supervised_per_row, xla):
     """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, all fp32),
-    and activations of one micro-batch with and without per-layer checkpointing. Activations count what
-    autograd keeps per layer (norm outputs, q/k/v, attention output, the MLP's gate/up/product) at the
-    compute dtype, the fp32 residual kept for each RMSNorm, the attention matrix where no fused attention
-    kernel is used (XLA here), the boolean document mask, and the fp32 logits, softmax and gradient of
-    the output layer at the positions that get logits. An estimate, typically within 20%; allocator
-    fragmentation and the runtime's own buffers come on top."""
+    activations of one micro-batch with and without per-layer checkpointing, and on XLA (Trainium) the Neuron
+    runtime's own reserve. Activations count what autograd keeps per layer (norm outputs, q/k/v, attention
+    output, the MLP's gate/up/product) at the compute dtype, the fp32 residual kept for each RMSNorm, LoRA A's
+    fp32 outputs and, with LoRA dropout, each adapted input's dropped copy and its keep mask, the attention
+    matrix where no fused attention kernel is used (XLA here), the boolean document mask, and the fp32
+    logits, softmax and gradient of the output layer at the positions that get logits. An estimate,
+    typically within 20%; allocator fragmentation comes on top."""
     par = Parallel(tp, torch.device("meta"), world=tp, rank=0, connect=False)
     with torch.device("meta"):
         model = Llama(cfg, par=par)
@@ -1711,6 +1875,10 @@ def memory_estimate(cfg, c, tp, supervised_per_row, xla):
     ql, kvl, hd, il = attn.heads, attn.kv_heads, cfg["head_dim"], cfg["inter"] // tp
     r = c["model_alignment_strategy.peft.lora_rank"]
     per_layer = b * s * (2 * 4 * h + e * (2 * h + (2 * ql + 4 * kvl) * hd + 4 * il) + 4 * 4 * r)
+    if c["model_alignment_strategy.peft.lora_dropout"] > 0:
+        widths = {"qkv_proj": h, "o_proj": ql * hd, "gate_up_proj": h, "down_proj": il}
+        targets = c["model_alignment_strategy.peft.target_modules"]
+        per_layer += b * s * (e + 1) * sum(widths[t] for t in targets)
     if xla:
         per_layer += b * ql * s * s * (e + 4)
     n_ckpt = cfg["layers"] if c["model.activations_checkpoint_layers"] is None else \
@@ -1720,19 +1888,26 @@ def memory_estimate(cfg, c, tp, supervised_per_row, xla):
     return {
         "frozen base": sum(p.numel() for p in model.parameters() if not p.requires_grad) * e,
         "LoRA weights, gradients, AdamW": sum(p.numel() for p in params) * 16,
+        "runtime reserve": int(NEURON_RUNTIME_RESERVE_GIB * 2**30) if xla else 0,
         "activations": cfg["layers"] * per_layer + shared,
         "activations, checkpointed": (cfg["layers"] - n_ckpt + 1) * per_layer + n_ckpt * b * s * h * e + shared,
     }
+
+
+def plans_xla(c):
+    """Whether this config trains on XLA (Trainium): as pick_device decides, without starting a device."""
+    import importlib.util
+
+    acc = c["trainer.accelerator"]
+    return acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None)
 
 
 def device_memory(c):
     """(GiB per rank, where the figure comes from) for the device this config trains on."""
     if c["trainer.device_memory_gib"]:
         return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
-    import importlib.util
-
     acc = c["trainer.accelerator"]
-    if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla")):
+    if plans_xla(c):
         gen = c["distributed_strategy.hw_backend"]
         return NEURONCORE_GIB[gen], f"{gen} NeuronCore datasheet"
     if acc in ("cuda", "auto") and torch.cuda.is_available():
@@ -1751,14 +1926,13 @@ def dry_run(c, cfg, supervised_per_row):
     tp, dtype = check_shards(c, cfg, par_cfg)
     print(f"checkpoint: {tp} shard(s) in {c['exp_manager.resume_from_checkpoint']}/model, every tensor present "
           f"with the expected shape, {dtype}")
-    xla = c["trainer.accelerator"] == "xla"
-    est = memory_estimate(cfg, c, tp, supervised_per_row, xla)
+    est = memory_estimate(cfg, c, tp, supervised_per_row, plans_xla(c))
     limit, source = device_memory(c)
     print(f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
           f"{c['data.seq_length']}, {c['precision.type']}):")
     for k, v in est.items():
         print(f"  {k:<34} {v / 2**30:8.2f} GiB")
-    fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"]
+    fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["runtime reserve"]
     plain, ckpt = (fixed + est["activations"]) / 2**30, (fixed + est["activations, checkpointed"]) / 2**30
     print(f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n  {'total with checkpointing':<34} {ckpt:8.2f} GiB")
     print(f"  device memory                      {limit:8.2f} GiB ({source})")
@@ -1768,6 +1942,10 @@ def dry_run(c, cfg, supervised_per_row):
                 if not c["model.activations_checkpoint"] and ckpt <= limit else
                 "; raise distributed_strategy.tensor_model_parallel_size or lower data.micro_batch_size / seq_length")
         raise StageError(f"this configuration needs about {need:.2f} GiB per rank, the device has {limit:.2f} GiB{hint}")
+    if need * (1 + ESTIMATE_ERROR) > limit:
+        print(f"warning: {need:.2f} GiB is within the estimate's {ESTIMATE_ERROR:.0%} error of the device's "
+              f"{limit:.2f} GiB" + ("; model.activations_checkpoint=true would need {:.2f} GiB".format(ckpt)
+                                     if not c["model.activations_checkpoint"] else ""), file=sys.stderr)
     print(f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
           f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained")
 
@@ -1803,10 +1981,16 @@ def main(argv=None):
                     help="print N training windows with the trained tokens marked [[like this]], then exit")
     ap.add_argument("--dry-run", action="store_true",
                     help="check config, tokenizer, checkpoint shards and data, estimate memory per rank, then exit")
+    ap.add_argument("--neuron-env", action="store_true",
+                    help="print the Neuron compiler/runtime variables of this config as shell export lines "
+                         "(for the launch: eval \"$(python 05_train.py ... --neuron-env)\"), then exit")
     args = ap.parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
         sys.stdout = open(os.devnull, "w")
     c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
+    if args.neuron_env:
+        print_launch_environment(c)
+        return
     check_settings(c, launched=not args.dry_run)
     for k, v in redacted(c).items():
         print(f"  {k}: {v}")
@@ -1850,15 +2034,12 @@ def main(argv=None):
     print(f"loaded {ckpt.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
           f"process(es): TP {tp} x DP {par.dp}" + (f"; activation checkpointing on {n_ckpt} layer(s)" if n_ckpt else ""))
     modules, params = add_lora(model, c)
-    if par.dp_rank:  # different dropout masks on each data-parallel replica; TP ranks must draw alike
-        torch.manual_seed(c["seed"] + par.dp_rank)
+    seed_dropout(c["seed"], par, device)
     model.train()
 
     rank0 = par.rank == 0
     run_dir, resume_from = resume_point(c, par)
-    beta1, beta2 = c["model.optim.betas"]
-    optimizer = torch.optim.AdamW(params, lr=c["model.optim.lr"], betas=(beta1, beta2), eps=c["model.optim.eps"],
-                                  weight_decay=c["model.optim.weight_decay"])
+    optimizer = make_optimizer(params, c, device)
     start, skipped = 0, 0
     if resume_from:
         state = load_checkpoint_state(resume_from, par, params, optimizer, device)
@@ -1889,7 +2070,7 @@ def main(argv=None):
                 for s in samples[:c["evaluation.generate.show"]]:
                     print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
             if device.type == "xla":
-                record["xla_compiles"] = xla_compiles()
+                record.update(xla_counts())
             if rank0:
                 metrics.log(record)
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -1911,6 +2092,9 @@ def main(argv=None):
           else f"MFU not reported: {peak_source}")
     clip = c["trainer.gradient_clip_val"]
     every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
+    if extracting_graphs() and every:
+        print("NEURON_EXTRACT_GRAPHS_ONLY: graph extraction only, no run checkpoints are written")
+        every = 0
     last_checkpoint = resume_from
 
     def checkpoint(done):
@@ -1919,7 +2103,7 @@ def main(argv=None):
                  "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
                  "tensor_parallel": par.tp, "data_parallel": par.dp,
                  "metrics_lines": metrics.lines if rank0 else 0}
-        lora = gather_lora(modules, par)  # a collective: every rank takes part
+        lora = gather_lora(modules, par, cfg)  # a collective: every rank takes part
         path = save_checkpoint(run_dir / "checkpoints", state, par, params, optimizer,
                                lambda out: export_peft_adapter(lora, cfg, c, out), device,
                                c["exp_manager.checkpoint_callback_params.save_top_k"])
@@ -1954,15 +2138,19 @@ def main(argv=None):
         sync_gradients(modules, params, par)
         grad_norm = global_grad_norm(modules, par)
         step_loss = par.all_reduce(step_loss, "dp")
-        # The one host read per step, between steps: a non-finite loss or norm, or a stop request on any rank.
-        bad = (~torch.isfinite(step_loss) | ~torch.isfinite(grad_norm)).float()
-        flags = par.all_reduce(torch.stack([bad, torch.tensor(float(bool(stop)), device=device)]), "world", op="max")
-        nonfinite, stopping = (v > 0 for v in flags.tolist())
-        if nonfinite and c["trainer.nonfinite"] == "stop":
+        bad = nonfinite(torch.stack([step_loss, grad_norm]))  # the same on every rank: both are reduced values
+        # Cut the graph before reading: the read then copies a computed value instead of running the pending
+        # gradient reductions once for it and once more with the update.
+        sync_device(device)
+        # The one host read per step (skipped while extracting graphs, whose values are all zeros); a stop
+        # request is host data and is shared over the CPU group.
+        nonfinite_step = not extracting_graphs() and bool(bad)
+        stopping = par.any_rank(stop)
+        if nonfinite_step and c["trainer.nonfinite"] == "stop":
             raise StageError(f"step {step + 1}: loss {float(step_loss)} / gradient norm {float(grad_norm)} is not "
                              f"finite; last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
                              f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps")
-        if nonfinite:
+        if nonfinite_step:
             skipped += 1
             print(f"warning: step {step + 1}: non-finite loss or gradient norm; update skipped "
                   f"({skipped} skipped so far)", file=sys.stderr)
@@ -1999,7 +2187,7 @@ def main(argv=None):
             if peak:
                 record["mfu"] = done_flops / elapsed / (peak * par.world)
             if device.type == "xla":
-                record["xla_compiles"] = xla_compiles()
+                record.update(xla_counts())
             if rank0:
                 metrics.log(record)
                 bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
@@ -2013,7 +2201,7 @@ def main(argv=None):
             if rank0:
                 bar.clear()
             run_evaluation(done, gen=False)
-        if (every and done % every == 0) or stopping:
+        if (every and done % every == 0) or (stopping and not extracting_graphs()):
             last_checkpoint = checkpoint(done)
         if stopping:
             if rank0:
@@ -2025,7 +2213,7 @@ def main(argv=None):
     if rank0:
         bar.close()
     final = run_evaluation(max_steps, gen=True)
-    lora = gather_lora(modules, par)
+    lora = gather_lora(modules, par, cfg)
     if not rank0:
         return
     adapter = export_peft_adapter(lora, cfg, c, run_dir / "final" / "adapter")
@@ -2038,6 +2226,9 @@ def main(argv=None):
     if vals:
         print(f"val_loss: first {vals[0]:.4f}, best {min(vals):.4f}, last {vals[-1]:.4f}"
               + (f"; gen_exact_match {final['gen_exact_match']:.0%}" if "gen_exact_match" in final else ""))
+    if device.type == "xla" and xla_fallback_ops():
+        print(f"warning: torch-xla ran these operations on the CPU (slow on Trainium): "
+              f"{', '.join(xla_fallback_ops())}", file=sys.stderr)
     print(f"adapter (PEFT format): {adapter}")
     print(f"merged HF model: python 03_convert_checkpoint.py {' '.join(f'--config {p}' for p in args.config or ['config.yaml'])} "
           f"--to-hf <dir> --merge-adapter {adapter}")

@@ -2,8 +2,9 @@
 # make test   set up .venv if missing, then run the test suite
 # make bench  run the CPU benchmarks under bench/: 05's step vs transformers + peft, and stage 03's conversion
 # make clean  remove the demo's outputs (work/demo, runs/demo)
-# make test-xla  optional: build .venv-xla (torch 2.9.0 + torch-xla 2.9.0, about 7.6 GB, ~2 min from a fast
-#                mirror) and run the tests marked xla on XLA's CPU device; not part of `make test`
+# make test-xla  build .venv-xla (torch 2.9.0 + torch-xla 2.9.0, about 7.6 GB, ~2 min from a fast mirror) and run
+#                the tests marked xla on XLA's CPU device; fails if torch-xla cannot be imported or no test runs
+#                (CI runs it after `make test`)
 
 PYTHON ?= python3
 VENV := .venv
@@ -40,7 +41,8 @@ venv-xla: .venv-xla/.installed
 	touch $@
 
 test-xla: venv-xla
-	PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -q -m xla tests/test_xla.py
+	@.venv-xla/bin/python -c "import torch_xla" || { echo "make test-xla: torch-xla cannot be imported in .venv-xla" >&2; exit 1; }
+	PJRT_DEVICE=CPU REQUIRE_XLA=1 .venv-xla/bin/python -m pytest -q -rs -m xla tests/test_xla.py
 
 bench: venv
 	$(PY) bench/train_bench.py

@@ -68,3 +68,28 @@ def test_llama3_8b_at_tp32_on_trn1_needs_a_sixteenth_of_the_base_per_rank(train_
     assert est["frozen base"] == pytest.approx(expected, rel=1e-3)
     assert est["activations, checkpointed"] < est["activations"] / 4
     assert sum(est.values()) - est["activations"] < 16 * 2**30  # fits a NeuronCore-v2 with checkpointing
+
+
+def tutorial_settings(train_mod, *overrides):
+    return train_mod.resolve(train_mod.load_config(["config.yaml"], list(overrides)), train_mod.SCHEMA)
+
+
+def test_the_default_activation_checkpointing_is_what_the_estimate_needs_on_trn1_at_tp32(train_mod):
+    """config.yaml's default follows the estimate for its own settings: checkpointing on exactly when the
+    estimate without it, plus the estimate's error, does not fit a trn1 NeuronCore."""
+    c = tutorial_settings(train_mod)
+    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, xla=True)
+    plain = sum(v for k, v in est.items() if k != "activations, checkpointed") / 2**30
+    needed = plain * (1 + train_mod.ESTIMATE_ERROR) > train_mod.NEURONCORE_GIB["trn1"]
+    assert c["model.activations_checkpoint"] == needed, f"estimate without checkpointing: {plain:.2f} GiB"
+
+
+def test_the_estimate_counts_dropout_masks_and_the_neuron_runtime_reserve(train_mod):
+    with_dropout = tutorial_settings(train_mod, "model_alignment_strategy.peft.lora_dropout=0.1")
+    without = tutorial_settings(train_mod, "model_alignment_strategy.peft.lora_dropout=0.0")
+    est = train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, supervised_per_row=1024, xla=True)
+    base = train_mod.memory_estimate(LLAMA3_8B, without, 32, supervised_per_row=1024, xla=True)
+    # qkv_proj's input (hidden 4096) per token and layer: its dropped bf16 copy and a one-byte keep mask.
+    assert est["activations"] - base["activations"] == 32 * 4096 * 4096 * (2 + 1)
+    assert est["runtime reserve"] == train_mod.NEURON_RUNTIME_RESERVE_GIB * 2**30
+    assert train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, 1024, xla=False)["runtime reserve"] == 0

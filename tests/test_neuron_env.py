@@ -4,10 +4,11 @@ import os
 
 import pytest
 
-from conftest import load_stage
+from conftest import load_stage, run_stage
 
 NEURON_VARS = ["NEURON_CC_FLAGS", "NEURON_COMPILE_CACHE_URL", "NEURON_FUSE_SOFTMAX", "BUCKET_CAP_MB",
-               "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS", "NEURON_RT_EXEC_TIMEOUT", "XLA_USE_BF16"]
+               "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS", "NEURON_RT_EXEC_TIMEOUT", "XLA_USE_BF16",
+               "XLA_DISABLE_FUNCTIONALIZATION", "MALLOC_ARENA_MAX"]
 
 
 @pytest.fixture
@@ -27,9 +28,16 @@ def test_config_yaml_sets_the_tutorial_neuron_environment(clean_env):
     assert os.environ["NEURON_CC_FLAGS"] == ("--model-type transformer --enable-mixed-precision-accumulation "
                                              "--auto-cast none")
     assert os.environ["NEURON_COMPILE_CACHE_URL"] == os.path.expanduser("~/neuron_cache")
-    assert os.environ["NEURON_FUSE_SOFTMAX"] == "1" and os.environ["BUCKET_CAP_MB"] == "1024"
+    assert os.environ["NEURON_FUSE_SOFTMAX"] == "1"
     assert os.environ["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "5"
     assert os.environ["NEURON_RT_EXEC_TIMEOUT"] == "100" and os.environ["XLA_USE_BF16"] == "0"
+
+
+def test_knobs_that_would_do_nothing_are_not_set(clean_env):
+    train = load_stage("05_train.py")
+    train.neuron_environment(settings(train))
+    assert "BUCKET_CAP_MB" not in os.environ  # DDP's bucket size: this loop has no DDP
+    assert "MALLOC_ARENA_MAX" not in os.environ  # read by glibc at process start only: the launcher exports it
 
 
 def test_variables_already_set_win_and_compiler_flags_are_extended(clean_env):
@@ -39,3 +47,27 @@ def test_variables_already_set_win_and_compiler_flags_are_extended(clean_env):
     train.neuron_environment(settings(train, "precision.type=fp32"))
     assert os.environ["NEURON_COMPILE_CACHE_URL"] == "s3://bucket/cache"
     assert os.environ["NEURON_CC_FLAGS"] == "--retry_failed_compilation --model-type transformer"
+
+
+def test_compiler_flags_already_exported_by_the_launcher_are_not_added_twice(clean_env):
+    train = load_stage("05_train.py")
+    clean_env.setenv("NEURON_CC_FLAGS", "--retry_failed_compilation --model-type transformer")
+    train.neuron_environment(settings(train, "precision.type=fp32"))
+    assert os.environ["NEURON_CC_FLAGS"] == "--retry_failed_compilation --model-type transformer"
+
+
+def test_an_inherited_disable_functionalization_is_overridden(clean_env, capsys):
+    train = load_stage("05_train.py")
+    clean_env.setenv("XLA_DISABLE_FUNCTIONALIZATION", "1")
+    train.neuron_environment(settings(train))
+    assert os.environ["XLA_DISABLE_FUNCTIONALIZATION"] == "0"
+    assert "overridden with 0" in capsys.readouterr().err
+
+
+def test_neuron_env_prints_export_lines_for_the_launch(clean_env):
+    proc = run_stage(["05_train.py", "--config", "config.yaml", "--neuron-env",
+                      "xla.neuron.compiler_cache_url=s3://bucket/my cache"], env=dict(os.environ))
+    lines = proc.stdout.splitlines()
+    assert "export NEURON_COMPILE_CACHE_URL='s3://bucket/my cache'" in lines
+    assert "export MALLOC_ARENA_MAX=128" in lines and "export XLA_DISABLE_FUNCTIONALIZATION=0" in lines
+    assert all(line.startswith("export ") for line in lines)

@@ -131,3 +131,51 @@ def test_a_checkpoint_converted_for_another_tp_size_is_refused(shards):
     work, overlay = shards
     with pytest.raises(Exception, match="converted with tensor_model_parallel_size = 2, this run needs 1"):
         train(work, overlay, "wrong-tp", f"exp_manager.resume_from_checkpoint={work / 'ckpt-tp2'}")
+
+
+TINY_ARCH = dict(vocab=384, hidden=64, inter=96, layers=1, heads=4, kv_heads=1, head_dim=16, eps=1e-5,
+                 rope_theta=10000.0, rope_scaling=None, tie=False, kv_mult=2, hw_backend="trn1")
+
+
+def rank_shards(train_mod):
+    """The LoRA modules of each of two tensor-parallel ranks (one KV head copied to both), with random LoRA
+    weights sliced from one full set as the ranks of a real run hold them, and the flat vectors they gather."""
+    c = train_mod.resolve(train_mod.load_config(["config.yaml"], [
+        "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]), train_mod.SCHEMA)
+    full = {}
+    ranks = []
+    for r in range(2):
+        par = train_mod.Parallel(2, torch.device("cpu"), world=2, rank=r, connect=False)
+        torch.manual_seed(0)
+        model = train_mod.Llama(TINY_ARCH, par=par)
+        modules, _ = train_mod.add_lora(model, c, verbose=False)
+        for name, m in modules:
+            if name not in full:
+                full[name] = (torch.randn(m.lora_A.weight.shape[0], m.full[1]), torch.randn(m.full[0], m.lora_B.weight.shape[1]))
+            a, b = full[name]
+            with torch.no_grad():
+                m.lora_A.weight.copy_(a[:, m.index] if m.split == "in" else a)
+                m.lora_B.weight.copy_(b[m.index] if m.split == "out" else b)
+        ranks.append(modules)
+    flats = torch.stack([torch.cat([t.detach().flatten() for _, m in mods for t in (m.lora_A.weight, m.lora_B.weight)])
+                         for mods in ranks])
+    return ranks[0], flats, full
+
+
+def test_the_adapter_is_reassembled_from_the_ranks_shards_on_the_host(train_mod):
+    modules, flats, full = rank_shards(train_mod)
+    rows = [train_mod.shard_rows(TINY_ARCH, 2, r) for r in range(2)]
+    got = train_mod.assemble_lora(modules, flats, rows)
+    assert got.keys() == full.keys()
+    for name, (a, b) in full.items():
+        assert torch.equal(got[name][0], a) and torch.equal(got[name][1], b), name
+
+
+def test_replicated_copies_that_differ_are_reported_with_their_size(train_mod):
+    modules, flats, _ = rank_shards(train_mod)
+    rows = [train_mod.shard_rows(TINY_ARCH, 2, r) for r in range(2)]
+    flats[1, :3] += 0.25  # the start of rank 1's copy of the first qkv_proj's (replicated) A
+    with pytest.raises(train_mod.StageError, match=r"qkv_proj: tensor-parallel rank 1 holds a replicated copy that "
+                                                   r"differs from the first one in 3 of 1024 values \(largest "
+                                                   r"difference 0.25\)"):
+        train_mod.assemble_lora(modules, flats, rows)

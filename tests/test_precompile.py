@@ -2,31 +2,57 @@
 
 import os
 import stat
+import sys
 
 from conftest import run_stage
 
 # Stands in for the Neuron SDK's neuron_parallel_compile, which only Trainium hosts have: it records the command
-# it was given and prints the summary lines that the real tool prints after compiling.
+# it was given and the environment it was given it in, and prints the summary lines that the real tool prints
+# after compiling.
 FAKE_TOOL = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$RECORD"
-echo "INFO ||PARALLEL_COMPILE||: Total graphs: 22"
-echo "INFO ||PARALLEL_COMPILE||: Total successful compilations: $((22 - FAILED))"
+printf '%s\\n' "NEURON_COMPILE_CACHE_URL=$NEURON_COMPILE_CACHE_URL" "MALLOC_ARENA_MAX=$MALLOC_ARENA_MAX" \\
+  "NEURON_CC_FLAGS=$NEURON_CC_FLAGS" > "$RECORD.env"
+echo "INFO ||PARALLEL_COMPILE||: Total graphs: $TOTAL"
+echo "INFO ||PARALLEL_COMPILE||: Total successful compilations: $((TOTAL - FAILED))"
 echo "INFO ||PARALLEL_COMPILE||: Total failed compilations: $FAILED"
 """
 
+# Stands in for the Neuron virtual environment's interpreter, for 04's interpreter detection only: it answers
+# "installed" when asked for torch-xla and runs everything else with the real interpreter.
+FAKE_NEURON_PYTHON = f"""#!/usr/bin/env bash
+if [ "$1" = "-c" ] && [[ "$2" == *torch_xla* ]]; then exit 0; fi
+exec {sys.executable} "$@"
+"""
 
-def with_tool(tmp_path, failed):
-    tool = tmp_path / "bin" / "neuron_parallel_compile"
-    tool.parent.mkdir(exist_ok=True)
-    tool.write_text(FAKE_TOOL)
-    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
-    return dict(os.environ, PATH=f"{tool.parent}:{os.environ['PATH']}", RECORD=str(tmp_path / "argv"),
-                FAILED=str(failed), NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
+
+def executable(path, text):
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def with_tool(tmp_path, failed=0, total=22, neuron_python=True):
+    executable(tmp_path / "bin" / "neuron_parallel_compile", FAKE_TOOL)
+    if neuron_python:
+        executable(tmp_path / "bin" / "python3", FAKE_NEURON_PYTHON)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", RECORD=str(tmp_path / "argv"),
+               FAILED=str(failed), TOTAL=str(total), NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
+    for key in ("PYTHON", "NEURON_COMPILE_CACHE_URL", "MALLOC_ARENA_MAX", "NEURON_CC_FLAGS"):
+        env.pop(key, None)
+    return env
+
+
+def recorded(tmp_path):
+    argv = (tmp_path / "argv").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in (tmp_path / "argv.env").read_text().splitlines())
+    return argv, env
 
 
 def test_on_trainium_the_training_launch_runs_under_neuron_parallel_compile(tmp_path):
-    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "seed=7"], env=with_tool(tmp_path, 0))
-    argv = (tmp_path / "argv").read_text().splitlines()
+    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "seed=7"], env=with_tool(tmp_path))
+    argv, _ = recorded(tmp_path)
     launch = argv[:argv.index("05_train.py")]
     assert launch[1:3] == ["-m", "torch.distributed.run"]
     assert " ".join(launch[3:]) == ("--nproc_per_node 32 --nnodes 2 --node_rank 1 --master_addr node0 "
@@ -37,9 +63,45 @@ def test_on_trainium_the_training_launch_runs_under_neuron_parallel_compile(tmp_
     assert "Total graphs: 22" in proc.stdout and "Total failed compilations: 0" in proc.stdout
 
 
+def test_the_launch_uses_the_active_environment_that_has_torch_xla(tmp_path):
+    run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path))
+    argv, _ = recorded(tmp_path)
+    assert argv[0] == str(tmp_path / "bin" / "python3")  # not .venv/bin/python, whose CPU torch has no torch-xla
+
+
+def test_the_extraction_run_writes_no_run_checkpoints(tmp_path):
+    run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path))
+    argv, _ = recorded(tmp_path)
+    assert "exp_manager.checkpoint_callback_params.every_n_train_steps=0" in argv
+
+
+def test_the_compiler_and_the_launch_get_the_configured_cache(tmp_path):
+    run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", f"xla.neuron.compiler_cache_url={tmp_path}/c"],
+              env=with_tool(tmp_path))
+    _, env = recorded(tmp_path)
+    assert env["NEURON_COMPILE_CACHE_URL"] == f"{tmp_path}/c"
+    assert env["MALLOC_ARENA_MAX"] == "128"
+    # The flags the workers will see are the ones the tool compiles with: 05 does not add them a second time.
+    assert env["NEURON_CC_FLAGS"] == "--model-type transformer --enable-mixed-precision-accumulation --auto-cast none"
+
+
 def test_failed_graph_compilations_fail_the_stage(tmp_path):
-    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, 2), check=False)
+    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, failed=2),
+                     check=False)
     assert proc.returncode == 1 and "some graphs failed to compile" in proc.stderr
+
+
+def test_no_extracted_graph_fails_the_stage(tmp_path):
+    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, total=0),
+                     check=False)
+    assert proc.returncode == 1 and "no graph was extracted" in proc.stderr
+
+
+def test_trainium_without_a_torch_xla_interpreter_is_refused(tmp_path):
+    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"],
+                     env=dict(with_tool(tmp_path, neuron_python=False), PYTHON=sys.executable), check=False)
+    assert proc.returncode == 1 and "has no torch-xla" in proc.stderr
+    assert not (tmp_path / "argv").exists()
 
 
 def test_without_xla_there_is_nothing_to_compile(tmp_path):
