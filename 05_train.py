@@ -33,7 +33,10 @@ Features and their keys
   baseline evaluation only               trainer.max_steps=0
   greedy generation, exact match         evaluation.generate.*  (CPU and CUDA; skipped on XLA)
   precision fp32 | autocast (bf16)       precision.type
-  device cpu | cuda | xla (Trainium)     trainer.accelerator; Neuron compiler/runtime settings in xla.neuron.*
+  device auto | neuron | cuda | xla | cpu  trainer.accelerator (neuron: TorchNeuron on trn2/trn3; xla: trn1, with
+                                         its compiler/runtime settings in xla.neuron.*)
+  compiled decoder layers                trainer.compile (torch.compile: backend neuron on neuron, else inductor)
+  attention for packed rows              model.attention (blocks | masked | causal; auto picks per device)
   inspect the label mask                 --inspect-data N
   pre-flight checks + memory estimate    --dry-run
 
@@ -43,7 +46,11 @@ Commands
                   distributed_strategy.tensor_model_parallel_size=2   (checkpoint converted by 03 with TP 2)
   CUDA:       torchrun --standalone --nproc_per_node 8 05_train.py --config config.yaml trainer.accelerator=cuda \
                   distributed_strategy.tensor_model_parallel_size=8 distributed_strategy.kv_replicator=1
-  Trainium:   torchrun --nproc_per_node 32 05_train.py --config config.yaml     (trn1.32xlarge: TP 32)
+  trn1:       torchrun --nproc_per_node 32 05_train.py --config config.yaml     (trn1.32xlarge: TP 32, XLA)
+  trn2:       torchrun --nproc_per_node 64 05_train.py --config config.yaml trainer.accelerator=neuron \
+                  trainer.compile=true distributed_strategy.tensor_model_parallel_size=4 \
+                  distributed_strategy.kv_replicator=1 distributed_strategy.hw_backend=trn2 \
+                  model.activations_checkpoint=true             (trn2.48xlarge, TorchNeuron; convert with TP 4)
   Plan first: python 05_train.py --config config.yaml --dry-run
 """
 
@@ -190,12 +197,13 @@ def config_arg_parser(doc):
 SCHEMA = {
     "name": "str",
     "seed": "int",
-    "trainer.accelerator": "auto|xla|cuda|cpu",
+    "trainer.accelerator": "auto|neuron|cuda|xla|cpu",
     "trainer.max_steps": "int",
     "trainer.log_every_n_steps": "int",
     "trainer.val_check_interval": "int",
     "trainer.gradient_clip_val": "float?",
     "trainer.nonfinite": "stop|skip",
+    "trainer.compile": "bool",
     "trainer.peak_tflops": "float?",
     "trainer.device_memory_gib": "float?",
     "exp_manager.exp_dir": "path",
@@ -224,6 +232,7 @@ SCHEMA = {
     "model.weight_init_only": "bool",
     "model.activations_checkpoint": "bool",
     "model.activations_checkpoint_layers": "int?",
+    "model.attention": "auto|blocks|masked|causal",
     "model.optim.lr": "float",
     "model.optim.weight_decay": "float",
     "model.optim.betas": "list[float]",
@@ -281,6 +290,9 @@ def check_settings(c, launched=True):
         problems.append("'exp_manager.checkpoint_callback_params.every_n_train_steps' must be >= 0 (0 = none)")
     if c["exp_manager.checkpoint_callback_params.save_top_k"] < 1:
         problems.append("'exp_manager.checkpoint_callback_params.save_top_k' must be >= 1")
+    if c["model.attention"] == "causal" and c["model_alignment_strategy.sft.packing"]:
+        problems.append("'model.attention: causal' would let packed documents attend to each other; use it only "
+                        "with model_alignment_strategy.sft.packing=false (or use masked / auto)")
     if (c["model.activations_checkpoint_layers"] or 0) < 0:
         problems.append("'model.activations_checkpoint_layers' must be >= 0 or null (all layers)")
     tp, pp = c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.pipeline_model_parallel_size"]
@@ -353,17 +365,58 @@ def print_launch_environment(c):
         print(f"export {key}={shlex.quote(value)}")
 
 
-def pick_device(c):
-    """auto: XLA when torch-xla is importable, else CUDA when available, else CPU. Under torchrun each process
-    takes its LOCAL_RANK's GPU; XLA assigns its own device per process."""
+# Where a Neuron host shows its devices (neuron0, neuron1, ...): such a host must never train on the CPU by
+# accident. A module constant so that tests can point the check elsewhere.
+NEURON_DEVICE_DIR = "/dev"
+
+
+def neuron_devices_present():
+    return any(Path(NEURON_DEVICE_DIR).glob("neuron[0-9]*"))
+
+
+def native_accelerator():
+    """The accelerator PyTorch itself reports (CUDA, TorchNeuron's `neuron`, XPU, ...), or None. TorchNeuron
+    registers its device when torch_neuronx is imported (the import fails on a host without Neuron devices).
+    Where torch-xla is installed, torch_neuronx is the trn1 XLA package, whose `neuron` device is not a
+    training backend: that host trains through XLA."""
     import importlib.util
 
-    choice = c["trainer.accelerator"]
+    xla = importlib.util.find_spec("torch_xla") is not None
+    if importlib.util.find_spec("torch_neuronx") and not xla:
+        try:
+            import torch_neuronx  # noqa: F401  registers the `neuron` device
+        except Exception:
+            pass
+    if not torch.accelerator.is_available():
+        return None
+    native = torch.accelerator.current_accelerator()
+    return None if native.type == "neuron" and xla else native
+
+
+def pick_device(c):
+    """The device this process trains on. auto: the native accelerator PyTorch reports (CUDA, `neuron`, ...),
+    else XLA when torch-xla is importable, else the CPU, except on a host with Neuron devices but no usable
+    backend, which is refused. Under torchrun a CUDA process takes its LOCAL_RANK's GPU; TorchNeuron binds
+    a process to its cores from LOCAL_RANK itself, so `neuron` is given without an index; XLA assigns its
+    own device. Creates no tensor (the process group must come first on Neuron)."""
+    import importlib.util
+
+    choice, native = c["trainer.accelerator"], native_accelerator()
     if choice == "auto":
-        choice = "xla" if importlib.util.find_spec("torch_xla") else "cuda" if torch.cuda.is_available() else "cpu"
+        if native is not None:
+            choice = native.type
+        elif importlib.util.find_spec("torch_xla"):
+            choice = "xla"
+        elif neuron_devices_present():
+            raise StageError(f"this host has Neuron devices ({NEURON_DEVICE_DIR}/neuron*) but no usable PyTorch "
+                             f"backend for them: install torch-neuronx (TorchNeuron, trn2/trn3: "
+                             f"requirements-trn2.txt) or torch-neuronx with torch-xla (trn1: "
+                             f"requirements-neuron.txt); set trainer.accelerator=cpu to train on the CPU anyway")
+        else:
+            choice = "cpu"
     if choice == "xla":
         if not importlib.util.find_spec("torch_xla"):
-            raise StageError("trainer.accelerator=xla but torch-xla is not installed (Trainium: "
+            raise StageError("trainer.accelerator=xla but torch-xla is not installed (Trainium trn1: "
                              "requirements-neuron.txt; XLA on CPU: make test-xla's environment)")
         neuron_environment(c)
         import torch_xla
@@ -372,11 +425,16 @@ def pick_device(c):
         if c["xla.cache_dir"] and os.environ.get("PJRT_DEVICE") != "NEURON":
             xr.initialize_cache(c["xla.cache_dir"], readonly=False)  # Neuron caches in NEURON_COMPILE_CACHE_URL
         return torch_xla.device()
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise StageError("trainer.accelerator=cuda but torch sees no CUDA device")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if native is None or native.type != choice:
+        need = {"neuron": "torch-neuronx 2.13 (TorchNeuron, trn2/trn3; requirements-trn2.txt) on a host with "
+                          "Neuron devices", "cuda": "a CUDA build of torch and a visible GPU"}.get(choice, choice)
+        raise StageError(f"trainer.accelerator={choice} but PyTorch has no usable {choice} device here; this needs "
+                         f"{need}")
+    if choice == "neuron":
+        return torch.device("neuron")
+    return torch.device(choice, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def sync_device(device):
@@ -385,6 +443,39 @@ def sync_device(device):
         import torch_xla
 
         torch_xla.sync()
+
+
+def compiles_per_shape(device):
+    """Trainium, through XLA (trn1) or TorchNeuron (trn2/trn3): every new tensor shape compiles anew, so every
+    micro-batch keeps one shape; and NeuronCores have no float64."""
+    return device.type in ("xla", "neuron")
+
+
+def compile_layers(model, device):
+    """trainer.compile: each decoder layer through torch.compile, whole graphs (fullgraph), no dynamic shapes;
+    backend neuron on TorchNeuron, inductor elsewhere. Inductor draws dropout masks through torch's own
+    generator (fallback_random), so a compiled run draws what an eager one draws and resumes exactly."""
+    if device.type == "xla":
+        raise StageError("trainer.compile=true: on XLA the graphs are compiled by torch-xla already; set it false")
+    backend = "neuron" if device.type == "neuron" else "inductor"
+    if backend == "inductor":
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+    for layer in model.model.layers:
+        layer.compile(backend=backend, fullgraph=True, dynamic=False)
+
+
+def compile_counts(device, compiled):
+    """What has been compiled so far, for the metrics: torch-xla's graphs on XLA, torch.compile's graphs with
+    trainer.compile; a number that grows after the first steps is a recompilation."""
+    if device.type == "xla":
+        return xla_counts()
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}
+    return {}
 
 
 def extracting_graphs():
@@ -427,9 +518,9 @@ class Parallel:
 
     Ranks form tensor-parallel groups of consecutive ranks (as in Megatron and NxD); data-parallel groups join
     the ranks with the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks that hold copies
-    of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed (gloo on CPU,
-    nccl on CUDA) or, on XLA (Trainium), torch-xla's all-reduce and all-gather over replica groups, which is
-    what NxD's parallel state uses. Host data (strings, barriers, stop requests) goes over a gloo group on the
+    of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed with the
+    device's default backend (gloo on CPU, nccl on CUDA, neuron on TorchNeuron) or, on XLA (trn1), torch-xla's
+    all-reduce and all-gather over replica groups, which is what NxD's parallel state uses. Host data (strings, barriers, stop requests) goes over a gloo group on the
     CPU in every case. In a single process every collective is the identity."""
 
     def __init__(self, tp, device, kv_groups=None, world=None, rank=None, connect=True):
@@ -457,8 +548,8 @@ class Parallel:
                     import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" backend
 
                     dist.init_process_group("xla", init_method="xla://")
-                else:
-                    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                else:  # the device's default backend: gloo (CPU), nccl (CUDA), neuron (TorchNeuron), ...
+                    dist.init_process_group(dist.get_default_backend_for_device(device))
             # Host data (the run directory, barriers, stop requests) travels over gloo on the CPU, never through
             # device collectives: NxD does the same, and under neuron_parallel_compile every device graph
             # returns zeros, so a device barrier would synchronise nothing and a payload would come back empty.
@@ -819,8 +910,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         gqa = self.heads != self.kv_heads
-        if spans is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if spans is None:  # no mask: plain causal attention (model.attention=causal, one document per row)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:  # each block of queries against only the keys its documents can reach
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1],
                                                           attn_mask=mask[:, :, q0:q1, k0:q1], enable_gqa=gqa)
@@ -892,6 +983,7 @@ class Llama(nn.Module):
         super().__init__()
         self.cfg, self.par = cfg, par or Parallel(1, torch.device("cpu"), world=1)
         self.checkpoint_layers = checkpoint_layers  # the first N layers recompute their activations in backward
+        self.attention, self.fixed_shapes = "masked", False  # set for training by attention_mode, compiles_per_shape
         rows = shard_rows(cfg, self.par.tp, self.par.tp_rank)
         self.model = Decoder(cfg, dtype, self.par, rows)
         self.lm_head = (None if cfg["tie"] else
@@ -902,7 +994,8 @@ class Llama(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids, position_ids, mask, caches=None, spans=None):
-        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend);
+        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend), or None
+        for plain causal attention (model.attention=causal);
         `spans` (optional, see attention_spans) limits each block of queries to the keys it can see."""
         x = self.model.embed_tokens(input_ids)
         freqs = position_ids[..., None].float() * self.inv_freq
@@ -911,8 +1004,10 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if i < self.checkpoint_layers and self.training and torch.is_grad_enabled():
                 x = checkpointed(layer, x, cos, sin, mask, spans)
+            elif caches is not None:  # generation: a new length every token, so never a compiled layer
+                x = layer.forward(x, cos, sin, mask, caches[i], spans)
             else:
-                x = layer(x, cos, sin, mask, None if caches is None else caches[i], spans)
+                x = layer(x, cos, sin, mask, None, spans)
         return self.model.norm(x)
 
     def logits(self, hidden):
@@ -949,6 +1044,28 @@ def attention_spans(segment_ids, block):
     change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     run_start = torch.where(change, torch.arange(s).expand(b, s), 0).cummax(dim=1).values
     return [(q0, min(q0 + block, s), int(run_start[:, q0].min())) for q0 in range(0, s, block)]
+
+
+def attention_mode(c, device):
+    """How packed rows attend (model.attention), resolved for this device:
+      blocks  each block of queries against only the keys its documents can reach (host-computed spans, so a
+              new shape per batch): the CPU default, fastest there (bench/train_bench.py);
+      masked  SDPA over the whole row with the block-diagonal causal mask: one static shape, any device (the
+              default on CUDA and XLA; on TorchNeuron an explicit mask may leave the fused attention kernel
+              for an unfused path, the price of packing there);
+      causal  SDPA's causal kernel without a mask (Neuron's fused kernel, CUDA's flash kernel): exact only when
+              each row holds one document, so only without packing (the default on `neuron` then)."""
+    mode, packing = c["model.attention"], c["model_alignment_strategy.sft.packing"]
+    fixed = compiles_per_shape(device) or c["trainer.compile"]
+    if mode == "auto":
+        if device.type == "neuron" and not packing:
+            return "causal"
+        return "blocks" if device.type == "cpu" and not fixed else "masked"
+    if mode == "blocks" and fixed:
+        raise StageError(f"model.attention=blocks changes shapes with every batch, which "
+                         f"{'trainer.compile' if c['trainer.compile'] else device.type} recompiles each time; use "
+                         f"masked (or auto)")
+    return mode
 
 
 def document_mask(segment_ids):
@@ -1364,23 +1481,24 @@ def loss_sum(model, mb, device, autocast):
 
     On CPU and CUDA trailing padding is cut off and only supervised positions go through the output layer
     (prompts and padding never need logits); both are found on the host from the CPU tensors, so they cost
-    the device no synchronisation. On XLA the shapes must not change between steps, so every position gets logits and the
-    unsupervised ones count zero. Under tensor parallelism the logits stay split by vocabulary."""
-    if device.type != "xla":  # padding after every row's last token changes nothing before it: leave it out
+    the device no synchronisation. Where each new shape compiles (Trainium; compiled layers) the decoder
+    sees the whole row, and on Trainium every position gets logits, the unsupervised ones counting zero.
+    Attention follows model.attention (see attention_mode). Under tensor parallelism the logits stay split
+    by vocabulary."""
+    if not model.fixed_shapes:  # padding after every row's last token changes nothing before it: leave it out
         real = (mb["segment_ids"] > 0).any(0).nonzero()
         used = int(real.max()) + 1 if len(real) else 1
         mb = {k: v[:, :used] if v.dim() == 2 else v for k, v in mb.items()}
     ids, pos, seg = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids"))
     targets, index = mb["targets"].flatten(), None
-    if device.type != "xla":
+    if not compiles_per_shape(device):
         keep = targets != -100
         index, targets = keep.nonzero().squeeze(1).to(device), targets[keep]
     targets = targets.to(device)
-    # On the CPU, attention over only the reachable keys pays (bench/train_bench.py); CUDA's fused kernels
-    # lose more to the extra calls than they save, and XLA needs one static shape.
-    spans = attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8)) if device.type == "cpu" else None
+    spans = attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8)) if model.attention == "blocks" else None
+    mask = None if model.attention == "causal" else document_mask(seg)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, pos, document_mask(seg), spans=spans).flatten(0, 1)
+        hidden = model(ids, pos, mask, spans=spans).flatten(0, 1)
         logits = model.logits(hidden if index is None else hidden[index]).float()
     if model.par.tp == 1:
         return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
@@ -1407,8 +1525,8 @@ def evaluate(model, batch, mbs, device, autocast):
     batch = pad_rows(batch, mbs * par.dp)
     share = batch["input_ids"].shape[0] // par.dp
     mine = {k: v[par.dp_rank * share:(par.dp_rank + 1) * share] for k, v in batch.items()}
-    # float64 sums, except on XLA: NeuronCores have no float64, so no float64 may enter a device graph there
-    acc = torch.float32 if device.type == "xla" else torch.float64
+    # float64 sums, except on Trainium: NeuronCores have no float64, so none may enter a device graph there
+    acc = torch.float32 if compiles_per_shape(device) else torch.float64
     total = torch.zeros((), dtype=acc, device=device)
     for start in range(0, share, mbs):
         total += loss_sum(model, {k: v[start:start + mbs] for k, v in mine.items()}, device, autocast).to(acc)
@@ -1543,20 +1661,21 @@ def window_flops(batch, cfg):
     return 4 * body * tokens + 4 * h * cfg["vocab"] * supervised + 3 * 4 * cfg["layers"] * heads * hd * keys
 
 
-# Per NeuronCore (trn1: 2 NeuronCore-v2 per chip at 190 BF16 / 47.5 FP32 TFLOPS; trn2: 4 logical NeuronCores
-# per chip at 667 / 181) and its device memory (GiB).
-NEURONCORE_TFLOPS = {"trn1": (95, 23.75), "trn2": (166.75, 45.25)}
-NEURONCORE_GIB = {"trn1": 16, "trn2": 24}
+# Per NeuronCore as a process sees it, from the chip datasheets: trn1, 2 NeuronCore-v2 per chip at 190 BF16 /
+# 47.5 FP32 TFLOPS and 32 GiB; trn2, 4 logical cores per chip (LNC 2, the default) at 667 / 181 and 96 GiB;
+# trn3, 4 logical cores per chip at 671 / 183 and 144 GiB. (bf16 TFLOPS, fp32 TFLOPS) and GiB per core.
+NEURONCORE_TFLOPS = {"trn1": (95, 23.75), "trn2": (166.75, 45.25), "trn3": (167.75, 45.75)}
+NEURONCORE_GIB = {"trn1": 16, "trn2": 24, "trn3": 36}
 
 
 def neuron_generation():
-    """trn1 or trn2, from the instance type the Neuron runtime reports (trn1 when unknown)."""
+    """trn1, trn2 or trn3, from the instance type (trn1 when unknown)."""
     kind = os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "")
     try:
         kind = kind or Path("/sys/devices/virtual/dmi/id/product_name").read_text()
     except OSError:
         pass
-    return "trn2" if "trn2" in kind else "trn1"
+    return next((g for g in ("trn3", "trn2") if g in kind), "trn1")
 
 
 DATASHEET_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6),
@@ -1568,14 +1687,14 @@ def peak_flops(device, autocast, configured):
     large fp32 matrix product timed here (CPU)."""
     if configured:
         return configured * 1e12, "trainer.peak_tflops"
-    if device.type == "xla":
-        if os.environ.get("PJRT_DEVICE") != "NEURON":
-            return None, "XLA device without a datasheet figure; set trainer.peak_tflops"
+    if device.type == "neuron" or (device.type == "xla" and os.environ.get("PJRT_DEVICE") == "NEURON"):
         bf16, fp32 = NEURONCORE_TFLOPS[neuron_generation()]
         return (bf16 if autocast else fp32) * 1e12, f"{neuron_generation()} datasheet per NeuronCore, " \
                                                     f"{'bf16' if autocast else 'fp32'}"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    if device.type == "xla":
+        return None, "XLA device without a datasheet figure; set trainer.peak_tflops"
+    if device.type != "cpu":  # CUDA, XPU, ...: the device's own module names it
+        name = torch.get_device_module(device).get_device_name(device)
         for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
             if key in name:
                 return (bf16 if autocast else fp32) * 1e12, f"{name} datasheet, {'bf16' if autocast else 'fp32'}"
@@ -1590,8 +1709,8 @@ def peak_flops(device, autocast, configured):
 
 
 def peak_memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type not in ("cpu", "xla"):  # CUDA, neuron, ...: torch.cuda's interface, through the device's module
+        return torch.get_device_module(device).max_memory_allocated(device) / 2**30
     if device.type == "xla":
         import torch_xla.core.xla_model as xm
 
@@ -1687,12 +1806,12 @@ def rng_states(device):
     states = {"python": random.getstate(), "torch": torch.get_rng_state(),
               "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                         "has_gauss": has_gauss, "cached": cached}}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
     if device.type == "xla":
         import torch_xla.core.xla_model as xm
 
         states["xla"] = xm.get_rng_state(device)
+    elif device.type != "cpu":  # "cuda", "neuron", ...
+        states[device.type] = torch.get_device_module(device).get_rng_state(device)
     return states
 
 
@@ -1701,12 +1820,12 @@ def set_rng_states(states, device):
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
     if device.type == "xla":
         import torch_xla.core.xla_model as xm
 
         xm.set_rng_state(states["xla"], device)
+    elif device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(states[device.type], device)
 
 
 def save_checkpoint(root, state, par, params, optimizer, write_adapter, device, keep):
@@ -1856,13 +1975,13 @@ NEURON_RUNTIME_RESERVE_GIB = 1.0
 ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak (the dry run warns within it)
 
 
-def memory_estimate(cfg, c, tp, supervised_per_row, xla):
+def memory_estimate(cfg, c, tp, supervised_per_row, trainium):
     """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, all fp32),
-    activations of one micro-batch with and without per-layer checkpointing, and on XLA (Trainium) the Neuron
-    runtime's own reserve. Activations count what autograd keeps per layer (norm outputs, q/k/v, attention
+    activations of one micro-batch with and without per-layer checkpointing, and on Trainium (XLA or
+    TorchNeuron) the Neuron runtime's own reserve. Activations count what autograd keeps per layer (norm outputs, q/k/v, attention
     output, the MLP's gate/up/product) at the compute dtype, the fp32 residual kept for each RMSNorm, LoRA A's
     fp32 outputs and, with LoRA dropout, each adapted input's dropped copy and its keep mask, the attention
-    matrix where no fused attention kernel is used (XLA here), the boolean document mask, and the fp32
+    matrix where no fused attention kernel is used (Trainium with a mask), the boolean document mask, and the fp32
     logits, softmax and gradient of the output layer at the positions that get logits. An estimate,
     typically within 20%; allocator fragmentation comes on top."""
     par = Parallel(tp, torch.device("meta"), world=tp, rank=0, connect=False)
@@ -1879,16 +1998,16 @@ def memory_estimate(cfg, c, tp, supervised_per_row, xla):
         widths = {"qkv_proj": h, "o_proj": ql * hd, "gate_up_proj": h, "down_proj": il}
         targets = c["model_alignment_strategy.peft.target_modules"]
         per_layer += b * s * (e + 1) * sum(widths[t] for t in targets)
-    if xla:
+    if trainium:
         per_layer += b * ql * s * s * (e + 4)
     n_ckpt = cfg["layers"] if c["model.activations_checkpoint_layers"] is None else \
         min(cfg["layers"], c["model.activations_checkpoint_layers"])
-    positions = b * s if xla else b * supervised_per_row
+    positions = b * s if trainium else b * supervised_per_row
     shared = b * s * s + positions * (cfg["vocab"] // tp) * 4 * 3
     return {
         "frozen base": sum(p.numel() for p in model.parameters() if not p.requires_grad) * e,
         "LoRA weights, gradients, AdamW": sum(p.numel() for p in params) * 16,
-        "runtime reserve": int(NEURON_RUNTIME_RESERVE_GIB * 2**30) if xla else 0,
+        "runtime reserve": int(NEURON_RUNTIME_RESERVE_GIB * 2**30) if trainium else 0,
         "activations": cfg["layers"] * per_layer + shared,
         "activations, checkpointed": (cfg["layers"] - n_ckpt + 1) * per_layer + n_ckpt * b * s * h * e + shared,
     }
@@ -1907,9 +2026,10 @@ def device_memory(c):
     if c["trainer.device_memory_gib"]:
         return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
     acc = c["trainer.accelerator"]
-    if plans_xla(c):
-        gen = c["distributed_strategy.hw_backend"]
-        return NEURONCORE_GIB[gen], f"{gen} NeuronCore datasheet"
+    if plans_xla(c) or acc == "neuron":
+        gen = c["distributed_strategy.hw_backend"] if plans_xla(c) else \
+            "trn3" if neuron_generation() == "trn3" else "trn2"  # TorchNeuron runs on trn2 and trn3 only
+        return NEURONCORE_GIB[gen], f"{gen} NeuronCore datasheet" + (", per logical core" if gen != "trn1" else "")
     if acc in ("cuda", "auto") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.total_memory / 2**30, props.name
@@ -1926,7 +2046,7 @@ def dry_run(c, cfg, supervised_per_row):
     tp, dtype = check_shards(c, cfg, par_cfg)
     print(f"checkpoint: {tp} shard(s) in {c['exp_manager.resume_from_checkpoint']}/model, every tensor present "
           f"with the expected shape, {dtype}")
-    est = memory_estimate(cfg, c, tp, supervised_per_row, plans_xla(c))
+    est = memory_estimate(cfg, c, tp, supervised_per_row, plans_xla(c) or c["trainer.accelerator"] == "neuron")
     limit, source = device_memory(c)
     print(f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
           f"{c['data.seq_length']}, {c['precision.type']}):")
@@ -2002,6 +2122,12 @@ def main(argv=None):
     cfg = read_model_config(c["model.model_config"])
     cfg.update(kv_mult=kv_mult, hw_backend=backend)
     check_layout(cfg, tp, kv_mult, backend)
+    # The device and the process group before anything else (on Neuron the group must precede any device
+    # tensor), so that a missing backend fails before any output is written.
+    device = par = None
+    if not (args.dry_run or args.inspect_data):
+        device = pick_device(c)
+        par = Parallel(tp, device, kv_replica_groups(cfg, tp, kv_mult, backend))
 
     # Tokenizer and data first: cheap, and the most common source of mistakes.
     from transformers import AutoTokenizer
@@ -2021,8 +2147,6 @@ def main(argv=None):
         dry_run(c, cfg, int((train["targets"] != -100).sum(1).max()))
         return
 
-    device = pick_device(c)
-    par = Parallel(tp, device, kv_replica_groups(cfg, tp, kv_mult, backend))
     autocast = c["precision.type"] == "autocast"
     base_dtype = torch.bfloat16 if autocast else torch.float32
     n_ckpt = (cfg["layers"] if c["model.activations_checkpoint_layers"] is None
@@ -2035,6 +2159,11 @@ def main(argv=None):
           f"process(es): TP {tp} x DP {par.dp}" + (f"; activation checkpointing on {n_ckpt} layer(s)" if n_ckpt else ""))
     modules, params = add_lora(model, c)
     seed_dropout(c["seed"], par, device)
+    model.attention = attention_mode(c, device)
+    model.fixed_shapes = compiles_per_shape(device) or c["trainer.compile"]
+    if c["trainer.compile"]:
+        compile_layers(model, device)
+    print(f"attention: {model.attention}" + ("; decoder layers compiled with torch.compile" if c["trainer.compile"] else ""))
     model.train()
 
     rank0 = par.rank == 0
@@ -2052,9 +2181,9 @@ def main(argv=None):
         print(f"run directory: {run_dir}")
     metrics = Metrics(run_dir, c["exp_manager.create_tensorboard_logger"], start if resume_from else None) \
         if rank0 else None
-    generate_ok = c["evaluation.generate.num_prompts"] > 0 and device.type != "xla"
-    if c["evaluation.generate.num_prompts"] > 0 and device.type == "xla":
-        print("evaluation.generate: skipped on XLA (every generated length would compile a new graph); "
+    generate_ok = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
+    if c["evaluation.generate.num_prompts"] > 0 and compiles_per_shape(device):
+        print(f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
               "generate from the merged model instead")
 
     def run_evaluation(step, gen):
@@ -2069,8 +2198,7 @@ def main(argv=None):
                         "".join(json.dumps(s) + "\n" for s in samples))
                 for s in samples[:c["evaluation.generate.show"]]:
                     print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
-            if device.type == "xla":
-                record.update(xla_counts())
+            record.update(compile_counts(device, c["trainer.compile"]))
             if rank0:
                 metrics.log(record)
             print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -2186,8 +2314,7 @@ def main(argv=None):
                 record["peak_memory_gib"] = memory
             if peak:
                 record["mfu"] = done_flops / elapsed / (peak * par.world)
-            if device.type == "xla":
-                record.update(xla_counts())
+            record.update(compile_counts(device, c["trainer.compile"]))
             if rank0:
                 metrics.log(record)
                 bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "

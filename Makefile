@@ -30,8 +30,9 @@ demo: venv
 	rm -rf runs/demo && \
 	$(PY) 05_train.py $(DEMO)
 
+# Two pytest workers, each module on one worker (its fixtures are built once); -rs lists what is skipped and why.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 venv-xla: .venv-xla/.installed
 
@@ -42,7 +43,7 @@ venv-xla: .venv-xla/.installed
 
 test-xla: venv-xla
 	@.venv-xla/bin/python -c "import torch_xla" || { echo "make test-xla: torch-xla cannot be imported in .venv-xla" >&2; exit 1; }
-	PJRT_DEVICE=CPU REQUIRE_XLA=1 .venv-xla/bin/python -m pytest -q -rs -m xla tests/test_xla.py
+	PJRT_DEVICE=CPU REQUIRE_XLA=1 .venv-xla/bin/python -m pytest -q -rs -n 2 -m xla tests/test_xla.py
 
 bench: venv
 	$(PY) bench/train_bench.py

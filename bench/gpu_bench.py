@@ -164,7 +164,7 @@ def main():
          peft + "lora_verbose": False, "precision.type": "autocast", "data.micro_batch_size": 1,
          "data.seq_length": args.seq, "model.activations_checkpoint_layers": None}
     ours_s, ours_mem = run_ours(ours_model, rows, args.warmup, train, c)
-    est = train.memory_estimate(cfg, c, 1, max(int((mb["targets"] != -100).sum()) for mb in rows), xla=False)
+    est = train.memory_estimate(cfg, c, 1, max(int((mb["targets"] != -100).sum()) for mb in rows), trainium=False)
 
     result = {"device": name, "torch": torch.__version__, "layers": args.layers, "seq": args.seq,
               "timed_steps": args.steps, "tokens": tokens,

@@ -16,7 +16,9 @@ ours / faster peft variant, MFU against a large fp32 matmul timed in the same ru
 them: 4 x weights per token, the output layer at supervised positions, attention over each document's keys),
 peak RSS, and the first loss of each (computed without dropout; equal losses show the comparison is fair).
 --profile prints where our step's time goes (torch.profiler, top operators); --packing compares supervised
-tokens/s of ours with packing and with one record per row (padding).
+tokens/s of ours with packing and with one record per row (padding); --compile compares ours (block
+attention, trailing padding cut: 05's CPU default) with ours over the whole row with the masked attention, eager
+and with trainer.compile's torch.compile'd decoder layers (the first steps compile; timed steps follow them).
 
 Models: SmolLM2-135M-Instruct (the demo model; stages 02 and 03 run into work/bench/ on first use) and a
 tiny random Llama with SmolLM2's tokenizer (so the output layer dominates).
@@ -116,7 +118,7 @@ def hf_inputs(mb, train):
 
 
 # ------------------------------------------------------------------------------------------------ child: variants
-def ours(model_dir, rows, train, profile):
+def ours(model_dir, rows, train, profile, variant="ours"):
     import torch
 
     cfg = train.read_model_config(model_dir / "config.json")
@@ -126,6 +128,11 @@ def ours(model_dir, rows, train, profile):
     c = {peft + "target_modules": TARGETS_OURS, peft + "lora_rank": 16, peft + "lora_alpha": 32.0,
          peft + "lora_dropout": 0.05, peft + "lora_bias": "none", peft + "lora_verbose": False}
     modules, params = train.add_lora(model, c, verbose=False)
+    # As 05 chooses on the CPU: block attention (and trailing padding cut) eager; one static shape compiled.
+    model.attention, model.fixed_shapes = ("masked", True) if variant in ("ours-masked", "ours-compiled") else \
+        ("blocks", False)
+    if variant == "ours-compiled":
+        train.compile_layers(model, torch.device("cpu"))
     optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-6, weight_decay=0.01)
     model.eval()
     with torch.no_grad():
@@ -236,7 +243,7 @@ def child(args):
         out["first_loss"], seconds = peft_trainer(model_dir, rows, train, args.warmup, WORK / "trainer-out")
     else:
         if args.variant.startswith("ours"):
-            first, step, profile = ours(model_dir, rows, train, args.profile)
+            first, step, profile = ours(model_dir, rows, train, args.profile, args.variant)
             if profile is not None:
                 total = sum(e.self_cpu_time_total for e in profile)
                 top = sorted(profile, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
@@ -290,6 +297,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="where our step's time goes (SmolLM2, seq 512)")
     ap.add_argument("--packing", action="store_true", help="ours with packing vs padding (SmolLM2, seq 512)")
+    ap.add_argument("--compile", action="store_true", help="ours eager vs torch.compile'd layers (SmolLM2)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--seq-one", type=int, help=argparse.SUPPRESS)
@@ -317,6 +325,17 @@ def main():
             got = run_child(variant, dirs["smollm2"], 512, args)
             print(f"| {label} | {args.steps * ROWS} | {got['supervised']:,} | {got['supervised'] / got['seconds']:,.0f} | "
                   f"{got['tokens'] / got['seconds']:,.0f} |")
+        return
+    if args.compile:
+        print("| model | seq | variant | tokens/s | ours / this | MFU | peak RSS GiB | first loss |")
+        print("|---|---|---|---|---|---|---|---|")
+        for seq in [int(s) for s in args.seq.split(",")]:
+            results = {v: run_child(v, dirs["smollm2"], seq, args) for v in ("ours", "ours-masked", "ours-compiled")}
+            tps = {v: r["tokens"] / r["seconds"] for v, r in results.items()}
+            for v, r in results.items():
+                print(f"| smollm2 | {seq} | {v} | {tps[v]:,.0f} | {tps['ours'] / tps[v]:.2f}x | "
+                      f"{r['flops'] / r['seconds'] / peak:.1%} | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |",
+                      flush=True)
         return
     print("| model | seq | variant | tokens/s | ours / this | MFU | peak RSS GiB | first loss |")
     print("|---|---|---|---|---|---|---|---|")

@@ -61,7 +61,7 @@ def test_llama3_8b_at_tp32_on_trn1_needs_a_sixteenth_of_the_base_per_rank(train_
         "precision.type=autocast", "data.seq_length=4096", "data.micro_batch_size=1",
         "distributed_strategy.tensor_model_parallel_size=32", "distributed_strategy.kv_replicator=4",
         "model_alignment_strategy.peft.target_modules=[qkv_proj]"]), train_mod.SCHEMA)
-    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, xla=True)
+    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, trainium=True)
     # Per rank: 1/32 of the 8.03 B weights, plus the K/V projections copied 4x (3 more copies of 32 layers x
     # 2 x 1024 x 4096 / 32), in bf16.
     expected = (8_030_261_248 + 3 * 32 * 2 * 1024 * 4096) / 32 * 2
@@ -78,7 +78,7 @@ def test_the_default_activation_checkpointing_is_what_the_estimate_needs_on_trn1
     """config.yaml's default follows the estimate for its own settings: checkpointing on exactly when the
     estimate without it, plus the estimate's error, does not fit a trn1 NeuronCore."""
     c = tutorial_settings(train_mod)
-    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, xla=True)
+    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, trainium=True)
     plain = sum(v for k, v in est.items() if k != "activations, checkpointed") / 2**30
     needed = plain * (1 + train_mod.ESTIMATE_ERROR) > train_mod.NEURONCORE_GIB["trn1"]
     assert c["model.activations_checkpoint"] == needed, f"estimate without checkpointing: {plain:.2f} GiB"
@@ -87,9 +87,9 @@ def test_the_default_activation_checkpointing_is_what_the_estimate_needs_on_trn1
 def test_the_estimate_counts_dropout_masks_and_the_neuron_runtime_reserve(train_mod):
     with_dropout = tutorial_settings(train_mod, "model_alignment_strategy.peft.lora_dropout=0.1")
     without = tutorial_settings(train_mod, "model_alignment_strategy.peft.lora_dropout=0.0")
-    est = train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, supervised_per_row=1024, xla=True)
-    base = train_mod.memory_estimate(LLAMA3_8B, without, 32, supervised_per_row=1024, xla=True)
+    est = train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, supervised_per_row=1024, trainium=True)
+    base = train_mod.memory_estimate(LLAMA3_8B, without, 32, supervised_per_row=1024, trainium=True)
     # qkv_proj's input (hidden 4096) per token and layer: its dropped bf16 copy and a one-byte keep mask.
     assert est["activations"] - base["activations"] == 32 * 4096 * 4096 * (2 + 1)
     assert est["runtime reserve"] == train_mod.NEURON_RUNTIME_RESERVE_GIB * 2**30
-    assert train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, 1024, xla=False)["runtime reserve"] == 0
+    assert train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, 1024, trainium=False)["runtime reserve"] == 0

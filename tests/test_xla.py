@@ -31,9 +31,25 @@ def run(work, overlay, name, *overrides, env=None, check=True):
     return proc, [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
-def test_five_xla_steps_compile_nothing_new_after_the_second_and_match_eager(pipeline):
+@pytest.fixture(scope="module")
+def steady_xla(pipeline):
+    """Five steady XLA steps (no checkpoint)."""
     work, overlay = pipeline
-    _, xla = run(work, overlay, "xla", "trainer.accelerator=xla")
+    return run(work, overlay, "xla", "trainer.accelerator=xla")
+
+
+@pytest.fixture(scope="module")
+def extraction_run(pipeline):
+    """The same steps under graph extraction (NEURON_EXTRACT_GRAPHS_ONLY, as neuron_parallel_compile runs them),
+    diverging (lr 1e12), with checkpoints asked for every 2 steps and nonfinite=stop."""
+    work, overlay = pipeline
+    return run(work, overlay, "xla-extract", "trainer.accelerator=xla", "model.optim.lr=1e12", "trainer.nonfinite=stop",
+               "exp_manager.checkpoint_callback_params.every_n_train_steps=2", env=dict(NEURON_EXTRACT_GRAPHS_ONLY="1"))
+
+
+def test_five_xla_steps_compile_nothing_new_after_the_second_and_match_eager(pipeline, steady_xla):
+    work, overlay = pipeline
+    _, xla = steady_xla
     _, eager = run(work, overlay, "eager", "trainer.accelerator=cpu")
     steps = [r for r in xla if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
@@ -108,13 +124,10 @@ def test_no_graph_of_a_run_with_checkpoints_holds_float64_and_none_compiles_afte
     assert "ran these operations on the CPU" not in proc.stderr  # no CPU fallback (e.g. addmm with alpha)
 
 
-def test_reading_the_step_flags_runs_no_graph_of_its_own(pipeline):
+def test_reading_the_step_flags_runs_no_graph_of_its_own(steady_xla, extraction_run):
     """The non-finite check reads a value the step's graph already computed: a normal step runs exactly as
     many graphs as a step in graph-extraction mode, where nothing is read."""
-    work, overlay = pipeline
-    _, normal = run(work, overlay, "xla-read", "trainer.accelerator=xla")
-    _, extracting = run(work, overlay, "xla-noread", "trainer.accelerator=xla",
-                        env=dict(NEURON_EXTRACT_GRAPHS_ONLY="1"))
+    (_, normal), (_, extracting) = steady_xla, extraction_run
 
     def per_step(records):
         runs = [r["xla_executions"] for r in steps(records)]
@@ -124,13 +137,12 @@ def test_reading_the_step_flags_runs_no_graph_of_its_own(pipeline):
     assert len(set(per_step(normal))) == 1, f"graph executions per step: {per_step(normal)}"
 
 
-def test_graph_extraction_mode_takes_no_decision_from_device_values_and_writes_no_checkpoint(pipeline):
+def test_graph_extraction_mode_takes_no_decision_from_device_values_and_writes_no_checkpoint(pipeline,
+                                                                                          extraction_run):
     """Under neuron_parallel_compile every graph returns zeros: a diverging loss must not stop the run (the
     real one decides), and no rank may write a checkpoint."""
     work, overlay = pipeline
-    proc, records = run(work, overlay, "xla-extract", "trainer.accelerator=xla", "model.optim.lr=1e12",
-                        "trainer.nonfinite=stop", "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-                        env=dict(NEURON_EXTRACT_GRAPHS_ONLY="1"))
+    proc, records = extraction_run
     assert [r["step"] for r in steps(records)] == [1, 2, 3, 4, 5]
     assert not (work / "xla-extract" / "checkpoints").exists()
     assert "no run checkpoints are written" in proc.stdout
