@@ -205,8 +205,11 @@ def s3_client(c):
 
 def s3_failure(client, error, uri, bucket):
     """A one-line StageError saying what went wrong with an S3 request and how to fix it."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import ClientError, EndpointConnectionError, FlexibleChecksumError, NoCredentialsError
 
+    if isinstance(error, FlexibleChecksumError):  # the object's stored checksum, checked by botocore per response
+        return StageError(f"{uri}: a part arrived corrupted (its checksum does not match the object's: {error}); "
+                          f"it was not kept, run the stage again")
     if isinstance(error, NoCredentialsError):
         return StageError(f"{uri}: no AWS credentials found (data.download.anonymous is false); configure a "
                           f"profile (data.download.profile) or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
@@ -266,6 +269,15 @@ def multipart_etag_matches(path, etag, size, part_sizes):
     return False
 
 
+def uploaded_part_size(client, bucket, key):
+    """The size of the object's first uploaded part (HEAD with PartNumber=1), or None where the store does not
+    say: with it, a multipart ETag can always be checked, so a mismatch means the bytes are wrong."""
+    try:
+        return client.head_object(Bucket=bucket, Key=key, PartNumber=1)["ContentLength"]
+    except Exception:  # not every S3-compatible store answers part-number requests
+        return None
+
+
 def download_s3_object(client, bucket, key, dest, c):
     """Download one object in concurrent ranged parts into dest, resumably; returns its identity.
 
@@ -322,12 +334,18 @@ def download_s3_object(client, bucket, key, dest, c):
     if partial.stat().st_size != size:
         raise StageError(f"{uri}: downloaded {partial.stat().st_size} bytes, the object has {size}")
     if "-" in etag:
-        verified = multipart_etag_matches(partial, etag, size, [part, 5 * 2**20, 8 * 2**20, 16 * 2**20,
-                                                                -(-size // int(etag.rsplit("-", 1)[1]))])
+        first = uploaded_part_size(client, bucket, key)
+        sizes = [first, part, 5 * 2**20, 8 * 2**20, 16 * 2**20, -(-size // int(etag.rsplit("-", 1)[1]))]
+        verified = multipart_etag_matches(partial, etag, size, [p for p in sizes if p])
+        corrupt = not verified and first is not None  # the upload's part size is known: the bytes are wrong
     else:
         verified = hashlib.md5(partial.read_bytes()).hexdigest() == etag
-        if not verified:
-            raise StageError(f"{uri}: MD5 of the download does not match the object's ETag; run the stage again")
+        corrupt = not verified
+    if corrupt:  # a resumed run would take the same bad parts for done: start the object over
+        partial.unlink()
+        state_path.unlink()
+        raise StageError(f"{uri}: a part arrived corrupted: the download does not match the object's ETag {etag}; "
+                         f"it was discarded, run the stage again")
     os.replace(partial, dest)
     state_path.unlink()
     return {"key": key, "etag": etag, "size": size, "etag_verified": verified}
