@@ -64,6 +64,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -853,6 +854,9 @@ class LoRALinear(nn.Module):
                 b.weight = nn.Parameter(b.weight[self.index].contiguous())
         self.lora_A, self.lora_B = a.to(self.weight.device), b.to(self.weight.device)
         self.p = dropout
+        # p as a float32 tensor, made once: what a Python float becomes in eager mode too, whereas torch-xla
+        # would compare with a Python float in float64, which NeuronCores do not have.
+        self.p_tensor = torch.full((), dropout, device=self.weight.device)
         self.scaling = alpha / rank
 
     def forward(self, x):
@@ -871,12 +875,10 @@ class LoRALinear(nn.Module):
 
     def dropout(self, x):
         """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
-        lower cost on CPU (bench/train_bench.py). p is compared as a float32 tensor, which is what a Python
-        float becomes in eager mode too; torch-xla would compare with a Python float in float64, which
-        NeuronCores do not have."""
+        lower cost on CPU (bench/train_bench.py)."""
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand(x.shape, device=x.device) >= torch.full((), self.p, device=x.device)
+        keep = torch.rand(x.shape, device=x.device) >= self.p_tensor
         return x * keep * (1 / (1 - self.p))
 
 
@@ -1754,10 +1756,22 @@ class Metrics:
             self.tb.close()
 
 
-def progress_bar(total, initial=0):
+class NoMetrics:
+    """What ranks other than 0 log: nothing (rank 0 writes the run's records)."""
+
+    lines = 0
+
+    def log(self, record):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total, initial=0, shown=True):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="Epoch 0", dynamic_ncols=True, file=sys.stdout,
+    return tqdm(total=total, initial=initial, desc="Epoch 0", dynamic_ncols=True, file=sys.stdout, disable=not shown,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                            "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
@@ -2013,22 +2027,25 @@ def memory_estimate(cfg, c, tp, supervised_per_row, trainium):
     }
 
 
-def plans_xla(c):
-    """Whether this config trains on XLA (Trainium): as pick_device decides, without starting a device."""
+def planned_trainium(c):
+    """The Trainium generation this config trains on, without starting a device (as pick_device decides): XLA
+    takes the checkpoint's hw_backend, TorchNeuron runs on trn2 or trn3; None elsewhere."""
     import importlib.util
 
     acc = c["trainer.accelerator"]
-    return acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None)
+    if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None):
+        return c["distributed_strategy.hw_backend"]
+    if acc == "neuron":
+        return "trn3" if neuron_generation() == "trn3" else "trn2"
+    return None
 
 
 def device_memory(c):
     """(GiB per rank, where the figure comes from) for the device this config trains on."""
     if c["trainer.device_memory_gib"]:
         return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
-    acc = c["trainer.accelerator"]
-    if plans_xla(c) or acc == "neuron":
-        gen = c["distributed_strategy.hw_backend"] if plans_xla(c) else \
-            "trn3" if neuron_generation() == "trn3" else "trn2"  # TorchNeuron runs on trn2 and trn3 only
+    gen, acc = planned_trainium(c), c["trainer.accelerator"]
+    if gen:
         return NEURONCORE_GIB[gen], f"{gen} NeuronCore datasheet" + (", per logical core" if gen != "trn1" else "")
     if acc in ("cuda", "auto") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -2046,7 +2063,7 @@ def dry_run(c, cfg, supervised_per_row):
     tp, dtype = check_shards(c, cfg, par_cfg)
     print(f"checkpoint: {tp} shard(s) in {c['exp_manager.resume_from_checkpoint']}/model, every tensor present "
           f"with the expected shape, {dtype}")
-    est = memory_estimate(cfg, c, tp, supervised_per_row, plans_xla(c) or c["trainer.accelerator"] == "neuron")
+    est = memory_estimate(cfg, c, tp, supervised_per_row, planned_trainium(c) is not None)
     limit, source = device_memory(c)
     print(f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
           f"{c['data.seq_length']}, {c['precision.type']}):")
@@ -2070,6 +2087,7 @@ def dry_run(c, cfg, supervised_per_row):
           f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained")
 
 
+# ------------------------------------------------------------------------------------------------ training loop
 def micro_batches(train, supervised, start, max_steps, gbs, mbs, seed, par):
     """This rank's micro-batches, step after step: the step's rows (a pure function of seed and step) split
     evenly over the data-parallel ranks, each share cut into micro-batches. Each carries `scale`, one over
@@ -2094,8 +2112,147 @@ def device_loader(batches, device):
     return iter(pl.MpDeviceLoader(batches, device))
 
 
-# ------------------------------------------------------------------------------------------------ main
-def main(argv=None):
+class LogInterval:
+    """What happened since the last logged step: the step losses (device tensors, read once at log time), real
+    and supervised tokens and model FLOPs, summed on the host from per-row counts computed once."""
+
+    def __init__(self, train, cfg, seed, gbs):
+        self.rows = {"tokens": (train["segment_ids"] > 0).sum(1), "supervised": (train["targets"] != -100).sum(1),
+                     "flops": window_flops(train, cfg)}
+        self.n_rows, self.seed, self.gbs = train["input_ids"].shape[0], seed, gbs
+        self.total_tokens, self.started = 0, time.perf_counter()
+        self.reset()
+
+    def reset(self):
+        self.losses, self.tokens, self.supervised, self.flops = [], 0, 0, 0.0
+        self.since = time.perf_counter()
+
+    def add(self, step, step_loss):
+        idx = step_indices(step, self.n_rows, self.gbs, self.seed)
+        self.losses.append(step_loss)
+        self.tokens += int(self.rows["tokens"][idx].sum())
+        self.supervised += int(self.rows["supervised"][idx].sum())
+        self.flops += float(self.rows["flops"][idx].sum())
+
+    def record(self, done, lr, grad_norm, skipped, peak, run):
+        """The metrics record of this interval (the host sync of a log interval), then a fresh interval."""
+        losses = torch.stack(self.losses).tolist()
+        elapsed, norm = time.perf_counter() - self.since, float(grad_norm)
+        record = {"step": done, "loss": losses[-1] if math.isfinite(losses[-1]) else None, "lr": lr,
+                  "grad_norm": norm if math.isfinite(norm) else None,
+                  "tokens_per_s": self.tokens / elapsed, "supervised_tokens_per_s": self.supervised / elapsed,
+                  "consumed_samples": done * self.gbs, "epoch": done * self.gbs // self.n_rows,
+                  "skipped_steps": skipped}
+        memory = peak_memory_gib(run.device)
+        if memory is not None:
+            record["peak_memory_gib"] = memory
+        if peak:
+            record["mfu"] = self.flops / elapsed / (peak * run.par.world)
+        record.update(compile_counts(run.device, run.c["trainer.compile"]))
+        self.total_tokens += self.tokens
+        self.reset()
+        return record, losses
+
+
+def train_step(run, loader, lr):
+    """One optimizer step: the micro-batches' forward and backward passes, the gradient reductions, and the
+    step's loss, gradient norm and non-finite flag (device values; the flag is read by the caller)."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    c, device, par = run.c, run.device, run.par
+    step_loss = torch.zeros((), device=device)
+    for _ in range(c["data.global_batch_size"] // (c["data.micro_batch_size"] * par.dp)):
+        mb = next(loader)
+        s = loss_sum(run.model, mb, device, run.autocast) * mb["scale"].to(device)
+        s.backward()
+        step_loss += s.detach()
+        sync_device(device)
+    sync_gradients(run.modules, run.params, par)
+    grad_norm = global_grad_norm(run.modules, par)
+    step_loss = par.all_reduce(step_loss, "dp")
+    bad = nonfinite(torch.stack([step_loss, grad_norm]))  # the same on every rank: both are reduced values
+    # Cut the graph before the caller reads the flag: the read then copies a computed value instead of running
+    # the pending gradient reductions once for it and once more with the update.
+    sync_device(device)
+    return step_loss, grad_norm, bad
+
+
+def apply_update(run, step, step_loss, grad_norm, bad, skipped, last_checkpoint):
+    """The step's one host read: a non-finite loss or gradient norm stops the run (trainer.nonfinite=stop) or
+    skips the update (skip); otherwise the clipped update. Skipped while extracting graphs, whose values are
+    all zeros. Returns the count of skipped steps."""
+    if not extracting_graphs() and bool(bad):
+        if run.c["trainer.nonfinite"] == "stop":
+            raise StageError(f"step {step + 1}: loss {float(step_loss)} / gradient norm {float(grad_norm)} is not "
+                             f"finite; last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
+                             f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps")
+        skipped += 1
+        print(f"warning: step {step + 1}: non-finite loss or gradient norm; update skipped "
+              f"({skipped} skipped so far)", file=sys.stderr)
+    else:
+        if run.c["trainer.gradient_clip_val"]:
+            clip_gradients(run.params, grad_norm, run.c["trainer.gradient_clip_val"])
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    sync_device(run.device)
+    return skipped
+
+
+def checkpoint_every(c):
+    """Steps between run checkpoints (0 = none); none at all while extracting graphs, where every rank would
+    write zeros over the same step_N.tmp."""
+    every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
+    if extracting_graphs() and every:
+        print("NEURON_EXTRACT_GRAPHS_ONLY: graph extraction only, no run checkpoints are written")
+        return 0
+    return every
+
+
+def train_loop(run, train, start, skipped, last_checkpoint):
+    """Steps start..max_steps with logging, validation and run checkpoints. SIGTERM (a scheduler's preemption,
+    torchrun passing on Ctrl-C) ends the run after the current step with a checkpoint. Returns (the log interval
+    with the run's totals, the step SIGTERM stopped the run after or None, the last checkpoint)."""
+    c, par = run.c, run.par
+    max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
+    peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
+    print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})" if peak
+          else f"MFU not reported: {peak_source}")
+    every = checkpoint_every(c)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    interval = LogInterval(train, run.cfg, c["seed"], gbs)
+    loader = device_loader(micro_batches(train, interval.rows["supervised"], start, max_steps, gbs,
+                                         c["data.micro_batch_size"], c["seed"], par), run.device)
+    bar = progress_bar(max_steps, start, shown=par.rank == 0)
+    for step in range(start, max_steps):
+        lr = lr_at(step, c)
+        step_loss, grad_norm, bad = train_step(run, loader, lr)
+        stopping = par.any_rank(stop)  # a stop request is host data, shared over the CPU group
+        skipped = apply_update(run, step, step_loss, grad_norm, bad, skipped, last_checkpoint)
+        interval.add(step, step_loss)
+        done = step + 1
+        bar.set_description_str(f"Epoch {done * gbs // interval.n_rows}")
+        bar.update(1)
+        if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps or stopping:
+            record, losses = interval.record(done, lr, grad_norm, skipped, peak, run)
+            run.metrics.log(record)
+            bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
+                                f"lr={lr:.3g}, global_step={done}, consumed_samples={done * gbs}, "
+                                f"tokens/s={record['tokens_per_s']:.0f}" + (f", mfu={record['mfu']:.1%}" if peak else ""))
+        if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
+            bar.clear()
+            run_evaluation(run, done, gen=False)
+        if (every and done % every == 0) or (stopping and not extracting_graphs()):
+            last_checkpoint = save_run_checkpoint(run, done, skipped)
+        if stopping:
+            bar.close()
+            return interval, done, last_checkpoint
+    bar.close()
+    return interval, None, last_checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ run
+def parse_args(argv):
     ap = config_arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--inspect-data", type=int, metavar="N", default=0,
                     help="print N training windows with the trained tokens marked [[like this]], then exit")
@@ -2104,13 +2261,12 @@ def main(argv=None):
     ap.add_argument("--neuron-env", action="store_true",
                     help="print the Neuron compiler/runtime variables of this config as shell export lines "
                          "(for the launch: eval \"$(python 05_train.py ... --neuron-env)\"), then exit")
-    args = ap.parse_args(argv)
-    if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
-        sys.stdout = open(os.devnull, "w")
-    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
-    if args.neuron_env:
-        print_launch_environment(c)
-        return
+    return ap.parse_args(argv)
+
+
+def prepare_settings(c, args):
+    """Cross-key checks, the resolved config printed, seeds, and the model architecture with its parallel
+    layout checked: everything that can fail before a device is touched."""
     check_settings(c, launched=not args.dry_run)
     for k, v in redacted(c).items():
         print(f"  {k}: {v}")
@@ -2122,14 +2278,20 @@ def main(argv=None):
     cfg = read_model_config(c["model.model_config"])
     cfg.update(kv_mult=kv_mult, hw_backend=backend)
     check_layout(cfg, tp, kv_mult, backend)
-    # The device and the process group before anything else (on Neuron the group must precede any device
-    # tensor), so that a missing backend fails before any output is written.
-    device = par = None
-    if not (args.dry_run or args.inspect_data):
-        device = pick_device(c)
-        par = Parallel(tp, device, kv_replica_groups(cfg, tp, kv_mult, backend))
+    return cfg
 
-    # Tokenizer and data first: cheap, and the most common source of mistakes.
+
+def open_device(c, cfg):
+    """The device and the process group, before anything else: on Neuron the group must precede any device
+    tensor, and a missing backend then fails before any output is written."""
+    tp = c["distributed_strategy.tensor_model_parallel_size"]
+    device = pick_device(c)
+    par = Parallel(tp, device, kv_replica_groups(cfg, tp, c["distributed_strategy.kv_replicator"],
+                                                 c["distributed_strategy.hw_backend"]))
+    return device, par
+
+
+def load_tokenizer(c):
     from transformers import AutoTokenizer
 
     tok_dir = c["data.tokenizer.type"]
@@ -2138,23 +2300,22 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only fills padding, which is never attended or trained
-    _, train, _ = build_split(c["data.train_dir"], tokenizer, c, "train")
-    if args.inspect_data:
-        inspect_data(train, tokenizer, args.inspect_data)
-        return
-    val_records, val = build_split(c["data.val_dir"], tokenizer, c, "val")[:2] if c["data.val_dir"] else ([], None)
-    if args.dry_run:
-        dry_run(c, cfg, int((train["targets"] != -100).sum(1).max()))
-        return
+    return tokenizer
 
+
+def build_model(c, cfg, device, par):
+    """The rank's shard of the base model from the converted checkpoint, with LoRA added, dropout seeded, the
+    attention chosen and, with trainer.compile, the layers compiled. Returns (model, LoRA modules, params)."""
     autocast = c["precision.type"] == "autocast"
     base_dtype = torch.bfloat16 if autocast else torch.float32
     n_ckpt = (cfg["layers"] if c["model.activations_checkpoint_layers"] is None
               else c["model.activations_checkpoint_layers"]) if c["model.activations_checkpoint"] else 0
     with torch.device(device):
         model = Llama(cfg, base_dtype, par, checkpoint_layers=n_ckpt)
+    tp = par.tp
     ckpt, _ = load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
-                              {"tensor_model_parallel_size": tp, "kv_replicator": kv_mult, "hw_backend": backend})
+                              {"tensor_model_parallel_size": tp, "kv_replicator": c["distributed_strategy.kv_replicator"],
+                               "hw_backend": c["distributed_strategy.hw_backend"]})
     print(f"loaded {ckpt.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
           f"process(es): TP {tp} x DP {par.dp}" + (f"; activation checkpointing on {n_ckpt} layer(s)" if n_ckpt else ""))
     modules, params = add_lora(model, c)
@@ -2165,200 +2326,136 @@ def main(argv=None):
         compile_layers(model, device)
     print(f"attention: {model.attention}" + ("; decoder layers compiled with torch.compile" if c["trainer.compile"] else ""))
     model.train()
+    return model, modules, params
 
-    rank0 = par.rank == 0
-    run_dir, resume_from = resume_point(c, par)
-    optimizer = make_optimizer(params, c, device)
+
+def open_run(run):
+    """The run directory, and the state to resume from: fills run.dir, run.optimizer, run.metrics; returns
+    (first step, skipped steps so far, the checkpoint resumed from or None)."""
+    c, par = run.c, run.par
+    run.dir, resume_from = resume_point(c, par)
+    run.optimizer = make_optimizer(run.params, c, run.device)
     start, skipped = 0, 0
     if resume_from:
-        state = load_checkpoint_state(resume_from, par, params, optimizer, device)
+        state = load_checkpoint_state(resume_from, par, run.params, run.optimizer, run.device)
         start, skipped = state["step"], state["skipped_steps"]
-        if rank0:
-            keep_metrics_lines(run_dir, state["metrics_lines"])
+        if par.rank == 0:
+            keep_metrics_lines(run.dir, state["metrics_lines"])
         print(f"resuming from {resume_from}: step {start}, {state['consumed_samples']} samples consumed")
-    if rank0:
-        save_config(c, run_dir / "config.yaml")
-        print(f"run directory: {run_dir}")
-    metrics = Metrics(run_dir, c["exp_manager.create_tensorboard_logger"], start if resume_from else None) \
-        if rank0 else None
-    generate_ok = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
-    if c["evaluation.generate.num_prompts"] > 0 and compiles_per_shape(device):
-        print(f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
-              "generate from the merged model instead")
+    if par.rank == 0:
+        save_config(c, run.dir / "config.yaml")
+        print(f"run directory: {run.dir}")
+        run.metrics = Metrics(run.dir, c["exp_manager.create_tensorboard_logger"], start if resume_from else None)
+    else:
+        run.metrics = NoMetrics()
+    return start, skipped, resume_from
 
-    def run_evaluation(step, gen):
-        record = {"step": step}
-        if val is not None:
-            record["val_loss"] = evaluate(model, val, c["data.micro_batch_size"], device, autocast)
-            if gen and generate_ok:
-                record["gen_exact_match"], samples = generation_eval(model, val_records, tokenizer, c, device, autocast)
-                record["gen_samples"] = len(samples)
-                if rank0:
-                    (run_dir / f"generations_step{step}.jsonl").write_text(
-                        "".join(json.dumps(s) + "\n" for s in samples))
-                for s in samples[:c["evaluation.generate.show"]]:
-                    print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
-            record.update(compile_counts(device, c["trainer.compile"]))
-            if rank0:
-                metrics.log(record)
-            print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+def run_evaluation(run, step, gen):
+    """val_loss over the whole validation set (and, with gen, greedy generation scored by exact match), logged."""
+    c, record = run.c, {"step": step}
+    if run.val is None:
         return record
+    record["val_loss"] = evaluate(run.model, run.val, c["data.micro_batch_size"], run.device, run.autocast)
+    if gen and run.generate:
+        record["gen_exact_match"], samples = generation_eval(run.model, run.val_records, run.tokenizer, c,
+                                                             run.device, run.autocast)
+        record["gen_samples"] = len(samples)
+        if run.par.rank == 0:
+            (run.dir / f"generations_step{step}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        for s in samples[:c["evaluation.generate.show"]]:
+            print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
+    record.update(compile_counts(run.device, c["trainer.compile"]))
+    run.metrics.log(record)
+    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    return record
 
-    max_steps = c["trainer.max_steps"]
-    if not resume_from:
-        run_evaluation(0, gen=True)
-    if max_steps == 0:
-        if rank0:
-            metrics.close()
-        print("trainer.max_steps=0: baseline evaluation only, no adapter written")
+
+def save_run_checkpoint(run, done, skipped):
+    """A run checkpoint after step `done` (a collective: every rank takes part)."""
+    c, par, gbs = run.c, run.par, run.c["data.global_batch_size"]
+    state = {"step": done, "consumed_samples": done * gbs, "skipped_steps": skipped,
+             "data": {"seed": c["seed"], "next_step": done, "windows": run.n_rows, "global_batch_size": gbs},
+             "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
+             "tensor_parallel": par.tp, "data_parallel": par.dp, "metrics_lines": run.metrics.lines}
+    lora = gather_lora(run.modules, par, run.cfg)
+    path = save_checkpoint(run.dir / "checkpoints", state, par, run.params, run.optimizer,
+                           lambda out: export_peft_adapter(lora, run.cfg, c, out), run.device,
+                           c["exp_manager.checkpoint_callback_params.save_top_k"])
+    print(f"checkpoint: {path}")
+    return path
+
+
+def finish(run, args, interval):
+    """The final validation and generation, the adapter export, and the run summary."""
+    c = run.c
+    final = run_evaluation(run, c["trainer.max_steps"], gen=True)
+    lora = gather_lora(run.modules, run.par, run.cfg)  # a collective: every rank takes part
+    if run.par.rank != 0:
         return
-
-    mbs, gbs = c["data.micro_batch_size"], c["data.global_batch_size"]
-    n_windows = train["input_ids"].shape[0]
-    peak, peak_source = peak_flops(device, autocast, c["trainer.peak_tflops"])
-    print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})" if peak
-          else f"MFU not reported: {peak_source}")
-    clip = c["trainer.gradient_clip_val"]
-    every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
-    if extracting_graphs() and every:
-        print("NEURON_EXTRACT_GRAPHS_ONLY: graph extraction only, no run checkpoints are written")
-        every = 0
-    last_checkpoint = resume_from
-
-    def checkpoint(done):
-        state = {"step": done, "consumed_samples": done * gbs, "skipped_steps": skipped,
-                 "data": {"seed": c["seed"], "next_step": done, "windows": n_windows, "global_batch_size": gbs},
-                 "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
-                 "tensor_parallel": par.tp, "data_parallel": par.dp,
-                 "metrics_lines": metrics.lines if rank0 else 0}
-        lora = gather_lora(modules, par, cfg)  # a collective: every rank takes part
-        path = save_checkpoint(run_dir / "checkpoints", state, par, params, optimizer,
-                               lambda out: export_peft_adapter(lora, cfg, c, out), device,
-                               c["exp_manager.checkpoint_callback_params.save_top_k"])
-        print(f"checkpoint: {path}")
-        return path
-
-    # SIGTERM (a scheduler's preemption, torchrun passing on Ctrl-C) ends the run after the current step,
-    # with a checkpoint, and exit status 0.
-    stop = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
-    # Per-row counts, once: each step's bookkeeping is then a sum over its rows, with no copy of them.
-    row_tokens = (train["segment_ids"] > 0).sum(1)
-    row_supervised = (train["targets"] != -100).sum(1)
-    row_flops = window_flops(train, cfg)
-    loader = device_loader(micro_batches(train, row_supervised, start, max_steps, gbs, mbs, c["seed"], par), device)
-    bar = progress_bar(max_steps, start) if rank0 else None
-    window_losses, t_log, t_start = [], time.perf_counter(), time.perf_counter()
-    done_tokens = done_supervised = done_flops = 0  # since the last log
-    total_tokens = 0
-    for step in range(start, max_steps):
-        lr = lr_at(step, c)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for _ in range(gbs // (mbs * par.dp)):
-            mb = next(loader)
-            scale = mb["scale"].to(device)
-            s = loss_sum(model, mb, device, autocast) * scale
-            s.backward()
-            step_loss += s.detach()
-            sync_device(device)
-        sync_gradients(modules, params, par)
-        grad_norm = global_grad_norm(modules, par)
-        step_loss = par.all_reduce(step_loss, "dp")
-        bad = nonfinite(torch.stack([step_loss, grad_norm]))  # the same on every rank: both are reduced values
-        # Cut the graph before reading: the read then copies a computed value instead of running the pending
-        # gradient reductions once for it and once more with the update.
-        sync_device(device)
-        # The one host read per step (skipped while extracting graphs, whose values are all zeros); a stop
-        # request is host data and is shared over the CPU group.
-        nonfinite_step = not extracting_graphs() and bool(bad)
-        stopping = par.any_rank(stop)
-        if nonfinite_step and c["trainer.nonfinite"] == "stop":
-            raise StageError(f"step {step + 1}: loss {float(step_loss)} / gradient norm {float(grad_norm)} is not "
-                             f"finite; last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
-                             f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps")
-        if nonfinite_step:
-            skipped += 1
-            print(f"warning: step {step + 1}: non-finite loss or gradient norm; update skipped "
-                  f"({skipped} skipped so far)", file=sys.stderr)
-        else:
-            if clip:
-                clip_gradients(params, grad_norm, clip)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_losses.append(step_loss)
-        sync_device(device)
-
-        # Host-side bookkeeping from the per-row counts: no device synchronisation.
-        idx = step_indices(step, n_windows, gbs, c["seed"])
-        done_tokens += int(row_tokens[idx].sum())
-        done_supervised += int(row_supervised[idx].sum())
-        done_flops += float(row_flops[idx].sum())
-        done = step + 1
-        epoch = done * gbs // n_windows
-        if rank0:
-            bar.set_description_str(f"Epoch {epoch}")
-            bar.update(1)
-        if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps or stopping:
-            losses = torch.stack(window_losses).tolist()  # the host sync of a log interval
-            now = time.perf_counter()
-            elapsed = now - t_log
-            norm = float(grad_norm)
-            record = {"step": done, "loss": losses[-1] if math.isfinite(losses[-1]) else None, "lr": lr,
-                      "grad_norm": norm if math.isfinite(norm) else None,
-                      "tokens_per_s": done_tokens / elapsed, "supervised_tokens_per_s": done_supervised / elapsed,
-                      "consumed_samples": done * gbs, "epoch": epoch, "skipped_steps": skipped}
-            memory = peak_memory_gib(device)
-            if memory is not None:
-                record["peak_memory_gib"] = memory
-            if peak:
-                record["mfu"] = done_flops / elapsed / (peak * par.world)
-            record.update(compile_counts(device, c["trainer.compile"]))
-            if rank0:
-                metrics.log(record)
-                bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
-                                    f"lr={lr:.3g}, global_step={done}, consumed_samples={done * gbs}, "
-                                    f"tokens/s={record['tokens_per_s']:.0f}"
-                                    + (f", mfu={record['mfu']:.1%}" if peak else ""))
-            total_tokens += done_tokens
-            window_losses, t_log = [], now
-            done_tokens = done_supervised = done_flops = 0
-        if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
-            if rank0:
-                bar.clear()
-            run_evaluation(done, gen=False)
-        if (every and done % every == 0) or (stopping and not extracting_graphs()):
-            last_checkpoint = checkpoint(done)
-        if stopping:
-            if rank0:
-                bar.close()
-                metrics.close()
-            print(f"stopped by SIGTERM after step {done}; resume with exp_manager.resume_if_exists=true "
-                  f"(checkpoint {last_checkpoint})")
-            return
-    if rank0:
-        bar.close()
-    final = run_evaluation(max_steps, gen=True)
-    lora = gather_lora(modules, par, cfg)
-    if not rank0:
-        return
-    adapter = export_peft_adapter(lora, cfg, c, run_dir / "final" / "adapter")
-    metrics.close()
-    vals = [json.loads(line).get("val_loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    adapter = export_peft_adapter(lora, run.cfg, c, run.dir / "final" / "adapter")
+    run.metrics.close()
+    vals = [json.loads(line).get("val_loss") for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     vals = [v for v in vals if v is not None]
-    memory = peak_memory_gib(device)
-    print(f"done: {max_steps} steps in {time.perf_counter() - t_start:.0f} s, {total_tokens:,} tokens trained"
-          + (f", peak memory {memory:.2f} GiB per rank" if memory is not None else ""))
+    memory = peak_memory_gib(run.device)
+    print(f"done: {c['trainer.max_steps']} steps in {time.perf_counter() - interval.started:.0f} s, "
+          f"{interval.total_tokens:,} tokens trained" + (f", peak memory {memory:.2f} GiB per rank" if memory is not None else ""))
     if vals:
         print(f"val_loss: first {vals[0]:.4f}, best {min(vals):.4f}, last {vals[-1]:.4f}"
               + (f"; gen_exact_match {final['gen_exact_match']:.0%}" if "gen_exact_match" in final else ""))
-    if device.type == "xla" and xla_fallback_ops():
+    if run.device.type == "xla" and xla_fallback_ops():
         print(f"warning: torch-xla ran these operations on the CPU (slow on Trainium): "
               f"{', '.join(xla_fallback_ops())}", file=sys.stderr)
     print(f"adapter (PEFT format): {adapter}")
     print(f"merged HF model: python 03_convert_checkpoint.py {' '.join(f'--config {p}' for p in args.config or ['config.yaml'])} "
           f"--to-hf <dir> --merge-adapter {adapter}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
+        sys.stdout = open(os.devnull, "w")
+    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
+    if args.neuron_env:
+        print_launch_environment(c)
+        return
+    cfg = prepare_settings(c, args)
+    device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, cfg)
+
+    # Tokenizer and data first: cheap, and the most common source of mistakes.
+    tokenizer = load_tokenizer(c)
+    _, train, _ = build_split(c["data.train_dir"], tokenizer, c, "train")
+    if args.inspect_data:
+        inspect_data(train, tokenizer, args.inspect_data)
+        return
+    val_records, val = build_split(c["data.val_dir"], tokenizer, c, "val")[:2] if c["data.val_dir"] else ([], None)
+    if args.dry_run:
+        dry_run(c, cfg, int((train["targets"] != -100).sum(1).max()))
+        return
+
+    model, modules, params = build_model(c, cfg, device, par)
+    generate = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
+    if c["evaluation.generate.num_prompts"] > 0 and not generate:
+        print(f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
+              "generate from the merged model instead")
+    run = SimpleNamespace(c=c, cfg=cfg, device=device, par=par, model=model, modules=modules, params=params,
+                          autocast=c["precision.type"] == "autocast", tokenizer=tokenizer, val=val,
+                          val_records=val_records, generate=generate, n_rows=train["input_ids"].shape[0])
+    start, skipped, resume_from = open_run(run)
+    if not resume_from:
+        run_evaluation(run, 0, gen=True)
+    if c["trainer.max_steps"] == 0:
+        run.metrics.close()
+        print("trainer.max_steps=0: baseline evaluation only, no adapter written")
+        return
+
+    interval, stopped_after, last_checkpoint = train_loop(run, train, start, skipped, resume_from)
+    if stopped_after is not None:
+        run.metrics.close()
+        print(f"stopped by SIGTERM after step {stopped_after}; resume with exp_manager.resume_if_exists=true "
+              f"(checkpoint {last_checkpoint})")
+        return
+    finish(run, args, interval)
 
 
 if __name__ == "__main__":

@@ -57,12 +57,11 @@ class SlowProxy:
             threading.Thread(target=self.pump, args=(client, server, 0), daemon=True).start()
             threading.Thread(target=self.pump, args=(server, client, self.delay), daemon=True).start()
 
-    @staticmethod
-    def pump(src, dst, delay):
+    def pump(self, src, dst, delay):
         try:
             while data := src.recv(65536):
                 time.sleep(delay)
-                dst.sendall(data)
+                dst.sendall(self.relayed(data))
         except OSError:
             pass
         finally:
@@ -71,6 +70,10 @@ class SlowProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def relayed(self, data):
+        """What the relay passes on for a chunk it received."""
+        return data
 
 
 class CorruptingProxy(SlowProxy):
@@ -78,30 +81,20 @@ class CorruptingProxy(SlowProxy):
     arrives corrupted, whether in transit or as the store served it."""
 
     def __init__(self, upstream_port):
-        self.corrupted = threading.Event()
+        self.corrupted, self.stream = threading.Event(), threading.local()
         super().__init__(upstream_port, delay=0)
 
-    def pump(self, src, dst, delay):
-        body = None  # where in the next chunk the body of a 206 response starts
-        try:
-            while data := src.recv(65536):
-                if not self.corrupted.is_set():
-                    if data.startswith(b"HTTP/1.1 206") and b"\r\n\r\n" in data:
-                        body = data.find(b"\r\n\r\n") + 4
-                    if body is not None and body < len(data):
-                        data = data[:body] + bytes([data[body] ^ 0x01]) + data[body + 1:]
-                        self.corrupted.set()
-                    elif body is not None:
-                        body = 0  # the headers ended this chunk: the body starts the next one
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def relayed(self, data):
+        if self.corrupted.is_set():
+            return data
+        body = getattr(self.stream, "body", None)  # where in this chunk a 206 response's body starts
+        if data.startswith(b"HTTP/1.1 206") and b"\r\n\r\n" in data:
+            body = data.find(b"\r\n\r\n") + 4
+        if body is not None and body < len(data):
+            self.corrupted.set()
+            return data[:body] + bytes([data[body] ^ 0x01]) + data[body + 1:]
+        self.stream.body = 0 if body is not None else None  # the headers ended this chunk: the body starts the next
+        return data
 
 
 @pytest.fixture(scope="module")
