@@ -55,6 +55,7 @@ Commands
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -226,6 +227,7 @@ SCHEMA = {
     "data.global_batch_size": "int",
     "data.prompt_format": "raw|chat_template",
     "data.truncation": "truncate|drop",
+    "data.cache_dir": "path?",
     "data.tokenizer.type": "path",
     "model.model_config": "path",
     "model.hf_weights_dir": "path",
@@ -596,12 +598,17 @@ class Parallel:
         dist.all_gather(out, x.contiguous(), group=self.handles[name])
         return out
 
-    def barrier(self):
-        """Every rank waits here for all the others (file writes before, reads after)."""
+    def barrier(self, timeout_s=None):
+        """Every rank waits here for all the others (file writes before, reads after); `timeout_s` for a wait
+        that may outlast the group's timeout (a data preparation)."""
         if self.world > 1:
+            import datetime
             import torch.distributed as dist
 
-            dist.barrier(group=self.host)
+            if timeout_s:
+                dist.monitored_barrier(group=self.host, timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier(group=self.host)
 
     def broadcast_text(self, text):
         """Rank 0's string, on every rank."""
@@ -1320,54 +1327,110 @@ def export_peft_adapter(lora, cfg, c, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------ data
-def read_records(path, limit):
-    """Records from a jsonl/json or arrow file (through `datasets`), checked to have string input/output."""
-    import datasets
+# Each split is tokenized, masked and packed once and kept as flat files that every rank memory-maps (plain numpy,
+# as nanoGPT's .bin files: no format beyond dtype and length, readable without this script): tokens.bin (int32 ids
+# of the kept documents, end to end in file order), trained.bin (uint8: the token is a target of the one before it),
+# doc_starts.npy and doc_supervised.npy per document, window_starts.npy (each window is a run of consecutive
+# documents) and prepared.json (the inputs they were made from and the summary). The directory's name is a hash of
+# everything that changes them, so changed inputs prepare anew and unchanged ones are reused by every launch.
+PREPARED_FORMAT = 1  # raise when the prepared files change meaning: older directories are then prepared anew
+CHUNK_RECORDS = 2048  # records per tokenizer call: enough for the tokenizer's threads, little memory
 
+
+def record_chunks(path, limit, size=CHUNK_RECORDS):
+    """Lists of up to `size` (input, output) records streamed from a jsonl file (or a JSON array, or an arrow
+    file), only the first `limit` when set, each checked to have string input and output."""
     path = Path(path)
     if not path.exists():
         raise StageError(f"data file {path} not found (stage 01 writes it)")
-    datasets.disable_progress_bars()
-    try:
-        if path.suffix == ".arrow":
-            ds = datasets.Dataset.from_file(str(path))
-        else:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as e:
-        raise StageError(f"{path}: cannot be read as {'arrow' if path.suffix == '.arrow' else 'jsonl'} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    for col in ("input", "output"):
-        if col not in ds.column_names:
-            raise StageError(f"{path}: records need string fields 'input' and 'output'; found {ds.column_names}")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    records = []
-    for i, (inp, out) in enumerate(zip(ds["input"], ds["output"])):
-        if not isinstance(inp, str) or not isinstance(out, str):
-            raise StageError(f"{path}:{i + 1}: 'input' and 'output' must be strings")
-        records.append((inp, out))
-    if not records:
+    chunk, n = [], 0
+    for where, row in (arrow_rows if path.suffix == ".arrow" else json_rows)(path):
+        if limit is not None and n >= limit:
+            break
+        if not isinstance(row, dict) or "input" not in row or "output" not in row:
+            found = list(row) if isinstance(row, dict) else type(row).__name__
+            raise StageError(f"{path}:{where}: records need string fields 'input' and 'output'; found {found}")
+        if not isinstance(row["input"], str) or not isinstance(row["output"], str):
+            raise StageError(f"{path}:{where}: 'input' and 'output' must be strings")
+        chunk.append((row["input"], row["output"]))
+        n += 1
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+    if n == 0:
         raise StageError(f"{path}: no records")
-    return records
 
 
-def encode(tokenizer, fmt, prompt, response=None):
-    """Token ids of the prompt, and of the response if given (what the model must learn to produce)."""
+def json_rows(path):
+    """(line number, record) from JSON lines; a file that is one JSON array is read whole (use jsonl for big sets)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            yield from ((f"record {i + 1}", row) for i, row in enumerate(rows))
+            return
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise StageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def arrow_rows(path):
+    """(row number, record) from an arrow file (as `datasets` saves them), memory-mapped, a batch at a time."""
+    import datasets
+
+    try:
+        ds = datasets.Dataset.from_file(str(path))
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if "input" not in ds.column_names or "output" not in ds.column_names:
+        raise StageError(f"{path}: records need string fields 'input' and 'output'; found {ds.column_names}")
+    row = 0
+    for batch in ds.select_columns(["input", "output"]).iter(batch_size=CHUNK_RECORDS):
+        for inp, out in zip(batch["input"], batch["output"]):
+            row += 1
+            yield f"row {row}", {"input": inp, "output": out}
+
+
+def read_records(path, limit):
+    """The (input, output) records of a data file, as a list (generation prompts take the first few)."""
+    return [record for chunk in record_chunks(path, limit) for record in chunk]
+
+
+def prompt_ids(tokenizer, fmt, prompts):
+    """Token ids of each prompt as the model sees it before its answer, in one tokenizer call."""
     if fmt == "raw":
-        p = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        p += tokenizer.encode(prompt, add_special_tokens=False)
-        if response is None:
-            return p
-        return p, tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
-    user = [{"role": "user", "content": prompt}]
-    p = list(as_ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True)))
-    if response is None:
-        return p
-    full = as_ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True))
-    if full[:len(p)] != p:
-        raise StageError("data.prompt_format=chat_template: this tokenizer's chat template does not render the "
-                         "prompt as a prefix of the conversation; use data.prompt_format=raw")
-    return p, full[len(p):]
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+    users = [[{"role": "user", "content": p}] for p in prompts]
+    return [list(ids) for ids in as_ids(tokenizer.apply_chat_template(users, add_generation_prompt=True, tokenize=True))]
+
+
+def encode_batch(tokenizer, fmt, records):
+    """(prompt ids, response ids) per record, each part tokenized for the whole batch at once (the tokenizer's
+    threads share it). raw: [BOS] + input | output + [EOS]; chat_template: the user turn with the generation
+    prompt | the rest of the rendered conversation (the assistant turn)."""
+    prompts = prompt_ids(tokenizer, fmt, [p for p, _ in records])
+    if fmt == "raw":
+        answers = tokenizer([r for _, r in records], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return [(p, r + [tokenizer.eos_token_id]) for p, r in zip(prompts, answers)]
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in records]
+    out = []
+    for p, full in zip(prompts, as_ids(tokenizer.apply_chat_template(chats, tokenize=True))):
+        if list(full[:len(p)]) != p:
+            raise StageError("data.prompt_format=chat_template: this tokenizer's chat template does not render the "
+                             "prompt as a prefix of the conversation; use data.prompt_format=raw")
+        out.append((p, list(full[len(p):])))
+    return out
 
 
 def as_ids(encoded):
@@ -1377,8 +1440,7 @@ def as_ids(encoded):
 def tokenize(records, tokenizer, fmt, seq_len, truncation):
     """(ids, labels) per record; labels are -100 on the prompt. Over-long records: prompt cut first, counted."""
     docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0}
-    for prompt, response in records:
-        p, r = encode(tokenizer, fmt, prompt, response)
+    for p, r in encode_batch(tokenizer, fmt, records):
         if len(p) + len(r) > seq_len:
             if truncation == "drop":
                 stats["dropped"] += 1
@@ -1390,57 +1452,209 @@ def tokenize(records, tokenizer, fmt, seq_len, truncation):
     return docs, stats
 
 
-def pack(docs, seq_len, packing):
-    """Group documents into windows of at most seq_len tokens: greedy in file order, or one per window."""
-    windows, current, used = [], [], 0
-    for doc in docs:
-        if not packing or (current and used + len(doc[0]) > seq_len):
-            if current:
-                windows.append(current)
-            current, used = [], 0
-        current.append(doc)
-        used += len(doc[0])
-    if current:
-        windows.append(current)
-    return windows
+def doc_arrays(docs):
+    """Documents as flat arrays: ids (int32), trained flags (a token is trained when it is the target of the one
+    before it in its document, so never the first) and lengths, through C loops rather than Python per token."""
+    from itertools import chain
+
+    lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, count=len(docs))
+    total = int(lengths.sum())
+    tokens = np.fromiter(chain.from_iterable(ids for ids, _ in docs), np.int32, count=total)
+    trained = np.fromiter(chain.from_iterable(labels for _, labels in docs), np.int32, count=total) != -100
+    trained[np.cumsum(lengths) - lengths] = False
+    return tokens, trained.astype(np.uint8), lengths
 
 
-def collate(windows, seq_len, pad_id):
-    """Static [n, seq_len] tensors. Targets are shifted inside each document, so no label crosses a boundary;
-    positions restart at 0 per document; segment ids (1, 2, ...; 0 = padding) drive the attention mask."""
-    n = len(windows)
-    ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
-    targets = torch.full((n, seq_len), -100, dtype=torch.long)
-    positions = torch.zeros((n, seq_len), dtype=torch.long)
-    segments = torch.zeros((n, seq_len), dtype=torch.long)
-    for w, window in enumerate(windows):
-        start = 0
-        for seg, (doc_ids, labels) in enumerate(window, start=1):
-            end = start + len(doc_ids)
-            ids[w, start:end] = torch.tensor(doc_ids)
-            targets[w, start:end - 1] = torch.tensor(labels[1:])
-            positions[w, start:end] = torch.arange(len(doc_ids))
-            segments[w, start:end] = seg
-            start = end
-        positions[w, start:] = torch.arange(seq_len - start)
-    return {"input_ids": ids, "targets": targets, "position_ids": positions, "segment_ids": segments}
+def pack(lengths, seq_len, packing):
+    """Window boundaries as document indices [windows + 1]: greedily in file order, a window takes documents while
+    they fit in seq_len tokens; without packing, one document per window. One Python step per document."""
+    if not packing:
+        return np.arange(len(lengths) + 1, dtype=np.int64)
+    starts, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used and used + n > seq_len:
+            starts.append(i)
+            used = 0
+        used += n
+    starts.append(len(lengths))
+    return np.array(starts, dtype=np.int64)
 
 
-def build_split(path, tokenizer, c, name):
-    records = read_records(path, c["data.dev_choose_samples"])
-    docs, stats = tokenize(records, tokenizer, c["data.prompt_format"], c["data.seq_length"], c["data.truncation"])
-    if not docs:
-        raise StageError(f"{path}: every record is longer than data.seq_length={c['data.seq_length']}")
-    windows = pack(docs, c["data.seq_length"], c["model_alignment_strategy.sft.packing"])
-    batch = collate(windows, c["data.seq_length"], tokenizer.pad_token_id)
-    real = int((batch["segment_ids"] > 0).sum())
-    stats.update(windows=len(windows), tokens=real, supervised=int((batch["targets"] != -100).sum()),
-                 fill=real / batch["segment_ids"].numel())
+class Windows:
+    """The packed windows of one split over flat token arrays (memory-mapped when prepared on disk). Tensors
+    are built when rows are drawn (batch), never held for the whole set; per-window counts (tokens, supervised
+    tokens, attention keys) are small arrays, the only per-window data a process keeps."""
+
+    def __init__(self, tokens, trained, doc_starts, doc_supervised, starts, seq_len, pad_id):
+        self.tokens, self.trained, self.doc_starts, self.starts = tokens, trained, doc_starts, starts
+        self.seq_len, self.pad_id = seq_len, pad_id
+        lengths = np.diff(doc_starts)
+        self.n_tokens = np.diff(doc_starts[starts])
+        self.supervised = np.add.reduceat(doc_supervised, starts[:-1])
+        # keys attended per window: sum over its documents of 1 + 2 + ... + length (causal, within the document)
+        self.keys = np.add.reduceat(lengths * (lengths + 1) // 2, starts[:-1])
+
+    @classmethod
+    def from_docs(cls, docs, seq_len, packing, pad_id):
+        """In memory, from tokenize()'s documents."""
+        tokens, trained, lengths = doc_arrays(docs)
+        doc_starts = np.concatenate([[0], np.cumsum(lengths)])
+        supervised = np.add.reduceat(trained.astype(np.int64), doc_starts[:-1])
+        return cls(tokens, trained, doc_starts, supervised, pack(lengths, seq_len, packing), seq_len, pad_id)
+
+    @classmethod
+    def open(cls, where, pad_id):
+        """Prepared on disk: the token arrays memory-mapped, so every rank shares one copy in the page cache."""
+        meta = json.loads((where / "prepared.json").read_text())
+        return cls(np.memmap(where / "tokens.bin", dtype=np.int32, mode="r"),
+                   np.memmap(where / "trained.bin", dtype=np.uint8, mode="r"),
+                   np.load(where / "doc_starts.npy"), np.load(where / "doc_supervised.npy"),
+                   np.load(where / "window_starts.npy"), meta["inputs"]["seq_length"], pad_id)
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def batch(self, rows):
+        """[len(rows), seq_len] tensors of these windows (-1: an empty row). Targets are shifted inside each
+        document, so no label crosses a boundary; positions restart at 0 per document; segment ids (1, 2, ...;
+        0 = padding) drive the attention mask."""
+        n, s = len(rows), self.seq_len
+        ids = np.full((n, s), self.pad_id, dtype=np.int64)
+        targets = np.full((n, s), -100, dtype=np.int64)
+        positions = np.tile(np.arange(s, dtype=np.int64), (n, 1))
+        segments = np.zeros((n, s), dtype=np.int64)
+        for i, w in enumerate(rows):
+            if w < 0:
+                continue
+            bounds = self.doc_starts[self.starts[w]:self.starts[w + 1] + 1]
+            first, end = int(bounds[0]), int(bounds[-1])
+            lengths = np.diff(bounds)
+            used = end - first
+            seg = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+            ids[i, :used] = self.tokens[first:end]
+            segments[i, :used] = seg
+            positions[i, :used] = np.arange(used) - np.repeat(bounds[:-1] - first, lengths)
+            positions[i, used:] = np.arange(s - used)
+            nxt = self.tokens[first + 1:end]
+            keep = (self.trained[first + 1:end] != 0) & (seg[1:] == seg[:-1])
+            targets[i, :used - 1] = np.where(keep, nxt, -100)
+        return {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets),
+                "position_ids": torch.from_numpy(positions), "segment_ids": torch.from_numpy(segments)}
+
+
+def prepared_location(path, tokenizer_dir, c):
+    """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
+    data file's directory>/<file name>.prepared/<hash of the file's content, the tokenizer's files, the format
+    version and every setting that changes the windows>."""
+    path, tokenizer_dir = Path(path), Path(tokenizer_dir)
+    inputs = {"format": PREPARED_FORMAT, "data_sha256": file_sha256(path),
+              "tokenizer_sha256": {p.name: file_sha256(p) for p in sorted(tokenizer_dir.iterdir()) if p.is_file()},
+              "prompt_format": c["data.prompt_format"], "seq_length": c["data.seq_length"],
+              "packing": c["model_alignment_strategy.sft.packing"], "truncation": c["data.truncation"],
+              "dev_choose_samples": c["data.dev_choose_samples"]}
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else path.parent
+    return root / f"{path.name}.prepared" / key, inputs
+
+
+def prepare_split(path, tokenizer, c, name):
+    """The prepared directory of a split: reused when one exists for these inputs, else made here, written
+    under a temporary name and renamed when complete (a killed preparation is never taken for a finished one)."""
+    where, inputs = prepared_location(path, c["data.tokenizer.type"], c)
+    if (where / "prepared.json").exists():
+        return where
+    print(f"{name}: preparing {path} into {where}", file=sys.stderr)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(where)
+    tmp = where.with_name(f"{where.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        stats = write_prepared(path, tokenizer, c, name, tmp)
+        (tmp / "prepared.json").write_text(json.dumps({"inputs": inputs, "source": str(Path(path).resolve()),
+                                                       "stats": stats}, indent=1) + "\n")
+        for f in tmp.iterdir():
+            fsync_path(f)
+        try:
+            tmp.rename(where)
+        except OSError:  # another launch sharing this filesystem finished the same preparation first
+            if not (where / "prepared.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return where
+
+
+def remove_abandoned(where):
+    """Delete this host's temporary directories for `where` whose preparing process no longer exists."""
+    for tmp in where.parent.glob(f"{where.name}.tmp-{os.uname().nodename}-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def write_prepared(path, tokenizer, c, name, out):
+    """Tokenize, mask and pack a split into `out`, streaming: a chunk of records at a time is tokenized (one
+    batched tokenizer call) and appended to the token files; only per-document lengths stay in memory."""
+    seq_len, stats = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}
+    lengths, supervised = [], []
+    from tqdm import tqdm
+
+    bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
+    with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
+        for records in record_chunks(path, c["data.dev_choose_samples"]):
+            docs, chunk_stats = tokenize(records, tokenizer, c["data.prompt_format"], seq_len, c["data.truncation"])
+            for k in stats:
+                stats[k] += chunk_stats[k]
+            bar.update(len(records))
+            if not docs:
+                continue
+            tokens, trained, n = doc_arrays(docs)
+            tokens_f.write(tokens.tobytes())
+            trained_f.write(trained.tobytes())
+            lengths.append(n)
+            supervised.append(np.add.reduceat(trained.astype(np.int64), np.cumsum(n) - n))
+    bar.close()
+    if not lengths:
+        raise StageError(f"{path}: every record is longer than data.seq_length={seq_len}")
+    lengths = np.concatenate(lengths)
+    starts = pack(lengths, seq_len, c["model_alignment_strategy.sft.packing"])
+    np.save(out / "doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    np.save(out / "doc_supervised.npy", np.concatenate(supervised))
+    np.save(out / "window_starts.npy", starts)
+    stats.update(windows=len(starts) - 1, tokens=int(lengths.sum()), supervised=int(sum(s.sum() for s in supervised)))
+    stats["fill"] = stats["tokens"] / (stats["windows"] * seq_len)
+    return stats
+
+
+def load_split(path, tokenizer, c, name, par):
+    """A split's windows, prepared once per run: one process per host prepares (or finds) them while the others
+    wait on the CPU group, then every process maps the same files. Prints the split's summary."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if par is not None and par.world > 1 else 0
+    where = prepare_split(path, tokenizer, c, name) if local_rank == 0 else None
+    if par is not None and par.world > 1:
+        par.barrier(timeout_s=PREPARE_TIMEOUT_S)
+        where = Path(par.broadcast_text(str(where) if par.rank == 0 else ""))
+    stats = json.loads((where / "prepared.json").read_text())["stats"]
     print(f"{name}: {stats['records']} records -> {stats['windows']} windows of {c['data.seq_length']} "
           f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens "
           f"({stats['supervised'] / max(stats['tokens'], 1):.1%}); "
-          f"truncated {stats['truncated']}, dropped {stats['dropped']}")
-    return records, batch, stats
+          f"truncated {stats['truncated']}, dropped {stats['dropped']}; prepared in {where}")
+    return Windows.open(where, tokenizer.pad_token_id)
+
+
+PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_windows, seed, epoch):
+    """The window order of one epoch: a permutation seeded by (seed, epoch), made once and reused by its steps."""
+    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
 
 
 def step_indices(step, n_windows, per_step, seed):
@@ -1449,8 +1663,7 @@ def step_indices(step, n_windows, per_step, seed):
     start, out = step * per_step, []
     while len(out) < per_step:
         epoch, offset = divmod(start + len(out), n_windows)
-        perm = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
-        out.extend(perm[offset:offset + per_step - len(out)].tolist())
+        out.extend(epoch_order(n_windows, seed, epoch)[offset:offset + per_step - len(out)].tolist())
     return out
 
 
@@ -1507,34 +1720,25 @@ def loss_sum(model, mb, device, autocast):
     return _VocabParallelCrossEntropy.apply(logits, targets, model.par, model.model.embed_tokens.start).sum()
 
 
-def pad_rows(batch, multiple):
-    """Append empty rows (padding only, nothing supervised) so the row count is a multiple of `multiple`."""
-    extra = -batch["input_ids"].shape[0] % multiple
-    if not extra:
-        return batch
-    fill = {"input_ids": 0, "targets": -100, "position_ids": 0, "segment_ids": 0}
-    return {k: torch.cat([v, torch.full((extra, v.shape[1]), fill[k], dtype=v.dtype)]) for k, v in batch.items()}
-
-
 @torch.no_grad()
-def evaluate(model, batch, mbs, device, autocast):
+def evaluate(model, val, mbs, device, autocast):
     """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens. Each
-    data-parallel rank takes an equal share of rows (padded with empty rows, so every micro-batch has the
-    same shape)."""
+    data-parallel rank takes an equal share of windows (padded with empty rows, so every micro-batch has the
+    same shape), built a micro-batch at a time."""
     model.eval()
     par = model.par
-    count = int((batch["targets"] != -100).sum())
-    batch = pad_rows(batch, mbs * par.dp)
-    share = batch["input_ids"].shape[0] // par.dp
-    mine = {k: v[par.dp_rank * share:(par.dp_rank + 1) * share] for k, v in batch.items()}
+    rows = list(range(len(val)))
+    rows += [-1] * (-len(rows) % (mbs * par.dp))
+    share = len(rows) // par.dp
+    mine = rows[par.dp_rank * share:(par.dp_rank + 1) * share]
     # float64 sums, except on Trainium: NeuronCores have no float64, so none may enter a device graph there
     acc = torch.float32 if compiles_per_shape(device) else torch.float64
     total = torch.zeros((), dtype=acc, device=device)
     for start in range(0, share, mbs):
-        total += loss_sum(model, {k: v[start:start + mbs] for k, v in mine.items()}, device, autocast).to(acc)
+        total += loss_sum(model, val.batch(mine[start:start + mbs]), device, autocast).to(acc)
         sync_device(device)
     model.train()
-    return par.all_reduce(total, "dp").item() / max(count, 1)
+    return par.all_reduce(total, "dp").item() / max(int(val.supervised.sum()), 1)
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -1591,7 +1795,7 @@ def generation_eval(model, records, tokenizer, c, device, autocast):
     bs = c["evaluation.generate.batch_size"]
     for start in range(0, n, bs):
         chunk = records[start:min(start + bs, n)]
-        prompts = [encode(tokenizer, c["data.prompt_format"], p)[-c["data.seq_length"]:] for p, _ in chunk]
+        prompts = [p[-c["data.seq_length"]:] for p in prompt_ids(tokenizer, c["data.prompt_format"], [p for p, _ in chunk])]
         for (prompt, expected), new in zip(chunk, generate(model, prompts, c["evaluation.generate.max_new_tokens"],
                                                            stop_ids, tokenizer.pad_token_id, device, autocast)):
             answer = tokenizer.decode(new, skip_special_tokens=True).strip()
@@ -1647,20 +1851,16 @@ def lr_at(step, c):
 
 
 # ------------------------------------------------------------------------------------------------ throughput
-def window_flops(batch, cfg):
-    """Model FLOPs of training on each row, LoRA convention: 4 x weights per token (forward + input-gradient
+def window_flops(windows, cfg):
+    """Model FLOPs of training on each window, LoRA convention: 4 x weights per token (forward + input-gradient
     backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output
     layer only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV,
     forward and backward) over the keys each token really attends to: its own document so far. Padding is
     not counted."""
     h, hd, heads, kv = cfg["hidden"], cfg["head_dim"], cfg["heads"], cfg["kv_heads"]
     body = cfg["layers"] * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * cfg["inter"])
-    seg = batch["segment_ids"]
-    tokens = (seg > 0).sum(1).double()
-    supervised = (batch["targets"] != -100).sum(1).double()
-    lengths = torch.stack([torch.bincount(row, minlength=int(seg.max()) + 1)[1:] for row in seg]).double()
-    keys = (lengths * (lengths + 1) / 2).sum(1)
-    return 4 * body * tokens + 4 * h * cfg["vocab"] * supervised + 3 * 4 * cfg["layers"] * heads * hd * keys
+    return (4.0 * body * windows.n_tokens + 4.0 * h * cfg["vocab"] * windows.supervised
+            + 3.0 * 4 * cfg["layers"] * heads * hd * windows.keys)
 
 
 # Per NeuronCore as a process sees it, from the chip datasheets: trn1, 2 NeuronCore-v2 per chip at 190 BF16 /
@@ -2088,18 +2288,17 @@ def dry_run(c, cfg, supervised_per_row):
 
 
 # ------------------------------------------------------------------------------------------------ training loop
-def micro_batches(train, supervised, start, max_steps, gbs, mbs, seed, par):
-    """This rank's micro-batches, step after step: the step's rows (a pure function of seed and step) split
-    evenly over the data-parallel ranks, each share cut into micro-batches. Each carries `scale`, one over
-    the step's supervised tokens on all ranks (`supervised`: per row), so every supervised token weighs the same."""
-    n_windows, share = train["input_ids"].shape[0], gbs // par.dp
+def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
+    """This rank's micro-batches, step after step: the step's windows (a pure function of seed and step) split
+    evenly over the data-parallel ranks, each share cut into micro-batches, built when drawn. Each carries
+    `scale`, one over the step's supervised tokens on all ranks, so every supervised token weighs the same."""
+    share = gbs // par.dp
     for step in range(start, max_steps):
-        idx = step_indices(step, n_windows, gbs, seed)
-        scale = torch.tensor(1.0 / max(1, int(supervised[idx].sum())))
+        idx = step_indices(step, len(train), gbs, seed)
+        scale = torch.tensor(1.0 / max(1, int(train.supervised[idx].sum())))
         mine = idx[par.dp_rank * share:(par.dp_rank + 1) * share]
         for first in range(0, share, mbs):
-            rows = mine[first:first + mbs]
-            yield dict({k: v[rows] for k, v in train.items()}, scale=scale)
+            yield dict(train.batch(mine[first:first + mbs]), scale=scale)
 
 
 def device_loader(batches, device):
@@ -2117,9 +2316,8 @@ class LogInterval:
     and supervised tokens and model FLOPs, summed on the host from per-row counts computed once."""
 
     def __init__(self, train, cfg, seed, gbs):
-        self.rows = {"tokens": (train["segment_ids"] > 0).sum(1), "supervised": (train["targets"] != -100).sum(1),
-                     "flops": window_flops(train, cfg)}
-        self.n_rows, self.seed, self.gbs = train["input_ids"].shape[0], seed, gbs
+        self.train, self.flops_per_window = train, window_flops(train, cfg)
+        self.n_rows, self.seed, self.gbs = len(train), seed, gbs
         self.total_tokens, self.started = 0, time.perf_counter()
         self.reset()
 
@@ -2130,9 +2328,9 @@ class LogInterval:
     def add(self, step, step_loss):
         idx = step_indices(step, self.n_rows, self.gbs, self.seed)
         self.losses.append(step_loss)
-        self.tokens += int(self.rows["tokens"][idx].sum())
-        self.supervised += int(self.rows["supervised"][idx].sum())
-        self.flops += float(self.rows["flops"][idx].sum())
+        self.tokens += int(self.train.n_tokens[idx].sum())
+        self.supervised += int(self.train.supervised[idx].sum())
+        self.flops += float(self.flops_per_window[idx].sum())
 
     def record(self, done, lr, grad_norm, skipped, peak, run):
         """The metrics record of this interval (the host sync of a log interval), then a fresh interval."""
@@ -2221,8 +2419,8 @@ def train_loop(run, train, start, skipped, last_checkpoint):
     stop = []
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
     interval = LogInterval(train, run.cfg, c["seed"], gbs)
-    loader = device_loader(micro_batches(train, interval.rows["supervised"], start, max_steps, gbs,
-                                         c["data.micro_batch_size"], c["seed"], par), run.device)
+    loader = device_loader(micro_batches(train, start, max_steps, gbs, c["data.micro_batch_size"], c["seed"], par),
+                           run.device)
     bar = progress_bar(max_steps, start, shown=par.rank == 0)
     for step in range(start, max_steps):
         lr = lr_at(step, c)
@@ -2422,16 +2620,18 @@ def main(argv=None):
     cfg = prepare_settings(c, args)
     device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, cfg)
 
-    # Tokenizer and data first: cheap, and the most common source of mistakes.
+    # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
     tokenizer = load_tokenizer(c)
-    _, train, _ = build_split(c["data.train_dir"], tokenizer, c, "train")
+    train = load_split(c["data.train_dir"], tokenizer, c, "train", par)
     if args.inspect_data:
-        inspect_data(train, tokenizer, args.inspect_data)
+        inspect_data(train.batch(range(min(args.inspect_data, len(train)))), tokenizer, args.inspect_data)
         return
-    val_records, val = build_split(c["data.val_dir"], tokenizer, c, "val")[:2] if c["data.val_dir"] else ([], None)
+    val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
     if args.dry_run:
-        dry_run(c, cfg, int((train["targets"] != -100).sum(1).max()))
+        dry_run(c, cfg, int(train.supervised.max()))
         return
+    n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
+    val_records = read_records(c["data.val_dir"], n_prompts) if val is not None and n_prompts else []
 
     model, modules, params = build_model(c, cfg, device, par)
     generate = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
@@ -2440,7 +2640,7 @@ def main(argv=None):
               "generate from the merged model instead")
     run = SimpleNamespace(c=c, cfg=cfg, device=device, par=par, model=model, modules=modules, params=params,
                           autocast=c["precision.type"] == "autocast", tokenizer=tokenizer, val=val,
-                          val_records=val_records, generate=generate, n_rows=train["input_ids"].shape[0])
+                          val_records=val_records, generate=generate, n_rows=len(train))
     start, skipped, resume_from = open_run(run)
     if not resume_from:
         run_evaluation(run, 0, gen=True)

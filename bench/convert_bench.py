@@ -3,7 +3,9 @@
 bf16, sharded safetensors) to the NxDT layout at TP 8, against the disk's plain sequential read speed
 measured in the same run on the same files.
 
-    python bench/convert_bench.py [--layers 8] [--tp 8] [--work work/bench]
+    python bench/convert_bench.py [--layers 9] [--tp 8] [--kv-replicator 1] [--vocab 32768] [--work work/bench/convert]
+    python bench/convert_bench.py --full     # Llama-3-8B whole (32 layers, vocabulary 128,256: 16 GB) to TP 32
+                                             # with each KV head copied 4 times, the tutorial's trn1 layout
 
 Prints one table: input size, largest output shard, peak resident memory of the converter process (and the
 bound: largest shard + 1 GiB), conversion time and throughput, sequential read throughput and the ratio.
@@ -91,18 +93,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=9)
     ap.add_argument("--tp", type=int, default=8)
-    ap.add_argument("--work", default=str(ROOT / "work" / "bench"))
+    ap.add_argument("--kv-replicator", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--full", action="store_true", help="Llama-3-8B whole: 32 layers, vocabulary 128256, TP 32, KV x4")
+    ap.add_argument("--work", default=str(ROOT / "work" / "bench" / "convert"))
     ap.add_argument("--make-model-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.full:
+        args.layers, args.vocab, args.tp, args.kv_replicator = 32, 128256, 32, 4
     work = Path(args.work)
     model = work / "hf"
     if args.make_model_only:
-        synthetic_model(model, args.layers)
+        synthetic_model(model, args.layers, vocab=args.vocab)
         return
     shutil.rmtree(work, ignore_errors=True)
     # Built in a child process: a child forked from a big parent would report the parent's memory as its peak.
-    subprocess.run([sys.executable, __file__, "--make-model-only", "--layers", str(args.layers), "--work", str(work)],
-                   check=True)
+    subprocess.run([sys.executable, __file__, "--make-model-only", "--layers", str(args.layers), "--vocab",
+                    str(args.vocab), "--work", str(work)], check=True)
     files = sorted(model.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
 
@@ -113,7 +120,7 @@ def main():
     overlay.write_text(yaml.safe_dump({
         "model": {"hf_weights_dir": str(model), "model_config": str(model / "config.json")},
         "exp_manager": {"resume_from_checkpoint": str(work / "ckpt")},
-        "distributed_strategy": {"tensor_model_parallel_size": args.tp, "kv_replicator": 1}}))
+        "distributed_strategy": {"tensor_model_parallel_size": args.tp, "kv_replicator": args.kv_replicator}}))
     drop_page_cache()
     # A small wrapper process runs the converter, so its children's peak is the converter's alone.
     measure = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -127,7 +134,7 @@ def main():
 
     gib = 2**30
     print(f"| synthetic model | {size / gib:.2f} GiB ({size / 1e9:.2f} GB) bf16, {args.layers} layers of Llama-3-8B "
-          f"shape, TP {args.tp} |")
+          f"shape, vocabulary {args.vocab:,}, TP {args.tp}, KV heads copied {args.kv_replicator}x |")
     print(f"| page cache dropped before timed reads | {'yes' if cold else 'no (not root): warm-cache figures'} |")
     print(f"| largest output shard | {largest / gib:.3f} GiB |")
     print(f"| peak resident memory of 03 | {peak / gib:.3f} GiB (bound: largest shard + 1 GiB = "

@@ -31,7 +31,7 @@ def stage(name):
 
 
 def packed_rows(n, seq, vocab, train, seed=0):
-    """n rows of random documents packed as 05 packs them (its collate), as dicts of CPU tensors."""
+    """n rows of random documents packed as 05 packs them, as dicts of CPU tensors, and 05's Windows of them."""
     g = torch.Generator().manual_seed(seed)
     docs = []
     while len(docs) < 4 * n * seq // 512:
@@ -39,9 +39,9 @@ def packed_rows(n, seq, vocab, train, seed=0):
         ids = torch.randint(0, vocab, (length,), generator=g).tolist()
         prompt = length // 3
         docs.append((ids, [-100] * prompt + ids[prompt:]))
-    windows = train.pack(docs, seq, True)[:n]
-    batch = train.collate(windows, seq, 0)
-    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(n)]
+    windows = train.Windows.from_docs(docs, seq, True, pad_id=0)
+    batch = windows.batch(range(n))
+    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(n)], windows
 
 
 def hf_config(layers):
@@ -147,10 +147,10 @@ def main():
     hf.config._attn_implementation = "sdpa"
     cfg = dict(vocab=128256, hidden=4096, inter=14336, layers=args.layers, heads=32, kv_heads=8, head_dim=128,
                eps=1e-5, rope_theta=500000.0, rope_scaling=None, tie=False)
-    rows = packed_rows(args.warmup + args.steps, args.seq, 128256, train)
+    rows, windows = packed_rows(args.warmup + args.steps, args.seq, 128256, train)
     timed_rows = rows[args.warmup:]
     tokens = sum(int((mb["segment_ids"] > 0).sum()) for mb in timed_rows)
-    flops = sum(float(train.window_flops(mb, cfg).sum()) for mb in timed_rows)
+    flops = float(train.window_flops(windows, cfg)[args.warmup:len(rows)].sum())
     name = torch.cuda.get_device_name()
     peak = train.peak_flops(torch.device("cuda"), True, None)[0]
 

@@ -99,12 +99,13 @@ def batches(model_dir, seq, n, packing=True):
     tok = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"))
     records = train.read_records(ROOT / "demo" / "data" / "train.jsonl", None)
     docs, _ = train.tokenize(records, tok, "raw", seq, "truncate")
-    windows = train.pack(docs, seq, packing)[:n]
-    assert len(windows) == n, f"the demo data gives only {len(windows)} windows of {seq}"
-    batch = train.collate(windows, seq, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    windows = train.Windows.from_docs(docs, seq, packing, tok.pad_token_id if tok.pad_token_id is not None
+                                      else tok.eos_token_id)
+    assert len(windows) >= n, f"the demo data gives only {len(windows)} windows of {seq}"
+    batch = windows.batch(range(n))
     rows = [{k: v[i:i + ROWS] for k, v in batch.items()} for i in range(0, n, ROWS)]
     torch.manual_seed(0)
-    return train, rows
+    return train, rows, windows
 
 
 def hf_inputs(mb, train):
@@ -232,12 +233,12 @@ def child(args):
     torch.set_num_threads(2)
     model_dir = Path(args.model_dir)
     n_rows = (args.warmup + args.steps) * ROWS
-    train, rows = batches(model_dir, args.seq, n_rows, packing=args.variant != "ours-padded")
+    train, rows, windows = batches(model_dir, args.seq, n_rows, packing=args.variant != "ours-padded")
     cfg = train.read_model_config(model_dir / "config.json")
     timed = rows[args.warmup:]
     tokens = sum(int((mb["segment_ids"] > 0).sum()) for mb in timed)
     supervised = sum(int((mb["targets"] != -100).sum()) for mb in timed)
-    flops = sum(float(train.window_flops(mb, cfg).sum()) for mb in timed)
+    flops = float(train.window_flops(windows, cfg)[args.warmup * ROWS:n_rows].sum())
     out = {"variant": args.variant, "tokens": tokens, "supervised": supervised, "flops": flops}
     if args.variant == "trainer":
         out["first_loss"], seconds = peft_trainer(model_dir, rows, train, args.warmup, WORK / "trainer-out")

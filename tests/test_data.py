@@ -19,7 +19,8 @@ def tok(tokenizer_dir):
 
 def windows(train, tok, records, seq_len, packing, fmt="raw"):
     docs, stats = train.tokenize(records, tok, fmt, seq_len, "truncate")
-    return train.collate(train.pack(docs, seq_len, packing), seq_len, tok.pad_token_id), docs, stats
+    prepared = train.Windows.from_docs(docs, seq_len, packing, tok.pad_token_id)
+    return prepared.batch(range(len(prepared))), docs, stats
 
 
 def response_positions(batch):

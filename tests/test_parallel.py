@@ -107,6 +107,15 @@ def test_only_rank_zero_writes_the_run_directory_and_prints(shards):
     assert names == ["config.yaml", "events", "final", "metrics.jsonl"]
 
 
+def test_one_process_prepares_the_data_while_the_others_wait_then_all_map_it(shards):
+    work, overlay = shards
+    proc = torchrun(work, overlay, "dp2-prepare", 2, "trainer.max_steps=1", "evaluation.generate.num_prompts=0",
+                    f"data.cache_dir={work / 'fresh-cache'}")
+    assert proc.stderr.count("train: preparing") == 1 and proc.stderr.count("val: preparing") == 1
+    assert len(list((work / "fresh-cache").glob("*.prepared/*/prepared.json"))) == 2
+    assert read_metrics(work / "dp2-prepare")["loss"]
+
+
 def test_pipeline_parallel_training_is_refused_with_a_reason(shards):
     work, overlay = shards
     with pytest.raises(Exception, match="pipeline_model_parallel_size' is 2: 05 trains with tensor"):

@@ -138,14 +138,16 @@ def test_warmup_then_linear_decay(train_mod):
 
 def test_flops_count_4n_per_token_the_output_layer_where_supervised_and_real_attention(train_mod):
     cfg = {"hidden": 8, "head_dim": 2, "heads": 4, "kv_heads": 2, "layers": 3, "inter": 16, "vocab": 100}
-    seg = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 0, 0, 0, 0, 0]])      # row 0: documents of 3 and 2 tokens
-    targets = torch.tensor([[-100, 5, 6, -100, 7, -100], [-100] * 6])  # 3 supervised positions in row 0
+    docs = [([1, 5, 6], [-100, 5, 6]), ([2, 7], [-100, 7]),  # window 0: documents of 3 and 2 tokens, 3 supervised
+            ([9], [-100])]                                    # window 1: one token, nothing supervised
+    windows = train_mod.Windows.from_docs(docs, 5, True, pad_id=0)
+    assert len(windows) == 2
     body = 3 * (8 * (4 + 2 * 2) * 2 + 4 * 2 * 8 + 3 * 8 * 16)
     attention = 3 * 4 * 3 * 4 * 2 * (6 + 3)                   # keys seen: 1+2+3 and 1+2
     expected = 4 * body * 5 + 4 * 8 * 100 * 3 + attention
-    per_row = train_mod.window_flops({"segment_ids": seg, "targets": targets}, cfg)
-    assert float(per_row[0]) == expected
-    assert float(per_row[1]) == 4 * body * 1 + 3 * 4 * 3 * 4 * 2 * 1  # one token, seeing itself
+    per_window = train_mod.window_flops(windows, cfg)
+    assert float(per_window[0]) == expected
+    assert float(per_window[1]) == 4 * body * 1 + 3 * 4 * 3 * 4 * 2 * 1  # one token, seeing itself
 
 
 def test_the_cpu_peak_probe_leaves_the_training_rng_alone(train_mod):
