@@ -49,8 +49,9 @@ from pathlib import Path
 
 import yaml
 
-# ------------------------------------------------------------------------------------------------ config
-# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone.
+# ------------------------------------------------------------------------------------------------ shared
+# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
 
 
 class StageError(Exception):
@@ -157,9 +158,7 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(nested, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
 
 
 def config_arg_parser(doc):
@@ -169,6 +168,83 @@ def config_arg_parser(doc):
                     help="YAML config; repeat to overlay (default: config.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     return ap
+
+def file_sha256(path):
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomically(path, text):
+    """A small text file written under <path>.tmp, then renamed: a reader never sees half of it."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def staging(final):
+    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
+    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp, final):
+    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
+    renamed aside first, so `final` is never a mix of old and new."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def load_torch_file(path, mmap=True):
+    """A file written by torch.save, loaded as plain tensors and containers only (weights_only: no code runs)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
+    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_atomically(out_dir / "model.safetensors.index.json",
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
 
 # ------------------------------------------------------------------------------------------------ settings
 # The config keys this stage reads and their types (validated before any work starts).
@@ -320,9 +396,7 @@ def download_s3_object(client, bucket, key, dest, c):
         with lock:  # the state names a part only once its bytes are in the file
             done.add(i)
             state["done"] = sorted(done)
-            tmp = state_path.with_name(state_path.name + ".tmp")
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, state_path)
+            write_atomically(state_path, json.dumps(state))
             bar.update(len(body))
 
     try:
@@ -467,7 +541,7 @@ def source_identity(uri, c):
     if uri.startswith(("https://", "http://", "hf://")):
         return None
     src = local_path(uri)
-    return {"sha256": sha256(src)} if src.is_file() else None
+    return {"sha256": file_sha256(src)} if src.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------ validate
@@ -517,14 +591,6 @@ def validate(raw_path, label, policy):
     return records, rejected
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ split
 def token_lengths(records, tokenizer_dir):
     """Length statistics (tokens of input + output) when the tokenizer is already there, else None."""
@@ -545,7 +611,7 @@ def up_to_date(uri, dest, manifest_path, identity, c):
         return False
     old = json.loads(manifest_path.read_text())
     return (old.get("source") == uri and old.get("source_identity") == identity
-            and old.get("bad_lines") == c["data.download.bad_lines"] and old.get("output_sha256") == sha256(dest))
+            and old.get("bad_lines") == c["data.download.bad_lines"] and old.get("output_sha256") == file_sha256(dest))
 
 
 def prepare_split(uri, dest, c):
@@ -561,7 +627,7 @@ def prepare_split(uri, dest, c):
     files, objects = fetch(uri, c, dest.parent / f".{dest.name}.download")
     records, rejected = [], []
     for (label, path), obj in zip(files, objects):
-        obj["sha256"] = sha256(path)
+        obj["sha256"] = file_sha256(path)
         ok, bad = validate(path, label, c["data.download.bad_lines"])
         records += ok
         rejected += [dict(r, source=label) for r in bad]
@@ -578,16 +644,14 @@ def prepare_split(uri, dest, c):
     manifest = {
         "source": uri, "source_identity": identity, "source_objects": objects,
         "source_sha256": objects[0]["sha256"] if len(objects) == 1 else None,
-        "output": str(dest), "output_sha256": sha256(tmp), "records": len(records),
+        "output": str(dest), "output_sha256": file_sha256(tmp), "records": len(records),
         "bad_lines": c["data.download.bad_lines"], "rejected": len(rejected), "rejected_lines": rejected,
         "duplicates": duplicates, "token_lengths": token_lengths(records, c["data.tokenizer.type"]),
         "config": redacted(c),
     }
-    manifest_tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    with writing(manifest_tmp):
-        manifest_tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, dest)
-    os.replace(manifest_tmp, manifest_path)
+    publish(tmp, dest)
+    with writing(manifest_path):
+        write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(dest.parent / f".{dest.name}.download", ignore_errors=True)
     unverified = [o["key"] for o in objects if o.get("etag_verified") is False]
     print(f"{dest}: {len(records)} records ({len(rejected)} rejected, {duplicates} duplicates) from {uri}")

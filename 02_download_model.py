@@ -34,8 +34,9 @@ from pathlib import Path
 
 import yaml
 
-# ------------------------------------------------------------------------------------------------ config
-# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone.
+# ------------------------------------------------------------------------------------------------ shared
+# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
 
 
 class StageError(Exception):
@@ -142,9 +143,7 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(nested, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
 
 
 def config_arg_parser(doc):
@@ -155,22 +154,35 @@ def config_arg_parser(doc):
     ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     return ap
 
-# ------------------------------------------------------------------------------------------------ settings
-# The config keys this stage reads and their types (validated before any work starts).
-SCHEMA = {
-    "model.download.source": "path",
-    "model.download.revision": "str?",
-    "model.hf_weights_dir": "path",
-    "model.model_config": "path",
-    "data.tokenizer.type": "path",
-}
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
+def file_sha256(path):
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------ outputs
-def replace_atomically(tmp, final):
-    """Move a finished temporary file or directory into place, replacing what was there."""
+def write_atomically(path, text):
+    """A small text file written under <path>.tmp, then renamed: a reader never sees half of it."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def staging(final):
+    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
+    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp, final):
+    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
+    renamed aside first, so `final` is never a mix of old and new."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
@@ -183,12 +195,53 @@ def replace_atomically(tmp, final):
         os.replace(tmp, final)
 
 
-def staging(final):
-    """A fresh temporary directory beside `final` (same filesystem, so the rename is atomic)."""
-    tmp = Path(final).with_name(Path(final).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+def load_torch_file(path, mmap=True):
+    """A file written by torch.save, loaded as plain tensors and containers only (weights_only: no code runs)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
+    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_atomically(out_dir / "model.safetensors.index.json",
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ settings
+# The config keys this stage reads and their types (validated before any work starts).
+SCHEMA = {
+    "model.download.source": "path",
+    "model.download.revision": "str?",
+    "model.hf_weights_dir": "path",
+    "model.model_config": "path",
+    "data.tokenizer.type": "path",
+}
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -217,32 +270,6 @@ def fetch_from_hub(repo_id, revision):
         raise StageError(f"{repo_id}: the Hub answered HTTP {status}") from None
 
 
-def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
-    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.contiguous()
-        size += n
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
 META_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
               "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
               "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -255,7 +282,6 @@ def write_from_meta(src, weights_tmp, tok_tmp):
 
     Meta's q/k rows interleave the two halves of each rotary pair; HF's rotate-half RoPE wants them split,
     so q_proj and k_proj rows are permuted per head (the same permutation as transformers' own converter)."""
-    import torch
     from transformers import AutoTokenizer
 
     params = json.loads((src / "params.json").read_text())
@@ -264,7 +290,7 @@ def write_from_meta(src, weights_tmp, tok_tmp):
         raise StageError(f"{src}: expected one consolidated.00.pth (an 8B checkpoint), found {len(shards)}; "
                          f"model-parallel Meta checkpoints are not supported, use the HF release instead")
     try:
-        state = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
+        state = load_torch_file(shards[0])
     except Exception as e:
         raise StageError(f"{shards[0]}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     dim, heads = params["dim"], params["n_heads"]
@@ -337,7 +363,6 @@ def write_from_gguf(gguf, weights_tmp, tok_tmp):
 
 def write_from_hf_dir(src, weights_tmp, tok_tmp):
     """Copy an HF model directory's config and weights (.bin converted to safetensors) and its tokenizer."""
-    import torch
     from transformers import AutoTokenizer
 
     if not (src / "config.json").exists():
@@ -350,7 +375,7 @@ def write_from_hf_dir(src, weights_tmp, tok_tmp):
         for f in shards + sorted(src.glob("model.safetensors.index.json")):
             shutil.copy2(f, weights_tmp / f.name)
     elif (src / "pytorch_model.bin").exists():
-        save_sharded(torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True), weights_tmp)
+        save_sharded(load_torch_file(src / "pytorch_model.bin", mmap=False), weights_tmp)
     else:
         raise StageError(f"model.download.source: {src} has neither *.safetensors nor pytorch_model.bin")
     try:
@@ -463,9 +488,9 @@ def main(argv=None):
         config_tmp = config_path.with_name(config_path.name + ".tmp")
         config_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(weights_tmp / "config.json", config_tmp)
-        replace_atomically(weights_tmp, weights_dir)
-        replace_atomically(tok_tmp, tok_dir)
-        replace_atomically(config_tmp, config_path)
+        publish(weights_tmp, weights_dir)
+        publish(tok_tmp, tok_dir)
+        publish(config_tmp, config_path)
     finally:
         shutil.rmtree(weights_tmp, ignore_errors=True)
         shutil.rmtree(tok_tmp, ignore_errors=True)

@@ -32,7 +32,6 @@ Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelera
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -44,8 +43,9 @@ from pathlib import Path
 import torch
 import yaml
 
-# ------------------------------------------------------------------------------------------------ config
-# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone.
+# ------------------------------------------------------------------------------------------------ shared
+# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
 
 
 class StageError(Exception):
@@ -152,9 +152,7 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(nested, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
 
 
 def config_arg_parser(doc):
@@ -164,6 +162,83 @@ def config_arg_parser(doc):
                     help="YAML config; repeat to overlay (default: config.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     return ap
+
+def file_sha256(path):
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomically(path, text):
+    """A small text file written under <path>.tmp, then renamed: a reader never sees half of it."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def staging(final):
+    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
+    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp, final):
+    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
+    renamed aside first, so `final` is never a mix of old and new."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def load_torch_file(path, mmap=True):
+    """A file written by torch.save, loaded as plain tensors and containers only (weights_only: no code runs)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
+    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_atomically(out_dir / "model.safetensors.index.json",
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
 
 # ------------------------------------------------------------------------------------------------ settings
 # The config keys this stage reads and their types (validated before any work starts).
@@ -281,10 +356,7 @@ class TensorReader:
 
     def torch_file(self, path):
         if path not in self.torch_files:
-            try:
-                self.torch_files[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+            self.torch_files[path] = load_torch_file(path)
         return self.torch_files[path]
 
     def header(self, path):
@@ -324,9 +396,10 @@ class Layout:
     """Which part of every HF tensor each (tensor-parallel rank, pipeline stage) holds, as NxD lays it out.
 
     Split dims: embed, lm_head, q/k/v and gate/up along rows; o_proj and down_proj along columns; norms
-    replicated. K/V heads are tiled kv_replicator times before splitting. On trn1 with replication, rank r
-    holds the Q head group (r % kv) * (tp / kv) + r // kv, which belongs to its KV head r % kv (NxD's
-    converter with --hw_backend trn1); otherwise, and on trn2, Q heads are split in order. Layers are split
+    replicated. K/V heads are copied kv_replicator times before splitting: on trn1 the heads are tiled
+    (K0..K7, K0..K7, ...) and rank r holds the Q head group (r % kv) * (tp / kv) + r // kv, which belongs to its
+    KV head r % kv (NxD's converter with --hw_backend trn1); on trn2 each head's copies sit on adjacent ranks
+    (K0, K0, ..., K1, K1, ..., as NxD's GQA layer lays them out there) and Q heads are split in order. Layers are split
     evenly over pipeline stages with the remainder on the later stages; embed on the first stage, the final
     norm and lm_head on the last."""
 
@@ -364,7 +437,9 @@ class Layout:
 
     def kv_heads(self, r):
         per = self.kv * self.m // self.tp
-        return [t % self.kv for t in range(r * per, (r + 1) * per)]
+        if self.backend == "trn2":  # each KV head's copies on adjacent ranks: K0, K0, ..., K1, K1, ...
+            return [t // self.m for t in range(r * per, (r + 1) * per)]
+        return [t % self.kv for t in range(r * per, (r + 1) * per)]  # trn1: the heads tiled, K0..K7, K0..K7, ...
 
     def part(self, n, r):
         size = n // self.tp
@@ -452,7 +527,7 @@ def load_shards(layout, model_dir, fuse_qkv):
             if not path.exists():
                 raise StageError(f"{path}: shard missing (TP {layout.tp} x PP {layout.pp} expected)")
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                state = load_torch_file(path)
             except Exception as e:
                 raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
             if fuse_qkv:
@@ -553,59 +628,15 @@ def merge_adapter(state, adapter_dir):
     return len(modules)
 
 
-def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
-    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.contiguous()
-        size += n
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
 # ------------------------------------------------------------------------------------------------ outputs
 def prepare_output(out, overwrite, key):
     """A fresh temporary directory beside `out`; a non-empty `out` is refused unless overwrite is set."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise StageError(f"{key}: {out} is not empty; pass --overwrite to replace it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def publish(tmp, out):
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    return staging(out)
 
 
 # ------------------------------------------------------------------------------------------------ manifest
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def describe(state):
     return {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for name, t in state.items()}
 
@@ -636,7 +667,7 @@ def verify(ckpt, c):
         if file_sha256(f) != entry["sha256"]:
             raise StageError(f"{f}: sha256 differs from the manifest (the file changed after conversion)")
         try:
-            found = describe(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            found = describe(load_torch_file(f))
         except Exception as e:
             raise StageError(f"{f}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
         if found != entry["tensors"]:
@@ -646,7 +677,7 @@ def verify(ckpt, c):
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main(argv=None):
+def parse_args(argv):
     ap = config_arg_parser(__doc__.split("\n\n")[0])
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--to-hf", metavar="DIR", help="reverse direction: reassemble the NxDT checkpoint at "
@@ -663,6 +694,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.merge_adapter and not args.to_hf:
         raise StageError("--merge-adapter needs --to-hf DIR")
+    return args
+
+
+def settings(args):
+    """The resolved config, the layout flags applied over it, printed."""
     flags = {"distributed_strategy.tensor_model_parallel_size": args.tp,
              "distributed_strategy.pipeline_model_parallel_size": args.pp,
              "distributed_strategy.kv_replicator": args.kv_replicator,
@@ -671,33 +707,28 @@ def main(argv=None):
     c = resolve(load_config(args.config or ["config.yaml"], overrides), SCHEMA)
     for k, v in redacted(c).items():
         print(f"  {k}: {v}")
-    config = read_config(c["model.model_config"])
-    layout = Layout(config, c["distributed_strategy.tensor_model_parallel_size"],
-                    c["distributed_strategy.pipeline_model_parallel_size"], c["distributed_strategy.kv_replicator"],
-                    c["distributed_strategy.hw_backend"])
-    ckpt = Path(c["exp_manager.resume_from_checkpoint"])
-    if args.verify:
-        print(f"{ckpt}: {verify(ckpt, c)} file(s) match manifest.json (sizes, sha256, tensor names, shapes, dtypes)")
-        return
-    if args.to_hf:
-        out = Path(args.to_hf)
-        tmp = prepare_output(out, args.overwrite, "--to-hf")
-        try:
-            state = dict(hf_tensors(layout, load_shards(layout, ckpt / "model", c["model.fuse_qkv"])))
-            if args.merge_adapter:
-                print(f"merged {merge_adapter(state, args.merge_adapter)} LoRA modules from {args.merge_adapter}")
-            save_sharded(state, tmp)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            tokenizer = Path(c["data.tokenizer.type"])
-            for f in sorted(tokenizer.glob("*")) if tokenizer.is_dir() else []:
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-            save_config(c, tmp / "resolved_config.yaml")
-            publish(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print(f"wrote {out}: {len(state)} tensors (HF layout)")
-        return
+    return c
+
+
+class HashingFile:
+    """A file being written that hashes its bytes on their way to the disk, so the manifest's sha256 costs no
+    second read."""
+
+    def __init__(self, f):
+        import hashlib
+
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def convert(c, config, layout, ckpt, overwrite):
+    """HF safetensors -> the NxDT checkpoint: one output shard at a time, each read slice by slice."""
     weights_dir = Path(c["model.hf_weights_dir"])
     if not weights_dir.is_dir():
         raise StageError(f"model.hf_weights_dir: {weights_dir} not found (stage 02 writes it)")
@@ -707,7 +738,7 @@ def main(argv=None):
     if unknown:
         raise StageError(f"HF checkpoint: unexpected tensor '{unknown[0]}' ({len(unknown)} in all); "
                          f"is {weights_dir} a Llama model matching {c['model.model_config']}?")
-    tmp = prepare_output(ckpt, args.overwrite, "exp_manager.resume_from_checkpoint")
+    tmp = prepare_output(ckpt, overwrite, "exp_manager.resume_from_checkpoint")
     (tmp / "model").mkdir()
     reader, total, entries = TensorReader(files), 0, {}
     try:
@@ -715,9 +746,11 @@ def main(argv=None):
             for r in range(layout.tp):
                 shard = nxdt_shard(layout, reader, r, stage, c["model.fuse_qkv"])
                 path = tmp / "model" / shard_name(r, stage)
-                torch.save(shard, path)
+                with open(path, "wb") as f:
+                    out = HashingFile(f)
+                    torch.save(shard, out)
                 total += sum(t.numel() * t.element_size() for t in shard.values())
-                entries[f"model/{path.name}"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path),
+                entries[f"model/{path.name}"] = {"bytes": path.stat().st_size, "sha256": out.sha256.hexdigest(),
                                                  "tensors": describe(shard)}
                 del shard
         manifest = {"source": str(weights_dir), "settings": settings_of(c), "files": entries}
@@ -728,6 +761,42 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {ckpt / 'model'}: {layout.tp * layout.pp} shard(s) (TP {layout.tp} x PP {layout.pp}), "
           f"{total / 2**20:.1f} MiB")
+
+
+def to_hf(c, config, layout, ckpt, out, adapter, overwrite):
+    """The NxDT checkpoint -> an HF safetensors directory (with the tokenizer), a LoRA adapter merged if given."""
+    tmp = prepare_output(out, overwrite, "--to-hf")
+    try:
+        state = dict(hf_tensors(layout, load_shards(layout, ckpt / "model", c["model.fuse_qkv"])))
+        if adapter:
+            print(f"merged {merge_adapter(state, adapter)} LoRA modules from {adapter}")
+        save_sharded(state, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer = Path(c["data.tokenizer.type"])
+        for f in sorted(tokenizer.glob("*")) if tokenizer.is_dir() else []:
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        save_config(c, tmp / "resolved_config.yaml")
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}: {len(state)} tensors (HF layout)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    c = settings(args)
+    config = read_config(c["model.model_config"])
+    layout = Layout(config, c["distributed_strategy.tensor_model_parallel_size"],
+                    c["distributed_strategy.pipeline_model_parallel_size"], c["distributed_strategy.kv_replicator"],
+                    c["distributed_strategy.hw_backend"])
+    ckpt = Path(c["exp_manager.resume_from_checkpoint"])
+    if args.verify:
+        print(f"{ckpt}: {verify(ckpt, c)} file(s) match manifest.json (sizes, sha256, tensor names, shapes, dtypes)")
+    elif args.to_hf:
+        to_hf(c, config, layout, ckpt, Path(args.to_hf), args.merge_adapter, args.overwrite)
+    else:
+        convert(c, config, layout, ckpt, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ Commands
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -73,8 +74,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-# ------------------------------------------------------------------------------------------------ config
-# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone.
+# ------------------------------------------------------------------------------------------------ shared
+# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
 
 
 class StageError(Exception):
@@ -181,9 +183,7 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(nested, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
 
 
 def config_arg_parser(doc):
@@ -193,6 +193,83 @@ def config_arg_parser(doc):
                     help="YAML config; repeat to overlay (default: config.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     return ap
+
+def file_sha256(path):
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomically(path, text):
+    """A small text file written under <path>.tmp, then renamed: a reader never sees half of it."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def staging(final):
+    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
+    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp, final):
+    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
+    renamed aside first, so `final` is never a mix of old and new."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def load_torch_file(path, mmap=True):
+    """A file written by torch.save, loaded as plain tensors and containers only (weights_only: no code runs)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
+    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += n
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    write_atomically(out_dir / "model.safetensors.index.json",
+                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
 
 # ------------------------------------------------------------------------------------------------ settings
 # The config keys this stage reads and their types (validated before any work starts).
@@ -519,20 +596,22 @@ def xla_fallback_ops():
 class Parallel:
     """This process's place in the run and the collectives the model needs.
 
-    Ranks form tensor-parallel groups of consecutive ranks (as in Megatron and NxD); data-parallel groups join
+    `layout` says which heads each tensor-parallel rank holds. Ranks form tensor-parallel groups of
+    consecutive ranks (as in Megatron and NxD); data-parallel groups join
     the ranks with the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks that hold copies
     of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed with the
     device's default backend (gloo on CPU, nccl on CUDA, neuron on TorchNeuron) or, on XLA (trn1), torch-xla's
     all-reduce and all-gather over replica groups, which is what NxD's parallel state uses. Host data (strings, barriers, stop requests) goes over a gloo group on the
     CPU in every case. In a single process every collective is the identity."""
 
-    def __init__(self, tp, device, kv_groups=None, world=None, rank=None, connect=True):
+    def __init__(self, layout, device, world=None, rank=None, connect=True):
+        self.layout, tp = layout, layout.tp
         self.world = world or int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = rank if rank is not None else int(os.environ.get("RANK", "0")) if self.world > 1 else 0
         self.tp, self.dp = tp, self.world // tp
         self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
         self.xla, self.device = device.type == "xla", device
-        kv_groups = kv_groups or [[t] for t in range(tp)]
+        kv_groups = layout.kv_groups()
         self.groups = {
             "tp": [list(range(d * tp, (d + 1) * tp)) for d in range(self.dp)],
             "dp": [list(range(t, self.world, tp)) for t in range(tp)],
@@ -691,16 +770,66 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return g * (grad * valid)[:, None], None, None, None
 
 
-def shard_heads(cfg, tp, kv_mult, backend, r):
-    """(Q heads, KV heads) that tensor-parallel rank r holds, as stage 03 (and NxD's converter) lays them out:
-    KV heads tiled kv_mult times, then split; on trn1 with replication the Q head groups are permuted so that
-    rank r's Q heads belong to its KV head; otherwise Q heads are split in order."""
-    heads, kv = cfg["heads"], cfg["kv_heads"]
-    per_q, per_kv = heads // tp, kv * kv_mult // tp
-    group = r
-    if backend == "trn1" and kv_mult > 1:
-        group = (r % kv) * (tp // kv) + r // kv
-    return list(range(group * per_q, (group + 1) * per_q)), [t % kv for t in range(r * per_kv, (r + 1) * per_kv)]
+class Layout:
+    """Which heads, and so which rows of every weight, each tensor-parallel rank holds: stage 03's Layout (as
+    NxD's converter lays a checkpoint out) for one model architecture, without pipeline stages. KV heads are
+    copied kv_mult times, then split: on trn1 tiled, with the Q head groups permuted so that rank r's Q heads
+    belong to its KV head; on trn2 each head's copies on adjacent ranks, with Q heads in order. The model is
+    laid out from it and the adapter reassembled with it, so no index ever travels between ranks."""
+
+    def __init__(self, arch, tp=1, kv_mult=1, hw_backend="trn1"):
+        self.arch, self.tp, self.kv_mult, self.hw_backend = arch, tp, kv_mult, hw_backend
+
+    def heads(self, r):
+        """(Q heads, KV heads) of tensor-parallel rank r."""
+        heads, kv, tp = self.arch["heads"], self.arch["kv_heads"], self.tp
+        per_q, per_kv = heads // tp, kv * self.kv_mult // tp
+        group = r
+        if self.hw_backend == "trn1" and self.kv_mult > 1:
+            group = (r % kv) * (tp // kv) + r // kv
+        copies = range(r * per_kv, (r + 1) * per_kv)  # positions in the list of KV heads with their copies
+        if self.hw_backend == "trn2":  # each head's copies on adjacent ranks: K0, K0, ..., K1, K1, ...
+            return list(range(group * per_q, (group + 1) * per_q)), [t // self.kv_mult for t in copies]
+        return list(range(group * per_q, (group + 1) * per_q)), [t % kv for t in copies]  # trn1: K0..K7, K0..K7, ...
+
+    def rows(self, r):
+        """{projection: the rows (column-parallel) or input columns (row-parallel) of the full weight that
+        tensor-parallel rank r holds}."""
+        q_heads, kv_heads = self.heads(r)
+        hd, inter, vocab, tp = self.arch["head_dim"], self.arch["inter"], self.arch["vocab"], self.tp
+        q_full, kv_full = self.arch["heads"] * hd, self.arch["kv_heads"] * hd
+        cols = torch.arange(r * inter // tp, (r + 1) * inter // tp, device="cpu")
+        return {"qkv_proj": torch.cat([head_index(q_heads, hd), head_index(kv_heads, hd, q_full),
+                                       head_index(kv_heads, hd, q_full + kv_full)]),
+                "o_proj": head_index(q_heads, hd), "gate_up_proj": torch.cat([cols, inter + cols]),
+                "down_proj": cols, "lm_head": torch.arange(r * vocab // tp, (r + 1) * vocab // tp, device="cpu")}
+
+    def check(self):
+        """Stage 03's conditions for the layout, and what grouped-query attention needs beyond them: at least as
+        many Q heads as KV heads on every rank. (Then each local Q head's KV head is local, on trn1 and trn2:
+        tests/test_parallel.py checks it over a grid of models and layouts.)"""
+        arch, tp, m = self.arch, self.tp, self.kv_mult
+        checks = [("num_attention_heads", arch["heads"]), ("num_key_value_heads x kv_replicator", arch["kv_heads"] * m),
+                  ("intermediate_size", arch["inter"]), ("vocab_size", arch["vocab"])]
+        bad = [f"{what} ({n})" for what, n in checks if n % tp]
+        if bad:
+            raise StageError(f"distributed_strategy.tensor_model_parallel_size {tp} does not divide {', '.join(bad)}")
+        if m > 1 and self.hw_backend == "trn1" and arch["kv_heads"] * m != tp:
+            raise StageError(f"with kv_replicator > 1, num_key_value_heads x kv_replicator ({arch['kv_heads'] * m}) "
+                             f"must equal tensor_model_parallel_size ({tp}) on trn1")
+        q, kvh = self.heads(0)
+        if len(q) % len(kvh):
+            raise StageError(f"with tensor_model_parallel_size {tp} and kv_replicator {m}, each rank would hold "
+                             f"{len(q)} Q heads and {len(kvh)} KV heads; each KV head needs its own Q heads (lower "
+                             f"kv_replicator to at most num_attention_heads / num_key_value_heads)")
+        return self
+
+    def kv_groups(self):
+        """Tensor-parallel ranks grouped by the KV heads they hold (copies of a head sit in one group)."""
+        groups = {}
+        for r in range(self.tp):
+            groups.setdefault(tuple(self.heads(r)[1]), []).append(r)
+        return list(groups.values())
 
 
 def head_index(heads, hd, offset=0):
@@ -708,45 +837,10 @@ def head_index(heads, hd, offset=0):
     return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd, device="cpu") for h in heads])
 
 
-def shard_rows(cfg, tp, r):
-    """{projection: the rows (column-parallel) or input columns (row-parallel) of the full weight that
-    tensor-parallel rank r holds}. The model is laid out from it and the adapter reassembled with it, so no
-    index ever travels between ranks."""
-    q_heads, kv_heads = shard_heads(cfg, tp, cfg.get("kv_mult", 1), cfg.get("hw_backend", "trn1"), r)
-    hd, inter, vocab = cfg["head_dim"], cfg["inter"], cfg["vocab"]
-    q_full, kv_full = cfg["heads"] * hd, cfg["kv_heads"] * hd
-    cols = torch.arange(r * inter // tp, (r + 1) * inter // tp, device="cpu")
-    return {"qkv_proj": torch.cat([head_index(q_heads, hd), head_index(kv_heads, hd, q_full),
-                                   head_index(kv_heads, hd, q_full + kv_full)]),
-            "o_proj": head_index(q_heads, hd), "gate_up_proj": torch.cat([cols, inter + cols]), "down_proj": cols,
-            "lm_head": torch.arange(r * vocab // tp, (r + 1) * vocab // tp, device="cpu")}
-
-
-def check_layout(cfg, tp, kv_mult, backend):
-    """What TP, kv_replicator and the head layout must satisfy for every rank to attend correctly: each local Q
-    head's KV head must be the local KV head that grouped-query attention pairs it with."""
-    checks = [("num_attention_heads", cfg["heads"]), ("num_key_value_heads x kv_replicator", cfg["kv_heads"] * kv_mult),
-              ("intermediate_size", cfg["inter"]), ("vocab_size", cfg["vocab"])]
-    bad = [f"{what} ({n})" for what, n in checks if n % tp]
-    if bad:
-        raise StageError(f"distributed_strategy.tensor_model_parallel_size {tp} does not divide {', '.join(bad)}")
-    group_size = cfg["heads"] // cfg["kv_heads"]
-    for r in range(tp):
-        q, kvh = shard_heads(cfg, tp, kv_mult, backend, r)
-        per = len(q) // len(kvh)
-        if [h // group_size for h in q] != [kvh[i // per] for i in range(len(q))]:
-            raise StageError(f"with tensor_model_parallel_size {tp}, kv_replicator {kv_mult} and hw_backend "
-                             f"{backend}, rank {r}'s Q heads {q} do not belong to its KV heads {kvh}; use "
-                             f"kv_replicator = tensor_model_parallel_size / num_key_value_heads with hw_backend "
-                             f"trn1, and convert the checkpoint with the same settings")
-
-
-def kv_replica_groups(cfg, tp, kv_mult, backend):
-    """Tensor-parallel ranks grouped by the KV heads they hold (copies of a head sit in one group)."""
-    groups = {}
-    for r in range(tp):
-        groups.setdefault(tuple(shard_heads(cfg, tp, kv_mult, backend, r)[1]), []).append(r)
-    return list(groups.values())
+def layout_of(c, arch):
+    """The Layout that the config's distributed_strategy.* asks for."""
+    return Layout(arch, c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.kv_replicator"],
+                  c["distributed_strategy.hw_backend"])
 
 
 # ------------------------------------------------------------------------------------------------ model config
@@ -758,9 +852,9 @@ def read_model_config(path):
         raise StageError(f"model.model_config: {path} not found (stage 02 writes it)") from None
     except json.JSONDecodeError as e:
         raise StageError(f"{path}: not valid JSON ({e})") from None
-    arch = raw.get("architectures") or ["LlamaForCausalLM"]
-    if raw.get("model_type", "llama") != "llama" or arch[0] != "LlamaForCausalLM":
-        raise StageError(f"{path}: expected a LlamaForCausalLM config, got {arch[0]} / {raw.get('model_type')}")
+    kind = (raw.get("architectures") or ["LlamaForCausalLM"])[0]
+    if raw.get("model_type", "llama") != "llama" or kind != "LlamaForCausalLM":
+        raise StageError(f"{path}: expected a LlamaForCausalLM config, got {kind} / {raw.get('model_type')}")
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise StageError(f"{path}: '{key}: true' is not supported (Llama 3 has no biases)")
@@ -768,7 +862,7 @@ def read_model_config(path):
         heads = raw["num_attention_heads"]
         rope = dict(raw.get("rope_parameters") or {})
         rope_scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        cfg = dict(
+        arch = dict(
             vocab=raw["vocab_size"], hidden=raw["hidden_size"], inter=raw["intermediate_size"],
             layers=raw["num_hidden_layers"], heads=heads, kv_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, eps=raw.get("rms_norm_eps", 1e-6),
@@ -777,21 +871,21 @@ def read_model_config(path):
         )
     except KeyError as e:
         raise StageError(f"{path}: missing key {e}") from None
-    if cfg["rope_scaling"] is not None:
-        kind = cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type"))
+    if arch["rope_scaling"] is not None:
+        kind = arch["rope_scaling"].get("rope_type", arch["rope_scaling"].get("type"))
         if kind != "llama3":
             raise StageError(f"{path}: rope scaling type {kind!r} is not supported (only 'llama3')")
-    if cfg["heads"] % cfg["kv_heads"]:
+    if arch["heads"] % arch["kv_heads"]:
         raise StageError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
-    return cfg
+    return arch
 
 
 # ------------------------------------------------------------------------------------------------ model
-def rope_inv_freq(cfg):
+def rope_inv_freq(arch):
     """RoPE inverse frequencies, with Llama-3.1 'llama3' frequency scaling when configured."""
-    d = cfg["head_dim"]
-    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = cfg["rope_scaling"]
+    d = arch["head_dim"]
+    inv = 1.0 / (arch["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = arch["rope_scaling"]
     if s is None:
         return inv
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -900,14 +994,14 @@ def lora_add(y, a, b, scaling):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, dtype, par, rows):
+    def __init__(self, arch, dtype, par, rows):
         super().__init__()
-        hd, q_full, kv_full = cfg["head_dim"], cfg["heads"] * cfg["head_dim"], cfg["kv_heads"] * cfg["head_dim"]
+        hd, q_full, kv_full = arch["head_dim"], arch["heads"] * arch["head_dim"], arch["kv_heads"] * arch["head_dim"]
         self.head_dim, self.heads = hd, len(rows["o_proj"]) // hd
         self.kv_heads = (len(rows["qkv_proj"]) - len(rows["o_proj"])) // (2 * hd)
         self.sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
-        self.qkv_proj = LoRALinear((q_full + 2 * kv_full, cfg["hidden"]), dtype, par, "out", rows["qkv_proj"])
-        self.o_proj = LoRALinear((cfg["hidden"], q_full), dtype, par, "in", rows["o_proj"])
+        self.qkv_proj = LoRALinear((q_full + 2 * kv_full, arch["hidden"]), dtype, par, "out", rows["qkv_proj"])
+        self.o_proj = LoRALinear((arch["hidden"], q_full), dtype, par, "in", rows["o_proj"])
         self.qkv_proj.kv_rows_from = self.sizes[0]
 
     def forward(self, x, cos, sin, mask, cache=None, spans=None):
@@ -929,11 +1023,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg, dtype, par, rows):
+    def __init__(self, arch, dtype, par, rows):
         super().__init__()
-        inter = cfg["inter"]
-        self.gate_up_proj = LoRALinear((2 * inter, cfg["hidden"]), dtype, par, "out", rows["gate_up_proj"])
-        self.down_proj = LoRALinear((cfg["hidden"], inter), dtype, par, "in", rows["down_proj"])
+        inter = arch["inter"]
+        self.gate_up_proj = LoRALinear((2 * inter, arch["hidden"]), dtype, par, "out", rows["gate_up_proj"])
+        self.down_proj = LoRALinear((arch["hidden"], inter), dtype, par, "in", rows["down_proj"])
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -941,12 +1035,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, dtype, par, rows):
+    def __init__(self, arch, dtype, par, rows):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
-        self.self_attn = Attention(cfg, dtype, par, rows)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
-        self.mlp = MLP(cfg, dtype, par, rows)
+        self.input_layernorm = RMSNorm(arch["hidden"], arch["eps"], dtype)
+        self.self_attn = Attention(arch, dtype, par, rows)
+        self.post_attention_layernorm = RMSNorm(arch["hidden"], arch["eps"], dtype)
+        self.mlp = MLP(arch, dtype, par, rows)
 
     def forward(self, x, cos, sin, mask, cache=None, spans=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, spans)
@@ -958,13 +1052,13 @@ class VocabEmbedding(nn.Module):
     and the partial results are summed. Built from an uninitialised tensor: the checkpoint fills it, and no
     random numbers are drawn, so the LoRA initialisation that follows sees the same generator everywhere."""
 
-    def __init__(self, cfg, dtype, par):
+    def __init__(self, arch, dtype, par):
         super().__init__()
-        self.par, self.rows = par, cfg["vocab"] // par.tp
+        self.par, self.rows = par, arch["vocab"] // par.tp
         # The first row as a one-element tensor, not a Python int: on XLA the graph then takes it as an input and
         # every rank runs the same graph (an int, or a 0-d tensor holding 0, would be baked in as a constant).
         self.register_buffer("start", torch.tensor([par.tp_rank * self.rows]), persistent=False)
-        self.weight = nn.Parameter(torch.empty(self.rows, cfg["hidden"], dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(self.rows, arch["hidden"], dtype=dtype), requires_grad=False)
 
     def forward(self, ids):
         if self.par.tp == 1:
@@ -976,28 +1070,28 @@ class VocabEmbedding(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg, dtype, par, rows):
+    def __init__(self, arch, dtype, par, rows):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(cfg, dtype, par)
-        self.layers = nn.ModuleList(Block(cfg, dtype, par, rows) for _ in range(cfg["layers"]))
-        self.norm = RMSNorm(cfg["hidden"], cfg["eps"], dtype)
+        self.embed_tokens = VocabEmbedding(arch, dtype, par)
+        self.layers = nn.ModuleList(Block(arch, dtype, par, rows) for _ in range(arch["layers"]))
+        self.norm = RMSNorm(arch["hidden"], arch["eps"], dtype)
 
 
 class Llama(nn.Module):
     """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused). With a
     Parallel of TP > 1 it holds one tensor-parallel rank's shard: column-parallel qkv/gate_up, row-parallel
-    o/down, vocabulary-parallel embedding and output layer; cfg's kv_mult and hw_backend give the head layout."""
+    o/down, vocabulary-parallel embedding and output layer, its heads as the Parallel's layout says."""
 
-    def __init__(self, cfg, dtype=torch.float32, par=None, checkpoint_layers=0):
+    def __init__(self, arch, dtype=torch.float32, par=None, recompute_layers=0):
         super().__init__()
-        self.cfg, self.par = cfg, par or Parallel(1, torch.device("cpu"), world=1)
-        self.checkpoint_layers = checkpoint_layers  # the first N layers recompute their activations in backward
+        self.arch, self.par = arch, par or Parallel(Layout(arch), torch.device("cpu"), world=1)
+        self.recompute_layers = recompute_layers  # the first N layers recompute their activations in backward
         self.attention, self.fixed_shapes = "masked", False  # set for training by attention_mode, compiles_per_shape
-        rows = shard_rows(cfg, self.par.tp, self.par.tp_rank)
-        self.model = Decoder(cfg, dtype, self.par, rows)
-        self.lm_head = (None if cfg["tie"] else
-                        LoRALinear((cfg["vocab"], cfg["hidden"]), dtype, self.par, "out", rows["lm_head"]))
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        rows = self.par.layout.rows(self.par.tp_rank)
+        self.model = Decoder(arch, dtype, self.par, rows)
+        self.lm_head = (None if arch["tie"] else
+                        LoRALinear((arch["vocab"], arch["hidden"]), dtype, self.par, "out", rows["lm_head"]))
+        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     def output_weight(self):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -1011,8 +1105,8 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            if i < self.checkpoint_layers and self.training and torch.is_grad_enabled():
-                x = checkpointed(layer, x, cos, sin, mask, spans)
+            if i < self.recompute_layers and self.training and torch.is_grad_enabled():
+                x = recomputed(layer, x, cos, sin, mask, spans)
             elif caches is not None:  # generation: a new length every token, so never a compiled layer
                 x = layer.forward(x, cos, sin, mask, caches[i], spans)
             else:
@@ -1028,7 +1122,7 @@ class Llama(nn.Module):
         return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
 
 
-def checkpointed(layer, x, cos, sin, mask, spans):
+def recomputed(layer, x, cos, sin, mask, spans):
     """Run a layer keeping only its input; the backward pass recomputes the rest. XLA needs torch-xla's variant
     (it stops the compiler from merging the recomputation back into the forward pass), which is reentrant: it
     passes gradients only through inputs that require them, so the frozen embedding's output is made to."""
@@ -1084,8 +1178,8 @@ def document_mask(segment_ids):
     return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
 
 
-# ------------------------------------------------------------------------------------------------ checkpoint
-def checkpoint_slots(model, fuse_qkv):
+# ------------------------------------------------------------------------------------------------ base weights
+def base_weight_slots(model, fuse_qkv):
     """{NxDT tensor name: the model tensor (or row slice of it) that the checkpoint tensor fills}."""
     slots = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
     if model.lm_head is not None:
@@ -1127,7 +1221,7 @@ def check_manifest(ckpt_dir, wanted):
     return m["files"]
 
 
-def load_checkpoint(model, ckpt_dir, fuse_qkv, wanted=None):
+def load_base_weights(model, ckpt_dir, fuse_qkv, wanted=None):
     """Fill every base tensor from this rank's NxDT shard; any missing, extra or misshapen tensor is an error.
     Returns the shard's path and the dtypes found in it."""
     wanted = dict(wanted or {"tensor_model_parallel_size": 1}, pipeline_model_parallel_size=1, fuse_qkv=fuse_qkv)
@@ -1138,11 +1232,8 @@ def load_checkpoint(model, ckpt_dir, fuse_qkv, wanted=None):
     expected = check_manifest(ckpt_dir, wanted).get(f"model/{path.name}", {}).get("bytes")
     if expected is not None and path.stat().st_size != expected:
         raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    slots = checkpoint_slots(model, fuse_qkv)
+    state = load_torch_file(path)
+    slots = base_weight_slots(model, fuse_qkv)
     missing = [n for n in slots if n not in state]
     extra = [n for n in state if n not in slots]
     if missing:
@@ -1181,7 +1272,7 @@ def add_lora(model, c, verbose=True):
         print(f"lora_bias={c[peft + 'lora_bias']}: the model has no bias tensors; only LoRA weights train")
     trainable = sum(m.lora_A.weight.shape[0] * (m.full[0] + m.full[1]) for _, m in modules)
     total = trainable + sum(m.full[0] * m.full[1] for m in model.modules() if isinstance(m, LoRALinear))
-    total += model.cfg["vocab"] * model.cfg["hidden"] + sum(
+    total += model.arch["vocab"] * model.arch["hidden"] + sum(
         p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
     if c[peft + "lora_verbose"]:
         print(f"  {'module':<44} {'A (full)':>14} {'B (full)':>14} {'params':>10}   split")
@@ -1238,16 +1329,16 @@ def clip_gradients(params, norm, max_norm):
         p.grad.mul_(coef)
 
 
-def gather_lora(modules, par, cfg):
+def gather_lora(modules, par, arch):
     """{module name: (A, B)} at full size, from every tensor-parallel rank's shard: all LoRA tensors travel as
     one flat float32 vector in one gather and one transfer to the host, the same graph on every rank."""
     flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)])
-    return assemble_lora(modules, par.gather_to_host(flat, "tp"), [shard_rows(cfg, par.tp, r) for r in range(par.tp)])
+    return assemble_lora(modules, par.gather_to_host(flat, "tp"), [par.layout.rows(r) for r in range(par.tp)])
 
 
 def assemble_lora(modules, everyone, rows):
     """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n], given the rows each rank
-    holds (shard_rows; known on the host, so no index travels). Copies of replicated tensors (A of
+    holds (Layout.rows; known on the host, so no index travels). Copies of replicated tensors (A of
     column-parallel layers, B of row-parallel ones, replicated K/V rows) must be identical on every rank that
     holds them; a difference is an error naming its size, never averaged away."""
     tensors = [t for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)]
@@ -1300,12 +1391,12 @@ def peft_tensors(lora, sizes):
     return out
 
 
-def export_peft_adapter(lora, cfg, c, out_dir):
+def export_peft_adapter(lora, arch, c, out_dir):
     """Write adapter_config.json + adapter_model.safetensors to a temporary directory, then rename it."""
     from safetensors.torch import save_file
 
-    kv = cfg["kv_heads"] * cfg["head_dim"]
-    tensors = peft_tensors(lora, [cfg["heads"] * cfg["head_dim"], kv, kv])
+    kv = arch["kv_heads"] * arch["head_dim"]
+    tensors = peft_tensors(lora, [arch["heads"] * arch["head_dim"], kv, kv])
     hf_targets = sorted({k.split(".")[-3] for k in tensors})
     peft = "model_alignment_strategy.peft."
     config = {
@@ -1315,15 +1406,11 @@ def export_peft_adapter(lora, cfg, c, out_dir):
         "fan_in_fan_out": False, "inference_mode": True,
         "base_model_name_or_path": c["model.hf_weights_dir"],
     }
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging(out_dir)
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    publish(tmp, out_dir)
+    return Path(out_dir)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -1851,16 +1938,16 @@ def lr_at(step, c):
 
 
 # ------------------------------------------------------------------------------------------------ throughput
-def window_flops(windows, cfg):
+def window_flops(windows, arch):
     """Model FLOPs of training on each window, LoRA convention: 4 x weights per token (forward + input-gradient
     backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output
     layer only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV,
     forward and backward) over the keys each token really attends to: its own document so far. Padding is
     not counted."""
-    h, hd, heads, kv = cfg["hidden"], cfg["head_dim"], cfg["heads"], cfg["kv_heads"]
-    body = cfg["layers"] * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * cfg["inter"])
-    return (4.0 * body * windows.n_tokens + 4.0 * h * cfg["vocab"] * windows.supervised
-            + 3.0 * 4 * cfg["layers"] * heads * hd * windows.keys)
+    h, hd, heads, kv = arch["hidden"], arch["head_dim"], arch["heads"], arch["kv_heads"]
+    body = arch["layers"] * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * arch["inter"])
+    return (4.0 * body * windows.n_tokens + 4.0 * h * arch["vocab"] * windows.supervised
+            + 3.0 * 4 * arch["layers"] * heads * hd * windows.keys)
 
 
 # Per NeuronCore as a process sees it, from the chip datasheets: trn1, 2 NeuronCore-v2 per chip at 190 BF16 /
@@ -1988,16 +2075,6 @@ def fsync_path(path):
         os.close(fd)
 
 
-def file_sha256(path):
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def to_cpu(obj, device):
     """obj (nested dicts, lists, tuples) with every tensor copied to the host. On XLA all of them in one
     transfer (one graph), instead of one per tensor."""
@@ -2042,7 +2119,7 @@ def set_rng_states(states, device):
         torch.get_device_module(device).set_rng_state(states[device.type], device)
 
 
-def save_checkpoint(root, state, par, params, optimizer, write_adapter, device, keep):
+def write_run_checkpoint(root, state, par, params, optimizer, write_adapter, device, keep):
     """Write a checkpoint of `state` (step, consumed samples, ...) for every rank, atomically; keep the last
     `keep` complete ones. Rank 0 writes the PEFT adapter with `write_adapter(dir)`."""
     final = root / f"step_{state['step']:07d}"
@@ -2103,13 +2180,13 @@ def newest_checkpoint(run_dir):
     return None
 
 
-def load_checkpoint_state(path, par, params, optimizer, device):
+def load_run_checkpoint(path, par, params, optimizer, device):
     """Restore this rank's LoRA shard, optimizer and RNG states; returns trainer_state.json."""
     state = json.loads((path / "trainer_state.json").read_text())
     if (state["tensor_parallel"], state["data_parallel"]) != (par.tp, par.dp):
         raise StageError(f"{path} was written by TP {state['tensor_parallel']} x DP {state['data_parallel']}; "
                          f"resume with the same layout (this launch: TP {par.tp} x DP {par.dp})")
-    own = torch.load(path / f"rank_{par.rank:05d}.pt", map_location="cpu", weights_only=True)
+    own = load_torch_file(path / f"rank_{par.rank:05d}.pt", mmap=False)
     with torch.no_grad():
         for p, saved in zip(params, own["lora"], strict=True):
             p.copy_(saved)
@@ -2155,22 +2232,20 @@ def keep_metrics_lines(run_dir, n):
     """Drop what a killed run logged after its checkpoint, so the resumed run's records follow on exactly."""
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
+    write_atomically(path, "".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------ pre-flight
-def check_shards(c, cfg, par_cfg):
+def check_shards(c, arch, par_cfg):
     """Every tensor-parallel shard: tensor names and shapes against config.json (on a meta-device model, so
     nothing is allocated), one floating dtype throughout, and that dtype against config.json's."""
     tp = par_cfg["tensor_model_parallel_size"]
     dtypes = set()
     for r in range(tp):
-        par = Parallel(tp, torch.device("meta"), world=tp, rank=r, connect=False)
+        par = Parallel(layout_of(c, arch), torch.device("meta"), world=tp, rank=r, connect=False)
         with torch.device("meta"):
-            model = Llama(cfg, par=par)
-        dtypes |= load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)[1]
+            model = Llama(arch, par=par)
+        dtypes |= load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)[1]
     raw = json.loads(Path(c["model.model_config"]).read_text())
     declared = raw.get("torch_dtype") or raw.get("dtype")
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
@@ -2189,7 +2264,7 @@ NEURON_RUNTIME_RESERVE_GIB = 1.0
 ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak (the dry run warns within it)
 
 
-def memory_estimate(cfg, c, tp, supervised_per_row, trainium):
+def memory_estimate(arch, c, tp, supervised_per_row, trainium):
     """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, all fp32),
     activations of one micro-batch with and without per-layer checkpointing, and on Trainium (XLA or
     TorchNeuron) the Neuron runtime's own reserve. Activations count what autograd keeps per layer (norm outputs, q/k/v, attention
@@ -2198,14 +2273,14 @@ def memory_estimate(cfg, c, tp, supervised_per_row, trainium):
     matrix where no fused attention kernel is used (Trainium with a mask), the boolean document mask, and the fp32
     logits, softmax and gradient of the output layer at the positions that get logits. An estimate,
     typically within 20%; allocator fragmentation comes on top."""
-    par = Parallel(tp, torch.device("meta"), world=tp, rank=0, connect=False)
+    par = Parallel(layout_of(c, arch), torch.device("meta"), world=tp, rank=0, connect=False)
     with torch.device("meta"):
-        model = Llama(cfg, par=par)
+        model = Llama(arch, par=par)
     modules, params = add_lora(model, c, verbose=False)
     e = 2 if c["precision.type"] == "autocast" else 4
-    b, s, h = c["data.micro_batch_size"], c["data.seq_length"], cfg["hidden"]
+    b, s, h = c["data.micro_batch_size"], c["data.seq_length"], arch["hidden"]
     attn = model.model.layers[0].self_attn
-    ql, kvl, hd, il = attn.heads, attn.kv_heads, cfg["head_dim"], cfg["inter"] // tp
+    ql, kvl, hd, il = attn.heads, attn.kv_heads, arch["head_dim"], arch["inter"] // tp
     r = c["model_alignment_strategy.peft.lora_rank"]
     per_layer = b * s * (2 * 4 * h + e * (2 * h + (2 * ql + 4 * kvl) * hd + 4 * il) + 4 * 4 * r)
     if c["model_alignment_strategy.peft.lora_dropout"] > 0:
@@ -2214,16 +2289,16 @@ def memory_estimate(cfg, c, tp, supervised_per_row, trainium):
         per_layer += b * s * (e + 1) * sum(widths[t] for t in targets)
     if trainium:
         per_layer += b * ql * s * s * (e + 4)
-    n_ckpt = cfg["layers"] if c["model.activations_checkpoint_layers"] is None else \
-        min(cfg["layers"], c["model.activations_checkpoint_layers"])
+    n_ckpt = arch["layers"] if c["model.activations_checkpoint_layers"] is None else \
+        min(arch["layers"], c["model.activations_checkpoint_layers"])
     positions = b * s if trainium else b * supervised_per_row
-    shared = b * s * s + positions * (cfg["vocab"] // tp) * 4 * 3
+    shared = b * s * s + positions * (arch["vocab"] // tp) * 4 * 3
     return {
         "frozen base": sum(p.numel() for p in model.parameters() if not p.requires_grad) * e,
         "LoRA weights, gradients, AdamW": sum(p.numel() for p in params) * 16,
         "runtime reserve": int(NEURON_RUNTIME_RESERVE_GIB * 2**30) if trainium else 0,
-        "activations": cfg["layers"] * per_layer + shared,
-        "activations, checkpointed": (cfg["layers"] - n_ckpt + 1) * per_layer + n_ckpt * b * s * h * e + shared,
+        "activations": arch["layers"] * per_layer + shared,
+        "activations, checkpointed": (arch["layers"] - n_ckpt + 1) * per_layer + n_ckpt * b * s * h * e + shared,
     }
 
 
@@ -2255,15 +2330,15 @@ def device_memory(c):
     return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
 
 
-def dry_run(c, cfg, supervised_per_row):
+def dry_run(c, arch, supervised_per_row):
     """Check everything a run needs and print a report; raise StageError on the first problem."""
     par_cfg = {"tensor_model_parallel_size": c["distributed_strategy.tensor_model_parallel_size"],
                "kv_replicator": c["distributed_strategy.kv_replicator"],
                "hw_backend": c["distributed_strategy.hw_backend"]}
-    tp, dtype = check_shards(c, cfg, par_cfg)
+    tp, dtype = check_shards(c, arch, par_cfg)
     print(f"checkpoint: {tp} shard(s) in {c['exp_manager.resume_from_checkpoint']}/model, every tensor present "
           f"with the expected shape, {dtype}")
-    est = memory_estimate(cfg, c, tp, supervised_per_row, planned_trainium(c) is not None)
+    est = memory_estimate(arch, c, tp, supervised_per_row, planned_trainium(c) is not None)
     limit, source = device_memory(c)
     print(f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
           f"{c['data.seq_length']}, {c['precision.type']}):")
@@ -2315,8 +2390,8 @@ class LogInterval:
     """What happened since the last logged step: the step losses (device tensors, read once at log time), real
     and supervised tokens and model FLOPs, summed on the host from per-row counts computed once."""
 
-    def __init__(self, train, cfg, seed, gbs):
-        self.train, self.flops_per_window = train, window_flops(train, cfg)
+    def __init__(self, train, arch, seed, gbs):
+        self.train, self.flops_per_window = train, window_flops(train, arch)
         self.n_rows, self.seed, self.gbs = len(train), seed, gbs
         self.total_tokens, self.started = 0, time.perf_counter()
         self.reset()
@@ -2406,19 +2481,29 @@ def checkpoint_every(c):
     return every
 
 
-def train_loop(run, train, start, skipped, last_checkpoint):
-    """Steps start..max_steps with logging, validation and run checkpoints. SIGTERM (a scheduler's preemption,
-    torchrun passing on Ctrl-C) ends the run after the current step with a checkpoint. Returns (the log interval
-    with the run's totals, the step SIGTERM stopped the run after or None, the last checkpoint)."""
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM (a scheduler's preemption; torchrun passing one on) is recorded in the yielded list instead of
+    ending the process, so the loop can finish its step and checkpoint; the previous handler returns after."""
+    requests = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requests.append(signum))
+    try:
+        yield requests
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_loop(run, train, start, skipped, last_checkpoint, stop):
+    """Steps start..max_steps with logging, validation and run checkpoints. A stop request (`stop`, filled by
+    stop_requests on SIGTERM) on any rank ends the run after the current step with a checkpoint. Returns (the log
+    interval with the run's totals, the step the run stopped after or None, the last checkpoint)."""
     c, par = run.c, run.par
     max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
     peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
     print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})" if peak
           else f"MFU not reported: {peak_source}")
     every = checkpoint_every(c)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
-    interval = LogInterval(train, run.cfg, c["seed"], gbs)
+    interval = LogInterval(train, run.arch, c["seed"], gbs)
     loader = device_loader(micro_batches(train, start, max_steps, gbs, c["data.micro_batch_size"], c["seed"], par),
                            run.device)
     bar = progress_bar(max_steps, start, shown=par.rank == 0)
@@ -2471,22 +2556,16 @@ def prepare_settings(c, args):
     random.seed(c["seed"])
     np.random.seed(c["seed"])
     torch.manual_seed(c["seed"])
-    tp, kv_mult, backend = (c["distributed_strategy.tensor_model_parallel_size"],
-                            c["distributed_strategy.kv_replicator"], c["distributed_strategy.hw_backend"])
-    cfg = read_model_config(c["model.model_config"])
-    cfg.update(kv_mult=kv_mult, hw_backend=backend)
-    check_layout(cfg, tp, kv_mult, backend)
-    return cfg
+    arch = read_model_config(c["model.model_config"])
+    layout_of(c, arch).check()
+    return arch
 
 
-def open_device(c, cfg):
+def open_device(c, arch):
     """The device and the process group, before anything else: on Neuron the group must precede any device
     tensor, and a missing backend then fails before any output is written."""
-    tp = c["distributed_strategy.tensor_model_parallel_size"]
     device = pick_device(c)
-    par = Parallel(tp, device, kv_replica_groups(cfg, tp, c["distributed_strategy.kv_replicator"],
-                                                 c["distributed_strategy.hw_backend"]))
-    return device, par
+    return device, Parallel(layout_of(c, arch), device)
 
 
 def load_tokenizer(c):
@@ -2501,17 +2580,17 @@ def load_tokenizer(c):
     return tokenizer
 
 
-def build_model(c, cfg, device, par):
+def build_model(c, arch, device, par):
     """The rank's shard of the base model from the converted checkpoint, with LoRA added, dropout seeded, the
     attention chosen and, with trainer.compile, the layers compiled. Returns (model, LoRA modules, params)."""
     autocast = c["precision.type"] == "autocast"
     base_dtype = torch.bfloat16 if autocast else torch.float32
-    n_ckpt = (cfg["layers"] if c["model.activations_checkpoint_layers"] is None
+    n_ckpt = (arch["layers"] if c["model.activations_checkpoint_layers"] is None
               else c["model.activations_checkpoint_layers"]) if c["model.activations_checkpoint"] else 0
     with torch.device(device):
-        model = Llama(cfg, base_dtype, par, checkpoint_layers=n_ckpt)
+        model = Llama(arch, base_dtype, par, recompute_layers=n_ckpt)
     tp = par.tp
-    ckpt, _ = load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
+    ckpt, _ = load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
                               {"tensor_model_parallel_size": tp, "kv_replicator": c["distributed_strategy.kv_replicator"],
                                "hw_backend": c["distributed_strategy.hw_backend"]})
     print(f"loaded {ckpt.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
@@ -2535,7 +2614,7 @@ def open_run(run):
     run.optimizer = make_optimizer(run.params, c, run.device)
     start, skipped = 0, 0
     if resume_from:
-        state = load_checkpoint_state(resume_from, par, run.params, run.optimizer, run.device)
+        state = load_run_checkpoint(resume_from, par, run.params, run.optimizer, run.device)
         start, skipped = state["step"], state["skipped_steps"]
         if par.rank == 0:
             keep_metrics_lines(run.dir, state["metrics_lines"])
@@ -2576,9 +2655,9 @@ def save_run_checkpoint(run, done, skipped):
              "data": {"seed": c["seed"], "next_step": done, "windows": run.n_rows, "global_batch_size": gbs},
              "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
              "tensor_parallel": par.tp, "data_parallel": par.dp, "metrics_lines": run.metrics.lines}
-    lora = gather_lora(run.modules, par, run.cfg)
-    path = save_checkpoint(run.dir / "checkpoints", state, par, run.params, run.optimizer,
-                           lambda out: export_peft_adapter(lora, run.cfg, c, out), run.device,
+    lora = gather_lora(run.modules, par, run.arch)
+    path = write_run_checkpoint(run.dir / "checkpoints", state, par, run.params, run.optimizer,
+                           lambda out: export_peft_adapter(lora, run.arch, c, out), run.device,
                            c["exp_manager.checkpoint_callback_params.save_top_k"])
     print(f"checkpoint: {path}")
     return path
@@ -2588,10 +2667,10 @@ def finish(run, args, interval):
     """The final validation and generation, the adapter export, and the run summary."""
     c = run.c
     final = run_evaluation(run, c["trainer.max_steps"], gen=True)
-    lora = gather_lora(run.modules, run.par, run.cfg)  # a collective: every rank takes part
+    lora = gather_lora(run.modules, run.par, run.arch)  # a collective: every rank takes part
     if run.par.rank != 0:
         return
-    adapter = export_peft_adapter(lora, run.cfg, c, run.dir / "final" / "adapter")
+    adapter = export_peft_adapter(lora, run.arch, c, run.dir / "final" / "adapter")
     run.metrics.close()
     vals = [json.loads(line).get("val_loss") for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     vals = [v for v in vals if v is not None]
@@ -2617,8 +2696,8 @@ def main(argv=None):
     if args.neuron_env:
         print_launch_environment(c)
         return
-    cfg = prepare_settings(c, args)
-    device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, cfg)
+    arch = prepare_settings(c, args)
+    device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, arch)
 
     # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
     tokenizer = load_tokenizer(c)
@@ -2628,17 +2707,17 @@ def main(argv=None):
         return
     val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
     if args.dry_run:
-        dry_run(c, cfg, int(train.supervised.max()))
+        dry_run(c, arch, int(train.supervised.max()))
         return
     n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
     val_records = read_records(c["data.val_dir"], n_prompts) if val is not None and n_prompts else []
 
-    model, modules, params = build_model(c, cfg, device, par)
+    model, modules, params = build_model(c, arch, device, par)
     generate = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
     if c["evaluation.generate.num_prompts"] > 0 and not generate:
         print(f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
               "generate from the merged model instead")
-    run = SimpleNamespace(c=c, cfg=cfg, device=device, par=par, model=model, modules=modules, params=params,
+    run = SimpleNamespace(c=c, arch=arch, device=device, par=par, model=model, modules=modules, params=params,
                           autocast=c["precision.type"] == "autocast", tokenizer=tokenizer, val=val,
                           val_records=val_records, generate=generate, n_rows=len(train))
     start, skipped, resume_from = open_run(run)
@@ -2649,7 +2728,8 @@ def main(argv=None):
         print("trainer.max_steps=0: baseline evaluation only, no adapter written")
         return
 
-    interval, stopped_after, last_checkpoint = train_loop(run, train, start, skipped, resume_from)
+    with stop_requests() as stop:
+        interval, stopped_after, last_checkpoint = train_loop(run, train, start, skipped, resume_from, stop)
     if stopped_after is not None:
         run.metrics.close()
         print(f"stopped by SIGTERM after step {stopped_after}; resume with exp_manager.resume_if_exists=true "

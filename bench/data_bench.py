@@ -12,8 +12,9 @@ whole-word lookup (ignore_merges), trained on 20k of these records. Settings: th
 seq_length 4096, packing, every record).
 
 Each measurement is a real launch of 05_train.py: `--inspect-data 1` (settings, tokenizer, data; no model) for
-one process, and a one-step training run of a tiny model (vocabulary 128,256) under torchrun with 4 data-parallel
-ranks. Peak resident memory: the process's own high-water mark (VmHWM); memory-mapped token files count only
+one process, and a launch of the training run of a tiny model (vocabulary 128,256) under torchrun with 4
+data-parallel ranks up to its first step (trainer.max_steps=0: the data prepared or mapped, the process group,
+the model loaded; the step's own memory is the model's business, not the data's). Peak resident memory: the process's own high-water mark (VmHWM); memory-mapped token files count only
 for the pages a process touched, and those are shared through the page cache. The tokenizer's own throughput on
 the same records (batched calls, all cores) is printed for context: it bounds how fast any preparation can be.
 The before-path runs the 05_train.py of commit --before (read with git show).
@@ -120,11 +121,15 @@ def make_model(work, tokenizer_dir):
     overlay = write_overlay(work / "model.yaml", {"model": {"download": {"source": str(work / "hf")},
                                                             "model_config": str(work / "config.json"),
                                                             "hf_weights_dir": str(work / "hf_weights")},
-                                                  "exp_manager": {"resume_from_checkpoint": str(ckpt)}})
+                                                  "exp_manager": {"resume_from_checkpoint": str(ckpt)},
+                                                  "distributed_strategy": {"tensor_model_parallel_size": 1,
+                                                                           "kv_replicator": 1}})
     for stage in ("02_download_model.py", "03_convert_checkpoint.py"):
-        subprocess.run([sys.executable, stage, "--config", "config.yaml", "--config", str(overlay),
-                        f"data.tokenizer.type={work / 'unused-tokenizer'}"], cwd=ROOT, check=True,
-                       capture_output=True)
+        proc = subprocess.run([sys.executable, stage, "--config", "config.yaml", "--config", str(overlay),
+                               f"data.tokenizer.type={work / 'unused-tokenizer'}"], cwd=ROOT, capture_output=True,
+                              text=True)
+        if proc.returncode:
+            raise SystemExit(f"{stage} failed:\n{proc.stderr[-2000:]}")
     return ckpt
 
 
@@ -236,7 +241,7 @@ def main():
         data = write_records(work / f"records-{n}.jsonl", n)
         cache = work / f"prepared-{n}"
         overlay = write_overlay(work / f"run-{n}.yaml", {
-            "trainer": {"accelerator": "cpu", "max_steps": 1, "log_every_n_steps": 1},
+            "trainer": {"accelerator": "cpu", "max_steps": 0},
             "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
             "data": {"train_dir": str(data), "val_dir": None, "dev_choose_samples": None, "seq_length": 4096,
                      "micro_batch_size": 1, "global_batch_size": 4, "tokenizer": {"type": str(tokenizer_dir)},
@@ -252,7 +257,7 @@ def main():
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         s1, p1, out = launch([sys.executable, "05_train.py", *config, "--inspect-data", "1"])
         s2, p2, _ = launch([sys.executable, "05_train.py", *config, "--inspect-data", "1"])
-        summary = next(line for line in out.splitlines() if line.startswith("train: "))
+        summary = next(line for line in out.splitlines() if line.startswith("train: ") and " records -> " in line)
         rows.append((n, "prepared once, memory-mapped", "1", s1, s2, max(list(p1.values()) + list(p2.values()))))
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "05_train.py",
                     *config]
@@ -261,7 +266,7 @@ def main():
         subprocess.run(["rm", "-rf", str(work / f"run-{n}")], check=True)
         s4, p4, _ = launch(torchrun)
         ranks = ", ".join(f"{g:.2f}" for g in sorted(p3.values(), reverse=True))
-        rows.append((n, f"4 ranks, one training step (per rank: {ranks} | "
+        rows.append((n, f"4 ranks, data and model loaded (per rank: {ranks} | "
                         f"{', '.join(f'{g:.2f}' for g in sorted(p4.values(), reverse=True))})",
                      "4", s3, s4, max(list(p3.values()) + list(p4.values()))))
         print(f"{n:,} records: {summary.split(': ', 1)[1]}", flush=True)

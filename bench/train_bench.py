@@ -124,7 +124,7 @@ def ours(model_dir, rows, train, profile, variant="ours"):
 
     cfg = train.read_model_config(model_dir / "config.json")
     model = train.Llama(cfg)
-    train.load_checkpoint(model, model_dir / "ckpt", False)
+    train.load_base_weights(model, model_dir / "ckpt", False)
     peft = "model_alignment_strategy.peft."
     c = {peft + "target_modules": TARGETS_OURS, peft + "lora_rank": 16, peft + "lora_alpha": 32.0,
          peft + "lora_dropout": 0.05, peft + "lora_bias": "none", peft + "lora_verbose": False}

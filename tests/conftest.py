@@ -67,7 +67,10 @@ def tokenizer_dir(tmp_path_factory):
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# With head_dim 16 and theta 500000 the wavelengths are 6.3, 32.4, 167, ... tokens: one above
+# original_max / low_freq_factor (64: scaled by 1/factor), one below original_max / high_freq_factor (16: kept)
+# and one between them (smoothed), so every branch of the Llama-3.1 rule is exercised.
 
 
 def make_hf_model(out_dir, tokenizer_dir, seed=0, **overrides):
@@ -136,7 +139,7 @@ def tiny_llama(train, work, tokenizer_dir, **overrides):
     state = convert.nxdt_shard(layout, convert.TensorReader(convert.weight_files(Path(work))), 0, 0, False)
     model = train.Llama(train.read_model_config(Path(work) / "config.json"))
     with torch.no_grad():
-        for name, dest in train.checkpoint_slots(model, fuse_qkv=False).items():
+        for name, dest in train.base_weight_slots(model, fuse_qkv=False).items():
             dest.copy_(state[name])
     return model.eval(), hf
 

@@ -12,7 +12,7 @@ STAGES = ["01_download_data.py", "02_download_model.py", "03_convert_checkpoint.
 
 def config_block(filename):
     text = (ROOT / filename).read_text()
-    return re.search(r"# -+ config\n.*?(?=\n# -+ )", text, re.S).group(0)
+    return re.search(r"# -+ shared\n.*?(?=\n# -+ )", text, re.S).group(0)
 
 
 def test_every_stage_carries_the_same_config_helpers():

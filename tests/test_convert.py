@@ -67,6 +67,17 @@ def test_llama3_8b_on_trn1_32_ranks_uses_nxd_s_head_order():
     assert convert.Layout(config, tp=8, pp=1, kv_mult=1, backend="trn1").q_heads(1) == [4, 5, 6, 7]
 
 
+def test_llama3_8b_on_trn2_32_ranks_puts_each_kv_head_s_copies_on_adjacent_ranks():
+    """NxD on trn2 lays replicated KV heads out as (K0, K0, K0, K0), (K1, ...), ... and keeps Q heads in order,
+    so rank r holds Q head r and KV head r // 4: its own group's."""
+    config = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "vocab_size": 128256, "num_hidden_layers": 32}
+    layout = convert.Layout(config, tp=32, pp=1, kv_mult=4, backend="trn2")
+    assert [layout.q_heads(r) for r in range(32)] == [[r] for r in range(32)]
+    assert [layout.kv_heads(r) for r in range(32)] == [[r // 4] for r in range(32)]
+    assert convert.Layout(config, tp=16, pp=1, kv_mult=2, backend="trn2").kv_heads(3) == [1]
+
+
 def test_pipeline_stages_split_layers_evenly_with_the_remainder_last():
     config = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
               "vocab_size": 384, "num_hidden_layers": 30}

@@ -29,18 +29,30 @@ def response_positions(batch):
     return set(zip(w.tolist(), (t + 1).tolist()))
 
 
+def rendered_lengths(tok, fmt, prompt, response):
+    """(prompt tokens, whole record's tokens), rendered here from the record itself, not by 05."""
+    if fmt == "raw":
+        p = 1 + len(tok.encode(prompt, add_special_tokens=False))
+        return p, p + len(tok.encode(response, add_special_tokens=False)) + 1
+    user = [{"role": "user", "content": prompt}]
+    p = len(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True)["input_ids"])
+    full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True)["input_ids"]
+    return p, len(full)
+
+
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("fmt", ["raw", "chat_template"])
 def test_prompt_tokens_never_carry_a_label(train_mod, tok, packing, fmt):
-    batch, docs, _ = windows(train_mod, tok, RECORDS, 64, packing, fmt)
+    batch, _, _ = windows(train_mod, tok, RECORDS, 64, packing, fmt)
     expected = set()
     w, start = 0, 0
-    for ids, labels in docs:
-        if not packing or start + len(ids) > 64:
+    for prompt, response in RECORDS:
+        n_prompt, n = rendered_lengths(tok, fmt, prompt, response)
+        if not packing or start + n > 64:
             if start:
                 w, start = w + 1, 0
-        expected |= {(w, start + i) for i, l in enumerate(labels) if l != -100}
-        start += len(ids)
+        expected |= {(w, start + i) for i in range(n_prompt, n)}  # the response (and EOS / end of turn) only
+        start += n
     assert response_positions(batch) == expected
     # and what is predicted there is exactly the response (+ EOS), never a prompt token
     for (w_, t) in expected:

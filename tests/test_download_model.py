@@ -3,7 +3,6 @@
 import json
 import os
 
-import pytest
 import torch
 
 from conftest import make_hf_model, run_stage, write_overlay

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
+from conftest import make_hf_model, run_stage, tiny_settings, write_overlay
 
 TARGETS = [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"],
            ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]]
@@ -33,7 +33,7 @@ def lora_settings(train, work, targets, bias="none"):
 def trained_looking_model(train, work, c):
     """Our model with LoRA added and B randomized, as if trained (B = 0 would hide export mistakes)."""
     model = train.Llama(train.read_model_config(c["model.model_config"]))
-    train.load_checkpoint(model, c["exp_manager.resume_from_checkpoint"], False)
+    train.load_base_weights(model, c["exp_manager.resume_from_checkpoint"], False)
     torch.manual_seed(5)
     train.add_lora(model, c)
     with torch.no_grad():
@@ -46,7 +46,7 @@ def trained_looking_model(train, work, c):
 def export(train, model, c, path):
     """What 05 does at the end of a run: gather the LoRA weights (one rank here) and write the PEFT adapter."""
     modules = [(n, m) for n, m in train.lora_modules(model, train.LORA_TARGETS) if m.lora_A is not None]
-    return train.export_peft_adapter(train.gather_lora(modules, model.par, model.cfg), model.cfg, c, path)
+    return train.export_peft_adapter(train.gather_lora(modules, model.par, model.arch), model.arch, c, path)
 
 
 @pytest.mark.parametrize("targets", TARGETS, ids=lambda t: "+".join(t))

@@ -1,11 +1,12 @@
 """Our Llama, loaded through stages 02 and 03, computes the same logits as transformers.LlamaForCausalLM."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from conftest import LLAMA3_ROPE, load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
+from conftest import LLAMA3_ROPE, make_hf_model, run_stage, tiny_settings, write_overlay
 
 
 def convert(tmp_path, tokenizer_dir, fuse_qkv=False, **model_overrides):
@@ -21,7 +22,7 @@ def convert(tmp_path, tokenizer_dir, fuse_qkv=False, **model_overrides):
 def our_model(train, settings):
     cfg = train.read_model_config(settings["model.model_config"])
     model = train.Llama(cfg)
-    train.load_checkpoint(model, settings["exp_manager.resume_from_checkpoint"], settings["model.fuse_qkv"])
+    train.load_base_weights(model, settings["exp_manager.resume_from_checkpoint"], settings["model.fuse_qkv"])
     return model.eval()
 
 
@@ -45,6 +46,25 @@ def test_logits_match_transformers(tmp_path, tokenizer_dir, train_mod, case):
         expected = hf(ids).logits
     got = our_logits(train_mod, our_model(train_mod, settings), ids)
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_llama3_rope_scales_low_frequencies_smooths_the_middle_band_and_keeps_high_ones(train_mod):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    arch = dict(head_dim=16, rope_theta=LLAMA3_ROPE["rope_theta"], rope_scaling=dict(LLAMA3_ROPE))
+    ours = train_mod.rope_inv_freq(arch)
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(hidden_size=64, num_attention_heads=4,
+                                                          rope_parameters=dict(LLAMA3_ROPE)), "cpu")
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
+    plain = train_mod.rope_inv_freq(dict(arch, rope_scaling=None))
+    old, factor = LLAMA3_ROPE["original_max_position_embeddings"], LLAMA3_ROPE["factor"]
+    wavelen = 2 * math.pi / plain
+    high, low = wavelen < old / LLAMA3_ROPE["high_freq_factor"], wavelen > old / LLAMA3_ROPE["low_freq_factor"]
+    middle = ~high & ~low
+    assert high.any() and middle.any() and low.any()
+    assert torch.equal(ours[high], plain[high]) and torch.allclose(ours[low], plain[low] / factor)
+    assert ((ours[middle] < plain[middle]) & (ours[middle] > plain[middle] / factor)).all()
 
 
 def test_fused_qkv_checkpoint_gives_the_same_logits(tmp_path, tokenizer_dir, train_mod):

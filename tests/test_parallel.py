@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_stage, train
+from conftest import ROOT, load_stage, run_stage, train
 
 # Dropout off (its masks depend on how tensors are split). A small learning rate: near a zero gradient AdamW's
 # update g / (|g| + eps) turns the last-bit differences of a reordered sum into lr / eps times as much.
@@ -129,11 +129,52 @@ def test_a_world_size_that_tp_does_not_divide_is_refused(shards, monkeypatch):
         train(work, overlay, "w3", "distributed_strategy.tensor_model_parallel_size=2")
 
 
-def test_a_head_layout_that_pairs_q_heads_with_foreign_kv_heads_is_refused(train_mod):
-    cfg = dict(heads=4, kv_heads=2, inter=96, vocab=384, head_dim=16)
-    train_mod.check_layout(cfg, 4, 2, "trn1")  # rank r: Q head 2(r%2)+r//2, KV head r%2
-    with pytest.raises(train_mod.StageError, match="rank 1's Q heads \\[1\\] do not belong to its KV heads \\[1\\]"):
-        train_mod.check_layout(cfg, 4, 2, "trn2")
+def test_a_head_layout_that_training_cannot_use_is_refused_with_the_reason(train_mod):
+    arch = dict(heads=4, kv_heads=2, inter=96, vocab=384, head_dim=16)
+    train_mod.Layout(arch, 4, 2, "trn1").check()  # rank r: Q head 2(r%2)+r//2, KV head r%2
+    train_mod.Layout(arch, 4, 2, "trn2").check()  # rank r: Q head r, KV head r//2
+    with pytest.raises(train_mod.StageError, match=r"num_key_value_heads x kv_replicator \(4\) must equal "
+                                                   r"tensor_model_parallel_size \(2\) on trn1"):
+        train_mod.Layout(arch, 2, 2, "trn1").check()
+    with pytest.raises(train_mod.StageError, match="each rank would hold 2 Q heads and 4 KV heads"):
+        train_mod.Layout(arch, 2, 4, "trn2").check()
+
+
+def test_the_head_assignment_is_stage_03s_layout_over_a_grid_of_models_and_layouts(train_mod):
+    """Every (heads, KV heads, TP, kv_replicator, hw_backend): where 03 refuses a layout, 05 refuses it too;
+    where 05 trains one, each rank holds exactly the Q and KV heads that 03 wrote into its shard; a layout 03
+    writes but 05 refuses gives a rank more KV heads than Q heads. Each accepted layout pairs every local Q head
+    with a local KV head."""
+    convert = load_stage("03_convert_checkpoint.py")
+    seen = {"both": 0, "only 03": 0, "neither": 0}
+    for heads, kv in ((8, 1), (8, 2), (8, 8), (32, 8), (32, 4), (4, 2)):
+        for tp in (1, 2, 4, 8, 16, 32):
+            for m in (1, 2, 4, 8):
+                for backend in ("trn1", "trn2"):
+                    hd = 16
+                    config = dict(hidden_size=heads * hd, intermediate_size=64 * 32, num_attention_heads=heads,
+                                  num_key_value_heads=kv, head_dim=hd, vocab_size=128 * 32, num_hidden_layers=1)
+                    arch = dict(heads=heads, kv_heads=kv, head_dim=hd, inter=64 * 32, vocab=128 * 32)
+                    try:
+                        theirs = convert.Layout(config, tp, 1, m, backend)
+                    except convert.StageError:
+                        theirs = None
+                    ours = train_mod.Layout(arch, tp, m, backend)
+                    try:
+                        ours.check()
+                    except train_mod.StageError as e:
+                        seen["neither" if theirs is None else "only 03"] += 1
+                        assert theirs is None or "each KV head needs its own Q heads" in str(e), (heads, kv, tp, m, backend)
+                        continue
+                    assert theirs is not None, (heads, kv, tp, m, backend)
+                    for r in range(tp):
+                        q, kvh = ours.heads(r)
+                        assert (q, kvh) == (theirs.q_heads(r), theirs.kv_heads(r)), (heads, kv, tp, m, backend, r)
+                        # and grouped-query attention pairs each local Q head with a local KV head, in order
+                        per = len(q) // len(kvh)
+                        assert [h // (heads // kv) for h in q] == [kvh[i // per] for i in range(len(q))]
+                    seen["both"] += 1
+    assert min(seen.values()) > 10, seen
 
 
 def test_a_checkpoint_converted_for_another_tp_size_is_refused(shards):
@@ -143,7 +184,8 @@ def test_a_checkpoint_converted_for_another_tp_size_is_refused(shards):
 
 
 TINY_ARCH = dict(vocab=384, hidden=64, inter=96, layers=1, heads=4, kv_heads=1, head_dim=16, eps=1e-5,
-                 rope_theta=10000.0, rope_scaling=None, tie=False, kv_mult=2, hw_backend="trn1")
+                 rope_theta=10000.0, rope_scaling=None, tie=False)
+TINY_LAYOUT = dict(tp=2, kv_mult=2, hw_backend="trn1")  # the one KV head copied to both ranks
 
 
 def rank_shards(train_mod):
@@ -154,7 +196,8 @@ def rank_shards(train_mod):
     full = {}
     ranks = []
     for r in range(2):
-        par = train_mod.Parallel(2, torch.device("cpu"), world=2, rank=r, connect=False)
+        par = train_mod.Parallel(train_mod.Layout(TINY_ARCH, **TINY_LAYOUT), torch.device("cpu"), world=2, rank=r,
+                                 connect=False)
         torch.manual_seed(0)
         model = train_mod.Llama(TINY_ARCH, par=par)
         modules, _ = train_mod.add_lora(model, c, verbose=False)
@@ -173,7 +216,7 @@ def rank_shards(train_mod):
 
 def test_the_adapter_is_reassembled_from_the_ranks_shards_on_the_host(train_mod):
     modules, flats, full = rank_shards(train_mod)
-    rows = [train_mod.shard_rows(TINY_ARCH, 2, r) for r in range(2)]
+    rows = [train_mod.Layout(TINY_ARCH, **TINY_LAYOUT).rows(r) for r in range(2)]
     got = train_mod.assemble_lora(modules, flats, rows)
     assert got.keys() == full.keys()
     for name, (a, b) in full.items():
@@ -182,7 +225,7 @@ def test_the_adapter_is_reassembled_from_the_ranks_shards_on_the_host(train_mod)
 
 def test_replicated_copies_that_differ_are_reported_with_their_size(train_mod):
     modules, flats, _ = rank_shards(train_mod)
-    rows = [train_mod.shard_rows(TINY_ARCH, 2, r) for r in range(2)]
+    rows = [train_mod.Layout(TINY_ARCH, **TINY_LAYOUT).rows(r) for r in range(2)]
     flats[1, :3] += 0.25  # the start of rank 1's copy of the first qkv_proj's (replicated) A
     with pytest.raises(train_mod.StageError, match=r"qkv_proj: tensor-parallel rank 1 holds a replicated copy that "
                                                    r"differs from the first one in 3 of 1024 values \(largest "

@@ -3,25 +3,22 @@
 import importlib.util
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, make_hf_model, run_stage, tiny_settings, write_overlay
 
 
-def test_five_stages_run_in_sequence_on_a_tiny_model_in_under_two_minutes(tmp_path, tokenizer_dir):
+def test_five_stages_run_in_sequence_on_a_tiny_model(tmp_path, tokenizer_dir):
     make_hf_model(tmp_path / "hf_source", tokenizer_dir)
     overlay = write_overlay(tmp_path / "overlay.yaml", tiny_settings(tmp_path))
     args = ["--config", "config.yaml", "--config", str(overlay)]
-    start = time.perf_counter()
     for stage in ("01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py"):
         run_stage([stage, *args])
     precompile = run_stage(["bash", "04_precompile.sh", *args])
     run_stage(["05_train.py", *args])
-    elapsed = time.perf_counter() - start
-    assert elapsed < 120, f"pipeline took {elapsed:.0f}s"
 
     assert "nothing to" in precompile.stdout
     run = tmp_path / "run"
@@ -43,22 +40,46 @@ def demo_gguf():
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
-def test_demo_model_trains_for_a_few_steps(tmp_path):
-    """Smoke run of the real demo model: GGUF -> 02 -> 03 -> 05 for two steps on a slice of the demo data."""
-    env = dict(os.environ, DEMO_GGUF=str(demo_gguf()))
-    overlay = write_overlay(tmp_path / "overlay.yaml", {
-        "exp_manager.explicit_log_dir": str(tmp_path / "run"),
-        "exp_manager.resume_from_checkpoint": str(tmp_path / "ckpt"),
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    """The demo GGUF through stage 02 (dequantized HF weights, tokenizer, config.json); returns (dir, config args)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    overlay = write_overlay(tmp / "overlay.yaml", {
+        "exp_manager.explicit_log_dir": str(tmp / "run"),
+        "exp_manager.resume_from_checkpoint": str(tmp / "ckpt"),
         "data.train_dir": str(ROOT / "demo" / "data" / "train.jsonl"),
         "data.val_dir": str(ROOT / "demo" / "data" / "val.jsonl"),
         "data.dev_choose_samples": 16, "data.seq_length": 128, "data.global_batch_size": 2,
-        "data.tokenizer.type": str(tmp_path / "tokenizer"),
-        "model.model_config": str(tmp_path / "config.json"), "model.hf_weights_dir": str(tmp_path / "hf"),
+        "data.cache_dir": str(tmp / "prepared"),
+        "data.tokenizer.type": str(tmp / "tokenizer"),
+        "model.model_config": str(tmp / "config.json"), "model.hf_weights_dir": str(tmp / "hf"),
         "trainer.max_steps": 2, "trainer.log_every_n_steps": 1,
         "evaluation.generate.num_prompts": 2, "evaluation.generate.max_new_tokens": 4,
     })
     args = ["--config", "config.yaml", "--config", "demo.yaml", "--config", str(overlay)]
-    run_stage(["02_download_model.py", *args], env=env)
+    run_stage(["02_download_model.py", *args], env=dict(os.environ, DEMO_GGUF=str(demo_gguf())))
+    return tmp, args
+
+
+def test_the_gguf_model_gives_transformers_own_gguf_logits_and_tokens(demo_model):
+    """Stage 02's dequantized weights and tokenizer against transformers' own reading of the same .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp, _ = demo_model
+    gguf = demo_gguf()
+    theirs = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(str(tmp / "hf"), dtype=torch.float32).eval()
+    ids = torch.randint(0, theirs.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max().item() < 1e-4
+    text = "Write 'summer pencil' in capital letters.\nSUMMER PENCIL"
+    their_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert AutoTokenizer.from_pretrained(str(tmp / "tokenizer")).encode(text) == their_tok.encode(text)
+
+
+def test_demo_model_trains_for_a_few_steps(demo_model):
+    """Smoke run of the real demo model: GGUF -> 02 -> 03 -> 05 for two steps on a slice of the demo data."""
+    tmp_path, args = demo_model
     run_stage(["03_convert_checkpoint.py", *args])
     out = run_stage(["05_train.py", *args]).stdout
     assert "trainable params: 4,055,040" in out

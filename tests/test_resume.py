@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_stage
+from conftest import ROOT, run_stage, train
 
 RUN = ["trainer.max_steps=10", "trainer.log_every_n_steps=1", "trainer.val_check_interval=4",
        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
@@ -137,6 +137,30 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(references):
     assert (work / "term" / "checkpoints" / f"step_{stopped:07d}" / "trainer_state.json").exists()
     run_to_end(work, overlay, "term")
     same_run(work / "term", work / "ref-packing-True")
+
+
+def test_sigterm_to_torchrun_stops_every_worker_after_the_same_step_with_a_checkpoint(references):
+    """torchrun passes SIGTERM on to every worker and gives them --shutdown-timeout seconds (30 by default) before
+    SIGKILL; the workers agree on the step to stop after, write one checkpoint and exit 0; torchrun itself then
+    reports the signal (exit status 1). A relaunch continues exactly."""
+    work, overlay = references
+    proc = start(work, overlay, "term-dp2", 2)
+    wait_until_step(proc, work / "term-dp2", 3)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher only, as a scheduler's preemption reaches it
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "SIGTERM" in err, err[-3000:]
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert (work / "term-dp2" / "checkpoints" / f"step_{stopped:07d}" / "trainer_state.json").exists()
+    assert "exitcode  : -9" not in err, "a worker was killed before it finished"
+    run_to_end(work, overlay, "term-dp2", 2)
+    same_run(work / "term-dp2", work / "ref-dp2")
+
+
+def test_an_in_process_run_gives_the_sigterm_handler_back(pipeline):
+    work, overlay = pipeline
+    before = signal.getsignal(signal.SIGTERM)
+    train(work, overlay, "handler", "trainer.max_steps=1", "evaluation.generate.num_prompts=0")
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_checkpoint_holds_the_adapter_optimizer_and_rng_but_no_base_weights(references):

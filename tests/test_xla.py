@@ -5,6 +5,7 @@ The multi-rank layouts cannot run in one XLA process, so their graphs are traced
 
 import json
 import os
+import socket
 import sys
 
 import pytest
@@ -78,7 +79,10 @@ def test_autocast_on_xla_trains_fp32_lora_over_a_bf16_base_like_eager_autocast(p
 
 def test_04_fills_the_xla_cache_with_the_training_steps(pipeline, tmp_path):
     work, overlay = pipeline
-    env = dict(os.environ, PJRT_DEVICE="CPU", NPROC_PER_NODE="1", PRECOMPILE_STEPS="2", MASTER_PORT="41917",
+    with socket.socket() as s:  # a free port for the launch's rendezvous, not a fixed one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PJRT_DEVICE="CPU", NPROC_PER_NODE="1", PRECOMPILE_STEPS="2", MASTER_PORT=str(port),
                PYTHON=sys.executable)
     proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "--config", str(overlay),
                       f"xla.cache_dir={tmp_path / 'cache'}"], env=env)
@@ -161,7 +165,8 @@ def test_seeds_reach_the_xla_generator(train_mod):
     device = torch_xla.device()
 
     def draw(seed, dp_rank):
-        par = train_mod.Parallel(1, device, world=2, rank=dp_rank, connect=False)
+        par = train_mod.Parallel(train_mod.Layout(dict(heads=1, kv_heads=1)), device, world=2, rank=dp_rank,
+                                 connect=False)
         train_mod.seed_dropout(seed, par, device)
         return torch.rand(64, device=device).cpu()
 

@@ -18,7 +18,7 @@ from conftest import load_stage  # noqa: E402
 # A tiny model with one KV head copied to both tensor-parallel ranks (kv_replicator 2), so that the replicated
 # K/V gradient reduction is traced too.
 ARCH = dict(vocab=384, hidden=64, inter=96, layers=2, heads=4, kv_heads=1, head_dim=16, eps=1e-5,
-            rope_theta=10000.0, rope_scaling=None, tie=False, kv_mult=2, hw_backend="trn1")
+            rope_theta=10000.0, rope_scaling=None, tie=False)
 TP, WORLD = 2, 4
 
 
@@ -27,7 +27,7 @@ def trace(rank):
     c = train.resolve(train.load_config([str(Path(__file__).parents[1] / "config.yaml")], [
         "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]), train.SCHEMA)
     device = torch_xla.device()
-    par = train.Parallel(TP, device, train.kv_replica_groups(ARCH, TP, 2, "trn1"), world=WORLD, rank=rank,
+    par = train.Parallel(train.Layout(ARCH, TP, kv_mult=2, hw_backend="trn1"), device, world=WORLD, rank=rank,
                          connect=False)
     torch.manual_seed(0)
     with torch.device(device):
