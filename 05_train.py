@@ -18,11 +18,15 @@ Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>
   metrics.jsonl            one JSON object per logged step and per evaluation
   events.out.tfevents.*    TensorBoard scalars
   final/adapter/           adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel
+Beside each data file (or under data.cache_dir), from one process per host: <file>.prepared/<key>/, the split
+tokenized, masked and packed once (memory-mapped by every rank; reused while the data, tokenizer and data
+settings are unchanged)
 
 Features and their keys
   LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*  (targets: qkv_proj, o_proj,
                                          gate_up_proj, down_proj; q|k|v and gate|up share one A, as in NxD)
   packing with document isolation        model_alignment_strategy.sft.packing
+  data prepared once, memory-mapped      data.cache_dir (where; default beside the data)
   prompt format raw | chat_template      data.prompt_format
   token-weighted gradient accumulation   data.global_batch_size / (data.micro_batch_size x data-parallel size)
   tensor parallel (Megatron-style)       distributed_strategy.tensor_model_parallel_size, kv_replicator, hw_backend
@@ -1422,6 +1426,7 @@ def export_peft_adapter(lora, arch, c, out_dir):
 # everything that changes them, so changed inputs prepare anew and unchanged ones are reused by every launch.
 PREPARED_FORMAT = 1  # raise when the prepared files change meaning: older directories are then prepared anew
 CHUNK_RECORDS = 2048  # records per tokenizer call: enough for the tokenizer's threads, little memory
+PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
 
 
 def record_chunks(path, limit, size=CHUNK_RECORDS):
@@ -1633,14 +1638,16 @@ def prepared_location(path, tokenizer_dir, c):
     """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
     data file's directory>/<file name>.prepared/<hash of the file's content, the tokenizer's files, the format
     version and every setting that changes the windows>."""
+    import hashlib
+
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
+    if not path.is_file():
+        raise StageError(f"data file {path} not found (stage 01 writes it)")
     inputs = {"format": PREPARED_FORMAT, "data_sha256": file_sha256(path),
               "tokenizer_sha256": {p.name: file_sha256(p) for p in sorted(tokenizer_dir.iterdir()) if p.is_file()},
               "prompt_format": c["data.prompt_format"], "seq_length": c["data.seq_length"],
               "packing": c["model_alignment_strategy.sft.packing"], "truncation": c["data.truncation"],
               "dev_choose_samples": c["data.dev_choose_samples"]}
-    import hashlib
-
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else path.parent
     return root / f"{path.name}.prepared" / key, inputs
@@ -1653,11 +1660,15 @@ def prepare_split(path, tokenizer, c, name):
     if (where / "prepared.json").exists():
         return where
     print(f"{name}: preparing {path} into {where}", file=sys.stderr)
-    where.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(where)
     tmp = where.with_name(f"{where.name}.tmp-{os.uname().nodename}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(where)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise StageError(f"cannot write the prepared data to {where.parent} ({e.strerror or e}); set data.cache_dir "
+                         f"to a writable directory") from None
     try:
         stats = write_prepared(path, tokenizer, c, name, tmp)
         (tmp / "prepared.json").write_text(json.dumps({"inputs": inputs, "source": str(Path(path).resolve()),
@@ -1734,8 +1745,6 @@ def load_split(path, tokenizer, c, name, par):
           f"truncated {stats['truncated']}, dropped {stats['dropped']}; prepared in {where}")
     return Windows.open(where, tokenizer.pad_token_id)
 
-
-PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
 
 
 @functools.lru_cache(maxsize=4)

@@ -203,6 +203,20 @@ def test_a_killed_preparation_is_never_used_and_its_leftovers_are_removed(
     assert (where / "tokens.bin").stat().st_size == 4 * int(windows.doc_starts[-1]) == 4 * stats["tokens"]
 
 
+def test_a_read_only_data_directory_asks_for_data_cache_dir(train_mod, tok, tokenizer_dir, model_config, tmp_path):
+    data = copy_demo(tmp_path)
+    c, _ = settings(train_mod, tokenizer_dir, model_config, data, f"data.cache_dir={tmp_path / 'a-file'}")
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(train_mod.StageError, match="cannot write the prepared data to .*set data.cache_dir"):
+        train_mod.load_split(data, tok, c, "train", None)
+
+
+def test_a_missing_data_file_is_named(train_mod, tok, tokenizer_dir, model_config, tmp_path):
+    c, _ = settings(train_mod, tokenizer_dir, model_config, tmp_path / "train.jsonl")
+    with pytest.raises(train_mod.StageError, match="train.jsonl not found"):
+        train_mod.load_split(tmp_path / "train.jsonl", tok, c, "train", None)
+
+
 # ------------------------------------------------------------------ records
 def test_an_invalid_json_line_is_named_with_its_line_number(train_mod, tmp_path):
     data = tmp_path / "d.jsonl"
