@@ -614,7 +614,7 @@ def up_to_date(uri, dest, manifest_path, identity, c):
             and old.get("bad_lines") == c["data.download.bad_lines"] and old.get("output_sha256") == file_sha256(dest))
 
 
-def prepare_split(uri, dest, c):
+def download_split(uri, dest, c):
     """Fetch, validate and write one split plus its manifest; outputs appear only when complete. Partial
     downloads stay in .<name>.download/ beside the output so that a re-run resumes them."""
     dest = Path(dest)
@@ -673,7 +673,7 @@ def main(argv=None):
             raise StageError("data.download.val_uri is set but data.val_dir is null")
         splits.append((c["data.download.val_uri"], c["data.val_dir"]))
     for uri, dest in splits:
-        prepare_split(uri, dest, c)
+        download_split(uri, dest, c)
 
 
 if __name__ == "__main__":
