@@ -254,6 +254,11 @@ def main():
         if n <= args.before_max:
             s, peaks, _ = launch([sys.executable, str(before), *config, "--inspect-data", "1"])
             rows.append((n, "before: in memory, one record at a time", "1", s, None, max(peaks.values())))
+            subprocess.run(["rm", "-rf", str(work / f"run-{n}")], check=True)
+            s, peaks, _ = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                                  str(before), *config])
+            rows.append((n, "before, 4 ranks (per rank: " + ", ".join(f"{g:.2f}" for g in sorted(peaks.values(),
+                        reverse=True)) + ")", "4", s, None, max(peaks.values())))
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         s1, p1, out = launch([sys.executable, "05_train.py", *config, "--inspect-data", "1"])
         s2, p2, _ = launch([sys.executable, "05_train.py", *config, "--inspect-data", "1"])
