@@ -327,9 +327,7 @@ class TensorSlicer:
         import numpy as np
 
         skip = self.start % mmap.ALLOCATIONGRANULARITY
-        size = self.shape[0] * self.row_bytes
-        if os.fstat(self.fd).st_size < self.start + size:
-            raise StageError(f"{self.path}: file ends inside a tensor (truncated?)")
+        size = self.shape[0] * self.row_bytes  # within the file: TensorReader.header checked its length
         mapped = mmap.mmap(self.fd, skip + size, offset=self.start - skip, access=mmap.ACCESS_READ)
         try:
             whole = np.frombuffer(mapped, np.uint8, count=size, offset=skip).reshape(self.shape[0], self.row_bytes)

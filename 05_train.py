@@ -792,9 +792,9 @@ class Layout:
         if self.hw_backend == "trn1" and self.kv_mult > 1:
             group = (r % kv) * (tp // kv) + r // kv
         copies = range(r * per_kv, (r + 1) * per_kv)  # positions in the list of KV heads with their copies
-        if self.hw_backend == "trn2":  # each head's copies on adjacent ranks: K0, K0, ..., K1, K1, ...
-            return list(range(group * per_q, (group + 1) * per_q)), [t // self.kv_mult for t in copies]
-        return list(range(group * per_q, (group + 1) * per_q)), [t % kv for t in copies]  # trn1: K0..K7, K0..K7, ...
+        # trn2: each head's copies on adjacent ranks (K0, K0, ..., K1, K1, ...); trn1: tiled (K0..K7, K0..K7, ...)
+        kv_heads = [t // self.kv_mult if self.hw_backend == "trn2" else t % kv for t in copies]
+        return list(range(group * per_q, (group + 1) * per_q)), kv_heads
 
     def rows(self, r):
         """{projection: the rows (column-parallel) or input columns (row-parallel) of the full weight that
@@ -1546,15 +1546,16 @@ def tokenize(records, tokenizer, fmt, seq_len, truncation):
 
 def doc_arrays(docs):
     """Documents as flat arrays: ids (int32), trained flags (a token is trained when it is the target of the one
-    before it in its document, so never the first) and lengths, through C loops rather than Python per token."""
+    before it in its document, so never the first), and per document its length and trained tokens; through C
+    loops rather than Python per token."""
     from itertools import chain
 
     lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, count=len(docs))
-    total = int(lengths.sum())
+    total, firsts = int(lengths.sum()), np.cumsum(lengths) - lengths
     tokens = np.fromiter(chain.from_iterable(ids for ids, _ in docs), np.int32, count=total)
     trained = np.fromiter(chain.from_iterable(labels for _, labels in docs), np.int32, count=total) != -100
-    trained[np.cumsum(lengths) - lengths] = False
-    return tokens, trained.astype(np.uint8), lengths
+    trained[firsts] = False
+    return tokens, trained.astype(np.uint8), lengths, np.add.reduceat(trained, firsts, dtype=np.int64)
 
 
 def pack(lengths, seq_len, packing):
@@ -1589,9 +1590,8 @@ class Windows:
     @classmethod
     def from_docs(cls, docs, seq_len, packing, pad_id):
         """In memory, from tokenize()'s documents."""
-        tokens, trained, lengths = doc_arrays(docs)
+        tokens, trained, lengths, supervised = doc_arrays(docs)
         doc_starts = np.concatenate([[0], np.cumsum(lengths)])
-        supervised = np.add.reduceat(trained.astype(np.int64), doc_starts[:-1])
         return cls(tokens, trained, doc_starts, supervised, pack(lengths, seq_len, packing), seq_len, pad_id)
 
     @classmethod
@@ -1699,10 +1699,10 @@ def remove_abandoned(where):
 def write_prepared(path, tokenizer, c, name, out):
     """Tokenize, mask and pack a split into `out`, streaming: a chunk of records at a time is tokenized (one
     batched tokenizer call) and appended to the token files; only per-document lengths stay in memory."""
-    seq_len, stats = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}
-    lengths, supervised = [], []
     from tqdm import tqdm
 
+    seq_len, stats = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}
+    lengths, supervised = [], []
     bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
     with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
         for records in record_chunks(path, c["data.dev_choose_samples"]):
@@ -1712,20 +1712,20 @@ def write_prepared(path, tokenizer, c, name, out):
             bar.update(len(records))
             if not docs:
                 continue
-            tokens, trained, n = doc_arrays(docs)
+            tokens, trained, n, n_trained = doc_arrays(docs)
             tokens_f.write(tokens.tobytes())
             trained_f.write(trained.tobytes())
             lengths.append(n)
-            supervised.append(np.add.reduceat(trained.astype(np.int64), np.cumsum(n) - n))
+            supervised.append(n_trained)
     bar.close()
     if not lengths:
         raise StageError(f"{path}: every record is longer than data.seq_length={seq_len}")
-    lengths = np.concatenate(lengths)
+    lengths, supervised = np.concatenate(lengths), np.concatenate(supervised)
     starts = pack(lengths, seq_len, c["model_alignment_strategy.sft.packing"])
     np.save(out / "doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)]))
-    np.save(out / "doc_supervised.npy", np.concatenate(supervised))
+    np.save(out / "doc_supervised.npy", supervised)
     np.save(out / "window_starts.npy", starts)
-    stats.update(windows=len(starts) - 1, tokens=int(lengths.sum()), supervised=int(sum(s.sum() for s in supervised)))
+    stats.update(windows=len(starts) - 1, tokens=int(lengths.sum()), supervised=int(supervised.sum()))
     stats["fill"] = stats["tokens"] / (stats["windows"] * seq_len)
     return stats
 
@@ -2249,9 +2249,9 @@ def check_shards(c, arch, par_cfg):
     """Every tensor-parallel shard: tensor names and shapes against config.json (on a meta-device model, so
     nothing is allocated), one floating dtype throughout, and that dtype against config.json's."""
     tp = par_cfg["tensor_model_parallel_size"]
-    dtypes = set()
+    dtypes, layout = set(), layout_of(c, arch)
     for r in range(tp):
-        par = Parallel(layout_of(c, arch), torch.device("meta"), world=tp, rank=r, connect=False)
+        par = Parallel(layout, torch.device("meta"), world=tp, rank=r, connect=False)
         with torch.device("meta"):
             model = Llama(arch, par=par)
         dtypes |= load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)[1]
