@@ -21,11 +21,20 @@ Records
   it (skip). Blank lines are ignored.
 
 Outputs
-  data.train_dir, data.val_dir   validated jsonl, written under a temporary name and renamed
+  data.train_dir, data.val_dir   validated jsonl (each key names a file, despite "dir"), written under a
+                                  temporary name and renamed
   <file>.manifest.json            source and its identity (ETag/size or sha256), sha256 of every object and of
                                   the output, record counts, rejected lines with reasons, duplicates, token
                                   length statistics (when data.tokenizer.type exists already), resolved config
-  A re-run whose source and output are unchanged (checked by ETag or checksum) does nothing and says so.
+  A re-run whose source and output are unchanged (checked by ETag or checksum) does nothing and says so; a
+  changed source replaces the earlier output. An existing path that 01 did not write (no manifest beside it: a
+  directory, the source itself, a file of yours) is refused before anything is downloaded, and left as it is.
+
+Main keys
+  data.download.train_uri, data.download.val_uri   sources
+  data.download.anonymous, .endpoint_url, .region, .profile   S3 access
+  data.download.bad_lines                         fail | skip
+  data.train_dir, data.val_dir                    outputs
 
 Commands (the same on CPU, CUDA and Trainium hosts)
   python 01_download_data.py --config config.yaml
@@ -51,7 +60,8 @@ import yaml
 
 # ------------------------------------------------------------------------------------------------ shared
 # These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
+# name) is defined by each stage in its settings section.
 
 
 class StageError(Exception):
@@ -66,8 +76,10 @@ def load_config(paths, overrides):
             data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise StageError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise StageError(f"{path}: is a directory, expected a YAML config file") from None
         except yaml.YAMLError as e:
-            raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise StageError(f"{path}:{yaml_error_place(e)} not valid YAML ({yaml_error_reason(e)})") from None
         if not isinstance(data, dict):
             raise StageError(f"{path}: expected a mapping of config sections at the top level")
         cfg = data if cfg is None else overlay(cfg, data, path)
@@ -77,34 +89,69 @@ def load_config(paths, overrides):
             raise StageError(f"override {item!r}: expected dotted.key=value")
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise StageError(f"override {item!r}: value is not a YAML scalar or list") from None
+        except yaml.YAMLError as e:
+            raise StageError(f"override {item!r}: the value is not valid YAML ({yaml_error_reason(e)})") from None
         for part in reversed(key.split(".")):
             value = {part: value}
         overlay(cfg, value, "command line")
     return cfg
 
 
-def overlay(base, new, source, prefix=""):
-    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently)."""
+def yaml_error_place(e):
+    """'line:column:' of a YAML error (1-based), or '' when PyYAML gives no position."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+
+
+def yaml_error_reason(e):
+    """PyYAML's problem, and where the construct it was reading began when that is elsewhere."""
+    reason = " ".join(str(getattr(e, "problem", None) or e).split())
+    context, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and mark is not None and mark.line != getattr(getattr(e, "problem_mark", None), "line", None):
+        reason += f"; {context} that began at line {mark.line + 1}, column {mark.column + 1}"
+    return reason
+
+
+def overlay(base, new, source, prefix="", root=None):
+    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently) that
+    names the closest known keys."""
+    root = base if root is None else root
     for k, v in new.items():
         key = f"{prefix}{k}"
         if k not in base:
-            raise StageError(f"{source}: unknown key '{key}'")
+            raise StageError(f"{source}: unknown key '{key}'{did_you_mean(str(k), base, prefix, root)}")
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise StageError(f"{source}: '{key}' is a section; set its keys instead ({key}.<name>=...)")
-            overlay(base[k], v, source, key + ".")
+            overlay(base[k], v, source, key + ".", root)
         else:
             base[k] = v
     return base
 
 
-def resolve(cfg, schema):
-    """{dotted key: value} for the keys this stage reads, each checked against its type; paths expanded.
+def did_you_mean(name, section, prefix, root):
+    """'; did you mean ...?' naming keys of the same section spelled alike, or keys of that name elsewhere."""
+    import difflib
 
-    Types: int, float, bool, str, path (str with ~ and ${ENV} expanded), list[str], list[float], a|b|c (one of these
-    strings); a trailing ? also allows null.
+    def dotted(node, pre=""):
+        for k, v in node.items():
+            yield from dotted(v, f"{pre}{k}.") if isinstance(v, dict) else [f"{pre}{k}"]
+
+    near = [prefix + m for m in difflib.get_close_matches(name, [str(k) for k in section], n=3, cutoff=0.7)]
+    if not near:
+        keys = list(dotted(root))
+        leaves = difflib.get_close_matches(name, {k.rsplit(".", 1)[-1] for k in keys}, n=2, cutoff=0.8)
+        near = [k for k in keys if k.rsplit(".", 1)[-1] in leaves][:3]
+    return f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+
+
+def resolve(cfg, schema):
+    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths
+    expanded.
+
+    A spec is a type, optionally followed by a range. Types: int, float, bool, str, path (str with ~ and ${ENV}
+    expanded), list[str], list[float], a|b|c (one of these strings); a trailing ? also allows null. Ranges:
+    '>= 1', '> 0', 'in [0, 1)' (brackets as in mathematics), checked for numbers and for every item of a list.
     """
     out = {}
     for key, spec in schema.items():
@@ -113,9 +160,10 @@ def resolve(cfg, schema):
             if not isinstance(node, dict) or part not in node:
                 raise StageError(f"config: missing key '{key}' (expected {spec})")
             node = node[part]
-        kind = spec.rstrip("?")
+        kind, _, bounds = spec.partition(" ")
+        nullable, kind = kind.endswith("?"), kind.rstrip("?")
         if node is None:
-            if not spec.endswith("?"):
+            if not nullable:
                 raise StageError(f"config: '{key}' must be {kind}, got null")
         elif "|" in kind:
             if node not in kind.split("|"):
@@ -124,6 +172,8 @@ def resolve(cfg, schema):
             item = {"list[str]": str, "list[float]": (int, float)}[kind]
             if not isinstance(node, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in node):
                 raise StageError(f"config: '{key}' must be {kind}, got {node!r}")
+            if bounds and not all(within(x, bounds) for x in node):
+                raise StageError(f"config: every item of '{key}' must be {bounds}, got {node!r}")
         else:
             if kind == "float" and isinstance(node, str):
                 try:  # YAML reads 1e-6 (no dot) as a string; a number is clearly meant
@@ -135,6 +185,8 @@ def resolve(cfg, schema):
                 raise StageError(f"config: '{key}' must be {kind}, got {type(node).__name__} {node!r}")
             if kind == "float":
                 node = float(node)
+            if bounds and not within(node, bounds):
+                raise StageError(f"config: '{key}' must be {bounds}, got {node!r}")
             if kind == "path":
                 node = os.path.expanduser(os.path.expandvars(node))
                 if "$" in node:
@@ -143,14 +195,50 @@ def resolve(cfg, schema):
     return out
 
 
+def within(x, bounds):
+    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end."""
+    if bounds.startswith(">"):
+        op, limit = bounds.split()
+        return x >= float(limit) if op == ">=" else x > float(limit)
+    lo, hi = bounds.removeprefix("in ").split(", ")
+    return ((x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:]))
+            and (x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])))
+
+
 def redacted(c):
     """The resolved config with anything that looks like a secret masked, for printing and saving."""
     secret = {"token", "secret", "password", "credential", "credentials"}
     return {k: ("***" if secret & set(k.lower().replace("_", ".").split(".")) and v else v) for k, v in c.items()}
 
 
+def show_settings(c, paths, overrides, schema):
+    """Print, section by section, the keys whose value differs from the first config file's (config.yaml in
+    every documented command): what this launch changes. The whole resolved config is saved beside outputs."""
+    try:
+        base = redacted(resolve(load_config(paths[:1], []), schema))
+    except StageError:
+        base = {}
+    changed = {k: v for k, v in redacted(c).items() if k not in base or base[k] != v}
+    given = " + ".join(str(p) for p in paths) + (f" + {len(overrides)} override(s)" if overrides else "")
+    print(f"settings: {given}" + (f"; differing from {paths[0]}:" if changed else f" (as {paths[0]})"))
+    sections = {}
+    for key, value in changed.items():
+        section, _, rest = key.partition(".")
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        sections.setdefault(section if rest else "", []).append(f"{rest or section}={shown}")
+    for section, items in sections.items():
+        line = f"  {section + ': ' if section else ''}"
+        for item in items:
+            if len(line) + len(item) > 118 and line.strip():
+                print(line.rstrip())
+                line = "    "
+            line += item + " "
+        print(line.rstrip())
+
+
 def save_config(c, path):
-    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically."""
+    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
+    names the stage, which is how a stage recognises an output as its own (written_by_this_stage)."""
     nested = {}
     for key, value in redacted(c).items():
         *parents, leaf = key.split(".")
@@ -158,16 +246,59 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
+    write_atomically(path, f"# written by {STAGE}: the resolved config of this output\n"
+                           + yaml.safe_dump(nested, sort_keys=False))
+
+
+def written_by_this_stage(config_path):
+    """True when `config_path` is a resolved config that this stage saved (see save_config)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return f.readline().startswith(f"# written by {STAGE}:")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line StageErrors (exit status 1) that suggest the closest option."""
+
+    def error(self, message):
+        import difflib
+
+        hint = ""
+        for arg in message.partition("unrecognized arguments: ")[2].split():
+            near = difflib.get_close_matches(arg, list(self._option_string_actions), n=1, cutoff=0.6)
+            hint += f"; did you mean {near[0]!r} for {arg!r}?" if near else ""
+        raise StageError(f"{message}{hint} (see --help)")
 
 
 def config_arg_parser(doc):
-    """--config (repeatable, later files overlay earlier ones) and key=value overrides."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """--config (repeatable, later files overlay earlier ones) and key=value overrides; --help shows `doc`."""
+    ap = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", metavar="PATH",
                     help="YAML config; repeat to overlay (default: config.yaml)")
-    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after "
+                    "the options)")
     return ap
+
+
+def check_writable(path, key):
+    """Pre-flight: `path` (an output that may not exist yet) can be created: its nearest existing ancestor is a
+    directory that this process may write to. Nothing is created."""
+    here = Path(path).absolute().parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise StageError(f"{key}: cannot write {path}: {here} is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise StageError(f"{key}: cannot write {path}: {here} is not writable")
+
+
+def refuse_foreign(path, key, reason):
+    """An output path holds something this stage did not write: it is never replaced, so the stage stops."""
+    raise StageError(f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
+                     f"it away or choose another path")
+
 
 def file_sha256(path):
     """Hex sha256 of a file, read in 16 MiB blocks."""
@@ -188,26 +319,37 @@ def write_atomically(path, text):
 
 
 def staging(final):
-    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
-    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    """A fresh temporary directory on the filesystem of `final`, so that publishing it is a rename: beside
+    `final`, or in its nearest existing ancestor while the parents do not exist (publish makes them, so a stage
+    that fails leaves no empty directories behind)."""
+    final = Path(final)
+    home = final.parent
+    while not home.exists():
+        home = home.parent
+    tmp = home / (str(final.relative_to(home)).replace(os.sep, "_") + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     return tmp
 
 
 def publish(tmp, final):
-    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
-    renamed aside first, so `final` is never a mix of old and new."""
+    """Move a finished temporary file or directory into place, replacing an earlier output of the same stage;
+    an old directory is renamed aside first (and put back if the move fails), so `final` is never a mix of old
+    and new."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_dir():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+    if not final.is_dir():
         os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old)
 
 
 def load_torch_file(path, mmap=True):
@@ -247,7 +389,8 @@ def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
 
 
 # ------------------------------------------------------------------------------------------------ settings
-# The config keys this stage reads and their types (validated before any work starts).
+STAGE = "01_download_data.py"
+# The config keys this stage reads, their types and ranges (validated before any work starts).
 SCHEMA = {
     "data.download.train_uri": "str",
     "data.download.val_uri": "str?",
@@ -256,8 +399,8 @@ SCHEMA = {
     "data.download.endpoint_url": "str?",
     "data.download.region": "str?",
     "data.download.profile": "str?",
-    "data.download.part_size_mb": "int",
-    "data.download.workers": "int",
+    "data.download.part_size_mb": "int >= 1",
+    "data.download.workers": "int >= 1",
     "data.train_dir": "path",
     "data.val_dir": "path?",
     "data.tokenizer.type": "path",
@@ -592,38 +735,72 @@ def validate(raw_path, label, policy):
 
 
 # ------------------------------------------------------------------------------------------------ split
+def manifest_of(dest):
+    return dest.with_name(dest.name + ".manifest.json")
+
+
+def written_here(dest):
+    """True when `dest` is an earlier output of this stage: its manifest (which this stage writes beside every
+    output) is there and names a checksum of the output."""
+    try:
+        manifest = json.loads(manifest_of(dest).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "output_sha256" in manifest
+
+
+def check_output(uri, dest, key):
+    """Pre-flight for one split, before anything is downloaded: the destination is a file path that can be
+    written, and what is there already is an earlier output of this stage (never the source, a directory or
+    a file of the user's)."""
+    if not uri.startswith(("s3://", "https://", "http://", "hf://")) and local_path(uri).resolve() == dest.resolve():
+        raise StageError(f"{key}: {dest} is also the split's source ({uri}); 01 never replaces its source: point "
+                         f"{key} at a new file")
+    if dest.is_dir():
+        raise StageError(f"{key}: {dest} is a directory; this key names the jsonl file that 01 writes (e.g. "
+                         f"{dest / 'training.jsonl'}), so the directory is left as it is")
+    if dest.exists() and not written_here(dest):
+        refuse_foreign(dest, key, f"no {manifest_of(dest).name} beside it")
+    if manifest_of(dest).exists() and not written_here(dest):
+        refuse_foreign(manifest_of(dest), key, "not a manifest of this stage")
+    check_writable(dest, key)
+
+
 def token_lengths(records, tokenizer_dir):
-    """Length statistics (tokens of input + output) when the tokenizer is already there, else None."""
-    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+    """Length statistics (tokens of input + output) when a usable tokenizer is already there, else None (they
+    are informative only, so a tokenizer that cannot be loaded is reported and skipped)."""
+    if not tokenizer_dir or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         return None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:
+        print(f"note: token length statistics skipped: {tokenizer_dir} cannot be loaded ({type(e).__name__})")
+        return None
     lengths = sorted(len(tok.encode(r["input"] + r["output"], add_special_tokens=False)) for r in records)
     pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
     return {"min": lengths[0], "mean": sum(lengths) / len(lengths), "p50": pick(0.5), "p95": pick(0.95),
             "max": lengths[-1], "tokenizer": str(tokenizer_dir)}
 
 
-def up_to_date(uri, dest, manifest_path, identity, c):
+def up_to_date(uri, dest, identity, c):
     """True when dest is exactly what an earlier run wrote from this very source content and policy."""
-    if identity is None or not dest.exists() or not manifest_path.exists():
+    if identity is None or not dest.exists() or not manifest_of(dest).exists():
         return False
-    old = json.loads(manifest_path.read_text())
+    old = json.loads(manifest_of(dest).read_text())
     return (old.get("source") == uri and old.get("source_identity") == identity
             and old.get("bad_lines") == c["data.download.bad_lines"] and old.get("output_sha256") == file_sha256(dest))
 
 
 def download_split(uri, dest, c):
-    """Fetch, validate and write one split plus its manifest; outputs appear only when complete. Partial
-    downloads stay in .<name>.download/ beside the output so that a re-run resumes them."""
-    dest = Path(dest)
-    manifest_path = dest.with_name(dest.name + ".manifest.json")
+    """Fetch, validate and write one split plus its manifest; outputs appear only when complete (the manifest
+    first, so that the output beside it is always recognised as this stage's). Partial downloads stay in
+    .<name>.download/ beside the output so that a re-run resumes them."""
     identity = source_identity(uri, c)
-    if up_to_date(uri, dest, manifest_path, identity, c):
+    if up_to_date(uri, dest, identity, c):
         print(f"{dest}: up to date with {uri} (verified by checksum); nothing to do")
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
     files, objects = fetch(uri, c, dest.parent / f".{dest.name}.download")
     records, rejected = [], []
     for (label, path), obj in zip(files, objects):
@@ -638,20 +815,24 @@ def download_split(uri, dest, c):
         key = (r["input"], r["output"])
         duplicates += key in seen
         seen.add(key)
-    tmp = dest.with_name(dest.name + ".tmp")
-    with writing(tmp):
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    manifest = {
-        "source": uri, "source_identity": identity, "source_objects": objects,
-        "source_sha256": objects[0]["sha256"] if len(objects) == 1 else None,
-        "output": str(dest), "output_sha256": file_sha256(tmp), "records": len(records),
-        "bad_lines": c["data.download.bad_lines"], "rejected": len(rejected), "rejected_lines": rejected,
-        "duplicates": duplicates, "token_lengths": token_lengths(records, c["data.tokenizer.type"]),
-        "config": redacted(c),
-    }
-    publish(tmp, dest)
-    with writing(manifest_path):
-        write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    tmp = staging(dest)
+    try:
+        with writing(dest):
+            (tmp / dest.name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                         encoding="utf-8")
+            manifest = {
+                "written_by": STAGE, "source": uri, "source_identity": identity, "source_objects": objects,
+                "source_sha256": objects[0]["sha256"] if len(objects) == 1 else None,
+                "output": str(dest), "output_sha256": file_sha256(tmp / dest.name), "records": len(records),
+                "bad_lines": c["data.download.bad_lines"], "rejected": len(rejected), "rejected_lines": rejected,
+                "duplicates": duplicates, "token_lengths": token_lengths(records, c["data.tokenizer.type"]),
+                "config": redacted(c),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            publish(tmp / "manifest.json", manifest_of(dest))
+            publish(tmp / dest.name, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(dest.parent / f".{dest.name}.download", ignore_errors=True)
     unverified = [o["key"] for o in objects if o.get("etag_verified") is False]
     print(f"{dest}: {len(records)} records ({len(rejected)} rejected, {duplicates} duplicates) from {uri}")
@@ -663,17 +844,21 @@ def download_split(uri, dest, c):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
-    args = config_arg_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
-    for k, v in redacted(c).items():
-        print(f"  {k}: {v}")
-    splits = [(c["data.download.train_uri"], c["data.train_dir"])]
+    args = config_arg_parser(__doc__).parse_intermixed_args(argv)
+    paths = args.config or ["config.yaml"]
+    c = resolve(load_config(paths, args.overrides), SCHEMA)
+    show_settings(c, paths, args.overrides, SCHEMA)
+    splits = [(c["data.download.train_uri"], c["data.train_dir"], "data.train_dir")]
     if c["data.download.val_uri"]:
         if not c["data.val_dir"]:
             raise StageError("data.download.val_uri is set but data.val_dir is null")
-        splits.append((c["data.download.val_uri"], c["data.val_dir"]))
-    for uri, dest in splits:
-        download_split(uri, dest, c)
+        splits.append((c["data.download.val_uri"], c["data.val_dir"], "data.val_dir"))
+    if len(splits) == 2 and Path(splits[0][1]).absolute() == Path(splits[1][1]).absolute():
+        raise StageError(f"data.train_dir and data.val_dir are the same file {splits[0][1]}; give each split its own")
+    for uri, dest, key in splits:  # every output checked before anything is downloaded
+        check_output(uri, Path(dest), key)
+    for uri, dest, _ in splits:
+        download_split(uri, Path(dest), c)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,17 @@ Sources (model.download.source)
                           (HF_HUB_CACHE), so a model already downloaded there is not fetched again.
 
 Outputs (config keys)
-  model.hf_weights_dir    safetensors (+ model.safetensors.index.json when sharded), config.json
-  data.tokenizer.type     tokenizer directory; BOS/EOS as the model's, pad = EOS when the model has none
-                          (padding is never attended to nor trained, so any id works)
-  model.model_config      config.json of the base model
+  model.hf_weights_dir    safetensors (+ model.safetensors.index.json when sharded), config.json,
+                          resolved_config.yaml
+  data.tokenizer.type     tokenizer directory (+ resolved_config.yaml); BOS/EOS as the model's, pad = EOS when
+                          the model has none (padding is never attended to nor trained, so any id works). It may
+                          be the weights directory itself, as in a Hugging Face model directory.
+  model.model_config      config.json of the base model (a copy beside, or the one in model.hf_weights_dir)
 Each output is written under a temporary name and renamed when complete and verified (architecture is
-LlamaForCausalLM, every shard the index names exists, tensor shapes agree with config.json).
+LlamaForCausalLM or MistralForCausalLM without a sliding window below the training length, no bias tensors,
+every shard the index names exists, tensor shapes agree with config.json). An earlier output of this stage is
+replaced; an existing path that this stage did not write (no resolved_config.yaml of 02 in it, or a
+model_config file that differs from the weights' config.json) is refused before anything is fetched.
 
 Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
   python 02_download_model.py --config config.yaml
@@ -36,7 +41,8 @@ import yaml
 
 # ------------------------------------------------------------------------------------------------ shared
 # These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
+# name) is defined by each stage in its settings section.
 
 
 class StageError(Exception):
@@ -51,8 +57,10 @@ def load_config(paths, overrides):
             data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise StageError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise StageError(f"{path}: is a directory, expected a YAML config file") from None
         except yaml.YAMLError as e:
-            raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise StageError(f"{path}:{yaml_error_place(e)} not valid YAML ({yaml_error_reason(e)})") from None
         if not isinstance(data, dict):
             raise StageError(f"{path}: expected a mapping of config sections at the top level")
         cfg = data if cfg is None else overlay(cfg, data, path)
@@ -62,34 +70,69 @@ def load_config(paths, overrides):
             raise StageError(f"override {item!r}: expected dotted.key=value")
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise StageError(f"override {item!r}: value is not a YAML scalar or list") from None
+        except yaml.YAMLError as e:
+            raise StageError(f"override {item!r}: the value is not valid YAML ({yaml_error_reason(e)})") from None
         for part in reversed(key.split(".")):
             value = {part: value}
         overlay(cfg, value, "command line")
     return cfg
 
 
-def overlay(base, new, source, prefix=""):
-    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently)."""
+def yaml_error_place(e):
+    """'line:column:' of a YAML error (1-based), or '' when PyYAML gives no position."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+
+
+def yaml_error_reason(e):
+    """PyYAML's problem, and where the construct it was reading began when that is elsewhere."""
+    reason = " ".join(str(getattr(e, "problem", None) or e).split())
+    context, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and mark is not None and mark.line != getattr(getattr(e, "problem_mark", None), "line", None):
+        reason += f"; {context} that began at line {mark.line + 1}, column {mark.column + 1}"
+    return reason
+
+
+def overlay(base, new, source, prefix="", root=None):
+    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently) that
+    names the closest known keys."""
+    root = base if root is None else root
     for k, v in new.items():
         key = f"{prefix}{k}"
         if k not in base:
-            raise StageError(f"{source}: unknown key '{key}'")
+            raise StageError(f"{source}: unknown key '{key}'{did_you_mean(str(k), base, prefix, root)}")
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise StageError(f"{source}: '{key}' is a section; set its keys instead ({key}.<name>=...)")
-            overlay(base[k], v, source, key + ".")
+            overlay(base[k], v, source, key + ".", root)
         else:
             base[k] = v
     return base
 
 
-def resolve(cfg, schema):
-    """{dotted key: value} for the keys this stage reads, each checked against its type; paths expanded.
+def did_you_mean(name, section, prefix, root):
+    """'; did you mean ...?' naming keys of the same section spelled alike, or keys of that name elsewhere."""
+    import difflib
 
-    Types: int, float, bool, str, path (str with ~ and ${ENV} expanded), list[str], list[float], a|b|c (one of these
-    strings); a trailing ? also allows null.
+    def dotted(node, pre=""):
+        for k, v in node.items():
+            yield from dotted(v, f"{pre}{k}.") if isinstance(v, dict) else [f"{pre}{k}"]
+
+    near = [prefix + m for m in difflib.get_close_matches(name, [str(k) for k in section], n=3, cutoff=0.7)]
+    if not near:
+        keys = list(dotted(root))
+        leaves = difflib.get_close_matches(name, {k.rsplit(".", 1)[-1] for k in keys}, n=2, cutoff=0.8)
+        near = [k for k in keys if k.rsplit(".", 1)[-1] in leaves][:3]
+    return f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+
+
+def resolve(cfg, schema):
+    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths
+    expanded.
+
+    A spec is a type, optionally followed by a range. Types: int, float, bool, str, path (str with ~ and ${ENV}
+    expanded), list[str], list[float], a|b|c (one of these strings); a trailing ? also allows null. Ranges:
+    '>= 1', '> 0', 'in [0, 1)' (brackets as in mathematics), checked for numbers and for every item of a list.
     """
     out = {}
     for key, spec in schema.items():
@@ -98,9 +141,10 @@ def resolve(cfg, schema):
             if not isinstance(node, dict) or part not in node:
                 raise StageError(f"config: missing key '{key}' (expected {spec})")
             node = node[part]
-        kind = spec.rstrip("?")
+        kind, _, bounds = spec.partition(" ")
+        nullable, kind = kind.endswith("?"), kind.rstrip("?")
         if node is None:
-            if not spec.endswith("?"):
+            if not nullable:
                 raise StageError(f"config: '{key}' must be {kind}, got null")
         elif "|" in kind:
             if node not in kind.split("|"):
@@ -109,6 +153,8 @@ def resolve(cfg, schema):
             item = {"list[str]": str, "list[float]": (int, float)}[kind]
             if not isinstance(node, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in node):
                 raise StageError(f"config: '{key}' must be {kind}, got {node!r}")
+            if bounds and not all(within(x, bounds) for x in node):
+                raise StageError(f"config: every item of '{key}' must be {bounds}, got {node!r}")
         else:
             if kind == "float" and isinstance(node, str):
                 try:  # YAML reads 1e-6 (no dot) as a string; a number is clearly meant
@@ -120,6 +166,8 @@ def resolve(cfg, schema):
                 raise StageError(f"config: '{key}' must be {kind}, got {type(node).__name__} {node!r}")
             if kind == "float":
                 node = float(node)
+            if bounds and not within(node, bounds):
+                raise StageError(f"config: '{key}' must be {bounds}, got {node!r}")
             if kind == "path":
                 node = os.path.expanduser(os.path.expandvars(node))
                 if "$" in node:
@@ -128,14 +176,50 @@ def resolve(cfg, schema):
     return out
 
 
+def within(x, bounds):
+    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end."""
+    if bounds.startswith(">"):
+        op, limit = bounds.split()
+        return x >= float(limit) if op == ">=" else x > float(limit)
+    lo, hi = bounds.removeprefix("in ").split(", ")
+    return ((x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:]))
+            and (x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])))
+
+
 def redacted(c):
     """The resolved config with anything that looks like a secret masked, for printing and saving."""
     secret = {"token", "secret", "password", "credential", "credentials"}
     return {k: ("***" if secret & set(k.lower().replace("_", ".").split(".")) and v else v) for k, v in c.items()}
 
 
+def show_settings(c, paths, overrides, schema):
+    """Print, section by section, the keys whose value differs from the first config file's (config.yaml in
+    every documented command): what this launch changes. The whole resolved config is saved beside outputs."""
+    try:
+        base = redacted(resolve(load_config(paths[:1], []), schema))
+    except StageError:
+        base = {}
+    changed = {k: v for k, v in redacted(c).items() if k not in base or base[k] != v}
+    given = " + ".join(str(p) for p in paths) + (f" + {len(overrides)} override(s)" if overrides else "")
+    print(f"settings: {given}" + (f"; differing from {paths[0]}:" if changed else f" (as {paths[0]})"))
+    sections = {}
+    for key, value in changed.items():
+        section, _, rest = key.partition(".")
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        sections.setdefault(section if rest else "", []).append(f"{rest or section}={shown}")
+    for section, items in sections.items():
+        line = f"  {section + ': ' if section else ''}"
+        for item in items:
+            if len(line) + len(item) > 118 and line.strip():
+                print(line.rstrip())
+                line = "    "
+            line += item + " "
+        print(line.rstrip())
+
+
 def save_config(c, path):
-    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically."""
+    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
+    names the stage, which is how a stage recognises an output as its own (written_by_this_stage)."""
     nested = {}
     for key, value in redacted(c).items():
         *parents, leaf = key.split(".")
@@ -143,16 +227,59 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
+    write_atomically(path, f"# written by {STAGE}: the resolved config of this output\n"
+                           + yaml.safe_dump(nested, sort_keys=False))
+
+
+def written_by_this_stage(config_path):
+    """True when `config_path` is a resolved config that this stage saved (see save_config)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return f.readline().startswith(f"# written by {STAGE}:")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line StageErrors (exit status 1) that suggest the closest option."""
+
+    def error(self, message):
+        import difflib
+
+        hint = ""
+        for arg in message.partition("unrecognized arguments: ")[2].split():
+            near = difflib.get_close_matches(arg, list(self._option_string_actions), n=1, cutoff=0.6)
+            hint += f"; did you mean {near[0]!r} for {arg!r}?" if near else ""
+        raise StageError(f"{message}{hint} (see --help)")
 
 
 def config_arg_parser(doc):
-    """--config (repeatable, later files overlay earlier ones) and key=value overrides."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """--config (repeatable, later files overlay earlier ones) and key=value overrides; --help shows `doc`."""
+    ap = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", metavar="PATH",
                     help="YAML config; repeat to overlay (default: config.yaml)")
-    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after "
+                    "the options)")
     return ap
+
+
+def check_writable(path, key):
+    """Pre-flight: `path` (an output that may not exist yet) can be created: its nearest existing ancestor is a
+    directory that this process may write to. Nothing is created."""
+    here = Path(path).absolute().parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise StageError(f"{key}: cannot write {path}: {here} is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise StageError(f"{key}: cannot write {path}: {here} is not writable")
+
+
+def refuse_foreign(path, key, reason):
+    """An output path holds something this stage did not write: it is never replaced, so the stage stops."""
+    raise StageError(f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
+                     f"it away or choose another path")
+
 
 def file_sha256(path):
     """Hex sha256 of a file, read in 16 MiB blocks."""
@@ -173,26 +300,37 @@ def write_atomically(path, text):
 
 
 def staging(final):
-    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
-    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    """A fresh temporary directory on the filesystem of `final`, so that publishing it is a rename: beside
+    `final`, or in its nearest existing ancestor while the parents do not exist (publish makes them, so a stage
+    that fails leaves no empty directories behind)."""
+    final = Path(final)
+    home = final.parent
+    while not home.exists():
+        home = home.parent
+    tmp = home / (str(final.relative_to(home)).replace(os.sep, "_") + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     return tmp
 
 
 def publish(tmp, final):
-    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
-    renamed aside first, so `final` is never a mix of old and new."""
+    """Move a finished temporary file or directory into place, replacing an earlier output of the same stage;
+    an old directory is renamed aside first (and put back if the move fails), so `final` is never a mix of old
+    and new."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_dir():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+    if not final.is_dir():
         os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old)
 
 
 def load_torch_file(path, mmap=True):
@@ -232,6 +370,7 @@ def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
 
 
 # ------------------------------------------------------------------------------------------------ settings
+STAGE = "02_download_model.py"
 # The config keys this stage reads and their types (validated before any work starts).
 SCHEMA = {
     "model.download.source": "path",
@@ -240,6 +379,7 @@ SCHEMA = {
     "model.model_config": "path",
     "data.tokenizer.type": "path",
 }
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # the same tensors
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
 
@@ -354,7 +494,7 @@ def write_from_gguf(gguf, weights_tmp, tok_tmp):
     # transformers refuses to save a model loaded from GGUF, so the dequantized tensors are written directly.
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = [ARCHITECTURES.get(config.get("model_type"), "LlamaForCausalLM")]
     tied = config.get("tie_word_embeddings", False)
     save_sharded({k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}, weights_tmp)
     (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -418,14 +558,19 @@ def expected_shapes(config):
     return shapes
 
 
-def verify_weights(weights_dir):
-    """Architecture, shard files and every tensor's shape against config.json; returns (tensors, bytes)."""
+def verify_weights(weights_dir, source):
+    """Architecture, shard files and every tensor's shape against config.json; returns (tensors, bytes).
+    Errors name the source the user gave, not the temporary directory being checked."""
     from safetensors import safe_open
 
     config = json.loads((weights_dir / "config.json").read_text())
-    arch = (config.get("architectures") or ["?"])[0]
-    if arch != "LlamaForCausalLM":
-        raise StageError(f"{weights_dir}/config.json: architecture {arch}, expected LlamaForCausalLM")
+    arch, family = (config.get("architectures") or ["?"])[0], config.get("model_type", "llama")
+    if ARCHITECTURES.get(family) != arch:
+        raise StageError(f"{source}: architecture {arch} (model_type {family}), expected one of "
+                         f"{sorted(ARCHITECTURES.values())} with its model_type")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise StageError(f"{source}: config.json sets '{key}: true'; the Llama model trained here has no biases")
     index = weights_dir / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -435,65 +580,141 @@ def verify_weights(weights_dir):
     for name in files:
         path = weights_dir / name
         if not path.exists():
-            raise StageError(f"{path}: shard named in the index is missing")
+            raise StageError(f"{source}: shard {name}, named in model.safetensors.index.json, is missing")
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     shapes[key] = tuple(f.get_slice(key).get_shape())
         except Exception as e:
-            raise StageError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            raise StageError(f"{source}: {name} is not a readable safetensors file ({type(e).__name__}: {e})") from None
         total += path.stat().st_size
+    biases = sorted(k for k in shapes if k.endswith(".bias"))
+    if biases:
+        raise StageError(f"{source}: tensor '{biases[0]}' is a bias ({len(biases)} in all); the Llama model trained "
+                         f"here has none")
     expected = expected_shapes(config)
     for key, shape in expected.items():
         if key not in shapes:
-            raise StageError(f"{weights_dir}: tensor '{key}' missing")
+            raise StageError(f"{source}: tensor '{key}' missing")
         if shapes[key] != shape:
-            raise StageError(f"{weights_dir}: tensor '{key}' has shape {list(shapes[key])}, config.json "
+            raise StageError(f"{source}: tensor '{key}' has shape {list(shapes[key])}, config.json "
                              f"implies {list(shape)}")
     return len(shapes), total
 
 
+# ------------------------------------------------------------------------------------------------ outputs
+def earlier_output(weights_dir):
+    """The resolved config that an earlier run of this stage saved in weights_dir (nested), or None when
+    weights_dir holds no output of this stage. Outputs of versions whose saved config did not yet name its
+    stage are recognised by model.download.source, a key that no other stage reads."""
+    saved = weights_dir / "resolved_config.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    legacy = "source" in ((old.get("model") or {}).get("download") or {})
+    return old if written_by_this_stage(saved) or legacy else None
+
+
+def inside(a, b):
+    return a.absolute() != b.absolute() and b.absolute() in a.absolute().parents
+
+
+def check_outputs(weights_dir, tok_dir, config_path):
+    """Pre-flight, before anything is fetched: every output can be written and replaces only an earlier output
+    of this stage. The tokenizer may share the weights directory and config.json may be the one inside it;
+    other nestings are refused, since publishing one output would replace another."""
+    if inside(weights_dir, tok_dir) or inside(tok_dir, weights_dir):
+        raise StageError(f"model.hf_weights_dir ({weights_dir}) and data.tokenizer.type ({tok_dir}): one lies inside "
+                         f"the other; use one directory for both or two separate ones")
+    config_in_weights = config_path.absolute() == (weights_dir / "config.json").absolute()
+    if not config_in_weights and (inside(config_path, weights_dir) or inside(config_path, tok_dir)):
+        raise StageError(f"model.model_config: {config_path} lies inside an output directory of this stage; use "
+                         f"{weights_dir / 'config.json'} or a path outside it")
+    earlier = earlier_output(weights_dir)
+    earlier_tok = ((earlier or {}).get("data") or {}).get("tokenizer") or {}
+    for key, d in (("model.hf_weights_dir", weights_dir), ("data.tokenizer.type", tok_dir)):
+        if d.exists() and not d.is_dir():
+            raise StageError(f"{key}: {d} is a file; this key names a directory")
+        if d.absolute() == weights_dir.absolute():
+            own = earlier is not None
+        else:  # a tokenizer directory of older versions holds no config: the weights directory's config names it
+            own = written_by_this_stage(d / "resolved_config.yaml") or earlier_tok.get("type") == str(d)
+        if d.is_dir() and any(d.iterdir()) and not own:
+            refuse_foreign(d, key, "no resolved_config.yaml of this stage in it")
+        check_writable(d, key)
+    if not config_in_weights:
+        if config_path.is_dir():
+            raise StageError(f"model.model_config: {config_path} is a directory; this key names a config.json file")
+        ours = weights_dir / "config.json"
+        same = (earlier is not None and ours.is_file() and config_path.is_file()
+                and config_path.read_bytes() == ours.read_bytes())
+        if config_path.exists() and not same:
+            refuse_foreign(config_path, "model.model_config", f"it is not the config.json of {weights_dir}")
+        check_writable(config_path, "model.model_config")
+
+
 # ------------------------------------------------------------------------------------------------ main
+def check_source(source):
+    """Pre-flight: a local source exists; anything else must look like a Hub repo id (owner/name)."""
+    src = Path(source)
+    if source.endswith(".gguf") and not src.is_file():
+        raise StageError(f"model.download.source: GGUF file {src} not found")
+    if not source.endswith(".gguf") and not src.is_dir() and (source.startswith((".", "/", "~"))
+                                                               or source.count("/") != 1):
+        raise StageError(f"model.download.source: {source} is neither a directory, a .gguf file nor a Hub repo id "
+                         f"(owner/name)")
+
+
+def write_model(source, c, weights_tmp, tok_tmp):
+    """Bring the source into the temporary weights and tokenizer directories."""
+    src = Path(source)
+    if source.endswith(".gguf"):
+        print(f"dequantizing {src}")
+        write_from_gguf(src, weights_tmp, tok_tmp)
+        return
+    if not src.is_dir():
+        print(f"fetching {source} from the Hugging Face Hub")
+        src = fetch_from_hub(source, c["model.download.revision"])
+    if (src / "params.json").exists() and not (src / "config.json").exists():
+        print(f"converting Meta checkpoint {src}")
+        write_from_meta(src, weights_tmp, tok_tmp)
+    else:
+        write_from_hf_dir(src, weights_tmp, tok_tmp)
+
+
 def main(argv=None):
-    args = config_arg_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
-    for k, v in redacted(c).items():
-        print(f"  {k}: {v}")
-    source = c["model.download.source"]
+    args = config_arg_parser(__doc__).parse_intermixed_args(argv)
+    paths = args.config or ["config.yaml"]
+    c = resolve(load_config(paths, args.overrides), SCHEMA)
+    show_settings(c, paths, args.overrides, SCHEMA)
     weights_dir, tok_dir, config_path = (Path(c["model.hf_weights_dir"]), Path(c["data.tokenizer.type"]),
                                          Path(c["model.model_config"]))
-    weights_tmp, tok_tmp = staging(weights_dir), staging(tok_dir)
+    check_source(c["model.download.source"])
+    check_outputs(weights_dir, tok_dir, config_path)
+    one_dir = weights_dir.absolute() == tok_dir.absolute()  # tokenizer files beside the weights, as on the Hub
+    config_in_weights = config_path.absolute() == (weights_dir / "config.json").absolute()
+    weights_tmp = staging(weights_dir)
+    tok_tmp = weights_tmp if one_dir else staging(tok_dir)
+    config_tmp = None if config_in_weights else staging(config_path)
     try:
-        src = Path(source)
-        if source.endswith(".gguf"):
-            if not src.is_file():
-                raise StageError(f"model.download.source: GGUF file {src} not found")
-            print(f"dequantizing {src}")
-            write_from_gguf(src, weights_tmp, tok_tmp)
-        else:
-            if not src.is_dir():
-                if source.startswith((".", "/", "~")) or source.count("/") != 1:
-                    raise StageError(f"model.download.source: {source} is neither a directory, a .gguf file nor "
-                                     f"a Hub repo id (owner/name)")
-                print(f"fetching {source} from the Hugging Face Hub")
-                src = fetch_from_hub(source, c["model.download.revision"])
-            if (src / "params.json").exists() and not (src / "config.json").exists():
-                print(f"converting Meta checkpoint {src}")
-                write_from_meta(src, weights_tmp, tok_tmp)
-            else:
-                write_from_hf_dir(src, weights_tmp, tok_tmp)
-        count, size = verify_weights(weights_tmp)
-        save_config(c, weights_tmp / "resolved_config.yaml")
+        write_model(c["model.download.source"], c, weights_tmp, tok_tmp)
+        count, size = verify_weights(weights_tmp, c["model.download.source"])
         tokenizer = finish_tokenizer(tok_tmp)
-        config_tmp = config_path.with_name(config_path.name + ".tmp")
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(weights_tmp / "config.json", config_tmp)
+        for tmp in {weights_tmp, tok_tmp}:
+            save_config(c, tmp / "resolved_config.yaml")
+        if config_tmp is not None:
+            shutil.copy2(weights_tmp / "config.json", config_tmp / config_path.name)
         publish(weights_tmp, weights_dir)
-        publish(tok_tmp, tok_dir)
-        publish(config_tmp, config_path)
+        if not one_dir:
+            publish(tok_tmp, tok_dir)
+        if config_tmp is not None:
+            publish(config_tmp / config_path.name, config_path)
     finally:
-        shutil.rmtree(weights_tmp, ignore_errors=True)
-        shutil.rmtree(tok_tmp, ignore_errors=True)
+        for tmp in {weights_tmp, tok_tmp, config_tmp} - {None}:
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"weights: {weights_dir} ({count} tensors, {size / 2**20:.1f} MiB)")
     print(f"tokenizer: {tok_dir} (bos {tokenizer.bos_token!r}, eos {tokenizer.eos_token!r}, "
           f"pad {tokenizer.pad_token!r})")

@@ -23,7 +23,9 @@ Inputs: model.hf_weights_dir (safetensors, sharded with an index or single, or o
 model.model_config, the distributed_strategy keys; --tp, --pp, --kv-replicator, --hw-backend and
 --fuse-qkv / --no-fuse-qkv override them (real booleans: there is no string that means true by accident). Tensors are read slice by slice from the safetensors files with positioned reads
 (no memory map), one output shard at a time, so peak memory stays near the largest output shard. Every output is written to a temporary directory and renamed when complete; an
-existing non-empty output is refused unless --overwrite is given.
+existing non-empty output is replaced only when it is an earlier output of this stage (a manifest.json, or for
+--to-hf a resolved_config.yaml, of this stage in it) and --overwrite is given; a directory this stage did not
+write is refused, whatever the flags, before any work.
 
 Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
   python 03_convert_checkpoint.py --config config.yaml                      # TP 32, kv_replicator 4, trn1
@@ -45,7 +47,8 @@ import yaml
 
 # ------------------------------------------------------------------------------------------------ shared
 # These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
+# name) is defined by each stage in its settings section.
 
 
 class StageError(Exception):
@@ -60,8 +63,10 @@ def load_config(paths, overrides):
             data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise StageError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise StageError(f"{path}: is a directory, expected a YAML config file") from None
         except yaml.YAMLError as e:
-            raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise StageError(f"{path}:{yaml_error_place(e)} not valid YAML ({yaml_error_reason(e)})") from None
         if not isinstance(data, dict):
             raise StageError(f"{path}: expected a mapping of config sections at the top level")
         cfg = data if cfg is None else overlay(cfg, data, path)
@@ -71,34 +76,69 @@ def load_config(paths, overrides):
             raise StageError(f"override {item!r}: expected dotted.key=value")
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise StageError(f"override {item!r}: value is not a YAML scalar or list") from None
+        except yaml.YAMLError as e:
+            raise StageError(f"override {item!r}: the value is not valid YAML ({yaml_error_reason(e)})") from None
         for part in reversed(key.split(".")):
             value = {part: value}
         overlay(cfg, value, "command line")
     return cfg
 
 
-def overlay(base, new, source, prefix=""):
-    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently)."""
+def yaml_error_place(e):
+    """'line:column:' of a YAML error (1-based), or '' when PyYAML gives no position."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+
+
+def yaml_error_reason(e):
+    """PyYAML's problem, and where the construct it was reading began when that is elsewhere."""
+    reason = " ".join(str(getattr(e, "problem", None) or e).split())
+    context, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and mark is not None and mark.line != getattr(getattr(e, "problem_mark", None), "line", None):
+        reason += f"; {context} that began at line {mark.line + 1}, column {mark.column + 1}"
+    return reason
+
+
+def overlay(base, new, source, prefix="", root=None):
+    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently) that
+    names the closest known keys."""
+    root = base if root is None else root
     for k, v in new.items():
         key = f"{prefix}{k}"
         if k not in base:
-            raise StageError(f"{source}: unknown key '{key}'")
+            raise StageError(f"{source}: unknown key '{key}'{did_you_mean(str(k), base, prefix, root)}")
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise StageError(f"{source}: '{key}' is a section; set its keys instead ({key}.<name>=...)")
-            overlay(base[k], v, source, key + ".")
+            overlay(base[k], v, source, key + ".", root)
         else:
             base[k] = v
     return base
 
 
-def resolve(cfg, schema):
-    """{dotted key: value} for the keys this stage reads, each checked against its type; paths expanded.
+def did_you_mean(name, section, prefix, root):
+    """'; did you mean ...?' naming keys of the same section spelled alike, or keys of that name elsewhere."""
+    import difflib
 
-    Types: int, float, bool, str, path (str with ~ and ${ENV} expanded), list[str], list[float], a|b|c (one of these
-    strings); a trailing ? also allows null.
+    def dotted(node, pre=""):
+        for k, v in node.items():
+            yield from dotted(v, f"{pre}{k}.") if isinstance(v, dict) else [f"{pre}{k}"]
+
+    near = [prefix + m for m in difflib.get_close_matches(name, [str(k) for k in section], n=3, cutoff=0.7)]
+    if not near:
+        keys = list(dotted(root))
+        leaves = difflib.get_close_matches(name, {k.rsplit(".", 1)[-1] for k in keys}, n=2, cutoff=0.8)
+        near = [k for k in keys if k.rsplit(".", 1)[-1] in leaves][:3]
+    return f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+
+
+def resolve(cfg, schema):
+    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths
+    expanded.
+
+    A spec is a type, optionally followed by a range. Types: int, float, bool, str, path (str with ~ and ${ENV}
+    expanded), list[str], list[float], a|b|c (one of these strings); a trailing ? also allows null. Ranges:
+    '>= 1', '> 0', 'in [0, 1)' (brackets as in mathematics), checked for numbers and for every item of a list.
     """
     out = {}
     for key, spec in schema.items():
@@ -107,9 +147,10 @@ def resolve(cfg, schema):
             if not isinstance(node, dict) or part not in node:
                 raise StageError(f"config: missing key '{key}' (expected {spec})")
             node = node[part]
-        kind = spec.rstrip("?")
+        kind, _, bounds = spec.partition(" ")
+        nullable, kind = kind.endswith("?"), kind.rstrip("?")
         if node is None:
-            if not spec.endswith("?"):
+            if not nullable:
                 raise StageError(f"config: '{key}' must be {kind}, got null")
         elif "|" in kind:
             if node not in kind.split("|"):
@@ -118,6 +159,8 @@ def resolve(cfg, schema):
             item = {"list[str]": str, "list[float]": (int, float)}[kind]
             if not isinstance(node, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in node):
                 raise StageError(f"config: '{key}' must be {kind}, got {node!r}")
+            if bounds and not all(within(x, bounds) for x in node):
+                raise StageError(f"config: every item of '{key}' must be {bounds}, got {node!r}")
         else:
             if kind == "float" and isinstance(node, str):
                 try:  # YAML reads 1e-6 (no dot) as a string; a number is clearly meant
@@ -129,6 +172,8 @@ def resolve(cfg, schema):
                 raise StageError(f"config: '{key}' must be {kind}, got {type(node).__name__} {node!r}")
             if kind == "float":
                 node = float(node)
+            if bounds and not within(node, bounds):
+                raise StageError(f"config: '{key}' must be {bounds}, got {node!r}")
             if kind == "path":
                 node = os.path.expanduser(os.path.expandvars(node))
                 if "$" in node:
@@ -137,14 +182,50 @@ def resolve(cfg, schema):
     return out
 
 
+def within(x, bounds):
+    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end."""
+    if bounds.startswith(">"):
+        op, limit = bounds.split()
+        return x >= float(limit) if op == ">=" else x > float(limit)
+    lo, hi = bounds.removeprefix("in ").split(", ")
+    return ((x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:]))
+            and (x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])))
+
+
 def redacted(c):
     """The resolved config with anything that looks like a secret masked, for printing and saving."""
     secret = {"token", "secret", "password", "credential", "credentials"}
     return {k: ("***" if secret & set(k.lower().replace("_", ".").split(".")) and v else v) for k, v in c.items()}
 
 
+def show_settings(c, paths, overrides, schema):
+    """Print, section by section, the keys whose value differs from the first config file's (config.yaml in
+    every documented command): what this launch changes. The whole resolved config is saved beside outputs."""
+    try:
+        base = redacted(resolve(load_config(paths[:1], []), schema))
+    except StageError:
+        base = {}
+    changed = {k: v for k, v in redacted(c).items() if k not in base or base[k] != v}
+    given = " + ".join(str(p) for p in paths) + (f" + {len(overrides)} override(s)" if overrides else "")
+    print(f"settings: {given}" + (f"; differing from {paths[0]}:" if changed else f" (as {paths[0]})"))
+    sections = {}
+    for key, value in changed.items():
+        section, _, rest = key.partition(".")
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        sections.setdefault(section if rest else "", []).append(f"{rest or section}={shown}")
+    for section, items in sections.items():
+        line = f"  {section + ': ' if section else ''}"
+        for item in items:
+            if len(line) + len(item) > 118 and line.strip():
+                print(line.rstrip())
+                line = "    "
+            line += item + " "
+        print(line.rstrip())
+
+
 def save_config(c, path):
-    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically."""
+    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
+    names the stage, which is how a stage recognises an output as its own (written_by_this_stage)."""
     nested = {}
     for key, value in redacted(c).items():
         *parents, leaf = key.split(".")
@@ -152,16 +233,59 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
+    write_atomically(path, f"# written by {STAGE}: the resolved config of this output\n"
+                           + yaml.safe_dump(nested, sort_keys=False))
+
+
+def written_by_this_stage(config_path):
+    """True when `config_path` is a resolved config that this stage saved (see save_config)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return f.readline().startswith(f"# written by {STAGE}:")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line StageErrors (exit status 1) that suggest the closest option."""
+
+    def error(self, message):
+        import difflib
+
+        hint = ""
+        for arg in message.partition("unrecognized arguments: ")[2].split():
+            near = difflib.get_close_matches(arg, list(self._option_string_actions), n=1, cutoff=0.6)
+            hint += f"; did you mean {near[0]!r} for {arg!r}?" if near else ""
+        raise StageError(f"{message}{hint} (see --help)")
 
 
 def config_arg_parser(doc):
-    """--config (repeatable, later files overlay earlier ones) and key=value overrides."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """--config (repeatable, later files overlay earlier ones) and key=value overrides; --help shows `doc`."""
+    ap = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", metavar="PATH",
                     help="YAML config; repeat to overlay (default: config.yaml)")
-    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after "
+                    "the options)")
     return ap
+
+
+def check_writable(path, key):
+    """Pre-flight: `path` (an output that may not exist yet) can be created: its nearest existing ancestor is a
+    directory that this process may write to. Nothing is created."""
+    here = Path(path).absolute().parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise StageError(f"{key}: cannot write {path}: {here} is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise StageError(f"{key}: cannot write {path}: {here} is not writable")
+
+
+def refuse_foreign(path, key, reason):
+    """An output path holds something this stage did not write: it is never replaced, so the stage stops."""
+    raise StageError(f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
+                     f"it away or choose another path")
+
 
 def file_sha256(path):
     """Hex sha256 of a file, read in 16 MiB blocks."""
@@ -182,26 +306,37 @@ def write_atomically(path, text):
 
 
 def staging(final):
-    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
-    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    """A fresh temporary directory on the filesystem of `final`, so that publishing it is a rename: beside
+    `final`, or in its nearest existing ancestor while the parents do not exist (publish makes them, so a stage
+    that fails leaves no empty directories behind)."""
+    final = Path(final)
+    home = final.parent
+    while not home.exists():
+        home = home.parent
+    tmp = home / (str(final.relative_to(home)).replace(os.sep, "_") + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     return tmp
 
 
 def publish(tmp, final):
-    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
-    renamed aside first, so `final` is never a mix of old and new."""
+    """Move a finished temporary file or directory into place, replacing an earlier output of the same stage;
+    an old directory is renamed aside first (and put back if the move fails), so `final` is never a mix of old
+    and new."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_dir():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+    if not final.is_dir():
         os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old)
 
 
 def load_torch_file(path, mmap=True):
@@ -241,15 +376,16 @@ def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
 
 
 # ------------------------------------------------------------------------------------------------ settings
-# The config keys this stage reads and their types (validated before any work starts).
+STAGE = "03_convert_checkpoint.py"
+# The config keys this stage reads, their types and ranges (validated before any work starts).
 SCHEMA = {
     "model.hf_weights_dir": "path",
     "model.model_config": "path",
     "model.fuse_qkv": "bool",
     "exp_manager.resume_from_checkpoint": "path",
-    "distributed_strategy.tensor_model_parallel_size": "int",
-    "distributed_strategy.pipeline_model_parallel_size": "int",
-    "distributed_strategy.kv_replicator": "int",
+    "distributed_strategy.tensor_model_parallel_size": "int >= 1",
+    "distributed_strategy.pipeline_model_parallel_size": "int >= 1",
+    "distributed_strategy.kv_replicator": "int >= 1",
     "distributed_strategy.hw_backend": "trn1|trn2",
     "data.tokenizer.type": "path",
 }
@@ -261,9 +397,14 @@ def read_config(path):
         config = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise StageError(f"model.model_config: {path} not found (stage 02 writes it)") from None
+    except (OSError, ValueError) as e:
+        raise StageError(f"model.model_config: {path} is not a readable JSON file ({type(e).__name__})") from None
+    family = config.get("model_type", "llama")
     arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch != "LlamaForCausalLM":
-        raise StageError(f"{path}: architecture {arch}, expected LlamaForCausalLM")
+    # Mistral's tensors are Llama's: the layout and the conversion are the same
+    if {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(family) != arch:
+        raise StageError(f"{path}: architecture {arch} (model_type {family}), expected LlamaForCausalLM or "
+                         f"MistralForCausalLM with its model_type")
     return config
 
 
@@ -640,11 +781,39 @@ def merge_adapter(state, adapter_dir):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def prepare_output(out, overwrite, key):
-    """A fresh temporary directory beside `out`; a non-empty `out` is refused unless overwrite is set."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise StageError(f"{key}: {out} is not empty; pass --overwrite to replace it")
-    return staging(out)
+def check_output(out, key, marker, overwrite):
+    """Pre-flight for an output directory: it can be written; an existing non-empty one is replaced only when it
+    is an earlier output of this stage (`marker` inside it says so) and --overwrite is given."""
+    if out.exists() and not out.is_dir():
+        raise StageError(f"{key}: {out} is a file; this stage writes a directory there")
+    if out.is_dir() and any(out.iterdir()):
+        if not marker(out):
+            refuse_foreign(out, key, "no manifest.json or resolved_config.yaml of this stage in it")
+        if not overwrite:
+            raise StageError(f"{key}: {out} holds an earlier output of this stage; pass --overwrite to replace it")
+    check_writable(out, key)
+
+
+def converted_here(ckpt):
+    """A checkpoint this stage converted: its manifest.json lists the layout settings and the files."""
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"settings", "files"} <= set(manifest)
+
+
+def exported_here(out):
+    """An HF directory this stage wrote with --to-hf (versions before the saved config named its stage are
+    recognised by exp_manager.resume_from_checkpoint in it, a key stage 02 does not save)."""
+    saved = out / "resolved_config.yaml"
+    if written_by_this_stage(saved):
+        return True
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(old, dict) and "resume_from_checkpoint" in (old.get("exp_manager") or {})
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -689,8 +858,9 @@ def verify(ckpt, c):
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv):
-    ap = config_arg_parser(__doc__.split("\n\n")[0])
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap = config_arg_parser(__doc__)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this stage (a directory "
+                    "it did not write is never replaced)")
     ap.add_argument("--to-hf", metavar="DIR", help="reverse direction: reassemble the NxDT checkpoint at "
                     "exp_manager.resume_from_checkpoint into an HF safetensors directory DIR")
     ap.add_argument("--verify", action="store_true", help="check the checkpoint at "
@@ -702,7 +872,7 @@ def parse_args(argv):
     ap.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, help="one weight_qkv per rank, or not")
     ap.add_argument("--merge-adapter", metavar="ADAPTER_DIR", help="with --to-hf: merge this PEFT LoRA adapter "
                     "(e.g. <run dir>/final/adapter) into the weights")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.merge_adapter and not args.to_hf:
         raise StageError("--merge-adapter needs --to-hf DIR")
     return args
@@ -715,9 +885,9 @@ def settings(args):
              "distributed_strategy.kv_replicator": args.kv_replicator,
              "distributed_strategy.hw_backend": args.hw_backend, "model.fuse_qkv": args.fuse_qkv}
     overrides = args.overrides + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    c = resolve(load_config(args.config or ["config.yaml"], overrides), SCHEMA)
-    for k, v in redacted(c).items():
-        print(f"  {k}: {v}")
+    paths = args.config or ["config.yaml"]
+    c = resolve(load_config(paths, overrides), SCHEMA)
+    show_settings(c, paths, overrides, SCHEMA)
     return c
 
 
@@ -738,7 +908,7 @@ class HashingFile:
         self.f.flush()
 
 
-def convert(c, config, layout, ckpt, overwrite):
+def convert(c, config, layout, ckpt):
     """HF safetensors -> the NxDT checkpoint: one output shard at a time, each read slice by slice."""
     weights_dir = Path(c["model.hf_weights_dir"])
     if not weights_dir.is_dir():
@@ -749,7 +919,7 @@ def convert(c, config, layout, ckpt, overwrite):
     if unknown:
         raise StageError(f"HF checkpoint: unexpected tensor '{unknown[0]}' ({len(unknown)} in all); "
                          f"is {weights_dir} a Llama model matching {c['model.model_config']}?")
-    tmp = prepare_output(ckpt, overwrite, "exp_manager.resume_from_checkpoint")
+    tmp = staging(ckpt)
     (tmp / "model").mkdir()
     reader, total, entries = TensorReader(files), 0, {}
     try:
@@ -774,9 +944,9 @@ def convert(c, config, layout, ckpt, overwrite):
           f"{total / 2**20:.1f} MiB")
 
 
-def to_hf(c, config, layout, ckpt, out, adapter, overwrite):
+def to_hf(c, config, layout, ckpt, out, adapter):
     """The NxDT checkpoint -> an HF safetensors directory (with the tokenizer), a LoRA adapter merged if given."""
-    tmp = prepare_output(out, overwrite, "--to-hf")
+    tmp = staging(out)
     try:
         state = dict(hf_tensors(layout, load_shards(layout, ckpt / "model", c["model.fuse_qkv"])))
         if adapter:
@@ -805,9 +975,17 @@ def main(argv=None):
     if args.verify:
         print(f"{ckpt}: {verify(ckpt, c)} file(s) match manifest.json (sizes, sha256, tensor names, shapes, dtypes)")
     elif args.to_hf:
-        to_hf(c, config, layout, ckpt, Path(args.to_hf), args.merge_adapter, args.overwrite)
+        out = Path(args.to_hf)
+        if not (ckpt / "model").is_dir():
+            raise StageError(f"exp_manager.resume_from_checkpoint: {ckpt / 'model'} not found (converting writes it)")
+        if args.merge_adapter and not (Path(args.merge_adapter) / "adapter_config.json").is_file():
+            raise StageError(f"--merge-adapter: {args.merge_adapter} holds no adapter_config.json (a PEFT adapter "
+                             f"directory, e.g. <run dir>/final/adapter)")
+        check_output(out, "--to-hf", exported_here, args.overwrite)
+        to_hf(c, config, layout, ckpt, out, args.merge_adapter)
     else:
-        convert(c, config, layout, ckpt, args.overwrite)
+        check_output(ckpt, "exp_manager.resume_from_checkpoint", converted_here, args.overwrite)
+        convert(c, config, layout, ckpt)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 #   Other XLA devices (torch-xla installed, no Neuron compiler): runs the same few steps, which fills the
 #     persistent XLA cache (xla.cache_dir) that the real run reuses; fails if nothing was compiled.
 #   CPU and CUDA without torch-xla: PyTorch runs eagerly; there are no graphs to compile ahead of time, so
-#     this stage has nothing to do, says so and exits 0.
+#     this stage has nothing to do, says so (with the command it would run on Trainium) and exits 0.
+# On every device it first validates the config as 05 does (unknown keys, types, ranges, cross-key rules:
+# `05_train.py --check-config`) and stops with 05's one-line error if it is wrong.
 #
 # The extraction run writes no run checkpoints (every rank would race over the same step_N.tmp while every
 # graph returns zeros); 05 also skips them by itself when NEURON_EXTRACT_GRAPHS_ONLY is set.
@@ -26,6 +28,13 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
+
+for arg in "$@"; do
+  if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then  # the header above, without its comment marks
+    sed -n '2,/^set -euo/p' "$(basename "${BASH_SOURCE[0]}")" | sed '$d' | sed -E 's/^# ?//'
+    exit 0
+  fi
+done
 
 has_module() { "$1" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$2') is None)" 2>/dev/null; }
 
@@ -51,6 +60,9 @@ trap 'rm -rf "$SCRATCH"' EXIT
 STEP_ARGS=("trainer.max_steps=${STEPS}" "exp_manager.create_tensorboard_logger=false"
            "exp_manager.explicit_log_dir=${SCRATCH}/run" "evaluation.generate.num_prompts=0"
            "exp_manager.checkpoint_callback_params.every_n_train_steps=0" "trainer.accelerator=xla")
+
+# The config, validated as 05 validates it (05 prints the one-line error), before anything is launched.
+"$PY" 05_train.py "$@" --check-config || exit 1
 
 # The config's Neuron variables, exported here: neuron_parallel_compile compiles into NEURON_COMPILE_CACHE_URL
 # itself, so the workers alone having it is not enough; MALLOC_ARENA_MAX takes effect only from a process's start.
@@ -99,4 +111,5 @@ if has_module "$PY" torch_xla; then
 fi
 
 echo "04: no Trainium compiler and no torch-xla here: 05 runs eagerly on CPU/CUDA, so there is nothing to"
-echo "    compile ahead of time. Nothing done."
+echo "    compile ahead of time. Nothing done. On a trn1 host with the Neuron SDK this stage would run:"
+echo "    neuron_parallel_compile ${TORCHRUN[*]} 05_train.py $* ${STEP_ARGS[*]}"

@@ -14,10 +14,16 @@ Inputs (config keys)
   data.train_dir, data.val_dir         jsonl (or arrow) files of {"input": str, "output": str} records
 
 Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>/<timestamp>), from rank 0
-  config.yaml              the resolved config
+  config.yaml              the resolved config of the run (written when it starts, kept as it is on resume)
+  resumes.jsonl            one line per resume: its step, checkpoint and the resumable keys it changed
   metrics.jsonl            one JSON object per logged step and per evaluation
   events.out.tfevents.*    TensorBoard scalars
+  checkpoints/step_N/      every exp_manager.checkpoint_callback_params.every_n_train_steps steps
   final/adapter/           adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel
+A run directory that is not empty and holds no run of this stage is refused, and so is a resume that changes
+what is trained (any key but those config.yaml lists as resumable, or the content of the data, tokenizer or base
+checkpoint); both before any data is prepared or the model loads. A launch that fails before its first step
+removes the run directory it made.
 Beside each data file (or under data.cache_dir), from one process per host: <file>.prepared/<key>/, the split
 tokenized, masked and packed once (memory-mapped by every rank; reused while the data, tokenizer and data
 settings are unchanged)
@@ -43,6 +49,8 @@ Features and their keys
   attention for packed rows              model.attention (blocks | masked | causal; auto picks per device)
   inspect the label mask                 --inspect-data N
   pre-flight checks + memory estimate    --dry-run
+  config check only (keys, ranges)       --check-config
+  Llama 3 / 3.1, and Mistral without a sliding window below data.seq_length (the same model)
 
 Commands
   CPU:        python 05_train.py --config config.yaml --config demo.yaml
@@ -61,10 +69,12 @@ Commands
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -80,7 +90,8 @@ from torch import nn
 
 # ------------------------------------------------------------------------------------------------ shared
 # These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call.
+# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
+# name) is defined by each stage in its settings section.
 
 
 class StageError(Exception):
@@ -95,8 +106,10 @@ def load_config(paths, overrides):
             data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise StageError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise StageError(f"{path}: is a directory, expected a YAML config file") from None
         except yaml.YAMLError as e:
-            raise StageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise StageError(f"{path}:{yaml_error_place(e)} not valid YAML ({yaml_error_reason(e)})") from None
         if not isinstance(data, dict):
             raise StageError(f"{path}: expected a mapping of config sections at the top level")
         cfg = data if cfg is None else overlay(cfg, data, path)
@@ -106,34 +119,69 @@ def load_config(paths, overrides):
             raise StageError(f"override {item!r}: expected dotted.key=value")
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            raise StageError(f"override {item!r}: value is not a YAML scalar or list") from None
+        except yaml.YAMLError as e:
+            raise StageError(f"override {item!r}: the value is not valid YAML ({yaml_error_reason(e)})") from None
         for part in reversed(key.split(".")):
             value = {part: value}
         overlay(cfg, value, "command line")
     return cfg
 
 
-def overlay(base, new, source, prefix=""):
-    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently)."""
+def yaml_error_place(e):
+    """'line:column:' of a YAML error (1-based), or '' when PyYAML gives no position."""
+    mark = getattr(e, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+
+
+def yaml_error_reason(e):
+    """PyYAML's problem, and where the construct it was reading began when that is elsewhere."""
+    reason = " ".join(str(getattr(e, "problem", None) or e).split())
+    context, mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and mark is not None and mark.line != getattr(getattr(e, "problem_mark", None), "line", None):
+        reason += f"; {context} that began at line {mark.line + 1}, column {mark.column + 1}"
+    return reason
+
+
+def overlay(base, new, source, prefix="", root=None):
+    """Merge `new` into `base` in place; a key that `base` lacks is an error (typos never pass silently) that
+    names the closest known keys."""
+    root = base if root is None else root
     for k, v in new.items():
         key = f"{prefix}{k}"
         if k not in base:
-            raise StageError(f"{source}: unknown key '{key}'")
+            raise StageError(f"{source}: unknown key '{key}'{did_you_mean(str(k), base, prefix, root)}")
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise StageError(f"{source}: '{key}' is a section; set its keys instead ({key}.<name>=...)")
-            overlay(base[k], v, source, key + ".")
+            overlay(base[k], v, source, key + ".", root)
         else:
             base[k] = v
     return base
 
 
-def resolve(cfg, schema):
-    """{dotted key: value} for the keys this stage reads, each checked against its type; paths expanded.
+def did_you_mean(name, section, prefix, root):
+    """'; did you mean ...?' naming keys of the same section spelled alike, or keys of that name elsewhere."""
+    import difflib
 
-    Types: int, float, bool, str, path (str with ~ and ${ENV} expanded), list[str], list[float], a|b|c (one of these
-    strings); a trailing ? also allows null.
+    def dotted(node, pre=""):
+        for k, v in node.items():
+            yield from dotted(v, f"{pre}{k}.") if isinstance(v, dict) else [f"{pre}{k}"]
+
+    near = [prefix + m for m in difflib.get_close_matches(name, [str(k) for k in section], n=3, cutoff=0.7)]
+    if not near:
+        keys = list(dotted(root))
+        leaves = difflib.get_close_matches(name, {k.rsplit(".", 1)[-1] for k in keys}, n=2, cutoff=0.8)
+        near = [k for k in keys if k.rsplit(".", 1)[-1] in leaves][:3]
+    return f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
+
+
+def resolve(cfg, schema):
+    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths
+    expanded.
+
+    A spec is a type, optionally followed by a range. Types: int, float, bool, str, path (str with ~ and ${ENV}
+    expanded), list[str], list[float], a|b|c (one of these strings); a trailing ? also allows null. Ranges:
+    '>= 1', '> 0', 'in [0, 1)' (brackets as in mathematics), checked for numbers and for every item of a list.
     """
     out = {}
     for key, spec in schema.items():
@@ -142,9 +190,10 @@ def resolve(cfg, schema):
             if not isinstance(node, dict) or part not in node:
                 raise StageError(f"config: missing key '{key}' (expected {spec})")
             node = node[part]
-        kind = spec.rstrip("?")
+        kind, _, bounds = spec.partition(" ")
+        nullable, kind = kind.endswith("?"), kind.rstrip("?")
         if node is None:
-            if not spec.endswith("?"):
+            if not nullable:
                 raise StageError(f"config: '{key}' must be {kind}, got null")
         elif "|" in kind:
             if node not in kind.split("|"):
@@ -153,6 +202,8 @@ def resolve(cfg, schema):
             item = {"list[str]": str, "list[float]": (int, float)}[kind]
             if not isinstance(node, list) or not all(isinstance(x, item) and not isinstance(x, bool) for x in node):
                 raise StageError(f"config: '{key}' must be {kind}, got {node!r}")
+            if bounds and not all(within(x, bounds) for x in node):
+                raise StageError(f"config: every item of '{key}' must be {bounds}, got {node!r}")
         else:
             if kind == "float" and isinstance(node, str):
                 try:  # YAML reads 1e-6 (no dot) as a string; a number is clearly meant
@@ -164,6 +215,8 @@ def resolve(cfg, schema):
                 raise StageError(f"config: '{key}' must be {kind}, got {type(node).__name__} {node!r}")
             if kind == "float":
                 node = float(node)
+            if bounds and not within(node, bounds):
+                raise StageError(f"config: '{key}' must be {bounds}, got {node!r}")
             if kind == "path":
                 node = os.path.expanduser(os.path.expandvars(node))
                 if "$" in node:
@@ -172,14 +225,50 @@ def resolve(cfg, schema):
     return out
 
 
+def within(x, bounds):
+    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end."""
+    if bounds.startswith(">"):
+        op, limit = bounds.split()
+        return x >= float(limit) if op == ">=" else x > float(limit)
+    lo, hi = bounds.removeprefix("in ").split(", ")
+    return ((x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:]))
+            and (x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])))
+
+
 def redacted(c):
     """The resolved config with anything that looks like a secret masked, for printing and saving."""
     secret = {"token", "secret", "password", "credential", "credentials"}
     return {k: ("***" if secret & set(k.lower().replace("_", ".").split(".")) and v else v) for k, v in c.items()}
 
 
+def show_settings(c, paths, overrides, schema):
+    """Print, section by section, the keys whose value differs from the first config file's (config.yaml in
+    every documented command): what this launch changes. The whole resolved config is saved beside outputs."""
+    try:
+        base = redacted(resolve(load_config(paths[:1], []), schema))
+    except StageError:
+        base = {}
+    changed = {k: v for k, v in redacted(c).items() if k not in base or base[k] != v}
+    given = " + ".join(str(p) for p in paths) + (f" + {len(overrides)} override(s)" if overrides else "")
+    print(f"settings: {given}" + (f"; differing from {paths[0]}:" if changed else f" (as {paths[0]})"))
+    sections = {}
+    for key, value in changed.items():
+        section, _, rest = key.partition(".")
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        sections.setdefault(section if rest else "", []).append(f"{rest or section}={shown}")
+    for section, items in sections.items():
+        line = f"  {section + ': ' if section else ''}"
+        for item in items:
+            if len(line) + len(item) > 118 and line.strip():
+                print(line.rstrip())
+                line = "    "
+            line += item + " "
+        print(line.rstrip())
+
+
 def save_config(c, path):
-    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically."""
+    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
+    names the stage, which is how a stage recognises an output as its own (written_by_this_stage)."""
     nested = {}
     for key, value in redacted(c).items():
         *parents, leaf = key.split(".")
@@ -187,16 +276,59 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    write_atomically(path, yaml.safe_dump(nested, sort_keys=False))
+    write_atomically(path, f"# written by {STAGE}: the resolved config of this output\n"
+                           + yaml.safe_dump(nested, sort_keys=False))
+
+
+def written_by_this_stage(config_path):
+    """True when `config_path` is a resolved config that this stage saved (see save_config)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return f.readline().startswith(f"# written by {STAGE}:")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one-line StageErrors (exit status 1) that suggest the closest option."""
+
+    def error(self, message):
+        import difflib
+
+        hint = ""
+        for arg in message.partition("unrecognized arguments: ")[2].split():
+            near = difflib.get_close_matches(arg, list(self._option_string_actions), n=1, cutoff=0.6)
+            hint += f"; did you mean {near[0]!r} for {arg!r}?" if near else ""
+        raise StageError(f"{message}{hint} (see --help)")
 
 
 def config_arg_parser(doc):
-    """--config (repeatable, later files overlay earlier ones) and key=value overrides."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """--config (repeatable, later files overlay earlier ones) and key=value overrides; --help shows `doc`."""
+    ap = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", metavar="PATH",
                     help="YAML config; repeat to overlay (default: config.yaml)")
-    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after "
+                    "the options)")
     return ap
+
+
+def check_writable(path, key):
+    """Pre-flight: `path` (an output that may not exist yet) can be created: its nearest existing ancestor is a
+    directory that this process may write to. Nothing is created."""
+    here = Path(path).absolute().parent
+    while not here.exists():
+        here = here.parent
+    if not here.is_dir():
+        raise StageError(f"{key}: cannot write {path}: {here} is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise StageError(f"{key}: cannot write {path}: {here} is not writable")
+
+
+def refuse_foreign(path, key, reason):
+    """An output path holds something this stage did not write: it is never replaced, so the stage stops."""
+    raise StageError(f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
+                     f"it away or choose another path")
+
 
 def file_sha256(path):
     """Hex sha256 of a file, read in 16 MiB blocks."""
@@ -217,26 +349,37 @@ def write_atomically(path, text):
 
 
 def staging(final):
-    """A fresh temporary directory beside `final` (same filesystem, so publishing it is a rename)."""
-    tmp = Path(final).with_name(Path(final).name + ".tmp")
+    """A fresh temporary directory on the filesystem of `final`, so that publishing it is a rename: beside
+    `final`, or in its nearest existing ancestor while the parents do not exist (publish makes them, so a stage
+    that fails leaves no empty directories behind)."""
+    final = Path(final)
+    home = final.parent
+    while not home.exists():
+        home = home.parent
+    tmp = home / (str(final.relative_to(home)).replace(os.sep, "_") + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     return tmp
 
 
 def publish(tmp, final):
-    """Move a finished temporary file or directory into place, replacing what was there; an old directory is
-    renamed aside first, so `final` is never a mix of old and new."""
+    """Move a finished temporary file or directory into place, replacing an earlier output of the same stage;
+    an old directory is renamed aside first (and put back if the move fails), so `final` is never a mix of old
+    and new."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_dir():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
+    if not final.is_dir():
         os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
         os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old)
 
 
 def load_torch_file(path, mmap=True):
@@ -276,36 +419,37 @@ def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
 
 
 # ------------------------------------------------------------------------------------------------ settings
-# The config keys this stage reads and their types (validated before any work starts).
+STAGE = "05_train.py"
+# The config keys this stage reads, their types and valid ranges (validated before anything loads, in every mode).
 SCHEMA = {
     "name": "str",
-    "seed": "int",
+    "seed": "int in [0, 4294967295]",
     "trainer.accelerator": "auto|neuron|cuda|xla|cpu",
-    "trainer.max_steps": "int",
-    "trainer.log_every_n_steps": "int",
-    "trainer.val_check_interval": "int",
-    "trainer.gradient_clip_val": "float?",
+    "trainer.max_steps": "int >= 0",
+    "trainer.log_every_n_steps": "int >= 1",
+    "trainer.val_check_interval": "int >= 1",
+    "trainer.gradient_clip_val": "float? > 0",
     "trainer.nonfinite": "stop|skip",
     "trainer.compile": "bool",
-    "trainer.peak_tflops": "float?",
-    "trainer.device_memory_gib": "float?",
+    "trainer.peak_tflops": "float? > 0",
+    "trainer.device_memory_gib": "float? > 0",
     "exp_manager.exp_dir": "path",
     "exp_manager.explicit_log_dir": "path?",
     "exp_manager.resume_from_checkpoint": "path",
     "exp_manager.create_tensorboard_logger": "bool",
     "exp_manager.resume_if_exists": "bool",
-    "exp_manager.checkpoint_callback_params.every_n_train_steps": "int",
-    "exp_manager.checkpoint_callback_params.save_top_k": "int",
-    "distributed_strategy.tensor_model_parallel_size": "int",
-    "distributed_strategy.pipeline_model_parallel_size": "int",
-    "distributed_strategy.kv_replicator": "int",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps": "int >= 0",
+    "exp_manager.checkpoint_callback_params.save_top_k": "int >= 1",
+    "distributed_strategy.tensor_model_parallel_size": "int >= 1",
+    "distributed_strategy.pipeline_model_parallel_size": "int >= 1",
+    "distributed_strategy.kv_replicator": "int >= 1",
     "distributed_strategy.hw_backend": "trn1|trn2",
     "data.train_dir": "path",
     "data.val_dir": "path?",
-    "data.dev_choose_samples": "int?",
-    "data.seq_length": "int",
-    "data.micro_batch_size": "int",
-    "data.global_batch_size": "int",
+    "data.dev_choose_samples": "int? >= 1",
+    "data.seq_length": "int >= 2",
+    "data.micro_batch_size": "int >= 1",
+    "data.global_batch_size": "int >= 1",
     "data.prompt_format": "raw|chat_template",
     "data.truncation": "truncate|drop",
     "data.cache_dir": "path?",
@@ -315,54 +459,60 @@ SCHEMA = {
     "model.fuse_qkv": "bool",
     "model.weight_init_only": "bool",
     "model.activations_checkpoint": "bool",
-    "model.activations_checkpoint_layers": "int?",
+    "model.activations_checkpoint_layers": "int? >= 0",
     "model.attention": "auto|blocks|masked|causal",
-    "model.optim.lr": "float",
-    "model.optim.weight_decay": "float",
-    "model.optim.betas": "list[float]",
-    "model.optim.eps": "float",
+    "model.optim.lr": "float > 0",
+    "model.optim.weight_decay": "float >= 0",
+    "model.optim.betas": "list[float] in [0, 1)",
+    "model.optim.eps": "float > 0",
     "model.optim.sched.name": "linear|cosine",
-    "model.optim.sched.warmup_steps": "int",
-    "model.optim.sched.max_steps": "int?",
-    "model.optim.sched.min_lr": "float",
+    "model.optim.sched.warmup_steps": "int >= 0",
+    "model.optim.sched.max_steps": "int? >= 1",
+    "model.optim.sched.min_lr": "float >= 0",
     "precision.type": "fp32|autocast",
     "model_alignment_strategy.sft.packing": "bool",
-    "model_alignment_strategy.peft.lora_rank": "int",
-    "model_alignment_strategy.peft.lora_alpha": "float",
-    "model_alignment_strategy.peft.lora_dropout": "float",
+    "model_alignment_strategy.peft.lora_rank": "int >= 1",
+    "model_alignment_strategy.peft.lora_alpha": "float > 0",
+    "model_alignment_strategy.peft.lora_dropout": "float in [0, 1)",
     "model_alignment_strategy.peft.lora_bias": "none|all|lora_only",
     "model_alignment_strategy.peft.lora_verbose": "bool",
     "model_alignment_strategy.peft.target_modules": "list[str]",
-    "evaluation.generate.num_prompts": "int",
-    "evaluation.generate.max_new_tokens": "int",
-    "evaluation.generate.batch_size": "int",
-    "evaluation.generate.show": "int",
+    "evaluation.generate.num_prompts": "int >= 0",
+    "evaluation.generate.max_new_tokens": "int >= 1",
+    "evaluation.generate.batch_size": "int >= 1",
+    "evaluation.generate.show": "int >= 0",
     "xla.cache_dir": "path?",
     "xla.neuron.compiler_flags": "str",
     "xla.neuron.compiler_cache_url": "str",
     "xla.neuron.fuse_softmax": "bool",
-    "xla.neuron.async_exec_max_inflight_requests": "int",
-    "xla.neuron.rt_exec_timeout": "int",
+    "xla.neuron.async_exec_max_inflight_requests": "int >= 1",
+    "xla.neuron.rt_exec_timeout": "int >= 1",
     "xla.neuron.experimental_compress_rg": "bool",
+}
+# Keys that may change when a run resumes: when and how it logs, evaluates, checkpoints, stops and reports, and
+# where it finds its files. Every other key defines what is trained, and a resumed run refuses a change to it.
+RESUMABLE = {
+    "name", "trainer.max_steps", "trainer.log_every_n_steps", "trainer.val_check_interval", "trainer.nonfinite",
+    "trainer.peak_tflops", "trainer.device_memory_gib", "exp_manager.exp_dir", "exp_manager.explicit_log_dir",
+    "exp_manager.create_tensorboard_logger", "exp_manager.resume_if_exists",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps", "exp_manager.checkpoint_callback_params.save_top_k",
+    "data.cache_dir", "model_alignment_strategy.peft.lora_verbose", "evaluation.generate.num_prompts",
+    "evaluation.generate.max_new_tokens", "evaluation.generate.batch_size", "evaluation.generate.show",
+    "xla.cache_dir", "xla.neuron.compiler_cache_url", "xla.neuron.async_exec_max_inflight_requests",
+    "xla.neuron.rt_exec_timeout",
 }
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def check_settings(c, launched=True):
-    """Cross-key checks that types alone cannot express, before anything heavy is loaded. `launched`: also
-    check the settings against this launch's process count (not for --dry-run, which plans one)."""
+    """Cross-key checks that types and ranges alone cannot express, before anything heavy is loaded. `launched`:
+    also check the settings against this launch's process count (not for --dry-run, which plans one)."""
     problems = []
-    for key in ("data.seq_length", "data.micro_batch_size", "data.global_batch_size",
-                "model_alignment_strategy.peft.lora_rank", "trainer.log_every_n_steps",
-                "trainer.val_check_interval", "evaluation.generate.batch_size"):
-        if c[key] < 1:
-            problems.append(f"'{key}' must be >= 1, got {c[key]}")
-    if c["trainer.max_steps"] < 0:
-        problems.append(f"'trainer.max_steps' must be >= 0, got {c['trainer.max_steps']}")
-    if not 0.0 <= c["model_alignment_strategy.peft.lora_dropout"] < 1.0:
-        problems.append("'model_alignment_strategy.peft.lora_dropout' must be in [0, 1)")
     if len(c["model.optim.betas"]) != 2:
         problems.append(f"'model.optim.betas' must be two numbers, got {c['model.optim.betas']}")
+    if c["model.optim.sched.min_lr"] > c["model.optim.lr"]:
+        problems.append(f"'model.optim.sched.min_lr' ({c['model.optim.sched.min_lr']}) must be <= 'model.optim.lr' "
+                        f"({c['model.optim.lr']})")
     if not c["model.weight_init_only"]:
         problems.append("'model.weight_init_only: false' (optimizer state from resume_from_checkpoint) is not "
                         "supported: the converted checkpoint holds model weights only")
@@ -370,27 +520,25 @@ def check_settings(c, launched=True):
     if unknown or not c["model_alignment_strategy.peft.target_modules"]:
         problems.append(f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
                         f"choose among {list(LORA_TARGETS)}")
-    if c["exp_manager.checkpoint_callback_params.every_n_train_steps"] < 0:
-        problems.append("'exp_manager.checkpoint_callback_params.every_n_train_steps' must be >= 0 (0 = none)")
-    if c["exp_manager.checkpoint_callback_params.save_top_k"] < 1:
-        problems.append("'exp_manager.checkpoint_callback_params.save_top_k' must be >= 1")
     if c["model.attention"] == "causal" and c["model_alignment_strategy.sft.packing"]:
         problems.append("'model.attention: causal' would let packed documents attend to each other; use it only "
                         "with model_alignment_strategy.sft.packing=false (or use masked / auto)")
-    if (c["model.activations_checkpoint_layers"] or 0) < 0:
-        problems.append("'model.activations_checkpoint_layers' must be >= 0 or null (all layers)")
     tp, pp = c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.pipeline_model_parallel_size"]
-    if tp < 1 or c["distributed_strategy.kv_replicator"] < 1:
-        problems.append("'distributed_strategy.tensor_model_parallel_size' and 'kv_replicator' must be >= 1")
     if pp != 1:
         problems.append(f"'distributed_strategy.pipeline_model_parallel_size' is {pp}: 05 trains with tensor and data "
                         f"parallelism only (a LoRA run of Llama 3 8B fits with TP alone); set it to 1 and convert "
                         f"the checkpoint with PP 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched and tp >= 1 and world % tp:
+    if launched and world == 1 and tp > 1 and not neuron_devices_present():
+        problems.append(f"'distributed_strategy.tensor_model_parallel_size' is {tp}, the setting of config.yaml for "
+                        f"one trn1.32xlarge (torchrun --nproc_per_node {tp}), but this is one process on a host "
+                        f"without Trainium. To try the pipeline here: make demo, or add --config demo.yaml to each "
+                        f"stage's command; to train on one device: distributed_strategy.tensor_model_parallel_size=1 "
+                        f"distributed_strategy.kv_replicator=1, with the checkpoint converted by 03 for TP 1")
+    elif launched and world % tp:
         problems.append(f"{world} processes cannot be split into tensor-parallel groups of "
                         f"{tp} (distributed_strategy.tensor_model_parallel_size); launch a multiple of {tp}")
-    elif launched and tp >= 1 and c["data.micro_batch_size"] >= 1:
+    elif launched:
         dp = world // tp
         if c["data.global_batch_size"] % (c["data.micro_batch_size"] * dp):
             problems.append(f"'data.global_batch_size' ({c['data.global_batch_size']}) must be a multiple of "
@@ -848,6 +996,9 @@ def layout_of(c, arch):
 
 
 # ------------------------------------------------------------------------------------------------ model config
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
 def read_model_config(path):
     """The fields of an HF Llama config.json that the model needs (old and new rope key styles)."""
     try:
@@ -856,9 +1007,10 @@ def read_model_config(path):
         raise StageError(f"model.model_config: {path} not found (stage 02 writes it)") from None
     except json.JSONDecodeError as e:
         raise StageError(f"{path}: not valid JSON ({e})") from None
-    kind = (raw.get("architectures") or ["LlamaForCausalLM"])[0]
-    if raw.get("model_type", "llama") != "llama" or kind != "LlamaForCausalLM":
-        raise StageError(f"{path}: expected a LlamaForCausalLM config, got {kind} / {raw.get('model_type')}")
+    family = raw.get("model_type", "llama")
+    kind = (raw.get("architectures") or [FAMILIES.get(family, "?")])[0]
+    if FAMILIES.get(family) != kind:  # Mistral is a Llama (same tensors and computation) up to its sliding window
+        raise StageError(f"{path}: expected a LlamaForCausalLM or MistralForCausalLM config, got {kind} / {family}")
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise StageError(f"{path}: '{key}: true' is not supported (Llama 3 has no biases)")
@@ -872,6 +1024,7 @@ def read_model_config(path):
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=raw.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling,
             tie=bool(raw.get("tie_word_embeddings", False)),
+            sliding_window=raw.get("sliding_window") if family == "mistral" else None,
         )
     except KeyError as e:
         raise StageError(f"{path}: missing key {e}") from None
@@ -1427,6 +1580,9 @@ def export_peft_adapter(lora, arch, c, out_dir):
 PREPARED_FORMAT = 1  # raise when the prepared files change meaning: older directories are then prepared anew
 CHUNK_RECORDS = 2048  # records per tokenizer call: enough for the tokenizer's threads, little memory
 PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
+# The tokenizer's own files (a tokenizer directory may be the model's, whose weights say nothing about tokens).
+TOKENIZER_FILE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template.*|vocab.*|merges\.txt")
+PREPARED_NAME = re.compile(r"[0-9a-f]{20}(\.tmp-.+)?")  # what <file>.prepared/ holds: prepared keys, unfinished ones
 
 
 def record_chunks(path, limit, size=CHUNK_RECORDS):
@@ -1598,10 +1754,12 @@ class Windows:
     def open(cls, where, pad_id):
         """Prepared on disk: the token arrays memory-mapped, so every rank shares one copy in the page cache."""
         meta = json.loads((where / "prepared.json").read_text())
-        return cls(np.memmap(where / "tokens.bin", dtype=np.int32, mode="r"),
-                   np.memmap(where / "trained.bin", dtype=np.uint8, mode="r"),
-                   np.load(where / "doc_starts.npy"), np.load(where / "doc_supervised.npy"),
-                   np.load(where / "window_starts.npy"), meta["inputs"]["seq_length"], pad_id)
+        windows = cls(np.memmap(where / "tokens.bin", dtype=np.int32, mode="r"),
+                      np.memmap(where / "trained.bin", dtype=np.uint8, mode="r"),
+                      np.load(where / "doc_starts.npy"), np.load(where / "doc_supervised.npy"),
+                      np.load(where / "window_starts.npy"), meta["inputs"]["seq_length"], pad_id)
+        windows.inputs = meta["inputs"]  # the data and tokenizer checksums, which a resumed run compares
+        return windows
 
     def __len__(self):
         return len(self.starts) - 1
@@ -1644,7 +1802,8 @@ def prepared_location(path, tokenizer_dir, c):
     if not path.is_file():
         raise StageError(f"data file {path} not found (stage 01 writes it)")
     inputs = {"format": PREPARED_FORMAT, "data_sha256": file_sha256(path),
-              "tokenizer_sha256": {p.name: file_sha256(p) for p in sorted(tokenizer_dir.iterdir()) if p.is_file()},
+              "tokenizer_sha256": {p.name: file_sha256(p) for p in sorted(tokenizer_dir.iterdir())
+                                   if p.is_file() and TOKENIZER_FILE.fullmatch(p.name)},
               "prompt_format": c["data.prompt_format"], "seq_length": c["data.seq_length"],
               "packing": c["model_alignment_strategy.sft.packing"], "truncation": c["data.truncation"],
               "dev_choose_samples": c["data.dev_choose_samples"]}
@@ -1657,17 +1816,20 @@ def prepare_split(path, tokenizer, c, name):
     """The prepared directory of a split: reused when one exists for these inputs, else made here, written
     under a temporary name and renamed when complete (a killed preparation is never taken for a finished one)."""
     where, inputs = prepared_location(path, c["data.tokenizer.type"], c)
+    root, key = where.parent, "data.cache_dir" if c["data.cache_dir"] else f"data.{name}_dir"
+    if root.exists() and (not root.is_dir() or not all(PREPARED_NAME.fullmatch(p.name) for p in root.iterdir())):
+        refuse_foreign(root, key, "it holds files other than prepared splits")
     if (where / "prepared.json").exists():
         return where
     print(f"{name}: preparing {path} into {where}", file=sys.stderr)
     tmp = where.with_name(f"{where.name}.tmp-{os.uname().nodename}-{os.getpid()}")
     try:
-        where.parent.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(root)
         remove_abandoned(where)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
-        raise StageError(f"cannot write the prepared data to {where.parent} ({e.strerror or e}); set data.cache_dir "
+        raise StageError(f"{key}: cannot write the prepared data to {root} ({e.strerror or e}); set data.cache_dir "
                          f"to a writable directory") from None
     try:
         stats = write_prepared(path, tokenizer, c, name, tmp)
@@ -1682,6 +1844,11 @@ def prepare_split(path, tokenizer, c, name):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(made):  # a failed preparation leaves no empty directories behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
     return where
 
 
@@ -2196,6 +2363,9 @@ def load_run_checkpoint(path, par, params, optimizer, device):
         raise StageError(f"{path} was written by TP {state['tensor_parallel']} x DP {state['data_parallel']}; "
                          f"resume with the same layout (this launch: TP {par.tp} x DP {par.dp})")
     own = load_torch_file(path / f"rank_{par.rank:05d}.pt", mmap=False)
+    if [tuple(p.shape) for p in params] != [tuple(s.shape) for s in own["lora"]]:
+        raise StageError(f"{path}: its LoRA tensors have other shapes than this run's; it was written with other LoRA "
+                         f"settings (model_alignment_strategy.peft.*)")
     with torch.no_grad():
         for p, saved in zip(params, own["lora"], strict=True):
             p.copy_(saved)
@@ -2205,11 +2375,14 @@ def load_run_checkpoint(path, par, params, optimizer, device):
 
 
 def resume_point(c, par):
-    """(run directory, checkpoint to resume from or None), decided by rank 0 and shared with every rank.
-    With exp_manager.resume_if_exists the run directory is explicit_log_dir, or else the newest run of this
-    experiment that holds a checkpoint; without it, an existing run is never overwritten."""
+    """Where this launch runs, decided by rank 0 before the model loads and shared with every rank: the run
+    directory (explicit_log_dir, or with exp_manager.resume_if_exists the newest unfinished run of this experiment
+    that holds a checkpoint, else a new one), the checkpoint to resume from, and what the launch changes. Nothing
+    is created here; a directory that is not a run of this stage, and a resume that would not continue the same
+    run, are refused (the content of its files is compared later, once the data is prepared: same_inputs)."""
     choice = ""
-    if par.rank == 0:
+    if par is None or par.rank == 0:
+        key = "exp_manager.explicit_log_dir" if c["exp_manager.explicit_log_dir"] else "exp_manager.exp_dir"
         run_dir = Path(c["exp_manager.explicit_log_dir"]) if c["exp_manager.explicit_log_dir"] else None
         resume = c["exp_manager.resume_if_exists"]
         if run_dir is None and resume:  # the newest unfinished run of this experiment that has a checkpoint
@@ -2218,6 +2391,11 @@ def resume_point(c, par):
             run_dir = runs[-1] if runs else None
         if run_dir is None:
             run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise StageError(f"{key}: {run_dir} is a file; the run directory must be a directory")
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+            refuse_foreign(run_dir, key, "no config.yaml of this stage in it")
+        check_writable(run_dir / "config.yaml", key)
         ckpt = newest_checkpoint(run_dir) if resume else None
         reached = int(ckpt.name.removeprefix("step_")) if ckpt else 0
         if (run_dir / "final" / "adapter").exists() and (ckpt is None or reached >= c["trainer.max_steps"]):
@@ -2227,14 +2405,78 @@ def resume_point(c, par):
             raise StageError(f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose "
                              f"another exp_manager.explicit_log_dir, or resume it with "
                              f"exp_manager.resume_if_exists=true")
-        if (run_dir / "metrics.jsonl").exists() and ckpt is None:
-            print(f"warning: {run_dir} holds a run but no complete checkpoint; starting it again from step 0",
-                  file=sys.stderr)
-            (run_dir / "metrics.jsonl").unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        choice = json.dumps([str(run_dir), str(ckpt) if ckpt else ""])
-    run_dir, ckpt = json.loads(par.broadcast_text(choice))
-    return Path(run_dir), Path(ckpt) if ckpt else None
+        changed = same_run_changes(run_dir, c) if ckpt else {}
+        choice = json.dumps({"dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "changed": changed,
+                             "restart": ckpt is None and (run_dir / "metrics.jsonl").exists()})
+    where = json.loads(par.broadcast_text(choice) if par is not None else choice)
+    return SimpleNamespace(dir=Path(where["dir"]), changed=where["changed"], restart=where["restart"],
+                           checkpoint=Path(where["checkpoint"]) if where["checkpoint"] else None)
+
+
+def is_run_dir(path):
+    """A run directory of this stage: its config.yaml names this stage (runs of versions before it did are
+    recognised by their metrics.jsonl or checkpoints/)."""
+    return (written_by_this_stage(path / "config.yaml") or (path / "metrics.jsonl").exists()
+            or (path / "checkpoints").is_dir())
+
+
+def run_inputs(c, train, val):
+    """What a run trains on beyond its config values, by content: the data files, the tokenizer and the base
+    model (03's manifest.json lists every shard's sha256; a checkpoint without one, from NxD's own converter,
+    by its shard sizes). Keyed by the config key that names each; saved with every run checkpoint."""
+    ckpt, sha = Path(c["exp_manager.resume_from_checkpoint"]), lambda text: hashlib.sha256(text.encode()).hexdigest()
+    manifest = ckpt / "manifest.json"
+    shards = {p.name: p.stat().st_size for p in sorted((ckpt / "model").glob("*.pt"))}
+    return {"data.train_dir": train.inputs["data_sha256"],
+            "data.val_dir": val.inputs["data_sha256"] if val is not None else None,
+            "data.tokenizer.type": sha(json.dumps(train.inputs["tokenizer_sha256"], sort_keys=True)),
+            "model.model_config": file_sha256(c["model.model_config"]),
+            "exp_manager.resume_from_checkpoint": file_sha256(manifest) if manifest.exists() else
+            sha(json.dumps(shards))}
+
+
+def same_run_changes(run_dir, c):
+    """The resumable keys whose values differ from the run's saved config.yaml, as {key: [saved, now]}. A change
+    to any other key is refused, each one listed with its saved and its new value."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    flat = {}
+    stack = [("", saved)]
+    while stack:
+        prefix, node = stack.pop()
+        for k, v in node.items():
+            if isinstance(v, dict):
+                stack.append((f"{prefix}{k}.", v))
+            else:
+                flat[f"{prefix}{k}"] = v
+    changed = {k: [flat[k], v] for k, v in redacted(c).items() if k in flat and flat[k] != v}
+    sched = "model.optim.sched.max_steps"  # null means trainer.max_steps: the same decay either way
+    if sched in changed and None in changed[sched]:
+        old, new = changed[sched]
+        if (flat.get("trainer.max_steps") if old is None else old) == (c["trainer.max_steps"] if new is None else new):
+            del changed[sched]
+    refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items() if k not in RESUMABLE]
+    if refused:
+        raise not_the_same_run(run_dir, refused)
+    return changed
+
+
+def same_inputs(checkpoint, inputs):
+    """A resumed run trains on the same content: the data, tokenizer and base checkpoint checksums that its
+    checkpoint recorded must be today's (checkpoints of versions that recorded none are not checked)."""
+    trained_on = json.loads((checkpoint / "trainer_state.json").read_text()).get("inputs") or {}
+    refused = [f"content of {k}: sha256 {str(old)[:12]}... -> {str(inputs.get(k))[:12]}..."
+               for k, old in trained_on.items() if inputs.get(k) != old]
+    if refused:
+        raise not_the_same_run(checkpoint.parents[1], refused)
+
+
+def not_the_same_run(run_dir, changes):
+    return StageError(f"{run_dir} holds a run trained with other settings, and a resumed run must be the same run: "
+                      f"{'; '.join(changes)}. Restore them, or start a new run (another exp_manager.explicit_log_dir); "
+                      f"config.yaml lists the keys that may change on resume")
 
 
 def keep_metrics_lines(run_dir, n):
@@ -2545,7 +2787,7 @@ def train_loop(run, train, start, skipped, last_checkpoint, stop):
 
 # ------------------------------------------------------------------------------------------------ run
 def parse_args(argv):
-    ap = config_arg_parser(__doc__.split("\n\n")[0])
+    ap = config_arg_parser(__doc__)
     ap.add_argument("--inspect-data", type=int, metavar="N", default=0,
                     help="print N training windows with the trained tokens marked [[like this]], then exit")
     ap.add_argument("--dry-run", action="store_true",
@@ -2553,19 +2795,24 @@ def parse_args(argv):
     ap.add_argument("--neuron-env", action="store_true",
                     help="print the Neuron compiler/runtime variables of this config as shell export lines "
                          "(for the launch: eval \"$(python 05_train.py ... --neuron-env)\"), then exit")
-    return ap.parse_args(argv)
+    ap.add_argument("--check-config", action="store_true",
+                    help="check the config's keys, types, ranges and cross-key rules (no files read), then exit")
+    return ap.parse_intermixed_args(argv)
 
 
 def prepare_settings(c, args):
-    """Cross-key checks, the resolved config printed, seeds, and the model architecture with its parallel
-    layout checked: everything that can fail before a device is touched."""
+    """Cross-key checks, seeds, and the model architecture with its parallel layout checked: everything that can
+    fail before a device is touched."""
     check_settings(c, launched=not args.dry_run)
-    for k, v in redacted(c).items():
-        print(f"  {k}: {v}")
     random.seed(c["seed"])
     np.random.seed(c["seed"])
     torch.manual_seed(c["seed"])
     arch = read_model_config(c["model.model_config"])
+    window = arch.get("sliding_window")
+    if window is not None and window < c["data.seq_length"]:
+        raise StageError(f"{c['model.model_config']}: sliding_window {window} is shorter than data.seq_length "
+                         f"{c['data.seq_length']}: this model attends to its last {window} tokens only, the model "
+                         f"trained here to every earlier token; set data.seq_length <= {window}")
     layout_of(c, arch).check()
     return arch
 
@@ -2580,10 +2827,19 @@ def open_device(c, arch):
 def load_tokenizer(c):
     from transformers import AutoTokenizer
 
-    tok_dir = c["data.tokenizer.type"]
-    if not Path(tok_dir).is_dir():
+    tok_dir = Path(c["data.tokenizer.type"])
+    if not tok_dir.is_dir():
         raise StageError(f"data.tokenizer.type: tokenizer directory {tok_dir} not found (stage 02 writes it)")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise StageError(f"data.tokenizer.type: {tok_dir} has no tokenizer.json (the fast tokenizer's file, which "
+                         f"stage 02 writes); run stage 02 or point the key at a directory that has one")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:
+        raise StageError(f"data.tokenizer.type: {tok_dir} cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"data.tokenizer.type: {tok_dir} defines no EOS token, which ends every trained answer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # only fills padding, which is never attended or trained
     return tokenizer
@@ -2615,26 +2871,65 @@ def build_model(c, arch, device, par):
     return model, modules, params
 
 
-def open_run(run):
-    """The run directory, and the state to resume from: fills run.dir, run.optimizer, run.metrics; returns
-    (first step, skipped steps so far, the checkpoint resumed from or None)."""
+def open_run(run, where):
+    """The run directory (made by rank 0) and the state to resume from: fills run.dir, run.optimizer,
+    run.metrics; returns (first step, skipped steps so far). A new run saves its resolved config as config.yaml;
+    a resumed one keeps the original and appends to resumes.jsonl the step and the keys this launch changed."""
     c, par = run.c, run.par
-    run.dir, resume_from = resume_point(c, par)
+    run.dir, resume_from = where.dir, where.checkpoint
     run.optimizer = make_optimizer(run.params, c, run.device)
     start, skipped = 0, 0
+    if par.rank == 0:
+        run.made_dirs = make_dirs(run.dir)
+        if where.restart:
+            print(f"warning: {run.dir} holds a run but no complete checkpoint; starting it again from step 0",
+                  file=sys.stderr)
+            (run.dir / "metrics.jsonl").unlink()
     if resume_from:
         state = load_run_checkpoint(resume_from, par, run.params, run.optimizer, run.device)
         start, skipped = state["step"], state["skipped_steps"]
         if par.rank == 0:
             keep_metrics_lines(run.dir, state["metrics_lines"])
-        print(f"resuming from {resume_from}: step {start}, {state['consumed_samples']} samples consumed")
+            with open(run.dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": resume_from.name,
+                                    "step": start, "changed": where.changed}) + "\n")
+        print(f"resuming from {resume_from}: step {start}, {state['consumed_samples']} samples consumed"
+              + "".join(f"; {k}: {old} -> {new}" for k, (old, new) in where.changed.items()))
     if par.rank == 0:
-        save_config(c, run.dir / "config.yaml")
+        if not resume_from:
+            save_config(c, run.dir / "config.yaml")
         print(f"run directory: {run.dir}")
         run.metrics = Metrics(run.dir, c["exp_manager.create_tensorboard_logger"], start if resume_from else None)
     else:
         run.metrics = NoMetrics()
-    return start, skipped, resume_from
+    return start, skipped
+
+
+def make_dirs(path):
+    """mkdir -p that returns the directories it made, outermost first (so a failed start can remove them)."""
+    path, missing = Path(path), []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return missing[::-1]
+
+
+def remove_failed_start(run):
+    """After a failure: a run directory that this launch made and in which no training step was completed
+    holds nothing worth keeping; it is removed, with the parents made for it."""
+    if not getattr(run, "made_dirs", None) or (run.dir / "checkpoints").exists():
+        return
+    metrics = run.dir / "metrics.jsonl"
+    if metrics.exists() and any("loss" in json.loads(line) for line in metrics.read_text().splitlines()):
+        return
+    shutil.rmtree(run.dir, ignore_errors=True)
+    for d in reversed(run.made_dirs[:-1]):
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def run_evaluation(run, step, gen):
@@ -2663,7 +2958,8 @@ def save_run_checkpoint(run, done, skipped):
     state = {"step": done, "consumed_samples": done * gbs, "skipped_steps": skipped,
              "data": {"seed": c["seed"], "next_step": done, "windows": run.n_rows, "global_batch_size": gbs},
              "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
-             "tensor_parallel": par.tp, "data_parallel": par.dp, "metrics_lines": run.metrics.lines}
+             "tensor_parallel": par.tp, "data_parallel": par.dp, "metrics_lines": run.metrics.lines,
+             "inputs": run.inputs}
     lora = gather_lora(run.modules, par, run.arch)
     path = write_run_checkpoint(run.dir / "checkpoints", state, par, run.params, run.optimizer,
                            lambda out: export_peft_adapter(lora, run.arch, c, out), run.device,
@@ -2701,12 +2997,20 @@ def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
         sys.stdout = open(os.devnull, "w")
-    c = resolve(load_config(args.config or ["config.yaml"], args.overrides), SCHEMA)
+    paths = args.config or ["config.yaml"]
+    c = resolve(load_config(paths, args.overrides), SCHEMA)
     if args.neuron_env:
         print_launch_environment(c)
         return
+    show_settings(c, paths, args.overrides, SCHEMA)
+    if args.check_config:
+        check_settings(c, launched=False)
+        print("config: keys, types, ranges and cross-key rules OK")
+        return
     arch = prepare_settings(c, args)
     device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, arch)
+    # The run directory, and whether this launch continues its run, before any data is prepared or model loaded.
+    where = None if args.inspect_data else resume_point(c, par)
 
     # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
     tokenizer = load_tokenizer(c)
@@ -2715,8 +3019,12 @@ def main(argv=None):
         inspect_data(train.batch(range(min(args.inspect_data, len(train)))), tokenizer, args.inspect_data)
         return
     val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
+    inputs = run_inputs(c, train, val)
+    if where.checkpoint:
+        same_inputs(where.checkpoint, inputs)
     if args.dry_run:
         dry_run(c, arch, int(train.supervised.max()))
+        print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
         return
     n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
     val_records = read_records(c["data.val_dir"], n_prompts) if val is not None and n_prompts else []
@@ -2728,17 +3036,21 @@ def main(argv=None):
               "generate from the merged model instead")
     run = SimpleNamespace(c=c, arch=arch, device=device, par=par, model=model, modules=modules, params=params,
                           autocast=c["precision.type"] == "autocast", tokenizer=tokenizer, val=val,
-                          val_records=val_records, generate=generate, n_rows=len(train))
-    start, skipped, resume_from = open_run(run)
-    if not resume_from:
-        run_evaluation(run, 0, gen=True)
-    if c["trainer.max_steps"] == 0:
-        run.metrics.close()
-        print("trainer.max_steps=0: baseline evaluation only, no adapter written")
-        return
-
-    with stop_requests() as stop:
-        interval, stopped_after, last_checkpoint = train_loop(run, train, start, skipped, resume_from, stop)
+                          val_records=val_records, generate=generate, n_rows=len(train), inputs=inputs)
+    try:
+        start, skipped = open_run(run, where)
+        if not where.checkpoint:
+            run_evaluation(run, 0, gen=True)
+        if c["trainer.max_steps"] == 0:
+            run.metrics.close()
+            print("trainer.max_steps=0: baseline evaluation only, no adapter written")
+            return
+        with stop_requests() as stop:
+            interval, stopped_after, last_checkpoint = train_loop(run, train, start, skipped, where.checkpoint, stop)
+    except BaseException:
+        if par.rank == 0:
+            remove_failed_start(run)
+        raise
     if stopped_after is not None:
         run.metrics.close()
         print(f"stopped by SIGTERM after step {stopped_after}; resume with exp_manager.resume_if_exists=true "

@@ -73,16 +73,19 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 # and one between them (smoothed), so every branch of the Llama-3.1 rule is exercised.
 
 
-def make_hf_model(out_dir, tokenizer_dir, seed=0, **overrides):
-    """Save a random tiny LlamaForCausalLM (norm weights randomized too) with the tiny tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def make_hf_model(out_dir, tokenizer_dir, seed=0, family="llama", **overrides):
+    """Save a random tiny LlamaForCausalLM (or, with family="mistral", MistralForCausalLM; norm weights randomized
+    too) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     kwargs = dict(TINY, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    model = model_class(config_class(**kwargs)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -1,5 +1,6 @@
 """The config contract shared by every stage: overlays, overrides, strict keys and types."""
 
+import os
 import re
 
 import pytest
@@ -132,3 +133,125 @@ def test_weight_init_only_false_is_refused_rather_than_ignored(cfgmod):
                        cfgmod.SCHEMA)
     with pytest.raises(cfgmod.StageError, match="weight_init_only: false"):
         cfgmod.check_settings(c)
+
+
+def test_an_unknown_key_suggests_the_closest_known_keys(cfgmod):
+    cases = {"trainer.max_step=3": "did you mean 'trainer.max_steps'?",
+             "traner.max_steps=3": "did you mean 'trainer'?",
+             "trainer.seq_length=128": "did you mean 'data.seq_length'?"}
+    for override, hint in cases.items():
+        with pytest.raises(cfgmod.StageError, match=re.escape(hint)):
+            cfgmod.load_config([ROOT / "config.yaml"], [override])
+
+
+def test_a_yaml_syntax_error_names_file_line_and_column(cfgmod, tmp_path):
+    (tmp_path / "bad.yaml").write_text("trainer:\n  max_steps: 3\n   log_every_n_steps: 1\n")
+    with pytest.raises(cfgmod.StageError, match=rf"{re.escape(str(tmp_path / 'bad.yaml'))}:3:\d+: not valid YAML"):
+        cfgmod.load_config([ROOT / "config.yaml", tmp_path / "bad.yaml"], [])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.optim.lr=-1e-4", "'model.optim.lr' must be > 0, got -0.0001"),
+    ("model_alignment_strategy.peft.lora_alpha=0", "'model_alignment_strategy.peft.lora_alpha' must be > 0"),
+    ("model_alignment_strategy.peft.lora_dropout=1.0", "'model_alignment_strategy.peft.lora_dropout' must be in [0, 1)"),
+    ("data.dev_choose_samples=0", "'data.dev_choose_samples' must be >= 1, got 0"),
+    ("model.optim.betas=[0.9,1.0]", "every item of 'model.optim.betas' must be in [0, 1)"),
+    ("model.optim.eps=0", "'model.optim.eps' must be > 0"),
+    ("model.optim.sched.warmup_steps=-1", "'model.optim.sched.warmup_steps' must be >= 0"),
+    ("evaluation.generate.num_prompts=-1", "'evaluation.generate.num_prompts' must be >= 0"),
+    ("seed=-1", "'seed' must be in [0, 4294967295]"),
+    ("trainer.gradient_clip_val=0", "'trainer.gradient_clip_val' must be > 0"),
+], ids=lambda x: x.split("=")[0] if "=" in x else None)
+def test_a_value_outside_its_range_is_refused_naming_the_key(cfgmod, override, message):
+    with pytest.raises(cfgmod.StageError, match=re.escape(message)):
+        cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], [override]), cfgmod.SCHEMA)
+
+
+def test_null_stays_allowed_where_the_range_says_or_null(cfgmod):
+    c = cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], ["data.dev_choose_samples=null",
+                                                                   "trainer.gradient_clip_val=null"]), cfgmod.SCHEMA)
+    assert c["data.dev_choose_samples"] is None and c["trainer.gradient_clip_val"] is None
+
+
+def test_min_lr_above_lr_is_refused(cfgmod):
+    c = cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], ["model.optim.sched.min_lr=1e-3"]), cfgmod.SCHEMA)
+    with pytest.raises(cfgmod.StageError, match=r"'model.optim.sched.min_lr' \(0.001\) must be <= 'model.optim.lr'"):
+        cfgmod.check_settings(c, launched=False)
+
+
+def config_comments():
+    """{dotted key: its comment} for every key line of config.yaml (nesting from indentation)."""
+    out, stack = {}, []
+    for line in (ROOT / "config.yaml").read_text().splitlines():
+        m = re.match(r"^( *)(\w+):(.*)$", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 2
+        stack = stack[:depth] + [m.group(2)]
+        out[".".join(stack)] = m.group(3).partition("#")[2]
+    return out
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_numeric_key_has_a_range_in_the_schema_and_in_config_yaml(stage):
+    schema = load_stage(stage).SCHEMA
+    comments = config_comments()
+    for key, spec in schema.items():
+        kind, _, bounds = spec.partition(" ")
+        if kind.rstrip("?") in ("int", "float", "list[float]"):
+            assert bounds, f"{stage}: {key} has no range"
+            assert bounds in comments[key], f"config.yaml: the comment of {key} does not state '{bounds}'"
+
+
+def test_the_keys_config_yaml_calls_resumable_are_the_ones_05_lets_change(cfgmod):
+    text = (ROOT / "config.yaml").read_text()
+    listed = {k.strip() for line in re.findall(r"^#   resumable: (.*)$", text, re.M) for k in line.split(",")}
+    assert listed - {""} == cfgmod.RESUMABLE
+    assert cfgmod.RESUMABLE <= set(cfgmod.SCHEMA)
+
+
+def test_overrides_are_taken_before_and_after_the_config_options():
+    proc = run_stage(["05_train.py", "seed=3", "--config", "config.yaml", "trainer.max_steps=7", "--config",
+                      "demo.yaml", "data.seq_length=128", "--check-config"])
+    assert "seed=3" in proc.stdout and "max_steps=7" in proc.stdout and "seq_length=128" in proc.stdout
+
+
+def test_a_misspelt_option_is_one_line_with_a_suggestion():
+    proc = run_stage(["05_train.py", "--config", "config.yaml", "--dry_run"], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: unrecognized arguments: --dry_run; did you mean '--dry-run' for '--dry_run'? " \
+                                  "(see --help)"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_shows_the_stage_docstring(stage):
+    proc = run_stage([stage, "--help"])
+    doc = load_stage(stage).__doc__
+    for heading in [doc.splitlines()[0]] + re.findall(r"^(Outputs.*|Commands.*)$", doc, re.M):
+        assert heading in proc.stdout, f"{stage} --help lacks {heading!r}"
+
+
+def test_04_answers_help_and_refuses_an_unknown_key():
+    proc = run_stage(["bash", "04_precompile.sh", "--help"])
+    assert proc.stdout.startswith("Stage 04: ahead-of-time compilation") and "Usage:" in proc.stdout
+    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "trainer.max_step=3"], check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("error: command line: unknown key 'trainer.max_step'; did you "
+                                                    "mean 'trainer.max_steps'?")
+
+
+def test_settings_show_only_what_differs_from_the_first_config_file():
+    alone = run_stage(["05_train.py", "--config", "config.yaml", "--check-config"]).stdout.splitlines()
+    assert alone[0] == "settings: config.yaml (as config.yaml)"
+    demo = run_stage(["05_train.py", "--config", "config.yaml", "--config", "demo.yaml", "--check-config"]).stdout
+    assert "seq_length=256" in demo and "lr=0.002" in demo and "optim.eps" not in demo
+    assert len(demo.splitlines()) <= 13  # 12 lines of settings, then the verdict
+
+
+def test_on_a_host_without_trainium_config_yaml_points_to_the_demo():
+    proc = run_stage(["05_train.py", "--config", "config.yaml"], check=False,
+                     env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    assert "trn1.32xlarge" in line and "make demo" in line and "--config demo.yaml" in line
+    assert "distributed_strategy.tensor_model_parallel_size=1" in line

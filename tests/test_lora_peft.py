@@ -133,3 +133,29 @@ def test_unknown_lora_target_is_an_error(converted, train_mod):
     c = lora_settings(train_mod, work, ["q_proj"])
     with pytest.raises(train_mod.StageError, match=r"unknown target\(s\) \['q_proj'\]"):
         train_mod.check_settings(c)
+
+
+def test_an_adapter_on_a_mistral_model_loads_in_peft_on_transformers_mistral(tmp_path, tokenizer_dir, train_mod):
+    """Mistral is trained as the Llama it is (no sliding window); its adapter must load on MistralForCausalLM."""
+    from peft import PeftModel
+    from transformers import MistralForCausalLM
+
+    make_hf_model(tmp_path / "hf_source", tokenizer_dir, family="mistral", sliding_window=None)
+    overlay = write_overlay(tmp_path / "overlay.yaml", tiny_settings(tmp_path))
+    run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)])
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    c = lora_settings(train_mod, tmp_path, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    model = trained_looking_model(train_mod, tmp_path, c)
+    adapter = export(train_mod, model, c, tmp_path / "adapter")
+    ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.logits(model(ids, torch.arange(50).expand(2, 50), train_mod.document_mask(torch.ones_like(ids))))
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    base = MistralForCausalLM.from_pretrained(str(tmp_path / "hf_weights")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-5

@@ -38,7 +38,9 @@ def our_logits(train, model, ids):
     dict(num_key_value_heads=4),                              # plain multi-head attention
     dict(rope_parameters=LLAMA3_ROPE),                        # Llama-3.1 frequency scaling
     dict(head_dim=32),                                        # head_dim != hidden / heads
-], ids=["gqa-untied", "tied", "mha", "rope-llama3", "head-dim"])
+    dict(family="mistral", sliding_window=None, rope_theta=1e6),  # Mistral v0.2+: a Llama without a window
+    dict(family="mistral", sliding_window=4096),              # a window longer than the sequence: no effect
+], ids=["gqa-untied", "tied", "mha", "rope-llama3", "head-dim", "mistral", "mistral-long-window"])
 def test_logits_match_transformers(tmp_path, tokenizer_dir, train_mod, case):
     hf, settings = convert(tmp_path, tokenizer_dir, **case)
     ids = torch.randint(0, hf.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
@@ -46,6 +48,16 @@ def test_logits_match_transformers(tmp_path, tokenizer_dir, train_mod, case):
         expected = hf(ids).logits
     got = our_logits(train_mod, our_model(train_mod, settings), ids)
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_a_mistral_window_shorter_than_the_sequence_is_refused(tmp_path, tokenizer_dir, train_mod):
+    """Mistral-7B-v0.1 attends to its last 4096 tokens only; training it as a full-attention Llama would differ."""
+    _, settings = convert(tmp_path, tokenizer_dir, family="mistral", sliding_window=32)
+    assert train_mod.read_model_config(settings["model.model_config"])["sliding_window"] == 32
+    proc = run_stage(["05_train.py", "--config", "config.yaml", "--config", str(tmp_path / "overlay.yaml")],
+                     check=False)
+    assert proc.returncode == 1
+    assert "sliding_window 32 is shorter than data.seq_length 64" in proc.stderr.splitlines()[-1]
 
 
 def test_llama3_rope_scales_low_frequencies_smooths_the_middle_band_and_keeps_high_ones(train_mod):
@@ -140,11 +152,12 @@ def test_a_truncated_shard_is_caught_by_its_manifest_size(tmp_path, tokenizer_di
         our_model(train_mod, settings)
 
 
-def test_converter_refuses_a_non_empty_output_without_overwrite(tmp_path, tokenizer_dir):
+def test_converter_replaces_its_earlier_output_only_with_overwrite(tmp_path, tokenizer_dir):
     _, settings = convert(tmp_path, tokenizer_dir)
     overlay = tmp_path / "overlay.yaml"
     proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
-    assert proc.returncode == 1 and "is not empty; pass --overwrite" in proc.stderr
+    assert proc.returncode == 1 and "holds an earlier output of this stage; pass --overwrite" in proc.stderr
+    run_stage(["03_convert_checkpoint.py", "--overwrite", "--config", "config.yaml", "--config", str(overlay)])
 
 
 def test_converter_rejects_a_shape_that_disagrees_with_config(tmp_path, tokenizer_dir):

@@ -83,6 +83,9 @@ def test_demo_model_trains_for_a_few_steps(demo_model):
     run_stage(["03_convert_checkpoint.py", *args])
     out = run_stage(["05_train.py", *args]).stdout
     assert "trainable params: 4,055,040" in out
+    lines = out.split("run directory:")[0].splitlines()
+    settings = 1 + next(i for i, line in enumerate(lines[1:]) if not line.startswith("  "))
+    assert lines[0].startswith("settings:") and len(lines) - settings <= 7  # with the demo's 12 settings lines: 19
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)

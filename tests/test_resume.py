@@ -230,3 +230,46 @@ def test_raising_max_steps_trains_a_finished_run_on(references):
     assert f"resuming from {work / 'longer' / 'checkpoints' / 'step_0000010'}" in proc.stdout
     steps = [r["step"] for r in records(work / "longer") if "loss" in r]
     assert steps == list(range(1, 13))
+
+
+def test_a_resume_that_changes_what_is_trained_is_refused_listing_each_change(references):
+    work, overlay = references
+    shutil.copytree(work / "ref-packing-True", work / "changed")
+    before = {p: p.read_bytes() for p in (work / "changed").rglob("*") if p.is_file()}
+    proc = subprocess.run(command(work, overlay, "changed", 1, [
+        "trainer.max_steps=12", "data.seq_length=128", "model.optim.lr=0.05", "model_alignment_strategy.peft.lora_rank=8"]),
+        cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    for change in ("data.seq_length: 64 -> 128", "model.optim.lr: 0.01 -> 0.05",
+                   "model_alignment_strategy.peft.lora_rank: 16 -> 8"):
+        assert change in message
+    assert "trainer.max_steps" not in message  # resumable
+    assert {p: p.read_bytes() for p in (work / "changed").rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_on_changed_data_content_is_refused(pipeline):
+    work, overlay = pipeline
+    data = work / "own-data" / "training.jsonl"
+    data.parent.mkdir()
+    shutil.copy(work / "data" / "training.jsonl", data)
+    short = [f"data.train_dir={data}", "trainer.max_steps=2", "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+    run_to_end(work, overlay, "own-data-run", 1, *short)
+    with open(data, "a") as f:  # the same file name, other records
+        f.write(data.read_text().splitlines(keepends=True)[0])
+    proc = subprocess.run(command(work, overlay, "own-data-run", 1, [*short, "trainer.max_steps=4"]), cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "content of data.train_dir: sha256" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_resume_records_what_it_changed_and_keeps_the_original_config(references):
+    work, overlay = references
+    shutil.copytree(work / "ref-packing-True", work / "relogged")
+    original = (work / "relogged" / "config.yaml").read_text()
+    run_to_end(work, overlay, "relogged", 1, "trainer.max_steps=12", "model.optim.sched.max_steps=10",
+               "trainer.log_every_n_steps=2")
+    assert (work / "relogged" / "config.yaml").read_text() == original
+    (resume,) = [json.loads(line) for line in (work / "relogged" / "resumes.jsonl").read_text().splitlines()]
+    assert resume["step"] == 10 and resume["checkpoint"] == "step_0000010"
+    assert resume["changed"] == {"trainer.max_steps": [10, 12], "trainer.log_every_n_steps": [1, 2],
+                                 "exp_manager.explicit_log_dir": [str(work / "ref-packing-True"), str(work / "relogged")]}

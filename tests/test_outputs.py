@@ -1,0 +1,122 @@
+"""Each stage replaces its own earlier outputs and nothing else, and a failed stage leaves nothing behind."""
+
+import json
+
+import pytest
+
+from conftest import DEMO_DATA, load_stage, make_hf_model, run_stage, write_overlay
+
+
+def stage(name, overlay, *args, check=True):
+    return run_stage([name, "--config", "config.yaml", "--config", str(overlay), *args], check=check)
+
+
+def test_02_writes_tokenizer_and_weights_into_one_directory_as_on_the_hub(tmp_path, tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_hf_model(tmp_path / "src", tokenizer_dir)
+    model_dir = tmp_path / "models" / "tiny"
+    overlay = write_overlay(tmp_path / "o.yaml", {
+        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(model_dir),
+        "data.tokenizer.type": str(model_dir), "model.model_config": str(model_dir / "config.json")})
+    for _ in range(2):  # the second run replaces the first one's output
+        stage("02_download_model.py", overlay)
+        assert AutoTokenizer.from_pretrained(str(model_dir)).eos_token == "</s>"
+        assert AutoModelForCausalLM.from_pretrained(str(model_dir)).config.num_hidden_layers == 2
+        assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny"]  # no .old, no .tmp
+
+
+def test_02_recognises_its_outputs_from_before_they_named_their_stage(tmp_path, tokenizer_dir):
+    make_hf_model(tmp_path / "src", tokenizer_dir)
+    overlay = write_overlay(tmp_path / "o.yaml", {
+        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(tmp_path / "w"),
+        "data.tokenizer.type": str(tmp_path / "t"), "model.model_config": str(tmp_path / "c.json")})
+    stage("02_download_model.py", overlay)
+    saved = tmp_path / "w" / "resolved_config.yaml"
+    saved.write_text(saved.read_text().split("\n", 1)[1])  # an older version: no first line naming the stage
+    (tmp_path / "t" / "resolved_config.yaml").unlink()  # and no config in the tokenizer directory
+    stage("02_download_model.py", overlay)
+    assert (tmp_path / "t" / "resolved_config.yaml").read_text().startswith("# written by 02_download_model.py")
+
+
+def test_02_refuses_to_replace_an_edited_model_config(tmp_path, tokenizer_dir):
+    make_hf_model(tmp_path / "src", tokenizer_dir)
+    overlay = write_overlay(tmp_path / "o.yaml", {
+        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(tmp_path / "w"),
+        "data.tokenizer.type": str(tmp_path / "t"), "model.model_config": str(tmp_path / "c.json")})
+    stage("02_download_model.py", overlay)
+    edited = json.loads((tmp_path / "c.json").read_text()) | {"my_note": "edited by hand"}
+    (tmp_path / "c.json").write_text(json.dumps(edited))
+    proc = stage("02_download_model.py", overlay, check=False)
+    assert proc.returncode == 1 and "model.model_config" in proc.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["my_note"] == "edited by hand"
+
+
+def test_01_replaces_its_earlier_output_when_the_source_changes(tmp_path):
+    source = tmp_path / "source.jsonl"
+    lines = (DEMO_DATA / "val.jsonl").read_text().splitlines(keepends=True)
+    source.write_text("".join(lines[:5]))
+    overlay = write_overlay(tmp_path / "o.yaml", {
+        "data.download.train_uri": str(source), "data.download.val_uri": None,
+        "data.train_dir": str(tmp_path / "out" / "train.jsonl"), "data.tokenizer.type": str(tmp_path / "none")})
+    stage("01_download_data.py", overlay)
+    source.write_text("".join(lines[:7]))
+    assert "7 records" in stage("01_download_data.py", overlay).stdout
+    manifest = json.loads((tmp_path / "out" / "train.jsonl.manifest.json").read_text())
+    assert manifest["records"] == 7 and manifest["written_by"] == "01_download_data.py"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.jsonl", "train.jsonl.manifest.json"]
+
+
+def test_01_into_a_new_directory_tree_creates_it_only_when_it_succeeds(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a"}\n')
+    overlay = write_overlay(tmp_path / "o.yaml", {
+        "data.download.train_uri": str(bad), "data.download.val_uri": None,
+        "data.train_dir": str(tmp_path / "a" / "b" / "train.jsonl")})
+    proc = stage("01_download_data.py", overlay, check=False)
+    assert proc.returncode == 1 and f"{bad}:1: missing field 'output'" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "o.yaml"]
+
+
+def test_03_to_hf_replaces_its_own_export_with_overwrite_only(pipeline):
+    work, overlay = pipeline
+    stage("03_convert_checkpoint.py", overlay, "--to-hf", str(work / "export"))
+    proc = stage("03_convert_checkpoint.py", overlay, "--to-hf", str(work / "export"), check=False)
+    assert proc.returncode == 1 and "holds an earlier output of this stage; pass --overwrite" in proc.stderr
+    stage("03_convert_checkpoint.py", overlay, "--to-hf", str(work / "export"), "--overwrite")
+    assert not (work / "export.old").exists() and not (work / "export.tmp").exists()
+
+
+def test_05_trains_into_an_empty_directory_the_user_made(pipeline):
+    work, overlay = pipeline
+    (work / "empty").mkdir()
+    stage("05_train.py", overlay, f"exp_manager.explicit_log_dir={work / 'empty'}", "trainer.max_steps=1",
+          "evaluation.generate.num_prompts=0")
+    assert (work / "empty" / "final" / "adapter" / "adapter_config.json").exists()
+    assert (work / "empty" / "config.yaml").read_text().startswith("# written by 05_train.py")
+
+
+def test_05_a_run_that_fails_before_its_first_step_leaves_no_directory(pipeline, monkeypatch):
+    work, overlay = pipeline
+    train = load_stage("05_train.py")
+
+    def broken_evaluation(*args, **kwargs):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(train, "run_evaluation", broken_evaluation)
+    run_dir = work / "failed" / "deeper" / "run"
+    with pytest.raises(RuntimeError, match="the device went away"):
+        train.main(["--config", "config.yaml", "--config", str(overlay), f"exp_manager.explicit_log_dir={run_dir}"])
+    assert not (work / "failed").exists()
+
+
+def test_05_a_failed_data_preparation_leaves_no_directory(pipeline, tmp_path):
+    work, overlay = pipeline
+    data = tmp_path / "cache" / "train.jsonl"
+    data.parent.mkdir()
+    data.write_text((DEMO_DATA / "train.jsonl").read_text().splitlines()[0] + "\n{broken\n")
+    proc = stage("05_train.py", overlay, f"data.train_dir={data}", f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
+                 f"data.cache_dir={tmp_path / 'made' / 'for' / 'it'}", check=False)
+    assert proc.returncode == 1 and f"{data}:2: not valid JSON" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    assert [p.name for p in data.parent.iterdir()] == ["train.jsonl"]
