@@ -221,11 +221,12 @@ def show_settings(c, paths, overrides, schema):
     changed = {k: v for k, v in redacted(c).items() if k not in base or base[k] != v}
     given = " + ".join(str(p) for p in paths) + (f" + {len(overrides)} override(s)" if overrides else "")
     print(f"settings: {given}" + (f"; differing from {paths[0]}:" if changed else f" (as {paths[0]})"))
+    shown = lambda v: (f"[{', '.join(map(shown, v))}]" if isinstance(v, list)  # noqa: E731  (as YAML reads it)
+                       else v if isinstance(v, str) else json.dumps(v))
     sections = {}
     for key, value in changed.items():
         section, _, rest = key.partition(".")
-        shown = json.dumps(value) if not isinstance(value, str) else value
-        sections.setdefault(section if rest else "", []).append(f"{rest or section}={shown}")
+        sections.setdefault(section if rest else "", []).append(f"{rest or section}={shown(value)}")
     for section, items in sections.items():
         line = f"  {section + ': ' if section else ''}"
         for item in items:
