@@ -11,6 +11,16 @@ def stage(name, overlay, *args, check=True):
     return run_stage([name, "--config", "config.yaml", "--config", str(overlay), *args], check=check)
 
 
+def model_downloaded(tmp_path, tokenizer_dir):
+    """02 run once from a tiny local model into weights w/, tokenizer t/ and config c.json; returns its overlay."""
+    make_hf_model(tmp_path / "src", tokenizer_dir)
+    overlay = write_overlay(tmp_path / "o.yaml", {
+        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(tmp_path / "w"),
+        "data.tokenizer.type": str(tmp_path / "t"), "model.model_config": str(tmp_path / "c.json")})
+    stage("02_download_model.py", overlay)
+    return overlay
+
+
 def test_02_writes_tokenizer_and_weights_into_one_directory_as_on_the_hub(tmp_path, tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,11 +37,7 @@ def test_02_writes_tokenizer_and_weights_into_one_directory_as_on_the_hub(tmp_pa
 
 
 def test_02_recognises_its_outputs_from_before_they_named_their_stage(tmp_path, tokenizer_dir):
-    make_hf_model(tmp_path / "src", tokenizer_dir)
-    overlay = write_overlay(tmp_path / "o.yaml", {
-        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(tmp_path / "w"),
-        "data.tokenizer.type": str(tmp_path / "t"), "model.model_config": str(tmp_path / "c.json")})
-    stage("02_download_model.py", overlay)
+    overlay = model_downloaded(tmp_path, tokenizer_dir)
     saved = tmp_path / "w" / "resolved_config.yaml"
     saved.write_text(saved.read_text().split("\n", 1)[1])  # an older version: no first line naming the stage
     (tmp_path / "t" / "resolved_config.yaml").unlink()  # and no config in the tokenizer directory
@@ -40,11 +46,7 @@ def test_02_recognises_its_outputs_from_before_they_named_their_stage(tmp_path, 
 
 
 def test_02_refuses_to_replace_an_edited_model_config(tmp_path, tokenizer_dir):
-    make_hf_model(tmp_path / "src", tokenizer_dir)
-    overlay = write_overlay(tmp_path / "o.yaml", {
-        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(tmp_path / "w"),
-        "data.tokenizer.type": str(tmp_path / "t"), "model.model_config": str(tmp_path / "c.json")})
-    stage("02_download_model.py", overlay)
+    overlay = model_downloaded(tmp_path, tokenizer_dir)
     edited = json.loads((tmp_path / "c.json").read_text()) | {"my_note": "edited by hand"}
     (tmp_path / "c.json").write_text(json.dumps(edited))
     proc = stage("02_download_model.py", overlay, check=False)
