@@ -490,10 +490,11 @@ SCHEMA = {
     "xla.neuron.rt_exec_timeout": "int >= 1",
     "xla.neuron.experimental_compress_rg": "bool",
 }
-# Keys that may change when a run resumes: when and how it logs, evaluates, checkpoints, stops and reports, and
-# where it finds its files. Every other key defines what is trained, and a resumed run refuses a change to it.
+# Keys that may change when a run resumes: when and how it logs, evaluates, checkpoints, stops and reports, where
+# it finds its files, and activation checkpointing (memory only: recomputing a layer replays its dropout masks).
+# Every other key defines what is trained, and a resumed run refuses a change to it.
 RESUMABLE = {
-    "name", "trainer.max_steps", "trainer.log_every_n_steps", "trainer.val_check_interval", "trainer.nonfinite",
+    "name", "model.activations_checkpoint", "model.activations_checkpoint_layers", "trainer.max_steps", "trainer.log_every_n_steps", "trainer.val_check_interval", "trainer.nonfinite",
     "trainer.peak_tflops", "trainer.device_memory_gib", "exp_manager.exp_dir", "exp_manager.explicit_log_dir",
     "exp_manager.create_tensorboard_logger", "exp_manager.resume_if_exists",
     "exp_manager.checkpoint_callback_params.every_n_train_steps", "exp_manager.checkpoint_callback_params.save_top_k",
