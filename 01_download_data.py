@@ -10,22 +10,36 @@ Sources (data.download.train_uri / val_uri)
                             Objects arrive in concurrent ranged parts (part_size_mb, workers); an interrupted
                             download resumes with the parts it lacks; size and ETag are verified.
   https://... or http://... streamed with retries; an interrupted transfer continues with a Range request
-  hf://datasets/owner/name[:split]   through `datasets` (default split: train)
-  a local path (or file://...)
+  hf://datasets/owner/name[:split]   through `datasets` (default split: train; its cache and HF token)
+  a local path (or file://...): a file of one of the kinds below, or a `datasets` save_to_disk directory
 
-Records
-  Each line must be a JSON object with string "input" and "output" (other fields are kept). Raw
-  databricks-dolly records (instruction, context, response) are converted the NeMo way: input = instruction,
-  followed by a blank line and the context when there is one; output = response. A bad line is reported as
-  file:line with the reason; data.download.bad_lines decides whether the stage stops (fail) or skips and counts
-  it (skip). Blank lines are ignored.
+File kinds (the same reader as stage 05's)
+  JSON lines (UTF-8; a BOM and CRLF line ends tolerated), the same gzip-compressed (.jsonl.gz), a file holding
+  one JSON array, parquet, arrow, a `datasets` directory. A line that is not UTF-8 or not JSON is a bad line.
+
+Records: formats recognised by their fields (data.format: auto), each converted to a normalized form
+  {input, output}                      the tutorial's, kept as it is
+  {instruction, context?, response}    databricks-dolly, the NeMo way: input = instruction, then a blank line
+                                       and the context when there is one; output = response
+  {instruction, input?, output}        Alpaca: input = instruction, then a blank line and the input when there
+                                       is one (the dolly layout, so both instruction formats read alike)
+  {prompt, completion}                 TRL prompt-completion: strings -> {input, output}; lists of messages
+                                       (conversational) -> one conversation in which only the completion trains
+  {messages: [{role, content}]}        OpenAI / HF chat, any number of turns -> kept as a conversation
+  {conversations: [{from, value}]}     ShareGPT (system / human / gpt) -> a conversation with OpenAI roles
+  Fields no format uses (ids, categories, ...) are kept; a field of another format (instruction beside
+  input/output) is an error, never dropped; data.rename_fields renames fields first ("question=input").
+  A record that fits no format, has an empty prompt or output, or a conversation without an assistant turn or
+  ending on a user turn, is a bad line: reported as file:line with the reason; data.download.bad_lines decides
+  whether the stage stops (fail) or skips and counts it (skip). Blank lines are ignored.
 
 Outputs
   data.train_dir, data.val_dir   validated jsonl (each key names a file, despite "dir"), written under a
                                   temporary name and renamed
   <file>.manifest.json            source and its identity (ETag/size or sha256), sha256 of every object and of
-                                  the output, record counts, rejected lines with reasons, duplicates, token
-                                  length statistics (when data.tokenizer.type exists already), resolved config
+                                  the output, records per format, rejections per reason and each rejected line
+                                  with its reason, duplicates, token length statistics (when
+                                  data.tokenizer.type exists already), resolved config
   A re-run whose source and output are unchanged (checked by ETag or checksum) does nothing and says so; a
   changed source replaces the earlier output. An existing path that 01 did not write (no manifest beside it: a
   directory, the source itself, a file of yours) is refused before anything is downloaded, and left as it is.
@@ -34,6 +48,7 @@ Main keys
   data.download.train_uri, data.download.val_uri   sources
   data.download.anonymous, .endpoint_url, .region, .profile   S3 access
   data.download.bad_lines                         fail | skip
+  data.format, data.rename_fields                 record format (auto) and field renames
   data.train_dir, data.val_dir                    outputs
 
 Commands (the same on CPU, CUDA and Trainium hosts)
@@ -404,8 +419,312 @@ SCHEMA = {
     "data.download.workers": "int >= 1",
     "data.train_dir": "path",
     "data.val_dir": "path?",
+    "data.format": "auto|input_output|dolly|alpaca|prompt_completion|messages|sharegpt",
+    "data.rename_fields": "list[str]",
     "data.tokenizer.type": "path",
 }
+
+
+# ------------------------------------------------------------------------------------------------ records
+# The record reader, repeated identically in stages 01 and 05 (tests/test_data_formats.py keeps the two copies
+# the same), so that 05 reads and judges every file exactly as 01 does. It reads the file kinds below and
+# recognises each record's format by its fields, converting it to one of two normalized forms:
+#   single-turn   {"input": prompt, "output": response, ...}
+#   conversation  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], ...}
+# Fields that no format uses (ids, categories, ...) are kept as they are; a field that some other format uses is
+# an error, never dropped.
+RECORD_FORMATS = {  # name: (required fields, optional fields)
+    "input_output": ({"input", "output"}, set()),  # the tutorial's
+    "dolly": ({"instruction", "response"}, {"context"}),  # databricks-dolly: input = instruction + blank line + context
+    "alpaca": ({"instruction", "output"}, {"input"}),  # input = instruction + blank line + input (as dolly's context)
+    "prompt_completion": ({"prompt", "completion"}, set()),  # TRL: strings, or lists of messages (conversational)
+    "messages": ({"messages"}, set()),  # OpenAI / HF chat: [{role, content}]
+    "sharegpt": ({"conversations"}, set()),  # [{from: system | human | gpt, value}]
+}
+CONTENT_FIELDS = set().union(*(required | optional for required, optional in RECORD_FORMATS.values()))
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class BadRecord(Exception):
+    """A record that cannot be trained on: `kind` is a short category (counted in 01's manifest), `reason` the
+    whole explanation."""
+
+    def __init__(self, kind, reason):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def data_rows(path):
+    """(where, item) for every record of a data file or dataset, in order: `where` is a line number (JSON lines) or
+    'record N' / 'row N'; `item` is the raw line (bytes, parsed by parse_row) or the record itself. Reads JSON lines
+    (UTF-8, a BOM and CRLF tolerated, gzip-compressed when the file is), a file holding one JSON array, parquet,
+    arrow, a `datasets` save_to_disk directory, and hf://datasets/<owner>/<name>[:split] (default split: train)."""
+    text = str(path)
+    if text.startswith("hf://datasets/"):
+        yield from table_rows(hf_dataset(text))
+        return
+    path = Path(path)
+    if path.is_dir():
+        yield from table_rows(saved_dataset(path))
+    elif not path.is_file():
+        raise StageError(f"data file {path} not found")
+    elif path.suffix == ".parquet":
+        yield from parquet_rows(path)
+    elif path.suffix == ".arrow":
+        yield from table_rows(arrow_dataset(path))
+    else:
+        yield from json_rows(path)
+
+
+def json_rows(path):
+    """JSON lines, or one JSON array (read whole: use JSON lines for big sets); gzip when the file starts so. A
+    .jsonl (.ndjson) file is always lines; another holding an array from its first character is an array."""
+    import gzip
+
+    with open(path, "rb") as probe:
+        zipped = probe.read(2) == b"\x1f\x8b"
+    opener = gzip.open if zipped else open
+    lines_only = path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        if head.startswith(b"[") and not lines_only:
+            with opener(path, "rb") as f:
+                try:
+                    rows = json.loads(f.read().decode("utf-8-sig"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+                    raise StageError(f"{path}{where}: not a valid JSON array file ({e})") from None
+            yield from ((f"record {i}", row) for i, row in enumerate(rows, start=1))
+            return
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if lineno == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")
+                if line.strip():
+                    yield lineno, line
+    except (OSError, EOFError) as e:
+        raise StageError(f"{path}: cannot be read ({e})") from None
+
+
+def parquet_rows(path):
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=2048)
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as parquet ({type(e).__name__}: {first_line(e)})") from None
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            row += 1
+            yield f"row {row}", record
+
+
+def arrow_dataset(path):
+    import datasets
+
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: {first_line(e)})") from None
+
+
+def saved_dataset(path):
+    """A `datasets` save_to_disk directory (a DatasetDict must hold a 'train' split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise StageError(f"{path}: a directory, but not one that datasets' save_to_disk wrote ({type(e).__name__}: "
+                         f"{first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise StageError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); save one split")
+        ds = ds["train"]
+    return ds
+
+
+def hf_dataset(uri):
+    """hf://datasets/<owner>/<name>[:split] through `datasets` (its own cache and HF token handling)."""
+    import datasets
+
+    repo, _, split = uri[len("hf://datasets/"):].partition(":")
+    try:
+        return datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:
+        raise StageError(f"{uri}: cannot be loaded with datasets ({type(e).__name__}: {first_line(e)})") from None
+
+
+def table_rows(ds):
+    row = 0
+    for batch in ds.iter(batch_size=2048):
+        for values in zip(*batch.values()):
+            row += 1
+            yield f"row {row}", dict(zip(batch, values))
+
+
+def data_sha256(path):
+    """What identifies a data source's content: the sha256 of a file, or of a directory's files (names and
+    contents, in order), or for hf://datasets/... the fingerprint `datasets` gives the cached dataset."""
+    if str(path).startswith("hf://datasets/"):
+        return hf_dataset(str(path))._fingerprint
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
+def first_line(e):
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def parse_row(item):
+    """The record of one item of data_rows: a JSON line decoded and parsed, or the record itself."""
+    if isinstance(item, bytes):
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord("not UTF-8", f"not UTF-8 text (byte 0x{item[e.start]:02x} at byte {e.start + 1} of "
+                                         f"the line)") from None
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecord("not valid JSON", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise BadRecord("not an object", f"expected a JSON object, got {type(item).__name__}")
+    return item
+
+
+def rename_pairs(entries):
+    """data.rename_fields ["from=to", ...] as (from, to) pairs."""
+    pairs = [tuple(e.split("=")) for e in entries]
+    bad = [e for e, p in zip(entries, pairs) if len(p) != 2 or not all(p)]
+    if bad:
+        raise StageError(f"config: 'data.rename_fields' entries must be 'from=to', got {bad[0]!r}")
+    return pairs
+
+
+def normalize(row, fmt="auto", renames=()):
+    """(normalized record, format name) of one record: its format recognised by its content fields (or `fmt`),
+    converted as the comments of RECORD_FORMATS say; BadRecord when it fits no format or would train nothing.
+    `renames` are (from, to) field names applied first (data.rename_fields)."""
+    row = {k: v for k, v in row.items() if v is not None}  # columnar files hold null for a field a record lacks
+    for old, new in renames:
+        if old in row:
+            if new in row:
+                raise BadRecord("field clash", f"field '{old}' would be renamed to '{new}', which is there too")
+            row[new] = row.pop(old)
+    present = CONTENT_FIELDS & set(row)
+    matches = [name for name, (req, opt) in RECORD_FORMATS.items()
+               if fmt in ("auto", name) and req <= present <= req | opt]
+    if not matches:  # the field sets are disjoint, so at most one format matches
+        raise BadRecord("no format", format_mismatch(row, present, fmt))
+    name, rest = matches[0], {k: v for k, v in row.items() if k not in CONTENT_FIELDS}
+    if name == "prompt_completion" and isinstance(row["prompt"], list):
+        return {"messages": conversational_prompt_completion(row["prompt"], row["completion"]), **rest}, name
+    if name in ("messages", "sharegpt"):
+        turns = row[name if name == "messages" else "conversations"]
+        return {"messages": check_conversation(turns if name == "messages" else from_sharegpt(turns)), **rest}, name
+    fields = {k: row[k] for k in present}
+    for key, value in fields.items():
+        if not isinstance(value, str):
+            raise BadRecord("not a string", f"field '{key}' must be a string, got {type(value).__name__}")
+    if name == "input_output":
+        prompt, output = fields["input"], fields["output"]
+    elif name == "prompt_completion":
+        prompt, output = fields["prompt"], fields["completion"]
+    else:  # dolly and alpaca: the instruction, then its context / input after a blank line when there is one
+        extra = fields.get("context" if name == "dolly" else "input", "").strip()
+        prompt = fields["instruction"] + (f"\n\n{extra}" if extra else "")
+        output = fields["response" if name == "dolly" else "output"]
+    if not prompt.strip():
+        raise BadRecord("empty prompt", f"empty prompt ({name} record): nothing to answer")
+    if not output.strip():
+        raise BadRecord("empty output", f"empty output ({name} record): nothing to train on")
+    return {"input": prompt, "output": output, **rest}, name
+
+
+def format_mismatch(row, present, fmt):
+    """Why no format takes these fields: the nearest format's missing or unused field, the fields found, and the
+    formats known."""
+    known = "; ".join(f"{name} ({', '.join(sorted(req) + [f'[{o}]' for o in sorted(opt)])})"
+                      for name, (req, opt) in RECORD_FORMATS.items())
+    tried = [(len(req - present) + len(present - req - opt), name, req - present, present - req - opt)
+             for name, (req, opt) in RECORD_FORMATS.items() if fmt in ("auto", name)]
+    _, name, missing, unused = min(tried, key=lambda t: t[0])
+    why = (f"missing field '{sorted(missing)[0]}'" if missing and not unused else
+           f"field '{sorted(unused)[0]}' is not used by the {name} format" if unused and not missing else
+           "its fields fit no record format")
+    return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"
+
+
+def from_sharegpt(turns):
+    if not isinstance(turns, list):
+        raise BadRecord("bad conversation", f"'conversations' must be a list of turns, got {type(turns).__name__}")
+    out = []
+    for i, turn in enumerate(turns, start=1):
+        turn = {k: v for k, v in turn.items() if v is not None} if isinstance(turn, dict) else turn
+        if not isinstance(turn, dict) or set(turn) != {"from", "value"}:
+            found = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+            raise BadRecord("bad conversation", f"turn {i} must have exactly 'from' and 'value', got {found}")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise BadRecord("bad conversation", f"turn {i}: unknown 'from' {turn['from']!r} (known: "
+                                                f"{sorted(SHAREGPT_ROLES)})")
+        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return out
+
+
+def conversational_prompt_completion(prompt, completion):
+    """TRL's conversational prompt/completion as one conversation in which only the completion's assistant turns
+    train, as TRL trains them: an assistant turn of the prompt is marked "train": false."""
+    if not isinstance(completion, list):
+        raise BadRecord("bad conversation", "'prompt' is a list of messages, so 'completion' must be one too")
+    context = [dict(m, train=False) if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
+    return check_conversation(context + completion)
+
+
+def check_conversation(messages):
+    """The messages of a conversation, checked: role and content (and, on an assistant turn, an optional boolean
+    "train"), a system turn first if any, a user turn before the first assistant turn, no empty turn, and an
+    assistant turn last that trains."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("bad conversation", "a conversation must be a non-empty list of messages")
+    # columnar files hold null for a key that some messages lack
+    messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m) <= {"role", "content", "train"}:
+            found = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise BadRecord("bad conversation", f"message {i} must have 'role' and 'content' (and optionally "
+                                                f"'train'), got {found}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise BadRecord("bad conversation", f"message {i}: unknown role {m['role']!r} (system, user, assistant)")
+        if not isinstance(m["content"], str):
+            raise BadRecord("bad conversation", f"message {i}: content must be a string, got "
+                                                f"{type(m['content']).__name__}")
+        if not m["content"].strip():
+            raise BadRecord("empty turn", f"message {i} ({m['role']}) is empty")
+        if m["role"] == "system" and i != 1:
+            raise BadRecord("bad conversation", f"message {i}: a system message may only come first")
+        if "train" in m and (m["role"] != "assistant" or not isinstance(m["train"], bool)):
+            raise BadRecord("bad conversation", f"message {i}: 'train' must be true or false, on an assistant turn")
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise BadRecord("no assistant turn", "a conversation without an assistant turn has nothing to train on")
+    if roles[-1] != "assistant":
+        raise BadRecord("ends on a user turn", f"the conversation ends on a {roles[-1]} turn, after its last answer")
+    first = next(r for r in roles if r != "system")
+    if first != "user":
+        raise BadRecord("bad conversation", "the first turn after the system message must be the user's")
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
+        raise BadRecord("no assistant turn", "every assistant turn has \"train\": false: nothing to train on")
+    return [dict(m) for m in messages]
 
 
 # ------------------------------------------------------------------------------------------------ fetch
@@ -638,40 +957,27 @@ def fetch_http(url, dest):
     return [(url, dest)], [{"size": dest.stat().st_size}]
 
 
-def fetch_hf(uri, workdir):
-    """hf://datasets/<owner>/<name>[:split] through `datasets` (its own cache and HF token handling)."""
-    import datasets
-
-    repo, _, split = uri[len("hf://datasets/"):].partition(":")
-    try:
-        ds = datasets.load_dataset(repo, split=split or "train")
-    except Exception as e:
-        raise StageError(f"{uri}: cannot be loaded with datasets ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    dest = workdir / "records.jsonl"
-    with writing(dest), open(dest, "w", encoding="utf-8") as f:
-        for row in ds:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    return [(uri, dest)], [{"rows": len(ds), "fingerprint": ds._fingerprint}]
-
-
 def local_path(uri):
     return Path(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
 
 
 def fetch(uri, c, workdir):
-    """Bring the source into workdir: [(label for messages, local file)] and what identifies each object."""
-    if not uri.startswith(("s3://", "https://", "http://", "hf://datasets/")):
+    """Bring the source into workdir: [(label for messages, local file or dataset)] and what identifies each
+    object. Local files and directories, and hf://datasets/... (through `datasets` and its cache), are read where
+    they are."""
+    if uri.startswith("hf://"):
+        if not uri.startswith("hf://datasets/"):
+            raise StageError(f"{uri}: expected hf://datasets/<owner>/<name>[:split]")
+        return [(uri, uri)], [{"dataset": uri}]
+    if not uri.startswith(("s3://", "https://", "http://")):
         src = local_path(uri)
-        if not src.is_file():
+        if not src.exists():
             raise StageError(f"{uri}: local file not found")
         return [(uri, src)], [{"path": str(src)}]
     workdir.mkdir(parents=True, exist_ok=True)
     if uri.startswith("s3://"):
         return fetch_s3(uri, c, workdir)
-    if uri.startswith(("https://", "http://")):
-        return fetch_http(uri, workdir / (Path(urllib.parse.urlparse(uri).path).name or "download"))
-    return fetch_hf(uri, workdir)
+    return fetch_http(uri, workdir / (Path(urllib.parse.urlparse(uri).path).name or "download"))
 
 
 def source_identity(uri, c):
@@ -685,53 +991,28 @@ def source_identity(uri, c):
     if uri.startswith(("https://", "http://", "hf://")):
         return None
     src = local_path(uri)
-    return {"sha256": file_sha256(src)} if src.is_file() else None
+    return {"sha256": data_sha256(src)} if src.exists() else None
+
 
 
 # ------------------------------------------------------------------------------------------------ validate
-def to_record(line):
-    """(record, None) for a valid line, (None, reason) otherwise."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})"
-    if not isinstance(obj, dict):
-        return None, f"expected a JSON object, got {type(obj).__name__}"
-    if "input" not in obj and "instruction" in obj:
-        fields = ("instruction", "context", "response")
-        bad = [f for f in fields if not isinstance(obj.get(f, ""), str)]
-        if bad or "response" not in obj:
-            return None, "dolly record needs string 'instruction', 'response' and optional 'context'"
-        context = obj.get("context", "").strip()
-        inp = obj["instruction"] + (f"\n\n{context}" if context else "")
-        rest = {k: v for k, v in obj.items() if k not in fields}
-        return {"input": inp, "output": obj["response"], **rest}, None
-    for field in ("input", "output"):
-        if field not in obj:
-            return None, f"missing field '{field}'"
-        if not isinstance(obj[field], str):
-            return None, f"field '{field}' must be a string, got {type(obj[field]).__name__}"
-    return obj, None
-
-
-def validate(raw_path, label, policy):
-    """Valid records and the rejected lines; a bad line under policy 'fail' stops with file:line."""
+def validate(source, label, c, counts):
+    """Valid normalized records and the rejected lines of one file or dataset; a bad line under policy 'fail'
+    stops with file:line. `counts` gathers records per format and rejections per reason."""
     records, rejected = [], []
-    with open(raw_path, encoding="utf-8", errors="strict") as f:
+    renames = rename_pairs(c["data.rename_fields"])
+    for where, item in data_rows(source):
         try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                record, reason = to_record(line)
-                if record is None:
-                    if policy == "fail":
-                        raise StageError(f"{label}:{lineno}: {reason} (set data.download.bad_lines=skip to skip "
-                                         f"bad lines)")
-                    rejected.append({"line": lineno, "reason": reason})
-                else:
-                    records.append(record)
-        except UnicodeDecodeError:
-            raise StageError(f"{label}: not UTF-8 text") from None
+            record, fmt = normalize(parse_row(item), c["data.format"], renames)
+        except BadRecord as bad:
+            if c["data.download.bad_lines"] == "fail":
+                raise StageError(f"{label}:{where}: {bad.reason} (set data.download.bad_lines=skip to skip bad "
+                                 f"lines)") from None
+            rejected.append({"line": where, "reason": bad.reason})
+            counts["rejected"][bad.kind] = counts["rejected"].get(bad.kind, 0) + 1
+            continue
+        records.append(record)
+        counts["formats"][fmt] = counts["formats"].get(fmt, 0) + 1
     return records, rejected
 
 
@@ -779,7 +1060,9 @@ def token_lengths(records, tokenizer_dir):
     except Exception as e:
         print(f"note: token length statistics skipped: {tokenizer_dir} cannot be loaded ({type(e).__name__})")
         return None
-    lengths = sorted(len(tok.encode(r["input"] + r["output"], add_special_tokens=False)) for r in records)
+    texts = [r["input"] + r["output"] if "input" in r else "".join(m["content"] for m in r["messages"])
+             for r in records]
+    lengths = sorted(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
     pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
     return {"min": lengths[0], "mean": sum(lengths) / len(lengths), "p50": pick(0.5), "p95": pick(0.95),
             "max": lengths[-1], "tokenizer": str(tokenizer_dir)}
@@ -791,7 +1074,12 @@ def up_to_date(uri, dest, identity, c):
         return False
     old = json.loads(manifest_of(dest).read_text())
     return (old.get("source") == uri and old.get("source_identity") == identity
-            and old.get("bad_lines") == c["data.download.bad_lines"] and old.get("output_sha256") == file_sha256(dest))
+            and old.get("reading") == reading(c) and old.get("output_sha256") == file_sha256(dest))
+
+
+def reading(c):
+    """The settings that decide what is written from a source."""
+    return {k: c[f"data.{k}"] for k in ("download.bad_lines", "format", "rename_fields")}
 
 
 def download_split(uri, dest, c):
@@ -803,17 +1091,17 @@ def download_split(uri, dest, c):
         print(f"{dest}: up to date with {uri} (verified by checksum); nothing to do")
         return
     files, objects = fetch(uri, c, dest.parent / f".{dest.name}.download")
-    records, rejected = [], []
+    records, rejected, counts = [], [], {"formats": {}, "rejected": {}}
     for (label, path), obj in zip(files, objects):
-        obj["sha256"] = file_sha256(path)
-        ok, bad = validate(path, label, c["data.download.bad_lines"])
+        obj["sha256"] = data_sha256(path) if Path(path).exists() else None
+        ok, bad = validate(path, label, c, counts)
         records += ok
         rejected += [dict(r, source=label) for r in bad]
     if not records:
         raise StageError(f"{uri}: no valid records")
     seen, duplicates = set(), 0
     for r in records:
-        key = (r["input"], r["output"])
+        key = json.dumps([r.get("input"), r.get("output"), r.get("messages")])
         duplicates += key in seen
         seen.add(key)
     tmp = staging(dest)
@@ -825,7 +1113,8 @@ def download_split(uri, dest, c):
                 "written_by": STAGE, "source": uri, "source_identity": identity, "source_objects": objects,
                 "source_sha256": objects[0]["sha256"] if len(objects) == 1 else None,
                 "output": str(dest), "output_sha256": file_sha256(tmp / dest.name), "records": len(records),
-                "bad_lines": c["data.download.bad_lines"], "rejected": len(rejected), "rejected_lines": rejected,
+                "formats": counts["formats"], "reading": reading(c), "bad_lines": c["data.download.bad_lines"],
+                "rejected": len(rejected), "rejected_by_reason": counts["rejected"], "rejected_lines": rejected,
                 "duplicates": duplicates, "token_lengths": token_lengths(records, c["data.tokenizer.type"]),
                 "config": redacted(c),
             }
@@ -836,7 +1125,8 @@ def download_split(uri, dest, c):
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(dest.parent / f".{dest.name}.download", ignore_errors=True)
     unverified = [o["key"] for o in objects if o.get("etag_verified") is False]
-    print(f"{dest}: {len(records)} records ({len(rejected)} rejected, {duplicates} duplicates) from {uri}")
+    formats = ", ".join(f"{n} {name}" for name, n in counts["formats"].items())
+    print(f"{dest}: {len(records)} records ({formats}; {len(rejected)} rejected, {duplicates} duplicates) from {uri}")
     if unverified:
         print(f"  size verified, ETag not checkable (multipart upload of unknown part size): {unverified}")
     for r in rejected[:10]:

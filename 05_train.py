@@ -11,7 +11,10 @@ Inputs (config keys)
                                        tensor-parallel rank (each rank loads only its own)
   model.model_config                   HF config.json of the base model
   data.tokenizer.type                  tokenizer directory
-  data.train_dir, data.val_dir         jsonl (or arrow) files of {"input": str, "output": str} records
+  data.train_dir, data.val_dir         records as stage 01 writes them, or as you hold them: JSON lines (.gz),
+                                       a JSON array, parquet, arrow, a datasets directory, hf://datasets/...;
+                                       formats input/output, dolly, Alpaca, prompt/completion, messages,
+                                       ShareGPT (the record reader is 01's, the same code)
 
 Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>/<timestamp>), from rank 0
   config.yaml              the resolved config of the run (written when it starts, kept as it is on resume)
@@ -33,7 +36,9 @@ Features and their keys
                                          gate_up_proj, down_proj; q|k|v and gate|up share one A, as in NxD)
   packing with document isolation        model_alignment_strategy.sft.packing
   data prepared once, memory-mapped      data.cache_dir (where; default beside the data)
-  prompt format raw | chat_template      data.prompt_format
+  record formats, field renames          data.format (auto: by fields), data.rename_fields
+  prompt format raw | chat_template      data.prompt_format (single-turn records)
+  conversations, assistant turns only    messages / ShareGPT / TRL conversational records (the chat template)
   token-weighted gradient accumulation   data.global_batch_size / (data.micro_batch_size x data-parallel size)
   tensor parallel (Megatron-style)       distributed_strategy.tensor_model_parallel_size, kv_replicator, hw_backend
   data parallel                          every further multiple of TP in the torchrun world
@@ -451,6 +456,8 @@ SCHEMA = {
     "data.seq_length": "int >= 2",
     "data.micro_batch_size": "int >= 1",
     "data.global_batch_size": "int >= 1",
+    "data.format": "auto|input_output|dolly|alpaca|prompt_completion|messages|sharegpt",
+    "data.rename_fields": "list[str]",
     "data.prompt_format": "raw|chat_template",
     "data.truncation": "truncate|drop",
     "data.cache_dir": "path?",
@@ -1572,6 +1579,308 @@ def export_peft_adapter(lora, arch, c, out_dir):
     return Path(out_dir)
 
 
+# ------------------------------------------------------------------------------------------------ records
+# The record reader, repeated identically in stages 01 and 05 (tests/test_data_formats.py keeps the two copies
+# the same), so that 05 reads and judges every file exactly as 01 does. It reads the file kinds below and
+# recognises each record's format by its fields, converting it to one of two normalized forms:
+#   single-turn   {"input": prompt, "output": response, ...}
+#   conversation  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], ...}
+# Fields that no format uses (ids, categories, ...) are kept as they are; a field that some other format uses is
+# an error, never dropped.
+RECORD_FORMATS = {  # name: (required fields, optional fields)
+    "input_output": ({"input", "output"}, set()),  # the tutorial's
+    "dolly": ({"instruction", "response"}, {"context"}),  # databricks-dolly: input = instruction + blank line + context
+    "alpaca": ({"instruction", "output"}, {"input"}),  # input = instruction + blank line + input (as dolly's context)
+    "prompt_completion": ({"prompt", "completion"}, set()),  # TRL: strings, or lists of messages (conversational)
+    "messages": ({"messages"}, set()),  # OpenAI / HF chat: [{role, content}]
+    "sharegpt": ({"conversations"}, set()),  # [{from: system | human | gpt, value}]
+}
+CONTENT_FIELDS = set().union(*(required | optional for required, optional in RECORD_FORMATS.values()))
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class BadRecord(Exception):
+    """A record that cannot be trained on: `kind` is a short category (counted in 01's manifest), `reason` the
+    whole explanation."""
+
+    def __init__(self, kind, reason):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def data_rows(path):
+    """(where, item) for every record of a data file or dataset, in order: `where` is a line number (JSON lines) or
+    'record N' / 'row N'; `item` is the raw line (bytes, parsed by parse_row) or the record itself. Reads JSON lines
+    (UTF-8, a BOM and CRLF tolerated, gzip-compressed when the file is), a file holding one JSON array, parquet,
+    arrow, a `datasets` save_to_disk directory, and hf://datasets/<owner>/<name>[:split] (default split: train)."""
+    text = str(path)
+    if text.startswith("hf://datasets/"):
+        yield from table_rows(hf_dataset(text))
+        return
+    path = Path(path)
+    if path.is_dir():
+        yield from table_rows(saved_dataset(path))
+    elif not path.is_file():
+        raise StageError(f"data file {path} not found")
+    elif path.suffix == ".parquet":
+        yield from parquet_rows(path)
+    elif path.suffix == ".arrow":
+        yield from table_rows(arrow_dataset(path))
+    else:
+        yield from json_rows(path)
+
+
+def json_rows(path):
+    """JSON lines, or one JSON array (read whole: use JSON lines for big sets); gzip when the file starts so. A
+    .jsonl (.ndjson) file is always lines; another holding an array from its first character is an array."""
+    import gzip
+
+    with open(path, "rb") as probe:
+        zipped = probe.read(2) == b"\x1f\x8b"
+    opener = gzip.open if zipped else open
+    lines_only = path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        if head.startswith(b"[") and not lines_only:
+            with opener(path, "rb") as f:
+                try:
+                    rows = json.loads(f.read().decode("utf-8-sig"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+                    raise StageError(f"{path}{where}: not a valid JSON array file ({e})") from None
+            yield from ((f"record {i}", row) for i, row in enumerate(rows, start=1))
+            return
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if lineno == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")
+                if line.strip():
+                    yield lineno, line
+    except (OSError, EOFError) as e:
+        raise StageError(f"{path}: cannot be read ({e})") from None
+
+
+def parquet_rows(path):
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=2048)
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as parquet ({type(e).__name__}: {first_line(e)})") from None
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            row += 1
+            yield f"row {row}", record
+
+
+def arrow_dataset(path):
+    import datasets
+
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: {first_line(e)})") from None
+
+
+def saved_dataset(path):
+    """A `datasets` save_to_disk directory (a DatasetDict must hold a 'train' split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise StageError(f"{path}: a directory, but not one that datasets' save_to_disk wrote ({type(e).__name__}: "
+                         f"{first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise StageError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); save one split")
+        ds = ds["train"]
+    return ds
+
+
+def hf_dataset(uri):
+    """hf://datasets/<owner>/<name>[:split] through `datasets` (its own cache and HF token handling)."""
+    import datasets
+
+    repo, _, split = uri[len("hf://datasets/"):].partition(":")
+    try:
+        return datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:
+        raise StageError(f"{uri}: cannot be loaded with datasets ({type(e).__name__}: {first_line(e)})") from None
+
+
+def table_rows(ds):
+    row = 0
+    for batch in ds.iter(batch_size=2048):
+        for values in zip(*batch.values()):
+            row += 1
+            yield f"row {row}", dict(zip(batch, values))
+
+
+def data_sha256(path):
+    """What identifies a data source's content: the sha256 of a file, or of a directory's files (names and
+    contents, in order), or for hf://datasets/... the fingerprint `datasets` gives the cached dataset."""
+    if str(path).startswith("hf://datasets/"):
+        return hf_dataset(str(path))._fingerprint
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
+def first_line(e):
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def parse_row(item):
+    """The record of one item of data_rows: a JSON line decoded and parsed, or the record itself."""
+    if isinstance(item, bytes):
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord("not UTF-8", f"not UTF-8 text (byte 0x{item[e.start]:02x} at byte {e.start + 1} of "
+                                         f"the line)") from None
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecord("not valid JSON", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise BadRecord("not an object", f"expected a JSON object, got {type(item).__name__}")
+    return item
+
+
+def rename_pairs(entries):
+    """data.rename_fields ["from=to", ...] as (from, to) pairs."""
+    pairs = [tuple(e.split("=")) for e in entries]
+    bad = [e for e, p in zip(entries, pairs) if len(p) != 2 or not all(p)]
+    if bad:
+        raise StageError(f"config: 'data.rename_fields' entries must be 'from=to', got {bad[0]!r}")
+    return pairs
+
+
+def normalize(row, fmt="auto", renames=()):
+    """(normalized record, format name) of one record: its format recognised by its content fields (or `fmt`),
+    converted as the comments of RECORD_FORMATS say; BadRecord when it fits no format or would train nothing.
+    `renames` are (from, to) field names applied first (data.rename_fields)."""
+    row = {k: v for k, v in row.items() if v is not None}  # columnar files hold null for a field a record lacks
+    for old, new in renames:
+        if old in row:
+            if new in row:
+                raise BadRecord("field clash", f"field '{old}' would be renamed to '{new}', which is there too")
+            row[new] = row.pop(old)
+    present = CONTENT_FIELDS & set(row)
+    matches = [name for name, (req, opt) in RECORD_FORMATS.items()
+               if fmt in ("auto", name) and req <= present <= req | opt]
+    if not matches:  # the field sets are disjoint, so at most one format matches
+        raise BadRecord("no format", format_mismatch(row, present, fmt))
+    name, rest = matches[0], {k: v for k, v in row.items() if k not in CONTENT_FIELDS}
+    if name == "prompt_completion" and isinstance(row["prompt"], list):
+        return {"messages": conversational_prompt_completion(row["prompt"], row["completion"]), **rest}, name
+    if name in ("messages", "sharegpt"):
+        turns = row[name if name == "messages" else "conversations"]
+        return {"messages": check_conversation(turns if name == "messages" else from_sharegpt(turns)), **rest}, name
+    fields = {k: row[k] for k in present}
+    for key, value in fields.items():
+        if not isinstance(value, str):
+            raise BadRecord("not a string", f"field '{key}' must be a string, got {type(value).__name__}")
+    if name == "input_output":
+        prompt, output = fields["input"], fields["output"]
+    elif name == "prompt_completion":
+        prompt, output = fields["prompt"], fields["completion"]
+    else:  # dolly and alpaca: the instruction, then its context / input after a blank line when there is one
+        extra = fields.get("context" if name == "dolly" else "input", "").strip()
+        prompt = fields["instruction"] + (f"\n\n{extra}" if extra else "")
+        output = fields["response" if name == "dolly" else "output"]
+    if not prompt.strip():
+        raise BadRecord("empty prompt", f"empty prompt ({name} record): nothing to answer")
+    if not output.strip():
+        raise BadRecord("empty output", f"empty output ({name} record): nothing to train on")
+    return {"input": prompt, "output": output, **rest}, name
+
+
+def format_mismatch(row, present, fmt):
+    """Why no format takes these fields: the nearest format's missing or unused field, the fields found, and the
+    formats known."""
+    known = "; ".join(f"{name} ({', '.join(sorted(req) + [f'[{o}]' for o in sorted(opt)])})"
+                      for name, (req, opt) in RECORD_FORMATS.items())
+    tried = [(len(req - present) + len(present - req - opt), name, req - present, present - req - opt)
+             for name, (req, opt) in RECORD_FORMATS.items() if fmt in ("auto", name)]
+    _, name, missing, unused = min(tried, key=lambda t: t[0])
+    why = (f"missing field '{sorted(missing)[0]}'" if missing and not unused else
+           f"field '{sorted(unused)[0]}' is not used by the {name} format" if unused and not missing else
+           "its fields fit no record format")
+    return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"
+
+
+def from_sharegpt(turns):
+    if not isinstance(turns, list):
+        raise BadRecord("bad conversation", f"'conversations' must be a list of turns, got {type(turns).__name__}")
+    out = []
+    for i, turn in enumerate(turns, start=1):
+        turn = {k: v for k, v in turn.items() if v is not None} if isinstance(turn, dict) else turn
+        if not isinstance(turn, dict) or set(turn) != {"from", "value"}:
+            found = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+            raise BadRecord("bad conversation", f"turn {i} must have exactly 'from' and 'value', got {found}")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise BadRecord("bad conversation", f"turn {i}: unknown 'from' {turn['from']!r} (known: "
+                                                f"{sorted(SHAREGPT_ROLES)})")
+        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return out
+
+
+def conversational_prompt_completion(prompt, completion):
+    """TRL's conversational prompt/completion as one conversation in which only the completion's assistant turns
+    train, as TRL trains them: an assistant turn of the prompt is marked "train": false."""
+    if not isinstance(completion, list):
+        raise BadRecord("bad conversation", "'prompt' is a list of messages, so 'completion' must be one too")
+    context = [dict(m, train=False) if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
+    return check_conversation(context + completion)
+
+
+def check_conversation(messages):
+    """The messages of a conversation, checked: role and content (and, on an assistant turn, an optional boolean
+    "train"), a system turn first if any, a user turn before the first assistant turn, no empty turn, and an
+    assistant turn last that trains."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("bad conversation", "a conversation must be a non-empty list of messages")
+    # columnar files hold null for a key that some messages lack
+    messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m) <= {"role", "content", "train"}:
+            found = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise BadRecord("bad conversation", f"message {i} must have 'role' and 'content' (and optionally "
+                                                f"'train'), got {found}")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise BadRecord("bad conversation", f"message {i}: unknown role {m['role']!r} (system, user, assistant)")
+        if not isinstance(m["content"], str):
+            raise BadRecord("bad conversation", f"message {i}: content must be a string, got "
+                                                f"{type(m['content']).__name__}")
+        if not m["content"].strip():
+            raise BadRecord("empty turn", f"message {i} ({m['role']}) is empty")
+        if m["role"] == "system" and i != 1:
+            raise BadRecord("bad conversation", f"message {i}: a system message may only come first")
+        if "train" in m and (m["role"] != "assistant" or not isinstance(m["train"], bool)):
+            raise BadRecord("bad conversation", f"message {i}: 'train' must be true or false, on an assistant turn")
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise BadRecord("no assistant turn", "a conversation without an assistant turn has nothing to train on")
+    if roles[-1] != "assistant":
+        raise BadRecord("ends on a user turn", f"the conversation ends on a {roles[-1]} turn, after its last answer")
+    first = next(r for r in roles if r != "system")
+    if first != "user":
+        raise BadRecord("bad conversation", "the first turn after the system message must be the user's")
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
+        raise BadRecord("no assistant turn", "every assistant turn has \"train\": false: nothing to train on")
+    return [dict(m) for m in messages]
+
+
 # ------------------------------------------------------------------------------------------------ data
 # Each split is tokenized, masked and packed once and kept as flat files that every rank memory-maps (plain numpy,
 # as nanoGPT's .bin files: no format beyond dtype and length, readable without this script): tokens.bin (int32 ids
@@ -1579,7 +1888,7 @@ def export_peft_adapter(lora, arch, c, out_dir):
 # doc_starts.npy and doc_supervised.npy per document, window_starts.npy (each window is a run of consecutive
 # documents) and prepared.json (the inputs they were made from and the summary). The directory's name is a hash of
 # everything that changes them, so changed inputs prepare anew and unchanged ones are reused by every launch.
-PREPARED_FORMAT = 1  # raise when the prepared files change meaning: older directories are then prepared anew
+PREPARED_FORMAT = 2  # raise when the prepared files change meaning: older directories are then prepared anew
 CHUNK_RECORDS = 2048  # records per tokenizer call: enough for the tokenizer's threads, little memory
 PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
 # The tokenizer's own files (a tokenizer directory may be the model's, whose weights say nothing about tokens).
@@ -1587,22 +1896,22 @@ TOKENIZER_FILE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\
 PREPARED_NAME = re.compile(r"[0-9a-f]{20}(\.tmp-.+)?")  # what <file>.prepared/ holds: prepared keys, unfinished ones
 
 
-def record_chunks(path, limit, size=CHUNK_RECORDS):
-    """Lists of up to `size` (input, output) records streamed from a jsonl file (or a JSON array, or an arrow
-    file), only the first `limit` when set, each checked to have string input and output."""
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"data file {path} not found (stage 01 writes it)")
-    chunk, n = [], 0
-    for where, row in (arrow_rows if path.suffix == ".arrow" else json_rows)(path):
+def record_chunks(path, limit, fmt="auto", renames=(), tally=None, size=CHUNK_RECORDS):
+    """Lists of up to `size` (where, record) pairs streamed from a data file (any kind data_rows reads), the first
+    `limit` records when set. A record is (prompt, response) when single-turn and a list of messages when a
+    conversation. A bad record stops the stage naming its file and line. `tally` receives the records read and
+    the records in the file (the rest are counted, not parsed)."""
+    chunk, n, total = [], 0, 0
+    for where, item in data_rows(path):
+        total += 1
         if limit is not None and n >= limit:
-            break
-        if not isinstance(row, dict) or "input" not in row or "output" not in row:
-            found = list(row) if isinstance(row, dict) else type(row).__name__
-            raise StageError(f"{path}:{where}: records need string fields 'input' and 'output'; found {found}")
-        if not isinstance(row["input"], str) or not isinstance(row["output"], str):
-            raise StageError(f"{path}:{where}: 'input' and 'output' must be strings")
-        chunk.append((row["input"], row["output"]))
+            continue
+        try:
+            record, _ = normalize(parse_row(item), fmt, renames)
+        except BadRecord as bad:
+            raise StageError(f"{path}:{where}: {bad.reason} (stage 01 reports every bad record, and with "
+                             f"data.download.bad_lines=skip writes the file without them)") from None
+        chunk.append((where, (record["input"], record["output"]) if "input" in record else record["messages"]))
         n += 1
         if len(chunk) == size:
             yield chunk
@@ -1611,53 +1920,17 @@ def record_chunks(path, limit, size=CHUNK_RECORDS):
         yield chunk
     if n == 0:
         raise StageError(f"{path}: no records")
+    if tally is not None:
+        tally.update(read=n, in_file=total)
 
 
-def json_rows(path):
-    """(line number, record) from JSON lines; a file that is one JSON array is read whole (use jsonl for big sets)."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-        f.seek(0)
-        if head.startswith("["):
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            yield from ((f"record {i + 1}", row) for i, row in enumerate(rows))
-            return
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise StageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-
-
-def arrow_rows(path):
-    """(row number, record) from an arrow file (as `datasets` saves them), memory-mapped, a batch at a time."""
-    import datasets
-
-    try:
-        ds = datasets.Dataset.from_file(str(path))
-    except Exception as e:
-        raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if "input" not in ds.column_names or "output" not in ds.column_names:
-        raise StageError(f"{path}: records need string fields 'input' and 'output'; found {ds.column_names}")
-    row = 0
-    for batch in ds.select_columns(["input", "output"]).iter(batch_size=CHUNK_RECORDS):
-        for inp, out in zip(batch["input"], batch["output"]):
-            row += 1
-            yield f"row {row}", {"input": inp, "output": out}
-
-
-def read_records(path, limit):
-    """The (input, output) records of a data file, as a list (generation prompts take the first few)."""
-    return [record for chunk in record_chunks(path, limit) for record in chunk]
+def read_records(path, limit, fmt="auto", renames=()):
+    """The records of a data file, as a list (generation prompts take the first few)."""
+    return [record for chunk in record_chunks(path, limit, fmt, renames) for _, record in chunk]
 
 
 def prompt_ids(tokenizer, fmt, prompts):
-    """Token ids of each prompt as the model sees it before its answer, in one tokenizer call."""
+    """Token ids of each single-turn prompt as the model sees it before its answer, in one tokenizer call."""
     if fmt == "raw":
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
@@ -1665,41 +1938,144 @@ def prompt_ids(tokenizer, fmt, prompts):
     return [list(ids) for ids in as_ids(tokenizer.apply_chat_template(users, add_generation_prompt=True, tokenize=True))]
 
 
-def encode_batch(tokenizer, fmt, records):
-    """(prompt ids, response ids) per record, each part tokenized for the whole batch at once (the tokenizer's
-    threads share it). raw: [BOS] + input | output + [EOS]; chat_template: the user turn with the generation
-    prompt | the rest of the rendered conversation (the assistant turn)."""
-    prompts = prompt_ids(tokenizer, fmt, [p for p, _ in records])
-    if fmt == "raw":
-        answers = tokenizer([r for _, r in records], add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return [(p, r + [tokenizer.eos_token_id]) for p, r in zip(prompts, answers)]
-    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in records]
-    out = []
-    for p, full in zip(prompts, as_ids(tokenizer.apply_chat_template(chats, tokenize=True))):
-        if list(full[:len(p)]) != p:
-            raise StageError("data.prompt_format=chat_template: this tokenizer's chat template does not render the "
-                             "prompt as a prefix of the conversation; use data.prompt_format=raw")
-        out.append((p, list(full[len(p):])))
-    return out
-
-
 def as_ids(encoded):
     return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
 
 
-def tokenize(records, tokenizer, fmt, seq_len, truncation):
-    """(ids, labels) per record; labels are -100 on the prompt. Over-long records: prompt cut first, counted."""
+def encode_batch(tokenizer, fmt, records, labels):
+    """(token ids, trained spans [(start, end)]) per record, each kind tokenized for the whole batch at once (the
+    tokenizer's threads share it). Single-turn raw: [BOS] + input | output + [EOS], the second part trained.
+    Conversations, and single-turn records under chat_template (user = input, assistant = output), go through the
+    chat template (encode_conversations)."""
+    out = [None] * len(records)
+    raw = [i for i, r in enumerate(records) if isinstance(r, tuple) and fmt == "raw"]
+    if raw:
+        prompts = prompt_ids(tokenizer, "raw", [records[i][0] for i in raw])
+        answers = tokenizer([records[i][1] for i in raw], add_special_tokens=False,
+                            return_attention_mask=False)["input_ids"]
+        for i, p, r in zip(raw, prompts, answers):
+            out[i] = (p + r + [tokenizer.eos_token_id], [(len(p), len(p) + len(r) + 1)])
+    chats = [i for i in range(len(records)) if out[i] is None]
+    if chats:
+        conversations = [records[i] if isinstance(records[i], list) else
+                         [{"role": "user", "content": records[i][0]}, {"role": "assistant", "content": records[i][1]}]
+                         for i in chats]
+        for i, encoded in zip(chats, encode_conversations(tokenizer, conversations, [labels[i] for i in chats])):
+            out[i] = encoded
+    return out
+
+
+def encode_conversations(tokenizer, conversations, labels):
+    """(token ids, trained spans) per conversation, rendered with the tokenizer's chat template. The spans come from
+    rendering successive prefixes: an assistant turn trains from the end of the conversation before it rendered
+    with the generation prompt, to the end of the conversation through it (its content and end-of-turn tokens);
+    system and user text and the role headers do not. Each prefix must render as a prefix of the whole. The text
+    is tokenized once and the boundaries read from the tokenizer's character alignment; one that falls inside a
+    token is checked the slow way (the prefixes tokenized on their own)."""
+    if not tokenizer.chat_template:
+        raise StageError(f"{labels[0]}: a conversation (or data.prompt_format=chat_template) is rendered with the "
+                         f"tokenizer's chat template, and the tokenizer in data.tokenizer.type has none")
+    plain = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in conversations]
+    turns = [(n, i) for n, conv in enumerate(conversations) for i, m in enumerate(conv)
+             if m["role"] == "assistant" and m.get("train", True)]
+    # A conversation that ends on a trained answer renders whole as the prefix through that answer: not twice.
+    last = {n: k for k, (n, i) in enumerate(turns) if i == len(plain[n]) - 1}
+    rest = [n for n in range(len(plain)) if n not in last]
+    try:
+        starts = render_chats(tokenizer, [plain[n][:i] for n, i in turns], generation_prompt=True)
+        ends = render_chats(tokenizer, [plain[n][:i + 1] for n, i in turns], generation_prompt=False)
+        others = dict(zip(rest, render_chats(tokenizer, [plain[n] for n in rest], generation_prompt=False)))
+    except Exception:  # a template may refuse a conversation (roles out of order, ...): name the first one
+        for n, conversation in enumerate(plain):
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=False)
+            except Exception as e:
+                raise StageError(f"{labels[n]}: the tokenizer's chat template refuses this conversation "
+                                 f"({type(e).__name__}: {first_line(e)})") from None
+        raise
+    fulls = [ends[last[n]] if n in last else others[n] for n in range(len(plain))]
+    bounds = [[] for _ in plain]
+    for (n, i), start, end in zip(turns, starts, ends):
+        if not (fulls[n].startswith(start) and fulls[n].startswith(end)):
+            raise StageError(f"{labels[n]}: the tokenizer's chat template does not render the conversation up to "
+                             f"message {i + 1} as a prefix of the whole, so its trained turns cannot be found")
+        bounds[n].append((start, end))
+    encoded = tokenizer(fulls, add_special_tokens=False, return_attention_mask=False)
+    out = []
+    for n, ids in enumerate(encoded["input_ids"]):
+        spans = []
+        for start, end in bounds[n]:
+            span = [token_boundary(encoded, n, len(text), len(fulls[n])) for text in (start, end)]
+            if None in span:  # the text boundary falls inside a token: compare the prefixes' own tokens
+                own = tokenizer([start, end], add_special_tokens=False)["input_ids"]
+                if any(list(ids[:len(prefix)]) != list(prefix) for prefix in own):
+                    raise StageError(f"{labels[n]}: under the tokenizer's chat template a conversation prefix does "
+                                     f"not tokenize as a prefix of the whole")
+                span = [len(prefix) for prefix in own]
+            spans.append(tuple(span))
+        out.append((list(ids), spans))
+    return out
+
+
+def render_chats(tokenizer, conversations, generation_prompt):
+    """The texts tokenizer.apply_chat_template(conversations, tokenize=False) renders. Its conversions of each
+    message (objects to dicts, sandbox-safe copies) cost more than the rendering itself and change nothing in
+    plain role/content messages, so its compiled template renders them directly when this transformers exposes
+    it, and the first conversation rendered both ways must agree; otherwise apply_chat_template renders them."""
+    if not conversations:
+        return []
+    public = lambda batch: tokenizer.apply_chat_template(batch, tokenize=False,  # noqa: E731
+                                                         add_generation_prompt=generation_prompt)
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(tokenizer.get_chat_template())
+    except Exception:
+        return public(conversations)
+    context = dict(tokenizer.special_tokens_map, tools=None, documents=None, add_generation_prompt=generation_prompt)
+    texts = [template.render(messages=conversation, **context) for conversation in conversations]
+    return texts if texts[0] == public(conversations[:1])[0] else public(conversations)
+
+
+def token_boundary(encoded, n, char, length):
+    """The index of the token of text n that starts at its character `char` (its length: the end), or None when a
+    token straddles that position; read from the fast tokenizer's alignment, not from per-token offset lists."""
+    if char == length:
+        return len(encoded["input_ids"][n])
+    k = encoded.char_to_token(n, char)
+    return k if k is not None and encoded.token_to_chars(n, k).start == char else None
+
+
+def tokenize(records, tokenizer, fmt, seq_len, truncation, labels=None):
+    """(ids, labels) per record; labels are -100 outside the trained spans. A record longer than seq_len is dropped
+    or truncated (counted): a conversation keeps its turns up to the last answer that ends within seq_len; failing
+    that (and a single-turn record always) the prompt before the first answer is cut first, then the answer."""
+    labels = labels or [f"record {i + 1}" for i in range(len(records))]
     docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0}
-    for p, r in encode_batch(tokenizer, fmt, records):
-        if len(p) + len(r) > seq_len:
+    for ids, spans in encode_batch(tokenizer, fmt, records, labels):
+        if len(ids) > seq_len:
             if truncation == "drop":
                 stats["dropped"] += 1
                 continue
             stats["truncated"] += 1
-            p = p[:max(1, seq_len - len(r))]
-            r = r[:seq_len - len(p)]
-        docs.append((p + r, [-100] * len(p) + r))
+            ids, spans = truncated(ids, spans, seq_len)
+        targets = [-100] * len(ids)
+        for start, end in spans:
+            targets[start:end] = ids[start:end]
+        docs.append((ids, targets))
     return docs, stats
+
+
+def truncated(ids, spans, seq_len):
+    """A record cut to seq_len tokens, by the rule of tokenize()."""
+    ends = [end for _, end in spans if end <= seq_len]
+    if ends:
+        return ids[:ends[-1]], [(s, e) for s, e in spans if e <= ends[-1]]
+    start, end = spans[0]
+    p, r = ids[:start], ids[start:end]
+    p = p[:max(1, seq_len - len(r))]
+    r = r[:seq_len - len(p)]
+    return p + r, [(len(p), len(p) + len(r))]
 
 
 def doc_arrays(docs):
@@ -1796,22 +2172,29 @@ class Windows:
 
 def prepared_location(path, tokenizer_dir, c):
     """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
-    data file's directory>/<file name>.prepared/<hash of the file's content, the tokenizer's files, the format
-    version and every setting that changes the windows>."""
+    data file's directory>/<file name>.prepared/<hash of the data's content, the tokenizer's files, the format
+    version and every setting that changes the windows>. Data read through hf://datasets/... is prepared under
+    data.cache_dir."""
     import hashlib
 
-    path, tokenizer_dir = Path(path), Path(tokenizer_dir)
-    if not path.is_file():
+    text, tokenizer_dir = str(path), Path(tokenizer_dir)
+    hub = text.startswith("hf://datasets/")
+    if not hub and not Path(path).exists():
         raise StageError(f"data file {path} not found (stage 01 writes it)")
-    inputs = {"format": PREPARED_FORMAT, "data_sha256": file_sha256(path),
+    if hub and not c["data.cache_dir"]:
+        raise StageError(f"{text}: data read from the Hub is prepared under data.cache_dir; set it (or write the "
+                         f"records to a file with stage 01)")
+    inputs = {"format": PREPARED_FORMAT, "data_sha256": data_sha256(path),
               "tokenizer_sha256": {p.name: file_sha256(p) for p in sorted(tokenizer_dir.iterdir())
                                    if p.is_file() and TOKENIZER_FILE.fullmatch(p.name)},
+              "record_format": c["data.format"], "rename_fields": c["data.rename_fields"],
               "prompt_format": c["data.prompt_format"], "seq_length": c["data.seq_length"],
               "packing": c["model_alignment_strategy.sft.packing"], "truncation": c["data.truncation"],
               "dev_choose_samples": c["data.dev_choose_samples"]}
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-    root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else path.parent
-    return root / f"{path.name}.prepared" / key, inputs
+    name = text.removeprefix("hf://datasets/").replace("/", "_").replace(":", "_") if hub else Path(path).name
+    root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else Path(path).parent
+    return root / f"{name}.prepared" / key, inputs
 
 
 def prepare_split(path, tokenizer, c, name):
@@ -1870,12 +2253,16 @@ def write_prepared(path, tokenizer, c, name, out):
     batched tokenizer call) and appended to the token files; only per-document lengths stay in memory."""
     from tqdm import tqdm
 
-    seq_len, stats = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}
+    seq_len, stats, tally = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}, {}
     lengths, supervised = [], []
     bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
+    chunks = record_chunks(path, c["data.dev_choose_samples"], c["data.format"], rename_pairs(c["data.rename_fields"]),
+                           tally)
     with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
-        for records in record_chunks(path, c["data.dev_choose_samples"]):
-            docs, chunk_stats = tokenize(records, tokenizer, c["data.prompt_format"], seq_len, c["data.truncation"])
+        for chunk in chunks:
+            records, labels = [r for _, r in chunk], [f"{path}:{where}" for where, _ in chunk]
+            docs, chunk_stats = tokenize(records, tokenizer, c["data.prompt_format"], seq_len, c["data.truncation"],
+                                         labels)
             for k in stats:
                 stats[k] += chunk_stats[k]
             bar.update(len(records))
@@ -1894,7 +2281,8 @@ def write_prepared(path, tokenizer, c, name, out):
     np.save(out / "doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)]))
     np.save(out / "doc_supervised.npy", supervised)
     np.save(out / "window_starts.npy", starts)
-    stats.update(windows=len(starts) - 1, tokens=int(lengths.sum()), supervised=int(supervised.sum()))
+    stats.update(windows=len(starts) - 1, tokens=int(lengths.sum()), supervised=int(supervised.sum()),
+                 records_in_file=tally["in_file"])
     stats["fill"] = stats["tokens"] / (stats["windows"] * seq_len)
     return stats
 
@@ -1908,7 +2296,9 @@ def load_split(path, tokenizer, c, name, par):
         par.barrier(timeout_s=PREPARE_TIMEOUT_S)
         where = Path(par.broadcast_text(str(where) if par.rank == 0 else ""))
     stats = json.loads((where / "prepared.json").read_text())["stats"]
-    print(f"{name}: {stats['records']} records -> {stats['windows']} windows of {c['data.seq_length']} "
+    total = stats.get("records_in_file", stats["records"])
+    read = f"{stats['records']} of {total}" if total != stats["records"] else f"{stats['records']}"
+    print(f"{name}: {read} records -> {stats['windows']} windows of {c['data.seq_length']} "
           f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens "
           f"({stats['supervised'] / max(stats['tokens'], 1):.1%}); "
           f"truncated {stats['truncated']}, dropped {stats['dropped']}; prepared in {where}")
@@ -2060,13 +2450,34 @@ def generation_eval(model, records, tokenizer, c, device, autocast):
     bs = c["evaluation.generate.batch_size"]
     for start in range(0, n, bs):
         chunk = records[start:min(start + bs, n)]
-        prompts = [p[-c["data.seq_length"]:] for p in prompt_ids(tokenizer, c["data.prompt_format"], [p for p, _ in chunk])]
-        for (prompt, expected), new in zip(chunk, generate(model, prompts, c["evaluation.generate.max_new_tokens"],
-                                                           stop_ids, tokenizer.pad_token_id, device, autocast)):
+        prompts, shown, expected = generation_prompts(tokenizer, c["data.prompt_format"], chunk)
+        prompts = [p[-c["data.seq_length"]:] for p in prompts]
+        for prompt, want, new in zip(shown, expected, generate(model, prompts, c["evaluation.generate.max_new_tokens"],
+                                                              stop_ids, tokenizer.pad_token_id, device, autocast)):
             answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-            hits += answer == expected.strip()
-            samples.append({"prompt": prompt, "expected": expected, "answer": answer})
+            hits += answer == want.strip()
+            samples.append({"prompt": prompt, "expected": want, "answer": answer})
     return hits / max(n, 1), samples
+
+
+def generation_prompts(tokenizer, fmt, records):
+    """(prompt token ids, prompt text shown, expected answer) per record: a single-turn record's prompt as it
+    trains; a conversation up to its last assistant turn, with the chat template's generation prompt."""
+    single = [r for r in records if isinstance(r, tuple)]
+    ids = iter(prompt_ids(tokenizer, fmt, [p for p, _ in single]) if single else [])
+    prompts, shown, expected = [], [], []
+    for r in records:
+        if isinstance(r, tuple):
+            prompts.append(next(ids))
+            shown.append(r[0])
+            expected.append(r[1])
+        else:
+            context = [{"role": m["role"], "content": m["content"]} for m in r[:-1]]
+            prompts.append(list(as_ids(tokenizer.apply_chat_template(context, add_generation_prompt=True,
+                                                                     tokenize=True))))
+            shown.append(context[-1]["content"])
+            expected.append(r[-1]["content"])
+    return prompts, shown, expected
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -3029,7 +3440,8 @@ def main(argv=None):
         print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
         return
     n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
-    val_records = read_records(c["data.val_dir"], n_prompts) if val is not None and n_prompts else []
+    val_records = (read_records(c["data.val_dir"], n_prompts, c["data.format"], rename_pairs(c["data.rename_fields"]))
+                   if val is not None and n_prompts else [])
 
     model, modules, params = build_model(c, arch, device, par)
     generate = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)

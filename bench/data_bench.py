@@ -4,6 +4,14 @@ prepared the first time and reused by a relaunch, against the in-memory path 05 
 time, every window held as int64 tensors in every process), measured in the same run.
 
     python bench/data_bench.py [--sizes 100000,1000000] [--before 4cfc596] [--work work/bench/data]
+    python bench/data_bench.py --conversations 100000
+
+--conversations N times the first preparation of N multi-turn conversations (a system message and one to four
+exchanges; user turns of 10-120 words, answers of 5-80, log-uniform) against single-turn records holding the
+same texts (the system and user turns joined as the prompt, the answers as the response), in the raw and the
+chat_template layouts, with a Llama-3-style chat template on the same tokenizer; each a launch of
+`05_train.py --inspect-data 1`. Throughput is in tokens of the prepared documents per second, so the rows
+compare equal work although the templates add different scaffolding.
 
 Data: synthetic instruction records with dolly-like lengths (prompts of 20-300 words, answers of 5-200, both
 log-uniform, so most records are short and a few long, as in dolly-15k), words drawn from a Zipf law over a
@@ -74,6 +82,78 @@ def write_records(path, n, seed=0):
             f.writelines(json.dumps({"input": a + "\n", "output": b}) + "\n" for a, b in zip(*texts))
     tmp.rename(path)
     return path
+
+
+def write_conversations(work, n, seed=2):
+    """n conversations (jsonl) and the same texts as n single-turn records (jsonl), made 10,000 at a time;
+    returns both paths."""
+    conv_path, single_path = work / f"conversations-{n}.jsonl", work / f"conversations-{n}-single.jsonl"
+    if conv_path.exists() and single_path.exists():
+        return conv_path, single_path
+    rng = np.random.default_rng(seed)
+    words = lexicon(rng)
+    p = 1.0 / np.arange(1, len(words) + 1) ** 1.07
+    p /= p.sum()
+
+    def sentences(lo, hi, m):
+        lengths = log_uniform(rng, lo, hi, m)
+        drawn, ends = words[rng.choice(len(words), size=int(lengths.sum()), p=p)], np.cumsum(lengths)
+        return iter(" ".join(drawn[e - k:e]) + "." for e, k in zip(ends, lengths))
+
+    with open(conv_path, "w") as conv_f, open(single_path, "w") as single_f:
+        for first in range(0, n, 10_000):
+            turns = rng.integers(1, 5, size=min(10_000, n - first))
+            systems, users, answers = (sentences(5, 30, len(turns)), sentences(10, 120, int(turns.sum())),
+                                       sentences(5, 80, int(turns.sum())))
+            for k in turns:
+                system, asked, said = next(systems), [next(users) for _ in range(k)], [next(answers) for _ in range(k)]
+                messages = [{"role": "system", "content": system}]
+                for u, a in zip(asked, said):
+                    messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                conv_f.write(json.dumps({"messages": messages}) + "\n")
+                single_f.write(json.dumps({"input": "\n".join([system, *asked]), "output": "\n".join(said)}) + "\n")
+    return conv_path, single_path
+
+
+LLAMA3_STYLE_TEMPLATE = (  # Llama 3's layout, on the benchmark tokenizer's reserved special tokens
+    "{{ bos_token }}{% for m in messages %}<|reserved_special_token_0|>{{ m['role'] }}<|reserved_special_token_1|>"
+    "\n\n{{ m['content'] }}<|reserved_special_token_2|>{% endfor %}{% if add_generation_prompt %}"
+    "<|reserved_special_token_0|>assistant<|reserved_special_token_1|>\n\n{% endif %}")
+
+
+def conversation_rows(work, n, tokenizer_dir, ckpt):
+    """Time the first preparation of conversations and of the same texts as single-turn records."""
+    from transformers import AutoTokenizer
+
+    chat_tok = work / "tokenizer-chat"
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.chat_template = LLAMA3_STYLE_TEMPLATE
+    tok.save_pretrained(str(chat_tok))
+    conv_path, single_path = write_conversations(work, n)
+    rows = []
+    for label, data, fmt in (("single-turn, raw", single_path, "raw"),
+                             ("single-turn, chat_template", single_path, "chat_template"),
+                             ("conversations (chat template)", conv_path, "raw")):
+        cache = work / f"prepared-conv-{fmt}-{data.stem}"
+        subprocess.run(["rm", "-rf", str(cache)], check=True)
+        overlay = write_overlay(work / "conv.yaml", {
+            "trainer": {"accelerator": "cpu"},
+            "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
+            "data": {"train_dir": str(data), "val_dir": None, "dev_choose_samples": None, "seq_length": 4096,
+                     "prompt_format": fmt, "tokenizer": {"type": str(chat_tok)}, "cache_dir": str(cache)},
+            "model": {"model_config": str(work / "config.json")},
+            "exp_manager": {"resume_from_checkpoint": str(ckpt)}})
+        seconds, peaks, _ = launch([sys.executable, "05_train.py", "--config", "config.yaml", "--config", str(overlay),
+                                    "--inspect-data", "1"])
+        stats = json.loads(next(cache.glob("*.prepared/*/prepared.json")).read_text())["stats"]
+        rows.append((label, seconds, stats["tokens"], stats["supervised"], max(peaks.values())))
+    print(f"\n{n:,} records, first preparation (one process, `05_train.py --inspect-data 1`):\n")
+    print("| records | prepared tokens | trained tokens | time (s) | tokens/s | single-turn raw / this | peak RSS (GiB) |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows[0][2] / rows[0][1]
+    for label, seconds, tokens, supervised, gib in rows:
+        rate = tokens / seconds
+        print(f"| {label} | {tokens:,} | {supervised:,} | {seconds:.1f} | {rate:,.0f} | {base / rate:.2f}x | {gib:.2f} |")
 
 
 def make_tokenizer(out, sample):
@@ -219,19 +299,24 @@ def main():
     ap.add_argument("--before", default="4cfc596", help="commit whose 05_train.py is the in-memory reference")
     ap.add_argument("--before-max", type=int, default=200_000, help="largest size the reference is run at")
     ap.add_argument("--work", default=str(ROOT / "work" / "bench" / "data"))
+    ap.add_argument("--conversations", type=int, metavar="N", help="only the conversation benchmark, on N records")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
 
+    command = f"--conversations {args.conversations}" if args.conversations else f"--sizes {args.sizes}"
     print(f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU(s), {os.uname().machine}; python bench/data_bench.py "
-          f"--sizes {args.sizes}")
+          f"{command}")
     sample = write_records(work / "sample-20000.jsonl", 20_000, seed=1)
     tokenizer_dir = make_tokenizer(work / "tokenizer", sample)
     ckpt = make_model(work, tokenizer_dir)
     rate, per_record = tokenizer_rate(tokenizer_dir, sample)
     print(f"tokenizer alone (vocabulary {VOCAB:,}, batched, all cores): {rate / 1e6:.2f}M tokens/s; "
           f"{per_record:.0f} tokens per record on average\n")
+    if args.conversations:
+        conversation_rows(work, args.conversations, tokenizer_dir, ckpt)
+        return
     before = work / "05_before.py"
     before.write_text(subprocess.run(["git", "show", f"{args.before}:05_train.py"], cwd=ROOT, check=True,
                                      capture_output=True, text=True).stdout)

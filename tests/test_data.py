@@ -136,10 +136,11 @@ def test_arrow_files_are_read_like_jsonl(train_mod, tmp_path):
     assert train_mod.read_records(arrow, None) == [("q0", "a0"), ("q1", "a1")]
 
 
-def test_records_without_input_output_are_refused(train_mod, tmp_path):
+def test_a_record_of_no_known_format_is_refused_naming_its_fields_and_the_formats(train_mod, tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
-    with pytest.raises(train_mod.StageError, match="'input' and 'output'"):
+    path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(train_mod.StageError, match=r"d.jsonl:1: .*fields found: \['answer', 'question'\]; formats "
+                                                   r"known \(data.format\): input_output \(input, output\)"):
         train_mod.read_records(path, None)
 
 

@@ -23,7 +23,7 @@ def test_dry_run_reports_checkpoint_data_and_memory_and_trains_nothing(pipeline)
     work, overlay = pipeline
     out = dry(overlay, f"exp_manager.explicit_log_dir={work / 'dry'}").stdout
     assert "checkpoint: 1 shard(s)" in out and "float32" in out
-    assert "train: 24 records" in out and "supervised of" in out and "filled" in out
+    assert "train: 24 of 1200 records" in out and "supervised of" in out and "filled" in out
     assert "memory per rank" in out and "total with checkpointing" in out and "dry run: fits" in out
     assert not (work / "dry").exists()
 

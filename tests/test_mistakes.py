@@ -1,6 +1,7 @@
 """Ordinary mistakes cost nothing: each is exit status 1, one line naming its key, file or line, no traceback, and
 nothing created, changed or removed anywhere (the repository, the test's model and data, the user's files)."""
 
+import gzip
 import json
 import os
 import shutil
@@ -38,6 +39,15 @@ def world(tmp_path_factory, tokenizer_dir):
     data = (w / "data" / "training.jsonl").read_text().splitlines(keepends=True)
     (w / "bad_json.jsonl").write_text("".join(data[:2]) + '{"input": "x", "output": \n' + "".join(data[2:4]))
     (w / "no_output.jsonl").write_text(data[0] + json.dumps({"input": "only a prompt"}) + "\n")
+    (w / "truncated.jsonl.gz").write_bytes(gzip.compress("".join(data).encode())[:-20])
+    (w / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Q"},
+                                                           {"role": "assistant", "content": "A"}]}) + "\n")
+    shutil.copytree(w / "tokenizer", w / "no_template")
+    for f in (w / "no_template").glob("chat_template*"):
+        f.unlink()
+    config = json.loads((w / "no_template" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (w / "no_template" / "tokenizer_config.json").write_text(json.dumps(config))
     mistral = dict(other, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)
     (w / "mistral_config.json").write_text(json.dumps(mistral))
     (w / "gpt2_config.json").write_text(json.dumps(dict(other, architectures=["GPT2LMHeadModel"], model_type="gpt2")))
@@ -149,7 +159,12 @@ CASES = [
          setup=tokenizer_without_json),
     Case("05-missing-data", "05_train.py", ["data.train_dir={h}/none.jsonl"], "data file {h}/none.jsonl not found"),
     Case("05-invalid-json-line", "05_train.py", ["data.train_dir={w}/bad_json.jsonl"], "{w}/bad_json.jsonl:3: not valid JSON"),
-    Case("05-record-without-output", "05_train.py", ["data.train_dir={w}/no_output.jsonl"], "{w}/no_output.jsonl:2: records need"),
+    Case("05-record-without-output", "05_train.py", ["data.train_dir={w}/no_output.jsonl"], "{w}/no_output.jsonl:2: missing field 'output'"),
+    Case("05-truncated-gz", "05_train.py", ["data.train_dir={w}/truncated.jsonl.gz"], "{w}/truncated.jsonl.gz: cannot be read"),
+    Case("01-truncated-gz", "01_download_data.py", ["data.download.train_uri={w}/truncated.jsonl.gz", "data.train_dir={h}/t.jsonl"],
+         "{w}/truncated.jsonl.gz: cannot be read"),
+    Case("05-conversation-without-template", "05_train.py", ["data.train_dir={w}/chat.jsonl", "data.tokenizer.type={w}/no_template"],
+         "{w}/chat.jsonl:1: a conversation (or data.prompt_format=chat_template) is rendered with the tokenizer's chat template"),
     Case("05-missing-checkpoint", "05_train.py", ["exp_manager.resume_from_checkpoint={h}/none"], "exp_manager.resume_from_checkpoint: {h}/none/model/"),
     Case("05-short-mistral-window", "05_train.py", ["model.model_config={w}/mistral_config.json"], "sliding_window 16 is shorter than data.seq_length 64"),
     Case("05-other-architecture", "05_train.py", ["model.model_config={w}/gpt2_config.json"], "expected a LlamaForCausalLM or MistralForCausalLM config"),

@@ -92,3 +92,26 @@ def test_demo_model_trains_for_a_few_steps(demo_model):
     assert metrics[-1]["gen_samples"] == 2
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and "quantization_config" not in config
+
+
+def test_the_demo_tokenizer_trains_each_answer_and_its_end_of_turn_only(demo_model, train_mod):
+    """SmolLM2's own chat template (ChatML): the spans that train, written out by hand."""
+    from transformers import AutoTokenizer
+
+    tmp, _ = demo_model
+    tok = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
+    conversation = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "2 + 2?"},
+                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
+                    {"role": "assistant", "content": "6"}]
+    (ids, labels), = train_mod.tokenize([conversation], tok, "raw", 256, "truncate")[0]
+    assert tok.decode(ids) == ("<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n"
+                               "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n"
+                               "<|im_start|>assistant\n6<|im_end|>\n")
+    runs, run = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            run.append(token)
+        elif run:
+            runs, run = runs + [run], []
+    runs += [run] if run else []
+    assert [tok.decode(r) for r in runs] == ["4<|im_end|>\n", "6<|im_end|>\n"]
