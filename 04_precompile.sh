@@ -6,7 +6,7 @@
 #     for a few steps in graph-extraction mode, then compiles every extracted graph in parallel into the Neuron
 #     compiler cache (xla.neuron.compiler_cache_url), and prints the graph totals. The real 05 run with the
 #     same config then loads the compiled graphs instead of compiling them. It fails if no graph was extracted
-#     or any graph failed to compile.
+#     or any graph failed to compile; with a warm cache (nothing left to compile) it says so and succeeds.
 #   Other XLA devices (torch-xla installed, no Neuron compiler): runs the same few steps, which fills the
 #     persistent XLA cache (xla.cache_dir) that the real run reuses; fails if nothing was compiled.
 #   CPU and CUDA without torch-xla: PyTorch runs eagerly; there are no graphs to compile ahead of time, so
@@ -82,6 +82,12 @@ if command -v neuron_parallel_compile >/dev/null 2>&1; then
   export_neuron_environment "$@"
   echo "04: Neuron compiler found: extracting graphs from ${STEPS} training steps with $PY, then compiling them in parallel"
   neuron_parallel_compile "${TORCHRUN[@]}" 05_train.py "$@" "${STEP_ARGS[@]}" 2>&1 | tee "${SCRATCH}/compile.log"
+  # A warm cache: every extracted graph is compiled already, and the tool returns before its totals.
+  if grep -q "No todo hlos found" "${SCRATCH}/compile.log" && ! grep -q "Total graphs" "${SCRATCH}/compile.log"; then
+    echo "04: every graph of these steps is in the Neuron cache (${NEURON_COMPILE_CACHE_URL}) already:" \
+         "nothing needed compiling"
+    exit 0
+  fi
   echo "04: graphs compiled into the Neuron cache (${NEURON_COMPILE_CACHE_URL}):"
   grep -E "Total (graphs|successful compilations|failed compilations)" "${SCRATCH}/compile.log" || {
     echo "04: neuron_parallel_compile printed no graph totals; see the log above" >&2; exit 1; }

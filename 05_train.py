@@ -561,6 +561,28 @@ def check_settings(c, launched=True):
 # (04_precompile.sh, or `eval "$(python 05_train.py ... --neuron-env)"` before torchrun): glibc reads
 # MALLOC_ARENA_MAX at start-up (the tutorial's launch sets 128 to bound host memory over 32 ranks).
 LAUNCH_ENV = {"MALLOC_ARENA_MAX": "128"}
+# Across nodes, Trainium's collectives go over EFA through libfabric, which reads these when the Neuron runtime starts
+# (Neuron's multi-node guide and NxDT's train_setup.sh set them; FI_EFA_FORK_SAFE for hosts that fork after EFA is up).
+EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
+
+
+def nodes():
+    """How many nodes the launch spans: NNODES (as 04 reads it), else SLURM's node count, else torchrun's world
+    over its local world."""
+    for key in ("NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return world // local if local else 1
+
+
+def efa_environment():
+    """The EFA variables for a launch over several nodes (a variable already set wins), else nothing."""
+    if nodes() <= 1:
+        return {}
+    for key, value in EFA_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in EFA_ENV}
 
 
 def neuron_environment(c):
@@ -584,6 +606,7 @@ def neuron_environment(c):
         "NEURON_RT_EXEC_TIMEOUT": str(c[n + "rt_exec_timeout"]),
         "NEURON_EXPERIMENTAL_COMPRESS_RG": str(int(c[n + "experimental_compress_rg"])),
         "XLA_USE_BF16": "0", "XLA_DOWNCAST_BF16": "0", "NEURON_RT_STOCHASTIC_ROUNDING_EN": "0",
+        **efa_environment(),
     }
     for key, value in env.items():
         if key == "NEURON_CC_FLAGS" or key not in os.environ:
@@ -602,6 +625,7 @@ def print_launch_environment(c):
 
     env = neuron_environment(c)
     env.update({k: os.environ.get(k, v) for k, v in LAUNCH_ENV.items()})
+    env.update(efa_environment())
     for key, value in env.items():
         print(f"export {key}={shlex.quote(value)}")
 
@@ -674,6 +698,7 @@ def pick_device(c):
         raise StageError(f"trainer.accelerator={choice} but PyTorch has no usable {choice} device here; this needs "
                          f"{need}")
     if choice == "neuron":
+        efa_environment()  # before the process group starts the runtime
         return torch.device("neuron")
     return torch.device(choice, int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -720,30 +745,36 @@ def compile_counts(device, compiled):
 
 
 def extracting_graphs():
-    """True under neuron_parallel_compile's extraction run, where every device graph returns zeros: no decision may
-    then be taken from a device value, and nothing written is a real result."""
-    return bool(os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY"))
+    """True under neuron_parallel_compile's extraction run (NEURON_EXTRACT_GRAPHS_ONLY=1), where every device graph
+    returns zeros: no decision may then be taken from a device value, and nothing written is a real result."""
+    return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY") == "1"
 
 
 def seed_dropout(seed, par, device):
     """Dropout masks: a different stream on each data-parallel replica, the same on the tensor-parallel ranks of
-    one replica (they must drop alike). torch.manual_seed does not reach torch-xla's generator, which is
-    seeded on its own (and saved and restored with the run checkpoints)."""
+    one replica (they must drop alike). Called once the process group exists. The host generator: the ranks of
+    replica 0 go on with the stream `seed` started (LoRA's initialisation drew from it, alike on every rank), the
+    others restart it at seed + dp_rank. The device's own generator is seeded explicitly on every rank with seed +
+    dp_rank: torch.manual_seed never reaches torch-xla's, and reaches TorchNeuron's only when its backend happened to
+    be loaded before it ran. (Both are saved and restored with the run checkpoints.)"""
     if par.dp_rank:
         torch.manual_seed(seed + par.dp_rank)
     if device.type == "xla":
         import torch_xla.core.xla_model as xm
 
         xm.set_rng_state(seed + par.dp_rank, device)
+    elif device.type not in ("cpu", "meta"):  # cuda, neuron (torch.neuron mirrors torch.cuda), ...
+        torch.get_device_module(device).manual_seed(seed + par.dp_rank)
 
 
 def xla_counts():
-    """Graphs compiled and graph executions so far in this process (on XLA): a recompiling step, or a step that
-    runs more graphs than it should, shows in the metrics."""
+    """Graphs compiled, graph executions and device-to-host transfers so far in this process (on XLA): a
+    recompiling step, a step that runs more graphs than it should, or one that reads the device, shows."""
     import torch_xla.debug.metrics as met
 
-    compiled, executed = met.metric_data("CompileTime"), met.metric_data("ExecuteTime")
-    return {"xla_compiles": int(compiled[0]) if compiled else 0, "xla_executions": int(executed[0]) if executed else 0}
+    counts = {name: met.metric_data(metric) for name, metric in (("xla_compiles", "CompileTime"), (
+        "xla_executions", "ExecuteTime"), ("xla_reads", "TransferFromDeviceTime"))}
+    return {name: int(data[0]) if data else 0 for name, data in counts.items()}
 
 
 def xla_fallback_ops():
@@ -809,9 +840,12 @@ class Parallel:
         return len(self.mine[name])
 
     def all_reduce(self, x, name, op="sum"):
-        """Sum (or max) of x over the group `name`; a new tensor, identical on every member."""
+        """Sum (or max) of x over the group `name`; a new tensor, identical on every member. A 0-d tensor travels
+        as one element (TorchNeuron's collectives take 1-element tensors, as its examples use)."""
         if self.size(name) == 1:
             return x
+        if x.dim() == 0 and not self.xla:
+            return self.all_reduce(x.reshape(1), name, op).reshape(())
         if self.xla:
             import torch_xla.core.xla_model as xm
 
@@ -823,9 +857,11 @@ class Parallel:
         return x
 
     def all_gather(self, x, name):
-        """[x of each member of the group `name`], in group order."""
+        """[x of each member of the group `name`], in group order (0-d tensors travel as one element)."""
         if self.size(name) == 1:
             return [x]
+        if x.dim() == 0 and not self.xla:
+            return [y.reshape(()) for y in self.all_gather(x.reshape(1), name)]
         if self.xla:
             import torch_xla.core.xla_model as xm
 
@@ -2481,33 +2517,44 @@ def generation_prompts(tokenizer, fmt, records):
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
-class XlaAdamW(torch.optim.AdamW):
-    """torch's AdamW update (decoupled weight decay, bias correction, the same state and state_dict), with every
-    scalar applied through mul/lerp/add: torch-xla passes the Python floats of addcmul_/addcdiv_'s `value=` to
-    the device as float64, which NeuronCores do not have. Used on XLA only; CPU and CUDA keep torch's AdamW."""
+class DeviceAdamW(torch.optim.AdamW):
+    """torch's AdamW update (decoupled weight decay, bias correction, the same state and state_dict), for
+    accelerators (XLA, TorchNeuron, CUDA): the learning rate, the step count and the bias corrections are device
+    tensors, so no Python scalar enters a traced graph (torch-xla makes 0 and +-1 graph constants: a learning rate
+    reaching 0, or 1 - beta**t rounding to 1, would compile a new graph) and nothing is read on the host; every
+    scalar is applied through mul/lerp/add (torch-xla hands addcmul_/addcdiv_'s `value=` to the device as float64,
+    which NeuronCores lack); and where `skip` is true the update is skipped on the device: weights, moments and
+    step stay as they were (a non-finite step, known without a host read). The CPU keeps torch's AdamW."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, capturable=True, **kwargs)  # capturable: the step count stays on the device
 
     @torch.no_grad()
-    def step(self):
+    def step(self, lr, skip):
         for group in self.param_groups:
-            lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
+            wd, eps, (beta1, beta2) = group["weight_decay"], group["eps"], group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-                state["step"] += 1
-                t = float(state["step"])  # a host tensor, as in torch's AdamW: no device read
-                p.mul_(1 - lr * wd)
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).add_(p.grad * p.grad, alpha=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                p.add_(state["exp_avg"] / denom, alpha=-lr / (1 - beta1 ** t))
+                    state.update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p))
+                grad = torch.where(skip, 0.0, p.grad)  # a non-finite gradient must not reach the moments
+                t = state["step"] + 1
+                exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"] * beta2 + grad * grad * (1 - beta2)
+                denom = exp_avg_sq.sqrt() / (1 - beta2 ** t).sqrt() + eps
+                new = p * (1 - lr * wd) + exp_avg / denom * (-lr / (1 - beta1 ** t))
+                p.copy_(torch.where(skip, p, new))
+                state["exp_avg"].copy_(torch.where(skip, state["exp_avg"], exp_avg))
+                state["exp_avg_sq"].copy_(torch.where(skip, state["exp_avg_sq"], exp_avg_sq))
+                state["step"].copy_(torch.where(skip, state["step"], t))
 
 
 def make_optimizer(params, c, device):
     beta1, beta2 = c["model.optim.betas"]
-    kind = XlaAdamW if device.type == "xla" else torch.optim.AdamW
+    kind = torch.optim.AdamW if device.type == "cpu" else DeviceAdamW
     return kind(params, lr=c["model.optim.lr"], betas=(beta1, beta2), eps=c["model.optim.eps"],
                 weight_decay=c["model.optim.weight_decay"])
 
@@ -2546,6 +2593,20 @@ NEURONCORE_TFLOPS = {"trn1": (95, 23.75), "trn2": (166.75, 45.25), "trn3": (167.
 NEURONCORE_GIB = {"trn1": 16, "trn2": 24, "trn3": 36}
 
 
+def logical_cores_per_core(gen):
+    """How many physical NeuronCores one process's logical core spans: NEURON_LOGICAL_NC_CONFIG on trn2/trn3 (2 by
+    default, 1 halves a process's memory and TFLOPS), always 1 on trn1."""
+    return 1 if gen == "trn1" else int(os.environ.get("NEURON_LOGICAL_NC_CONFIG", "2"))
+
+
+def neuron_datasheet(gen):
+    """(bf16 TFLOPS, fp32 TFLOPS, GiB) of one process's NeuronCore: the table's LNC 2 figures scaled to the
+    logical-core setting."""
+    scale = logical_cores_per_core(gen) / (1 if gen == "trn1" else 2)
+    bf16, fp32 = NEURONCORE_TFLOPS[gen]
+    return bf16 * scale, fp32 * scale, NEURONCORE_GIB[gen] * scale
+
+
 def neuron_generation():
     """trn1, trn2 or trn3, from the instance type (trn1 when unknown)."""
     kind = os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "")
@@ -2566,8 +2627,10 @@ def peak_flops(device, autocast, configured):
     if configured:
         return configured * 1e12, "trainer.peak_tflops"
     if device.type == "neuron" or (device.type == "xla" and os.environ.get("PJRT_DEVICE") == "NEURON"):
-        bf16, fp32 = NEURONCORE_TFLOPS[neuron_generation()]
-        return (bf16 if autocast else fp32) * 1e12, f"{neuron_generation()} datasheet per NeuronCore, " \
+        gen = neuron_generation()
+        bf16, fp32, _ = neuron_datasheet(gen)
+        lnc = f", LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
+        return (bf16 if autocast else fp32) * 1e12, f"{gen} datasheet per NeuronCore{lnc}, " \
                                                     f"{'bf16' if autocast else 'fp32'}"
     if device.type == "xla":
         return None, "XLA device without a datasheet figure; set trainer.peak_tflops"
@@ -2985,7 +3048,8 @@ def device_memory(c):
         return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
     gen, acc = planned_trainium(c), c["trainer.accelerator"]
     if gen:
-        return NEURONCORE_GIB[gen], f"{gen} NeuronCore datasheet" + (", per logical core" if gen != "trn1" else "")
+        lnc = f", per logical core at LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
+        return neuron_datasheet(gen)[2], f"{gen} NeuronCore datasheet{lnc}"
     if acc in ("cuda", "auto") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.total_memory / 2**30, props.name
@@ -3041,45 +3105,97 @@ def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
 
 
 def device_loader(batches, device):
-    """On XLA, torch-xla's loader copies the next batches to the device in the background; elsewhere the loss
-    moves each micro-batch itself."""
-    if device.type != "xla":
-        return iter(batches)
-    import torch_xla.distributed.parallel_loader as pl
+    """On XLA, torch-xla's loader copies the next batches to the device in the background; on TorchNeuron each
+    micro-batch is copied one ahead, from pinned memory without blocking (prefetched); on CPU and CUDA the loss
+    moves each micro-batch itself, after cutting it on the host."""
+    if device.type == "xla":
+        import torch_xla.distributed.parallel_loader as pl
 
-    return iter(pl.MpDeviceLoader(batches, device))
+        return iter(pl.MpDeviceLoader(batches, device))
+    if device.type == "neuron":
+        return prefetched(batches, device, pin=True)
+    return iter(batches)
+
+
+def prefetched(batches, device, pin):
+    """The batches on the device, each copy issued one batch ahead of its use so that it overlaps the step before
+    it; from pinned host memory with non_blocking copies (the host does not wait for them)."""
+    def moved(batch):
+        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+
+    ahead = None
+    for batch in batches:
+        current, ahead = ahead, moved(batch)
+        if current is not None:
+            yield current
+    if ahead is not None:
+        yield ahead
 
 
 class LogInterval:
-    """What happened since the last logged step: the step losses (device tensors, read once at log time), real
-    and supervised tokens and model FLOPs, summed on the host from per-row counts computed once."""
+    """What happened since the last read of the device: step losses, the last gradient norm, and the non-finite
+    steps (how many, and the first), kept as running device values that every step updates in the same graph
+    (nothing is read, nothing changes shape); real and supervised tokens and model FLOPs summed on the host from
+    per-row counts computed once. `read` fetches the device values in one transfer, at log intervals, before a
+    checkpoint and at the end."""
 
-    def __init__(self, train, arch, seed, gbs):
+    def __init__(self, train, arch, seed, gbs, device, start, skipped):
         self.train, self.flops_per_window = train, window_flops(train, arch)
         self.n_rows, self.seed, self.gbs = len(train), seed, gbs
         self.total_tokens, self.started = 0, time.perf_counter()
+        # loss sum over finite steps, finite steps, last loss, last gradient norm, skipped steps, first bad step (0:
+        # none yet), steps done: one device vector, so that a read is one transfer
+        self.values = torch.tensor([0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)], device=device)
+        self.last_read = [0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)]
         self.reset()
 
     def reset(self):
-        self.losses, self.tokens, self.supervised, self.flops = [], 0, 0, 0.0
+        self.tokens, self.supervised, self.flops, self.steps = 0, 0, 0.0, 0
         self.since = time.perf_counter()
 
-    def add(self, step, step_loss):
+    def add(self, step, step_loss, grad_norm, bad):
         idx = step_indices(step, self.n_rows, self.gbs, self.seed)
-        self.losses.append(step_loss)
         self.tokens += int(self.train.n_tokens[idx].sum())
         self.supervised += int(self.train.supervised[idx].sum())
         self.flops += float(self.flops_per_window[idx].sum())
+        self.steps += 1
+        loss_sum, finite, _, _, skipped, first_bad, done = self.values.unbind()
+        good = (~bad).float()
+        done = done + 1
+        self.values = torch.stack([loss_sum + torch.where(bad, 0.0, step_loss), finite + good, step_loss, grad_norm,
+                                   skipped + bad.float(), torch.where(bad & (first_bad == 0), done, first_bad), done])
 
-    def record(self, done, lr, grad_norm, skipped, peak, run):
-        """The metrics record of this interval (the host sync of a log interval), then a fresh interval."""
-        losses = torch.stack(self.losses).tolist()
-        elapsed, norm = time.perf_counter() - self.since, float(grad_norm)
-        record = {"step": done, "loss": losses[-1] if math.isfinite(losses[-1]) else None, "lr": lr,
+    def read(self):
+        """(loss sum, finite steps, last loss, last gradient norm, skipped, first non-finite step or 0, steps done),
+        cumulative, from the device in one transfer; zeros while extracting graphs say nothing and are not used."""
+        values = self.values.cpu().tolist()
+        if extracting_graphs():
+            values = [*self.last_read[:5], 0.0, self.last_read[6] + self.steps]
+        return values
+
+    def check(self, values, policy, last_checkpoint, skipped_before):
+        """Stop (nonfinite: stop) naming the first non-finite step, or warn about newly skipped ones."""
+        _, _, loss, norm, skipped, first_bad, _ = values
+        if first_bad and policy == "stop":
+            raise StageError(f"step {int(first_bad)}: the loss or the gradient norm is not finite (its update was "
+                             f"not applied); last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
+                             f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps")
+        if skipped > skipped_before:
+            print(f"warning: {int(skipped - skipped_before)} step(s) with a non-finite loss or gradient norm skipped "
+                  f"(skipped_steps: {int(skipped)})", file=sys.stderr)
+
+    def record(self, done, lr, peak, run, last_checkpoint):
+        """The metrics record of this interval (the host read of a log interval), then a fresh interval."""
+        values = self.read()
+        self.check(values, run.c["trainer.nonfinite"], last_checkpoint, self.last_read[4])
+        loss_sum, finite, loss, norm, skipped, _, _ = values
+        mean = (loss_sum - self.last_read[0]) / max(1.0, finite - self.last_read[1])
+        elapsed = time.perf_counter() - self.since
+        record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
                   "grad_norm": norm if math.isfinite(norm) else None,
                   "tokens_per_s": self.tokens / elapsed, "supervised_tokens_per_s": self.supervised / elapsed,
                   "consumed_samples": done * self.gbs, "epoch": done * self.gbs // self.n_rows,
-                  "skipped_steps": skipped}
+                  "skipped_steps": int(skipped)}
         memory = peak_memory_gib(run.device)
         if memory is not None:
             record["peak_memory_gib"] = memory
@@ -3087,15 +3203,14 @@ class LogInterval:
             record["mfu"] = self.flops / elapsed / (peak * run.par.world)
         record.update(compile_counts(run.device, run.c["trainer.compile"]))
         self.total_tokens += self.tokens
+        self.last_read = values
         self.reset()
-        return record, losses
+        return record, mean
 
 
-def train_step(run, loader, lr):
-    """One optimizer step: the micro-batches' forward and backward passes, the gradient reductions, and the
-    step's loss, gradient norm and non-finite flag (device values; the flag is read by the caller)."""
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+def train_step(run, loader):
+    """One step's forward and backward passes over its micro-batches, the gradient reductions, and the step's
+    loss, gradient norm and non-finite flag, as device values (nothing is read here)."""
     c, device, par = run.c, run.device, run.par
     step_loss = torch.zeros((), device=device)
     for _ in range(c["data.global_batch_size"] // (c["data.micro_batch_size"] * par.dp)):
@@ -3108,31 +3223,25 @@ def train_step(run, loader, lr):
     grad_norm = global_grad_norm(run.modules, par)
     step_loss = par.all_reduce(step_loss, "dp")
     bad = nonfinite(torch.stack([step_loss, grad_norm]))  # the same on every rank: both are reduced values
-    # Cut the graph before the caller reads the flag: the read then copies a computed value instead of running
-    # the pending gradient reductions once for it and once more with the update.
+    # Cut the graph between the gradient reductions and the update: each then compiles once, whatever follows.
     sync_device(device)
     return step_loss, grad_norm, bad
 
 
-def apply_update(run, step, step_loss, grad_norm, bad, skipped, last_checkpoint):
-    """The step's one host read: a non-finite loss or gradient norm stops the run (trainer.nonfinite=stop) or
-    skips the update (skip); otherwise the clipped update. Skipped while extracting graphs, whose values are
-    all zeros. Returns the count of skipped steps."""
-    if not extracting_graphs() and bool(bad):
-        if run.c["trainer.nonfinite"] == "stop":
-            raise StageError(f"step {step + 1}: loss {float(step_loss)} / gradient norm {float(grad_norm)} is not "
-                             f"finite; last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
-                             f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps")
-        skipped += 1
-        print(f"warning: step {step + 1}: non-finite loss or gradient norm; update skipped "
-              f"({skipped} skipped so far)", file=sys.stderr)
-    else:
-        if run.c["trainer.gradient_clip_val"]:
-            clip_gradients(run.params, grad_norm, run.c["trainer.gradient_clip_val"])
+def apply_update(run, lr, grad_norm, bad):
+    """The clipped update, not applied where the step is not finite. On an accelerator the decision is taken on
+    the device (DeviceAdamW), so the host never waits for it; on the CPU, which has no device to wait for, the flag
+    is read so that torch's own AdamW runs unchanged. Under graph extraction (every value zero) nothing is
+    decided on the host either."""
+    if run.c["trainer.gradient_clip_val"]:
+        clip_gradients(run.params, grad_norm, run.c["trainer.gradient_clip_val"])
+    if isinstance(run.optimizer, DeviceAdamW):
+        run.optimizer.step(torch.tensor(lr, dtype=torch.float32, device=run.device), skip=bad)
+    elif not bool(bad):
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    sync_device(run.device)
-    return skipped
 
 
 def checkpoint_every(c):
@@ -3158,39 +3267,45 @@ def stop_requests():
 
 
 def train_loop(run, train, start, skipped, last_checkpoint, stop):
-    """Steps start..max_steps with logging, validation and run checkpoints. A stop request (`stop`, filled by
-    stop_requests on SIGTERM) on any rank ends the run after the current step with a checkpoint. Returns (the log
-    interval with the run's totals, the step the run stopped after or None, the last checkpoint)."""
+    """Steps start..max_steps with logging, validation and run checkpoints. Device values are read only at log
+    intervals, before a checkpoint and at the end (LogInterval); a non-finite step is skipped on the device and,
+    with trainer.nonfinite=stop, stops the run at the next read. A stop request (`stop`, filled by stop_requests on
+    SIGTERM) on any rank ends the run after the current step with a checkpoint. Returns (the log interval with the
+    run's totals, the step the run stopped after or None, the last checkpoint)."""
     c, par = run.c, run.par
     max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
     peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
     print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})" if peak
           else f"MFU not reported: {peak_source}")
     every = checkpoint_every(c)
-    interval = LogInterval(train, run.arch, c["seed"], gbs)
+    interval = LogInterval(train, run.arch, c["seed"], gbs, run.device, start, skipped)
     loader = device_loader(micro_batches(train, start, max_steps, gbs, c["data.micro_batch_size"], c["seed"], par),
                            run.device)
     bar = progress_bar(max_steps, start, shown=par.rank == 0)
     for step in range(start, max_steps):
         lr = lr_at(step, c)
-        step_loss, grad_norm, bad = train_step(run, loader, lr)
+        step_loss, grad_norm, bad = train_step(run, loader)
         stopping = par.any_rank(stop)  # a stop request is host data, shared over the CPU group
-        skipped = apply_update(run, step, step_loss, grad_norm, bad, skipped, last_checkpoint)
-        interval.add(step, step_loss)
+        apply_update(run, lr, grad_norm, bad)
+        interval.add(step, step_loss, grad_norm, bad)
+        sync_device(run.device)
         done = step + 1
         bar.set_description_str(f"Epoch {done * gbs // interval.n_rows}")
         bar.update(1)
         if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps or stopping:
-            record, losses = interval.record(done, lr, grad_norm, skipped, peak, run)
+            record, mean = interval.record(done, lr, peak, run, last_checkpoint)
             run.metrics.log(record)
-            bar.set_postfix_str(f"loss={sum(losses) / len(losses):.3f}, reduced_train_loss={losses[-1]:.3f}, "
-                                f"lr={lr:.3g}, global_step={done}, consumed_samples={done * gbs}, "
-                                f"tokens/s={record['tokens_per_s']:.0f}" + (f", mfu={record['mfu']:.1%}" if peak else ""))
+            last = record["loss"] if record["loss"] is not None else float("nan")
+            bar.set_postfix_str(f"loss={mean:.3f}, reduced_train_loss={last:.3f}, lr={lr:.3g}, global_step={done}, "
+                                f"consumed_samples={done * gbs}, tokens/s={record['tokens_per_s']:.0f}"
+                                + (f", mfu={record['mfu']:.1%}" if peak else ""))
         if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
             bar.clear()
             run_evaluation(run, done, gen=False)
         if (every and done % every == 0) or (stopping and not extracting_graphs()):
-            last_checkpoint = save_run_checkpoint(run, done, skipped)
+            values = interval.read()  # a checkpoint holds only steps that were finite, under nonfinite=stop
+            interval.check(values, c["trainer.nonfinite"], last_checkpoint, values[4])
+            last_checkpoint = save_run_checkpoint(run, done, int(values[4]))
         if stopping:
             bar.close()
             return interval, done, last_checkpoint
@@ -3271,6 +3386,7 @@ def build_model(c, arch, device, par):
     ckpt, _ = load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
                               {"tensor_model_parallel_size": tp, "kv_replicator": c["distributed_strategy.kv_replicator"],
                                "hw_backend": c["distributed_strategy.hw_backend"]})
+    sync_device(device)  # on XLA: the copies into the fused q/k/v slices run now, not inside a later graph
     print(f"loaded {ckpt.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
           f"process(es): TP {tp} x DP {par.dp}" + (f"; activation checkpointing on {n_ckpt} layer(s)" if n_ckpt else ""))
     modules, params = add_lora(model, c)

@@ -12,7 +12,12 @@ from conftest import run_stage
 FAKE_TOOL = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$RECORD"
 printf '%s\\n' "NEURON_COMPILE_CACHE_URL=$NEURON_COMPILE_CACHE_URL" "MALLOC_ARENA_MAX=$MALLOC_ARENA_MAX" \\
-  "NEURON_CC_FLAGS=$NEURON_CC_FLAGS" > "$RECORD.env"
+  "NEURON_CC_FLAGS=$NEURON_CC_FLAGS" "FI_PROVIDER=$FI_PROVIDER" "FI_EFA_USE_DEVICE_RDMA=$FI_EFA_USE_DEVICE_RDMA" \\
+  "FI_EFA_FORK_SAFE=$FI_EFA_FORK_SAFE" > "$RECORD.env"
+if [ -n "$WARM" ]; then  # what parallel_compile logs, and all it does, when the cache holds every graph
+  echo "INFO ||PARALLEL_COMPILE||: No todo hlos found in cache or hlo_tasklist, parallel_compile return before spawning workers...."
+  exit 0
+fi
 echo "INFO ||PARALLEL_COMPILE||: Total graphs: $TOTAL"
 echo "INFO ||PARALLEL_COMPILE||: Total successful compilations: $((TOTAL - FAILED))"
 echo "INFO ||PARALLEL_COMPILE||: Total failed compilations: $FAILED"
@@ -33,13 +38,15 @@ def executable(path, text):
     return path
 
 
-def with_tool(tmp_path, failed=0, total=22, neuron_python=True):
+def with_tool(tmp_path, failed=0, total=22, neuron_python=True, warm=False):
     executable(tmp_path / "bin" / "neuron_parallel_compile", FAKE_TOOL)
     if neuron_python:
         executable(tmp_path / "bin" / "python3", FAKE_NEURON_PYTHON)
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", RECORD=str(tmp_path / "argv"),
-               FAILED=str(failed), TOTAL=str(total), NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
-    for key in ("PYTHON", "NEURON_COMPILE_CACHE_URL", "MALLOC_ARENA_MAX", "NEURON_CC_FLAGS"):
+               FAILED=str(failed), TOTAL=str(total), NNODES="2", NODE_RANK="1", MASTER_ADDR="node0",
+               WARM="1" if warm else "")
+    for key in ("PYTHON", "NEURON_COMPILE_CACHE_URL", "MALLOC_ARENA_MAX", "NEURON_CC_FLAGS", "FI_PROVIDER",
+                "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
         env.pop(key, None)
     return env
 
@@ -83,6 +90,17 @@ def test_the_compiler_and_the_launch_get_the_configured_cache(tmp_path):
     assert env["MALLOC_ARENA_MAX"] == "128"
     # The flags the workers will see are the ones the tool compiles with: 05 does not add them a second time.
     assert env["NEURON_CC_FLAGS"] == "--model-type transformer --enable-mixed-precision-accumulation --auto-cast none"
+
+
+def test_a_warm_cache_succeeds_and_says_nothing_needed_compiling(tmp_path):
+    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, warm=True))
+    assert "nothing needed compiling" in proc.stdout and "Total graphs" not in proc.stdout
+
+
+def test_a_launch_over_several_nodes_gets_the_efa_variables(tmp_path):
+    run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path))  # NNODES=2
+    _, env = recorded(tmp_path)
+    assert (env["FI_PROVIDER"], env["FI_EFA_USE_DEVICE_RDMA"], env["FI_EFA_FORK_SAFE"]) == ("efa", "1", "1")
 
 
 def test_failed_graph_compilations_fail_the_stage(tmp_path):
