@@ -3098,7 +3098,9 @@ def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
     share = gbs // par.dp
     for step in range(start, max_steps):
         idx = step_indices(step, len(train), gbs, seed)
-        scale = torch.tensor(1.0 / max(1, int(train.supervised[idx].sum())))
+        # one element, not 0-d: torch-xla keeps 0-d uploads in a cache by value, and a value met elsewhere in a graph
+        # would then be merged with it into one input, making a graph of another shape
+        scale = torch.tensor([1.0 / max(1, int(train.supervised[idx].sum()))])
         mine = idx[par.dp_rank * share:(par.dp_rank + 1) * share]
         for first in range(0, share, mbs):
             yield dict(train.batch(mine[first:first + mbs]), scale=scale)
@@ -3215,7 +3217,7 @@ def train_step(run, loader):
     step_loss = torch.zeros((), device=device)
     for _ in range(c["data.global_batch_size"] // (c["data.micro_batch_size"] * par.dp)):
         mb = next(loader)
-        s = loss_sum(run.model, mb, device, run.autocast) * mb["scale"].to(device)
+        s = loss_sum(run.model, mb, device, run.autocast) * mb["scale"].to(device).reshape(())
         s.backward()
         step_loss += s.detach()
         sync_device(device)
@@ -3235,8 +3237,8 @@ def apply_update(run, lr, grad_norm, bad):
     decided on the host either."""
     if run.c["trainer.gradient_clip_val"]:
         clip_gradients(run.params, grad_norm, run.c["trainer.gradient_clip_val"])
-    if isinstance(run.optimizer, DeviceAdamW):
-        run.optimizer.step(torch.tensor(lr, dtype=torch.float32, device=run.device), skip=bad)
+    if isinstance(run.optimizer, DeviceAdamW):  # lr as one element, not 0-d: see micro_batches
+        run.optimizer.step(torch.tensor([lr], dtype=torch.float32, device=run.device).reshape(()), skip=bad)
     elif not bool(bad):
         for group in run.optimizer.param_groups:
             group["lr"] = lr

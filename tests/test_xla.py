@@ -119,7 +119,7 @@ def test_no_graph_of_a_run_with_checkpoints_holds_float64_and_none_compiles_afte
                         "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
                         env=dict(XLA_FLAGS=env_flags))
     modules = sorted((tmp_path / "hlo").glob("*before_optimizations.txt"))
-    assert len(modules) > 10, "no HLO was dumped"
+    assert len(modules) >= 5, "no HLO was dumped"
     with_f64 = [m.name for m in modules if "f64" in m.read_text()]
     assert not with_f64, f"float64 in {len(with_f64)} of {len(modules)} graphs: {with_f64}"
     assert sorted(p.name for p in (work / "xla-f64" / "checkpoints").iterdir()) == ["step_0000006"]
