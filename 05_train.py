@@ -3058,36 +3058,98 @@ def device_memory(c):
     return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
 
 
-def dry_run(c, arch, supervised_per_row):
-    """Check everything a run needs and print a report; raise StageError on the first problem."""
-    par_cfg = {"tensor_model_parallel_size": c["distributed_strategy.tensor_model_parallel_size"],
-               "kv_replicator": c["distributed_strategy.kv_replicator"],
-               "hw_backend": c["distributed_strategy.hw_backend"]}
-    tp, dtype = check_shards(c, arch, par_cfg)
-    print(f"checkpoint: {tp} shard(s) in {c['exp_manager.resume_from_checkpoint']}/model, every tensor present "
-          f"with the expected shape, {dtype}")
-    est = memory_estimate(arch, c, tp, supervised_per_row, planned_trainium(c) is not None)
+def dry_run(c, arch, where):
+    """The plan of a run, and every check its inputs allow now; StageError on the first problem. It needs only
+    model.model_config: the tokenizer and data, and the converted checkpoint, are checked where they exist and
+    named as skipped where they do not (memory is then planned with every position supervised). It plans for the
+    configured device from any host, opening none: trn1 with trainer.accelerator=xla (the checkpoint's
+    hw_backend), trn2/trn3 with neuron, with their datasheet memory."""
+    skipped, supervised_per_row = [], c["data.seq_length"]
+    data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
+    if (tok_dir / "tokenizer.json").is_file() and (str(data).startswith("hf://") or Path(data).exists()):
+        tokenizer = load_tokenizer(c)
+        train = load_split(data, tokenizer, c, "train", None)
+        val = load_split(c["data.val_dir"], tokenizer, c, "val", None) if c["data.val_dir"] else None
+        supervised_per_row = int(train.supervised.max())
+        if where.checkpoint:
+            same_inputs(where.checkpoint, run_inputs(c, train, val))
+    else:
+        skipped.append(f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every "
+                       f"position supervised")
+    ckpt, tp = Path(c["exp_manager.resume_from_checkpoint"]), c["distributed_strategy.tensor_model_parallel_size"]
+    if any((ckpt / "model").glob("*.pt")):
+        _, dtype = check_shards(c, arch, {"tensor_model_parallel_size": tp,
+                                          "kv_replicator": c["distributed_strategy.kv_replicator"],
+                                          "hw_backend": c["distributed_strategy.hw_backend"]})
+        print(f"checkpoint: {tp} shard(s) in {ckpt}/model, every tensor present with the expected shape, {dtype}")
+    else:
+        skipped.append(f"checkpoint shards ({ckpt}/model): not converted yet (stage 03 writes them)")
+    trainium = planned_trainium(c)
     limit, source = device_memory(c)
+    est = memory_estimate(arch, c, tp, supervised_per_row, trainium is not None)
     print(f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
           f"{c['data.seq_length']}, {c['precision.type']}):")
     for k, v in est.items():
         print(f"  {k:<34} {v / 2**30:8.2f} GiB")
-    fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["runtime reserve"]
-    plain, ckpt = (fixed + est["activations"]) / 2**30, (fixed + est["activations, checkpointed"]) / 2**30
-    print(f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n  {'total with checkpointing':<34} {ckpt:8.2f} GiB")
+    plain, ckpt_gib = totals_gib(est)
+    print(f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n  {'total with checkpointing':<34} {ckpt_gib:8.2f} GiB")
     print(f"  device memory                      {limit:8.2f} GiB ({source})")
-    need = ckpt if c["model.activations_checkpoint"] else plain
+    print_plan(c, arch, supervised_per_row, trainium, limit)
+    warn_chip_span(tp, trainium)
+    for item in skipped:
+        print(f"skipped: {item}")
+    need = ckpt_gib if c["model.activations_checkpoint"] else plain
     if need > limit:
-        hint = (" ; model.activations_checkpoint=true would bring it to {:.2f} GiB".format(ckpt)
-                if not c["model.activations_checkpoint"] and ckpt <= limit else
+        hint = (" ; model.activations_checkpoint=true would bring it to {:.2f} GiB".format(ckpt_gib)
+                if not c["model.activations_checkpoint"] and ckpt_gib <= limit else
                 "; raise distributed_strategy.tensor_model_parallel_size or lower data.micro_batch_size / seq_length")
         raise StageError(f"this configuration needs about {need:.2f} GiB per rank, the device has {limit:.2f} GiB{hint}")
     if need * (1 + ESTIMATE_ERROR) > limit:
         print(f"warning: {need:.2f} GiB is within the estimate's {ESTIMATE_ERROR:.0%} error of the device's "
-              f"{limit:.2f} GiB" + ("; model.activations_checkpoint=true would need {:.2f} GiB".format(ckpt)
+              f"{limit:.2f} GiB" + ("; model.activations_checkpoint=true would need {:.2f} GiB".format(ckpt_gib)
                                      if not c["model.activations_checkpoint"] else ""), file=sys.stderr)
     print(f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
           f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained")
+    print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
+
+
+def totals_gib(est):
+    """(GiB without activation checkpointing, GiB with it) of a memory_estimate."""
+    fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["runtime reserve"]
+    return (fixed + est["activations"]) / 2**30, (fixed + est["activations, checkpointed"]) / 2**30
+
+
+def print_plan(c, arch, supervised_per_row, trainium, limit):
+    """Memory per rank over every tensor-parallel size the model's heads allow (KV heads copied where TP exceeds
+    them), without and with activation checkpointing, marked by whether it fits the device (with the estimate's
+    error) - the choice of TP before anything is converted."""
+    print(f"plan: memory per rank over tensor-parallel sizes (GiB; fits: under {limit:.2f} with the estimate's "
+          f"{ESTIMATE_ERROR:.0%} error, tight: within it, no: over)")
+    print("    TP  kv_replicator  without checkpointing  with checkpointing")
+    mark = lambda gib: "fits" if gib * (1 + ESTIMATE_ERROR) <= limit else "tight" if gib <= limit else "no"  # noqa: E731
+    for tp in range(1, arch["heads"] + 1):
+        kv = max(1, tp // arch["kv_heads"])
+        planned = dict(c, **{"distributed_strategy.tensor_model_parallel_size": tp, "distributed_strategy.kv_replicator": kv})
+        if arch["heads"] % tp or tp & (tp - 1):
+            continue
+        try:
+            layout_of(planned, arch).check()
+        except StageError:
+            continue
+        plain, ckpt = totals_gib(memory_estimate(arch, planned, tp, supervised_per_row, trainium is not None))
+        this = "   <- this config" if tp == c["distributed_strategy.tensor_model_parallel_size"] else ""
+        print(f"  {tp:4d}  {kv:13d}  {plain:9.2f} {mark(plain):<11}  {ckpt:8.2f} {mark(ckpt):<5}{this}")
+
+
+def warn_chip_span(tp, trainium):
+    """On trn2/trn3 a tensor-parallel group should stay within one chip: its all-reduces run every layer."""
+    if trainium not in ("trn2", "trn3"):
+        return
+    per_chip = 8 // logical_cores_per_core(trainium)  # 8 physical NeuronCores per chip
+    if tp > per_chip:
+        print(f"warning: TP {tp} spans {-(-tp // per_chip)} {trainium} chips ({per_chip} logical cores per chip at "
+              f"LNC {logical_cores_per_core(trainium)}): its all-reduces, several per layer, leave the chip; keep "
+              f"TP <= {per_chip} where the model fits", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ training loop
@@ -3542,6 +3604,9 @@ def main(argv=None):
     device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, arch)
     # The run directory, and whether this launch continues its run, before any data is prepared or model loaded.
     where = None if args.inspect_data else resume_point(c, par)
+    if args.dry_run:
+        dry_run(c, arch, where)
+        return
 
     # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
     tokenizer = load_tokenizer(c)
@@ -3553,10 +3618,6 @@ def main(argv=None):
     inputs = run_inputs(c, train, val)
     if where.checkpoint:
         same_inputs(where.checkpoint, inputs)
-    if args.dry_run:
-        dry_run(c, arch, int(train.supervised.max()))
-        print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
-        return
     n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
     val_records = (read_records(c["data.val_dir"], n_prompts, c["data.format"], rename_pairs(c["data.rename_fields"]))
                    if val is not None and n_prompts else [])

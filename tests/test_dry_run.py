@@ -37,8 +37,49 @@ def test_dry_run_refuses_a_configuration_that_does_not_fit(pipeline):
 
 def test_dry_run_names_a_missing_shard(pipeline, tmp_path):
     work, overlay = pipeline
-    proc = dry(overlay, f"exp_manager.resume_from_checkpoint={tmp_path}", check=False)
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
+               f"exp_manager.resume_from_checkpoint={tmp_path / 'tp2'}", "distributed_strategy.tensor_model_parallel_size=2"])
+    (tmp_path / "tp2" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt").unlink()
+    proc = dry(overlay, f"exp_manager.resume_from_checkpoint={tmp_path / 'tp2'}",
+               "distributed_strategy.tensor_model_parallel_size=2", check=False)
     assert proc.returncode != 0 and "dp_rank_00_tp_rank_00_pp_rank_00.pt not found" in proc.stderr
+
+
+LLAMA31_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+               "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+               "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+               "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+
+
+def plan(tmp_path, *overrides):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA31_70B))
+    return run_stage(["05_train.py", "--config", "config.yaml", f"model.model_config={tmp_path / 'config.json'}",
+                      f"exp_manager.resume_from_checkpoint={tmp_path / 'not-converted'}",
+                      f"data.tokenizer.type={tmp_path / 'no-tokenizer'}", f"data.train_dir={tmp_path / 'no.jsonl'}",
+                      f"exp_manager.explicit_log_dir={tmp_path / 'run'}", "--dry-run", *overrides], check=False)
+
+
+def test_a_plan_needs_only_the_model_config_and_says_what_it_skipped(tmp_path):
+    """Llama-3.1-70B on trn1 (TP 32, KV heads copied 4 times), planned on this CPU host before anything exists."""
+    proc = plan(tmp_path, "trainer.accelerator=xla", "model.activations_checkpoint=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "skipped: tokenizer and data" in out and "skipped: checkpoint shards" in out
+    assert "device memory                         16.00 GiB (trn1 NeuronCore datasheet)" in out
+    rows = {int(line.split()[0]): line for line in out.splitlines() if line.strip()[:1].isdigit() and "  " in line}
+    assert sorted(rows) == [1, 2, 4, 8, 16, 32, 64] and "<- this config" in rows[32]
+    assert rows[1].split()[3] == "no" and rows[32].split()[5] == "fits"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_trn2_tensor_parallel_group_over_several_chips_is_warned_about(tmp_path):
+    proc = plan(tmp_path, "trainer.accelerator=neuron", "distributed_strategy.tensor_model_parallel_size=16",
+                "distributed_strategy.kv_replicator=2", "distributed_strategy.hw_backend=trn2",
+                "model.activations_checkpoint=true")
+    assert "warning: TP 16 spans 4 trn2 chips (4 logical cores per chip at LNC 2)" in proc.stderr
+    assert "24.00 GiB (trn2 NeuronCore datasheet, per logical core at LNC 2)" in proc.stdout
 
 
 def test_dry_run_checks_every_tensor_parallel_shard(pipeline):

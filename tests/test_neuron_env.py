@@ -71,3 +71,40 @@ def test_neuron_env_prints_export_lines_for_the_launch(clean_env):
     assert "export NEURON_COMPILE_CACHE_URL='s3://bucket/my cache'" in lines
     assert "export MALLOC_ARENA_MAX=128" in lines and "export XLA_DISABLE_FUNCTIONALIZATION=0" in lines
     assert all(line.startswith("export ") for line in lines)
+
+
+EFA = ["FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE"]
+
+
+def launch_env(**nodes):
+    env = {k: v for k, v in os.environ.items()
+           if k not in [*EFA, "NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "WORLD_SIZE", "LOCAL_WORLD_SIZE"]}
+    return dict(env, **nodes)
+
+
+@pytest.mark.parametrize("nodes", [{"NNODES": "2"}, {"SLURM_NNODES": "4"}], ids=["NNODES", "SLURM"])
+def test_a_launch_over_several_nodes_exports_the_efa_variables(nodes):
+    out = run_stage(["05_train.py", "--config", "config.yaml", "--neuron-env"], env=launch_env(**nodes)).stdout
+    assert "export FI_PROVIDER=efa" in out and "export FI_EFA_USE_DEVICE_RDMA=1" in out
+    assert "export FI_EFA_FORK_SAFE=1" in out
+
+
+def test_one_node_needs_no_efa_variables():
+    out = run_stage(["05_train.py", "--config", "config.yaml", "--neuron-env"], env=launch_env(NNODES="1")).stdout
+    assert "FI_PROVIDER" not in out
+
+
+@pytest.mark.parametrize("value,extracting", [("1", True), ("0", False), ("", False)])
+def test_only_neuron_extract_graphs_only_1_means_graph_extraction(monkeypatch, value, extracting):
+    monkeypatch.setenv("NEURON_EXTRACT_GRAPHS_ONLY", value)
+    assert load_stage("05_train.py").extracting_graphs() is extracting
+
+
+def test_requirements_neuron_pins_one_sdk_release():
+    """SDK 2.29.1's manifest (aws-neuron-sdk src/helperscripts/n2-manifest.json), no package of another release."""
+    from conftest import ROOT
+
+    pins = dict(line.split("==") for line in (ROOT / "requirements-neuron.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins == {"torch-neuronx": "2.9.0.2.13.26312", "torch": "2.9.0", "torch-xla": "2.9.0",
+                    "libneuronxla": "2.2.16408.0", "neuronx-cc": "2.24.8799.0"}
