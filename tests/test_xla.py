@@ -219,3 +219,42 @@ def test_tp2_dp2_collectives_carry_the_right_groups_and_float_operands_only(rank
         assert set(operands) <= {"f32", "bf16"}, f"non-float operand in {c}"
     assert all("replica_groups={{0,1},{2,3}}" in g for g in gathers)
     assert "f64" not in step and "f64" not in export
+
+
+def test_a_schedule_reaching_lr_0_and_a_partial_last_interval_compile_and_read_nothing_more(pipeline):
+    """lr 0.0 and the last steps enter the update as device data, the losses as running device values: the graphs
+    stay the same from step 3 to the end, and the host reads the device once per logged step only."""
+    work, overlay = pipeline
+    _, records = run(work, overlay, "xla-lr0", "trainer.accelerator=xla", "trainer.max_steps=7",
+                     "trainer.log_every_n_steps=3", "model.optim.sched.max_steps=4", "model.optim.sched.min_lr=0",
+                     "model.optim.sched.warmup_steps=1")
+    logged = steps(records)
+    assert [r["step"] for r in logged] == [3, 6, 7] and [r["lr"] for r in logged][1:] == [0.0, 0.0]
+    compiles = [r["xla_compiles"] for r in logged]
+    assert compiles == [compiles[0]] * 3, f"graphs compiled at steps 3, 6, 7: {compiles}"
+    reads = [r["xla_reads"] for r in logged]
+    assert [b - a for a, b in zip(reads, reads[1:])] == [1, 1], f"device reads by step 3, 6, 7: {reads}"
+
+
+def test_a_run_resumed_off_its_log_interval_compiles_nothing_after_its_second_step(pipeline):
+    work, overlay = pipeline
+    common = ["trainer.accelerator=xla", "model.optim.sched.max_steps=7"]
+    run(work, overlay, "xla-offset", *common, "trainer.max_steps=3", "trainer.log_every_n_steps=2",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=3")  # logs steps 2 and 3, checkpoint at 3
+    proc, records = run(work, overlay, "xla-offset", *common, "trainer.max_steps=7", "trainer.log_every_n_steps=1",
+                        "exp_manager.checkpoint_callback_params.every_n_train_steps=0")
+    assert "resuming from" in proc.stdout
+    compiles = [r["xla_compiles"] for r in steps(records) if r["step"] > 3]
+    assert len(compiles) == 4 and compiles[1:] == [compiles[1]] * 3, f"graphs compiled at steps 4-7: {compiles}"
+
+
+def test_a_non_finite_step_stops_the_run_at_the_next_read_naming_its_step(pipeline):
+    work, overlay = pipeline
+    proc, records = run(work, overlay, "xla-late-stop", "trainer.accelerator=xla", "model.optim.lr=1e12",
+                        "trainer.nonfinite=stop", "trainer.log_every_n_steps=3", "trainer.gradient_clip_val=null",
+                        check=False)
+    assert proc.returncode == 1
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "is not finite (its update was not applied)" in message
+    assert 1 <= int(message.split("step ")[1].split(":")[0]) <= 3
+    assert not steps(records), "the read at step 3 stops the run before anything is logged"
