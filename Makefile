@@ -1,5 +1,5 @@
 # make demo   set up .venv if missing, then run stages 01-05 on the embedded demo (SmolLM2-135M-Instruct, CPU)
-# make test   set up .venv if missing, then run the test suite
+# make test   set up .venv if missing, then check formatting and lint (ruff), then run the test suite
 # make bench  run the CPU benchmarks under bench/: 05's step vs transformers + peft, and stage 03's conversion
 # make clean  remove the demo's outputs (work/demo, runs/demo)
 # make test-xla  build .venv-xla (torch 2.9.0 + torch-xla 2.9.0, about 7.6 GB, ~2 min from a fast mirror) and run
@@ -30,8 +30,11 @@ demo: venv
 	rm -rf runs/demo && \
 	$(PY) 05_train.py $(DEMO)
 
-# Two pytest workers, each module on one worker (its fixtures are built once); -rs lists what is skipped and why.
+# The formatter and linter first (settings in pyproject.toml; `.venv/bin/ruff format .` fixes the layout), then
+# two pytest workers, each module on one worker (its fixtures are built once); -rs lists what is skipped and why.
 test: venv
+	$(PY) -m ruff format --check --quiet .
+	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 venv-xla: .venv-xla/.installed

@@ -151,6 +151,16 @@ def test_data_order_is_a_pure_function_of_seed_and_step_and_covers_every_window(
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
 
 
+def test_each_epoch_takes_its_own_seeded_permutation_of_the_windows(train_mod):
+    n, per_step, seed = 12, 4, 7
+    steps = [train_mod.step_indices(s, n, per_step, seed) for s in range(3 * n // per_step)]
+    flat = sum(steps, [])
+    epochs = [flat[e * n:(e + 1) * n] for e in range(3)]
+    for e, order in enumerate(epochs):  # the documented order: randperm seeded by seed + epoch
+        assert order == torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
 def test_inspect_data_marks_the_trained_tokens(train_mod, tok, capsys):
     batch, _, _ = windows(train_mod, tok, [RECORDS[1]], 48, True)
     train_mod.inspect_data(batch, tok, 1)

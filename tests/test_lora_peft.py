@@ -111,6 +111,19 @@ def test_lora_layer_starts_as_the_base_layer_and_scales_by_alpha_over_r(train_mo
     assert layer.lora_A.weight.dtype == torch.float32 and not layer.weight.requires_grad
 
 
+def test_lora_dropout_zeroes_a_fraction_p_and_rescales_the_rest_by_one_over_one_minus_p(train_mod):
+    layer = train_mod.LoRALinear((6, 8), torch.float32)
+    layer.add_lora(rank=2, alpha=4.0, dropout=0.25)
+    layer.train()
+    torch.manual_seed(0)
+    dropped = layer.dropout(torch.ones(400_000))
+    assert abs(float((dropped == 0).float().mean()) - 0.25) < 0.005
+    assert torch.allclose(dropped.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs(float(dropped.mean()) - 1.0) < 0.01  # the expectation is the input's
+    layer.eval()
+    assert torch.equal(layer.dropout(torch.ones(10)), torch.ones(10))  # no dropout in evaluation
+
+
 def test_lora_weights_stay_fp32_over_a_bf16_base(train_mod):
     layer = train_mod.LoRALinear((6, 8), torch.bfloat16)
     layer.add_lora(rank=2, alpha=4.0, dropout=0.0)
