@@ -39,12 +39,436 @@ from pathlib import Path
 
 import yaml
 
+# ------------------------------------------------------------------------------------------------ settings
+STAGE = "02_download_model.py"
+
+
+# The config keys this stage reads and their types (validated before any work starts).
+SCHEMA = {
+    "model.download.source": "path",
+    "model.download.revision": "str?",
+    "model.hf_weights_dir": "path",
+    "model.model_config": "path",
+    "data.tokenizer.type": "path",
+}
+
+
+# ------------------------------------------------------------------------------------------------ sources
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # the same tensors
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+]
+
+
+def fetch_from_hub(repo_id, revision):
+    """Download only the files a LoRA run needs; the token comes from HF_TOKEN or the login cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    # Messages are built from the repo id only: exception texts can quote request headers.
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise StageError(
+            f"{repo_id} is gated: accept its licence on its Hub page, then provide a token with "
+            f"`export HF_TOKEN=...` or `hf auth login`"
+        ) from None
+    except RepositoryNotFoundError:
+        raise StageError(
+            f"{repo_id}: no such repository on the Hub (or it is private and no valid token was given)"
+        ) from None
+    except RevisionNotFoundError:
+        raise StageError(f"{repo_id}: revision {revision!r} not found (model.download.revision)") from None
+    except LocalEntryNotFoundError:
+        raise StageError(
+            f"{repo_id}: not in the local HF cache and the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1)"
+        ) from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        raise StageError(f"{repo_id}: the Hub answered HTTP {status}") from None
+
+
+META_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def write_from_meta(src, weights_tmp, tok_tmp):
+    """Convert Meta's original checkpoint (params.json + consolidated.00.pth) to the HF layout.
+
+    Meta's q/k rows interleave the two halves of each rotary pair; HF's rotate-half RoPE wants them split,
+    so q_proj and k_proj rows are permuted per head (the same permutation as transformers' own converter)."""
+    from transformers import AutoTokenizer
+
+    params = json.loads((src / "params.json").read_text())
+    shards = sorted(src.glob("consolidated.*.pth"))
+    if len(shards) != 1:
+        raise StageError(
+            f"{src}: expected one consolidated.00.pth (an 8B checkpoint), found {len(shards)}; "
+            f"model-parallel Meta checkpoints are not supported, use the HF release instead"
+        )
+    try:
+        state = load_torch_file(shards[0])
+    except Exception as e:
+        raise StageError(f"{shards[0]}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    dim, heads = params["dim"], params["n_heads"]
+    kv, head_dim = params.get("n_kv_heads") or heads, dim // heads
+
+    def to_rotate_half(w, n):
+        return w.view(n, head_dim // 2, 2, w.shape[1]).transpose(1, 2).reshape(n * head_dim, w.shape[1])
+
+    out = {}
+    for name, t in state.items():
+        if name == "rope.freqs":  # a precomputed buffer in older releases, not a weight
+            continue
+        top = {
+            "tok_embeddings.weight": "model.embed_tokens.weight",
+            "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight",
+        }
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
+        if name in top:
+            out[top[name]] = t
+        elif m and m.group(2) in META_NAMES:
+            if m.group(2) == "attention.wq":
+                t = to_rotate_half(t, heads)
+            elif m.group(2) == "attention.wk":
+                t = to_rotate_half(t, kv)
+            out[f"model.layers.{m.group(1)}.{META_NAMES[m.group(2)]}.weight"] = t
+        else:
+            raise StageError(f"{shards[0]}: unexpected tensor '{name}' for a Llama checkpoint")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception:
+        raise StageError(
+            f"{src}: no HF tokenizer files (tokenizer.json, tokenizer_config.json) beside the Meta "
+            f"checkpoint; copy them from the model's HF release into {src}"
+        ) from None
+    embed = out["model.embed_tokens.weight"]
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": dim,
+        "intermediate_size": out["model.layers.0.mlp.gate_proj.weight"].shape[0],
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": embed.shape[0],
+        "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "rope_theta": params.get("rope_theta", 10000.0),
+        "max_position_embeddings": params.get("max_seq_len", 8192),
+        "tie_word_embeddings": "lm_head.weight" not in out,
+        "torch_dtype": str(embed.dtype).replace("torch.", ""),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    if params.get("use_scaled_rope"):  # Llama 3.1: the frequency scaling of its release
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": params.get("rope_scaling_factor", 8.0),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    save_sharded(out, weights_tmp)
+    (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(tok_tmp))
+
+
+def write_from_gguf(gguf, weights_tmp, tok_tmp):
+    """Dequantize a GGUF file (weights to fp32) into an HF directory and a tokenizer directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise StageError(f"{gguf}: cannot be read as a GGUF model ({type(e).__name__}: {e})") from None
+    # transformers refuses to save a model loaded from GGUF, so the dequantized tensors are written directly.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [ARCHITECTURES.get(config.get("model_type"), "LlamaForCausalLM")]
+    tied = config.get("tie_word_embeddings", False)
+    save_sharded({k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}, weights_tmp)
+    (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(tok_tmp))
+
+
+def write_from_hf_dir(src, weights_tmp, tok_tmp):
+    """Copy an HF model directory's config and weights (.bin converted to safetensors) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    if not (src / "config.json").exists():
+        raise StageError(f"model.download.source: {src} has no config.json (not an HF model directory)")
+    shutil.copy2(src / "config.json", weights_tmp / "config.json")
+    if (src / "generation_config.json").exists():
+        shutil.copy2(src / "generation_config.json", weights_tmp / "generation_config.json")
+    shards = sorted(src.glob("*.safetensors"))
+    if shards:
+        for f in shards + sorted(src.glob("model.safetensors.index.json")):
+            shutil.copy2(f, weights_tmp / f.name)
+    elif (src / "pytorch_model.bin").exists():
+        save_sharded(load_torch_file(src / "pytorch_model.bin", mmap=False), weights_tmp)
+    else:
+        raise StageError(f"model.download.source: {src} has neither *.safetensors nor pytorch_model.bin")
+    try:
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tok_tmp))
+    except Exception as e:
+        raise StageError(f"{src}: no usable tokenizer ({type(e).__name__}: {e})") from None
+
+
+def finish_tokenizer(tok_tmp):
+    """Make sure BOS/EOS are set and choose a pad token: the model's own, else EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_tmp))
+    if tokenizer.eos_token_id is None:
+        raise StageError("the tokenizer defines no EOS token; the SFT data format needs one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(str(tok_tmp))
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ verify
+def expected_shapes(config):
+    """{HF tensor name: shape} that a LlamaForCausalLM with this config.json must hold."""
+    h, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    hd = config.get("head_dim") or h // heads
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (heads * hd, h),
+                p + "self_attn.k_proj.weight": (kv * hd, h),
+                p + "self_attn.v_proj.weight": (kv * hd, h),
+                p + "self_attn.o_proj.weight": (h, heads * hd),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
+    return shapes
+
+
+def verify_weights(weights_dir, source):
+    """Architecture, shard files and every tensor's shape against config.json; returns (tensors, bytes).
+    Errors name the source the user gave, not the temporary directory being checked."""
+    from safetensors import safe_open
+
+    config = json.loads((weights_dir / "config.json").read_text())
+    arch, family = (config.get("architectures") or ["?"])[0], config.get("model_type", "llama")
+    if ARCHITECTURES.get(family) != arch:
+        raise StageError(
+            f"{source}: architecture {arch} (model_type {family}), expected one of "
+            f"{sorted(ARCHITECTURES.values())} with its model_type"
+        )
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise StageError(f"{source}: config.json sets '{key}: true'; the Llama model trained here has no biases")
+    index = weights_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in sorted(weights_dir.glob("*.safetensors"))]
+    shapes, total = {}, 0
+    for name in files:
+        path = weights_dir / name
+        if not path.exists():
+            raise StageError(f"{source}: shard {name}, named in model.safetensors.index.json, is missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as e:
+            raise StageError(f"{source}: {name} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+        total += path.stat().st_size
+    biases = sorted(k for k in shapes if k.endswith(".bias"))
+    if biases:
+        raise StageError(
+            f"{source}: tensor '{biases[0]}' is a bias ({len(biases)} in all); the Llama model trained here has none"
+        )
+    expected = expected_shapes(config)
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise StageError(f"{source}: tensor '{key}' missing")
+        if shapes[key] != shape:
+            raise StageError(
+                f"{source}: tensor '{key}' has shape {list(shapes[key])}, config.json implies {list(shape)}"
+            )
+    return len(shapes), total
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def earlier_output(weights_dir):
+    """The resolved config that an earlier run of this stage saved in weights_dir (nested), or None when
+    weights_dir holds no output of this stage. Outputs of versions whose saved config did not yet name its
+    stage are recognised by model.download.source, a key that no other stage reads."""
+    saved = weights_dir / "resolved_config.yaml"
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    legacy = "source" in ((old.get("model") or {}).get("download") or {})
+    return old if written_by_this_stage(saved) or legacy else None
+
+
+def inside(a, b):
+    return a.absolute() != b.absolute() and b.absolute() in a.absolute().parents
+
+
+def check_outputs(weights_dir, tok_dir, config_path):
+    """Pre-flight, before anything is fetched: every output can be written and replaces only an earlier output
+    of this stage. The tokenizer may share the weights directory and config.json may be the one inside it;
+    other nestings are refused, since publishing one output would replace another."""
+    if inside(weights_dir, tok_dir) or inside(tok_dir, weights_dir):
+        raise StageError(
+            f"model.hf_weights_dir ({weights_dir}) and data.tokenizer.type ({tok_dir}): one lies inside "
+            f"the other; use one directory for both or two separate ones"
+        )
+    config_in_weights = config_path.absolute() == (weights_dir / "config.json").absolute()
+    if not config_in_weights and (inside(config_path, weights_dir) or inside(config_path, tok_dir)):
+        raise StageError(
+            f"model.model_config: {config_path} lies inside an output directory of this stage; use "
+            f"{weights_dir / 'config.json'} or a path outside it"
+        )
+    earlier = earlier_output(weights_dir)
+    earlier_tok = ((earlier or {}).get("data") or {}).get("tokenizer") or {}
+    for key, d in (("model.hf_weights_dir", weights_dir), ("data.tokenizer.type", tok_dir)):
+        if d.exists() and not d.is_dir():
+            raise StageError(f"{key}: {d} is a file; this key names a directory")
+        if d.absolute() == weights_dir.absolute():
+            own = earlier is not None
+        else:  # a tokenizer directory of older versions holds no config: the weights directory's config names it
+            own = written_by_this_stage(d / "resolved_config.yaml") or earlier_tok.get("type") == str(d)
+        if d.is_dir() and any(d.iterdir()) and not own:
+            refuse_foreign(d, key, "no resolved_config.yaml of this stage in it")
+        check_writable(d, key)
+    if not config_in_weights:
+        if config_path.is_dir():
+            raise StageError(f"model.model_config: {config_path} is a directory; this key names a config.json file")
+        ours = weights_dir / "config.json"
+        same = (
+            earlier is not None
+            and ours.is_file()
+            and config_path.is_file()
+            and config_path.read_bytes() == ours.read_bytes()
+        )
+        if config_path.exists() and not same:
+            refuse_foreign(config_path, "model.model_config", f"it is not the config.json of {weights_dir}")
+        check_writable(config_path, "model.model_config")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def check_source(source):
+    """Pre-flight: a local source exists; anything else must look like a Hub repo id (owner/name)."""
+    src = Path(source)
+    if source.endswith(".gguf") and not src.is_file():
+        raise StageError(f"model.download.source: GGUF file {src} not found")
+    if (
+        not source.endswith(".gguf")
+        and not src.is_dir()
+        and (source.startswith((".", "/", "~")) or source.count("/") != 1)
+    ):
+        raise StageError(
+            f"model.download.source: {source} is neither a directory, a .gguf file nor a Hub repo id (owner/name)"
+        )
+
+
+def write_model(source, c, weights_tmp, tok_tmp):
+    """Bring the source into the temporary weights and tokenizer directories."""
+    src = Path(source)
+    if source.endswith(".gguf"):
+        print(f"dequantizing {src}")
+        write_from_gguf(src, weights_tmp, tok_tmp)
+        return
+    if not src.is_dir():
+        print(f"fetching {source} from the Hugging Face Hub")
+        src = fetch_from_hub(source, c["model.download.revision"])
+    if (src / "params.json").exists() and not (src / "config.json").exists():
+        print(f"converting Meta checkpoint {src}")
+        write_from_meta(src, weights_tmp, tok_tmp)
+    else:
+        write_from_hf_dir(src, weights_tmp, tok_tmp)
+
+
+def main(argv=None):
+    args = config_arg_parser(__doc__).parse_intermixed_args(argv)
+    paths = args.config or ["config.yaml"]
+    c = resolve(load_config(paths, args.overrides), SCHEMA)
+    show_settings(c, paths, args.overrides, SCHEMA)
+    weights_dir, tok_dir, config_path = (
+        Path(c["model.hf_weights_dir"]),
+        Path(c["data.tokenizer.type"]),
+        Path(c["model.model_config"]),
+    )
+    check_source(c["model.download.source"])
+    check_outputs(weights_dir, tok_dir, config_path)
+    one_dir = weights_dir.absolute() == tok_dir.absolute()  # tokenizer files beside the weights, as on the Hub
+    config_in_weights = config_path.absolute() == (weights_dir / "config.json").absolute()
+    weights_tmp = staging(weights_dir)
+    tok_tmp = weights_tmp if one_dir else staging(tok_dir)
+    config_tmp = None if config_in_weights else staging(config_path)
+    try:
+        write_model(c["model.download.source"], c, weights_tmp, tok_tmp)
+        count, size = verify_weights(weights_tmp, c["model.download.source"])
+        tokenizer = finish_tokenizer(tok_tmp)
+        for tmp in {weights_tmp, tok_tmp}:
+            save_config(c, tmp / "resolved_config.yaml")
+        if config_tmp is not None:
+            shutil.copy2(weights_tmp / "config.json", config_tmp / config_path.name)
+        publish(weights_tmp, weights_dir)
+        if not one_dir:
+            publish(tok_tmp, tok_dir)
+        if config_tmp is not None:
+            publish(config_tmp / config_path.name, config_path)
+    finally:
+        for tmp in {weights_tmp, tok_tmp, config_tmp} - {None}:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"weights: {weights_dir} ({count} tensors, {size / 2**20:.1f} MiB)")
+    print(
+        f"tokenizer: {tok_dir} (bos {tokenizer.bos_token!r}, eos {tokenizer.eos_token!r}, pad {tokenizer.pad_token!r})"
+    )
+    print(f"config: {config_path}")
+
+
 # ------------------------------------------------------------------------------------------------ shared
-# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
+# These helpers are repeated, identical, at the end of every stage so that each stage can be copied alone
 # (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
 # name) is defined by each stage in its settings section.
-
-
 class StageError(Exception):
     """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
 
@@ -182,8 +606,9 @@ def within(x, bounds):
         op, limit = bounds.split()
         return x >= float(limit) if op == ">=" else x > float(limit)
     lo, hi = bounds.removeprefix("in ").split(", ")
-    return ((x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:]))
-            and (x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])))
+    return (x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:])) and (
+        x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])
+    )
 
 
 def redacted(c):
@@ -202,8 +627,12 @@ def show_settings(c, paths, overrides, schema):
     changed = {k: v for k, v in redacted(c).items() if k not in base or base[k] != v}
     given = " + ".join(str(p) for p in paths) + (f" + {len(overrides)} override(s)" if overrides else "")
     print(f"settings: {given}" + (f"; differing from {paths[0]}:" if changed else f" (as {paths[0]})"))
-    shown = lambda v: (f"[{', '.join(map(shown, v))}]" if isinstance(v, list)  # noqa: E731  (as YAML reads it)
-                       else v if isinstance(v, str) else json.dumps(v))
+
+    def shown(v):  # as YAML reads it
+        if isinstance(v, list):
+            return f"[{', '.join(map(shown, v))}]"
+        return v if isinstance(v, str) else json.dumps(v)
+
     sections = {}
     for key, value in changed.items():
         section, _, rest = key.partition(".")
@@ -228,8 +657,9 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    write_atomically(path, f"# written by {STAGE}: the resolved config of this output\n"
-                           + yaml.safe_dump(nested, sort_keys=False))
+    write_atomically(
+        path, f"# written by {STAGE}: the resolved config of this output\n" + yaml.safe_dump(nested, sort_keys=False)
+    )
 
 
 def written_by_this_stage(config_path):
@@ -257,10 +687,12 @@ class ArgumentParser(argparse.ArgumentParser):
 def config_arg_parser(doc):
     """--config (repeatable, later files overlay earlier ones) and key=value overrides; --help shows `doc`."""
     ap = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", action="append", metavar="PATH",
-                    help="YAML config; repeat to overlay (default: config.yaml)")
-    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after "
-                    "the options)")
+    ap.add_argument(
+        "--config", action="append", metavar="PATH", help="YAML config; repeat to overlay (default: config.yaml)"
+    )
+    ap.add_argument(
+        "overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after the options)"
+    )
     return ap
 
 
@@ -278,8 +710,10 @@ def check_writable(path, key):
 
 def refuse_foreign(path, key, reason):
     """An output path holds something this stage did not write: it is never replaced, so the stage stops."""
-    raise StageError(f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
-                     f"it away or choose another path")
+    raise StageError(
+        f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
+        f"it away or choose another path"
+    )
 
 
 def file_sha256(path):
@@ -366,362 +800,13 @@ def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
         save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    write_atomically(out_dir / "model.safetensors.index.json",
-                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    write_atomically(
+        out_dir / "model.safetensors.index.json",
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n",
+    )
 
 
-# ------------------------------------------------------------------------------------------------ settings
-STAGE = "02_download_model.py"
-# The config keys this stage reads and their types (validated before any work starts).
-SCHEMA = {
-    "model.download.source": "path",
-    "model.download.revision": "str?",
-    "model.hf_weights_dir": "path",
-    "model.model_config": "path",
-    "data.tokenizer.type": "path",
-}
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}  # the same tensors
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
-
-
-# ------------------------------------------------------------------------------------------------ sources
-def fetch_from_hub(repo_id, revision):
-    """Download only the files a LoRA run needs; the token comes from HF_TOKEN or the login cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    # Messages are built from the repo id only: exception texts can quote request headers.
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
-    except GatedRepoError:
-        raise StageError(f"{repo_id} is gated: accept its licence on its Hub page, then provide a token with "
-                         f"`export HF_TOKEN=...` or `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise StageError(f"{repo_id}: no such repository on the Hub (or it is private and no valid token was "
-                         f"given)") from None
-    except RevisionNotFoundError:
-        raise StageError(f"{repo_id}: revision {revision!r} not found (model.download.revision)") from None
-    except LocalEntryNotFoundError:
-        raise StageError(f"{repo_id}: not in the local HF cache and the Hub cannot be reached (no network, or "
-                         f"HF_HUB_OFFLINE=1)") from None
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", "?")
-        raise StageError(f"{repo_id}: the Hub answered HTTP {status}") from None
-
-
-META_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-              "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-              "ffn_norm": "post_attention_layernorm"}
-
-
-def write_from_meta(src, weights_tmp, tok_tmp):
-    """Convert Meta's original checkpoint (params.json + consolidated.00.pth) to the HF layout.
-
-    Meta's q/k rows interleave the two halves of each rotary pair; HF's rotate-half RoPE wants them split,
-    so q_proj and k_proj rows are permuted per head (the same permutation as transformers' own converter)."""
-    from transformers import AutoTokenizer
-
-    params = json.loads((src / "params.json").read_text())
-    shards = sorted(src.glob("consolidated.*.pth"))
-    if len(shards) != 1:
-        raise StageError(f"{src}: expected one consolidated.00.pth (an 8B checkpoint), found {len(shards)}; "
-                         f"model-parallel Meta checkpoints are not supported, use the HF release instead")
-    try:
-        state = load_torch_file(shards[0])
-    except Exception as e:
-        raise StageError(f"{shards[0]}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    dim, heads = params["dim"], params["n_heads"]
-    kv, head_dim = params.get("n_kv_heads") or heads, dim // heads
-
-    def to_rotate_half(w, n):
-        return w.view(n, head_dim // 2, 2, w.shape[1]).transpose(1, 2).reshape(n * head_dim, w.shape[1])
-
-    out = {}
-    for name, t in state.items():
-        if name == "rope.freqs":  # a precomputed buffer in older releases, not a weight
-            continue
-        top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "output.weight": "lm_head.weight"}
-        m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
-        if name in top:
-            out[top[name]] = t
-        elif m and m.group(2) in META_NAMES:
-            if m.group(2) == "attention.wq":
-                t = to_rotate_half(t, heads)
-            elif m.group(2) == "attention.wk":
-                t = to_rotate_half(t, kv)
-            out[f"model.layers.{m.group(1)}.{META_NAMES[m.group(2)]}.weight"] = t
-        else:
-            raise StageError(f"{shards[0]}: unexpected tensor '{name}' for a Llama checkpoint")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src))
-    except Exception:
-        raise StageError(f"{src}: no HF tokenizer files (tokenizer.json, tokenizer_config.json) beside the Meta "
-                         f"checkpoint; copy them from the model's HF release into {src}") from None
-    embed = out["model.embed_tokens.weight"]
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": dim, "intermediate_size": out["model.layers.0.mlp.gate_proj.weight"].shape[0],
-        "num_hidden_layers": params["n_layers"], "num_attention_heads": heads, "num_key_value_heads": kv,
-        "vocab_size": embed.shape[0], "rms_norm_eps": params.get("norm_eps", 1e-5),
-        "rope_theta": params.get("rope_theta", 10000.0), "max_position_embeddings": params.get("max_seq_len", 8192),
-        "tie_word_embeddings": "lm_head.weight" not in out, "torch_dtype": str(embed.dtype).replace("torch.", ""),
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "attention_bias": False, "mlp_bias": False,
-    }
-    if params.get("use_scaled_rope"):  # Llama 3.1: the frequency scaling of its release
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": params.get("rope_scaling_factor", 8.0),
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 8192}
-    save_sharded(out, weights_tmp)
-    (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save_pretrained(str(tok_tmp))
-
-
-def write_from_gguf(gguf, weights_tmp, tok_tmp):
-    """Dequantize a GGUF file (weights to fp32) into an HF directory and a tokenizer directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:
-        raise StageError(f"{gguf}: cannot be read as a GGUF model ({type(e).__name__}: {e})") from None
-    # transformers refuses to save a model loaded from GGUF, so the dequantized tensors are written directly.
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = [ARCHITECTURES.get(config.get("model_type"), "LlamaForCausalLM")]
-    tied = config.get("tie_word_embeddings", False)
-    save_sharded({k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}, weights_tmp)
-    (weights_tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer.save_pretrained(str(tok_tmp))
-
-
-def write_from_hf_dir(src, weights_tmp, tok_tmp):
-    """Copy an HF model directory's config and weights (.bin converted to safetensors) and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    if not (src / "config.json").exists():
-        raise StageError(f"model.download.source: {src} has no config.json (not an HF model directory)")
-    shutil.copy2(src / "config.json", weights_tmp / "config.json")
-    if (src / "generation_config.json").exists():
-        shutil.copy2(src / "generation_config.json", weights_tmp / "generation_config.json")
-    shards = sorted(src.glob("*.safetensors"))
-    if shards:
-        for f in shards + sorted(src.glob("model.safetensors.index.json")):
-            shutil.copy2(f, weights_tmp / f.name)
-    elif (src / "pytorch_model.bin").exists():
-        save_sharded(load_torch_file(src / "pytorch_model.bin", mmap=False), weights_tmp)
-    else:
-        raise StageError(f"model.download.source: {src} has neither *.safetensors nor pytorch_model.bin")
-    try:
-        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tok_tmp))
-    except Exception as e:
-        raise StageError(f"{src}: no usable tokenizer ({type(e).__name__}: {e})") from None
-
-
-def finish_tokenizer(tok_tmp):
-    """Make sure BOS/EOS are set and choose a pad token: the model's own, else EOS."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_tmp))
-    if tokenizer.eos_token_id is None:
-        raise StageError("the tokenizer defines no EOS token; the SFT data format needs one")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.save_pretrained(str(tok_tmp))
-    return tokenizer
-
-
-# ------------------------------------------------------------------------------------------------ verify
-def expected_shapes(config):
-    """{HF tensor name: shape} that a LlamaForCausalLM with this config.json must hold."""
-    h, inter, heads = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    hd = config.get("head_dim") or h // heads
-    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
-    if not config.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (config["vocab_size"], h)
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (heads * hd, h), p + "self_attn.k_proj.weight": (kv * hd, h),
-            p + "self_attn.v_proj.weight": (kv * hd, h), p + "self_attn.o_proj.weight": (h, heads * hd),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-        })
-    return shapes
-
-
-def verify_weights(weights_dir, source):
-    """Architecture, shard files and every tensor's shape against config.json; returns (tensors, bytes).
-    Errors name the source the user gave, not the temporary directory being checked."""
-    from safetensors import safe_open
-
-    config = json.loads((weights_dir / "config.json").read_text())
-    arch, family = (config.get("architectures") or ["?"])[0], config.get("model_type", "llama")
-    if ARCHITECTURES.get(family) != arch:
-        raise StageError(f"{source}: architecture {arch} (model_type {family}), expected one of "
-                         f"{sorted(ARCHITECTURES.values())} with its model_type")
-    for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
-            raise StageError(f"{source}: config.json sets '{key}: true'; the Llama model trained here has no biases")
-    index = weights_dir / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(weights_dir.glob("*.safetensors"))]
-    shapes, total = {}, 0
-    for name in files:
-        path = weights_dir / name
-        if not path.exists():
-            raise StageError(f"{source}: shard {name}, named in model.safetensors.index.json, is missing")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except Exception as e:
-            raise StageError(f"{source}: {name} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-        total += path.stat().st_size
-    biases = sorted(k for k in shapes if k.endswith(".bias"))
-    if biases:
-        raise StageError(f"{source}: tensor '{biases[0]}' is a bias ({len(biases)} in all); the Llama model trained "
-                         f"here has none")
-    expected = expected_shapes(config)
-    for key, shape in expected.items():
-        if key not in shapes:
-            raise StageError(f"{source}: tensor '{key}' missing")
-        if shapes[key] != shape:
-            raise StageError(f"{source}: tensor '{key}' has shape {list(shapes[key])}, config.json "
-                             f"implies {list(shape)}")
-    return len(shapes), total
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-def earlier_output(weights_dir):
-    """The resolved config that an earlier run of this stage saved in weights_dir (nested), or None when
-    weights_dir holds no output of this stage. Outputs of versions whose saved config did not yet name its
-    stage are recognised by model.download.source, a key that no other stage reads."""
-    saved = weights_dir / "resolved_config.yaml"
-    try:
-        old = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(old, dict):
-        return None
-    legacy = "source" in ((old.get("model") or {}).get("download") or {})
-    return old if written_by_this_stage(saved) or legacy else None
-
-
-def inside(a, b):
-    return a.absolute() != b.absolute() and b.absolute() in a.absolute().parents
-
-
-def check_outputs(weights_dir, tok_dir, config_path):
-    """Pre-flight, before anything is fetched: every output can be written and replaces only an earlier output
-    of this stage. The tokenizer may share the weights directory and config.json may be the one inside it;
-    other nestings are refused, since publishing one output would replace another."""
-    if inside(weights_dir, tok_dir) or inside(tok_dir, weights_dir):
-        raise StageError(f"model.hf_weights_dir ({weights_dir}) and data.tokenizer.type ({tok_dir}): one lies inside "
-                         f"the other; use one directory for both or two separate ones")
-    config_in_weights = config_path.absolute() == (weights_dir / "config.json").absolute()
-    if not config_in_weights and (inside(config_path, weights_dir) or inside(config_path, tok_dir)):
-        raise StageError(f"model.model_config: {config_path} lies inside an output directory of this stage; use "
-                         f"{weights_dir / 'config.json'} or a path outside it")
-    earlier = earlier_output(weights_dir)
-    earlier_tok = ((earlier or {}).get("data") or {}).get("tokenizer") or {}
-    for key, d in (("model.hf_weights_dir", weights_dir), ("data.tokenizer.type", tok_dir)):
-        if d.exists() and not d.is_dir():
-            raise StageError(f"{key}: {d} is a file; this key names a directory")
-        if d.absolute() == weights_dir.absolute():
-            own = earlier is not None
-        else:  # a tokenizer directory of older versions holds no config: the weights directory's config names it
-            own = written_by_this_stage(d / "resolved_config.yaml") or earlier_tok.get("type") == str(d)
-        if d.is_dir() and any(d.iterdir()) and not own:
-            refuse_foreign(d, key, "no resolved_config.yaml of this stage in it")
-        check_writable(d, key)
-    if not config_in_weights:
-        if config_path.is_dir():
-            raise StageError(f"model.model_config: {config_path} is a directory; this key names a config.json file")
-        ours = weights_dir / "config.json"
-        same = (earlier is not None and ours.is_file() and config_path.is_file()
-                and config_path.read_bytes() == ours.read_bytes())
-        if config_path.exists() and not same:
-            refuse_foreign(config_path, "model.model_config", f"it is not the config.json of {weights_dir}")
-        check_writable(config_path, "model.model_config")
-
-
-# ------------------------------------------------------------------------------------------------ main
-def check_source(source):
-    """Pre-flight: a local source exists; anything else must look like a Hub repo id (owner/name)."""
-    src = Path(source)
-    if source.endswith(".gguf") and not src.is_file():
-        raise StageError(f"model.download.source: GGUF file {src} not found")
-    if not source.endswith(".gguf") and not src.is_dir() and (source.startswith((".", "/", "~"))
-                                                               or source.count("/") != 1):
-        raise StageError(f"model.download.source: {source} is neither a directory, a .gguf file nor a Hub repo id "
-                         f"(owner/name)")
-
-
-def write_model(source, c, weights_tmp, tok_tmp):
-    """Bring the source into the temporary weights and tokenizer directories."""
-    src = Path(source)
-    if source.endswith(".gguf"):
-        print(f"dequantizing {src}")
-        write_from_gguf(src, weights_tmp, tok_tmp)
-        return
-    if not src.is_dir():
-        print(f"fetching {source} from the Hugging Face Hub")
-        src = fetch_from_hub(source, c["model.download.revision"])
-    if (src / "params.json").exists() and not (src / "config.json").exists():
-        print(f"converting Meta checkpoint {src}")
-        write_from_meta(src, weights_tmp, tok_tmp)
-    else:
-        write_from_hf_dir(src, weights_tmp, tok_tmp)
-
-
-def main(argv=None):
-    args = config_arg_parser(__doc__).parse_intermixed_args(argv)
-    paths = args.config or ["config.yaml"]
-    c = resolve(load_config(paths, args.overrides), SCHEMA)
-    show_settings(c, paths, args.overrides, SCHEMA)
-    weights_dir, tok_dir, config_path = (Path(c["model.hf_weights_dir"]), Path(c["data.tokenizer.type"]),
-                                         Path(c["model.model_config"]))
-    check_source(c["model.download.source"])
-    check_outputs(weights_dir, tok_dir, config_path)
-    one_dir = weights_dir.absolute() == tok_dir.absolute()  # tokenizer files beside the weights, as on the Hub
-    config_in_weights = config_path.absolute() == (weights_dir / "config.json").absolute()
-    weights_tmp = staging(weights_dir)
-    tok_tmp = weights_tmp if one_dir else staging(tok_dir)
-    config_tmp = None if config_in_weights else staging(config_path)
-    try:
-        write_model(c["model.download.source"], c, weights_tmp, tok_tmp)
-        count, size = verify_weights(weights_tmp, c["model.download.source"])
-        tokenizer = finish_tokenizer(tok_tmp)
-        for tmp in {weights_tmp, tok_tmp}:
-            save_config(c, tmp / "resolved_config.yaml")
-        if config_tmp is not None:
-            shutil.copy2(weights_tmp / "config.json", config_tmp / config_path.name)
-        publish(weights_tmp, weights_dir)
-        if not one_dir:
-            publish(tok_tmp, tok_dir)
-        if config_tmp is not None:
-            publish(config_tmp / config_path.name, config_path)
-    finally:
-        for tmp in {weights_tmp, tok_tmp, config_tmp} - {None}:
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"weights: {weights_dir} ({count} tensors, {size / 2**20:.1f} MiB)")
-    print(f"tokenizer: {tok_dir} (bos {tokenizer.bos_token!r}, eos {tokenizer.eos_token!r}, "
-          f"pad {tokenizer.pad_token!r})")
-    print(f"config: {config_path}")
-
-
+# ------------------------------------------------------------------------------------------------ entry point
 if __name__ == "__main__":
     try:
         main()

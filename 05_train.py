@@ -71,8 +71,11 @@ Commands
   Plan first: python 05_train.py --config config.yaml --dry-run
 """
 
+from __future__ import annotations
+
 import argparse
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -85,7 +88,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -93,12 +95,3779 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+# ------------------------------------------------------------------------------------------------ settings
+STAGE = "05_train.py"
+
+
+# The config keys this stage reads, their types and valid ranges (validated before anything loads, in every mode).
+SCHEMA = {
+    "name": "str",
+    "seed": "int in [0, 4294967295]",
+    "trainer.accelerator": "auto|neuron|cuda|xla|cpu",
+    "trainer.max_steps": "int >= 0",
+    "trainer.log_every_n_steps": "int >= 1",
+    "trainer.val_check_interval": "int >= 1",
+    "trainer.gradient_clip_val": "float? > 0",
+    "trainer.nonfinite": "stop|skip",
+    "trainer.compile": "bool",
+    "trainer.peak_tflops": "float? > 0",
+    "trainer.device_memory_gib": "float? > 0",
+    "exp_manager.exp_dir": "path",
+    "exp_manager.explicit_log_dir": "path?",
+    "exp_manager.resume_from_checkpoint": "path",
+    "exp_manager.create_tensorboard_logger": "bool",
+    "exp_manager.resume_if_exists": "bool",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps": "int >= 0",
+    "exp_manager.checkpoint_callback_params.save_top_k": "int >= 1",
+    "distributed_strategy.tensor_model_parallel_size": "int >= 1",
+    "distributed_strategy.pipeline_model_parallel_size": "int >= 1",
+    "distributed_strategy.kv_replicator": "int >= 1",
+    "distributed_strategy.hw_backend": "trn1|trn2",
+    "data.train_dir": "path",
+    "data.val_dir": "path?",
+    "data.dev_choose_samples": "int? >= 1",
+    "data.seq_length": "int >= 2",
+    "data.micro_batch_size": "int >= 1",
+    "data.global_batch_size": "int >= 1",
+    "data.format": "auto|input_output|dolly|alpaca|prompt_completion|messages|sharegpt",
+    "data.rename_fields": "list[str]",
+    "data.prompt_format": "raw|chat_template",
+    "data.truncation": "truncate|drop",
+    "data.cache_dir": "path?",
+    "data.tokenizer.type": "path",
+    "model.model_config": "path",
+    "model.hf_weights_dir": "path",
+    "model.fuse_qkv": "bool",
+    "model.weight_init_only": "bool",
+    "model.activations_checkpoint": "bool",
+    "model.activations_checkpoint_layers": "int? >= 0",
+    "model.attention": "auto|blocks|masked|causal",
+    "model.optim.lr": "float > 0",
+    "model.optim.weight_decay": "float >= 0",
+    "model.optim.betas": "list[float] in [0, 1)",
+    "model.optim.eps": "float > 0",
+    "model.optim.sched.name": "linear|cosine",
+    "model.optim.sched.warmup_steps": "int >= 0",
+    "model.optim.sched.max_steps": "int? >= 1",
+    "model.optim.sched.min_lr": "float >= 0",
+    "precision.type": "fp32|autocast",
+    "model_alignment_strategy.sft.packing": "bool",
+    "model_alignment_strategy.peft.lora_rank": "int >= 1",
+    "model_alignment_strategy.peft.lora_alpha": "float > 0",
+    "model_alignment_strategy.peft.lora_dropout": "float in [0, 1)",
+    "model_alignment_strategy.peft.lora_bias": "none|all|lora_only",
+    "model_alignment_strategy.peft.lora_verbose": "bool",
+    "model_alignment_strategy.peft.target_modules": "list[str]",
+    "evaluation.generate.num_prompts": "int >= 0",
+    "evaluation.generate.max_new_tokens": "int >= 1",
+    "evaluation.generate.batch_size": "int >= 1",
+    "evaluation.generate.show": "int >= 0",
+    "xla.cache_dir": "path?",
+    "xla.neuron.compiler_flags": "str",
+    "xla.neuron.compiler_cache_url": "str",
+    "xla.neuron.fuse_softmax": "bool",
+    "xla.neuron.async_exec_max_inflight_requests": "int >= 1",
+    "xla.neuron.rt_exec_timeout": "int >= 1",
+    "xla.neuron.experimental_compress_rg": "bool",
+}
+
+
+# Keys that may change when a run resumes: when and how it logs, evaluates, checkpoints, stops and reports, where
+# it finds its files, and activation checkpointing (memory only: recomputing a layer replays its dropout masks).
+# Every other key defines what is trained, and a resumed run refuses a change to it.
+RESUMABLE = {
+    "name",
+    "model.activations_checkpoint",
+    "model.activations_checkpoint_layers",
+    "trainer.max_steps",
+    "trainer.log_every_n_steps",
+    "trainer.val_check_interval",
+    "trainer.nonfinite",
+    "trainer.peak_tflops",
+    "trainer.device_memory_gib",
+    "exp_manager.exp_dir",
+    "exp_manager.explicit_log_dir",
+    "exp_manager.create_tensorboard_logger",
+    "exp_manager.resume_if_exists",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps",
+    "exp_manager.checkpoint_callback_params.save_top_k",
+    "data.cache_dir",
+    "model_alignment_strategy.peft.lora_verbose",
+    "evaluation.generate.num_prompts",
+    "evaluation.generate.max_new_tokens",
+    "evaluation.generate.batch_size",
+    "evaluation.generate.show",
+    "xla.cache_dir",
+    "xla.neuron.compiler_cache_url",
+    "xla.neuron.async_exec_max_inflight_requests",
+    "xla.neuron.rt_exec_timeout",
+}
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def check_settings(c, launched=True):
+    """Cross-key checks that types and ranges alone cannot express, before anything heavy is loaded. `launched`:
+    also check the settings against this launch's process count (not for --dry-run, which plans one)."""
+    problems = []
+    if len(c["model.optim.betas"]) != 2:
+        problems.append(f"'model.optim.betas' must be two numbers, got {c['model.optim.betas']}")
+    if c["model.optim.sched.min_lr"] > c["model.optim.lr"]:
+        problems.append(
+            f"'model.optim.sched.min_lr' ({c['model.optim.sched.min_lr']}) must be <= 'model.optim.lr' "
+            f"({c['model.optim.lr']})"
+        )
+    if not c["model.weight_init_only"]:
+        problems.append(
+            "'model.weight_init_only: false' (optimizer state from resume_from_checkpoint) is not "
+            "supported: the converted checkpoint holds model weights only"
+        )
+    unknown = [t for t in c["model_alignment_strategy.peft.target_modules"] if t not in LORA_TARGETS]
+    if unknown or not c["model_alignment_strategy.peft.target_modules"]:
+        problems.append(
+            f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
+            f"choose among {list(LORA_TARGETS)}"
+        )
+    if c["model.attention"] == "causal" and c["model_alignment_strategy.sft.packing"]:
+        problems.append(
+            "'model.attention: causal' would let packed documents attend to each other; use it only "
+            "with model_alignment_strategy.sft.packing=false (or use masked / auto)"
+        )
+    tp, pp = (
+        c["distributed_strategy.tensor_model_parallel_size"],
+        c["distributed_strategy.pipeline_model_parallel_size"],
+    )
+    if pp != 1:
+        problems.append(
+            f"'distributed_strategy.pipeline_model_parallel_size' is {pp}: 05 trains with tensor and data "
+            f"parallelism only (a LoRA run of Llama 3 8B fits with TP alone); set it to 1 and convert "
+            f"the checkpoint with PP 1"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched and world == 1 and tp > 1 and not neuron_devices_present():
+        problems.append(
+            f"'distributed_strategy.tensor_model_parallel_size' is {tp}, the setting of config.yaml for "
+            f"one trn1.32xlarge (torchrun --nproc_per_node {tp}), but this is one process on a host "
+            f"without Trainium. To try the pipeline here: make demo, or add --config demo.yaml to each "
+            f"stage's command; to train on one device: distributed_strategy.tensor_model_parallel_size=1 "
+            f"distributed_strategy.kv_replicator=1, with the checkpoint converted by 03 for TP 1"
+        )
+    elif launched and world % tp:
+        problems.append(
+            f"{world} processes cannot be split into tensor-parallel groups of "
+            f"{tp} (distributed_strategy.tensor_model_parallel_size); launch a multiple of {tp}"
+        )
+    elif launched:
+        dp = world // tp
+        if c["data.global_batch_size"] % (c["data.micro_batch_size"] * dp):
+            problems.append(
+                f"'data.global_batch_size' ({c['data.global_batch_size']}) must be a multiple of "
+                f"'data.micro_batch_size' x data-parallel size ({c['data.micro_batch_size']} x {dp})"
+            )
+    if problems:
+        raise StageError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------ model config
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def read_model_config(path):
+    """The fields of an HF Llama config.json that the model needs (old and new rope key styles)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise StageError(f"model.model_config: {path} not found (stage 02 writes it)") from None
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON ({e})") from None
+    family = raw.get("model_type", "llama")
+    kind = (raw.get("architectures") or [FAMILIES.get(family, "?")])[0]
+    if FAMILIES.get(family) != kind:  # Mistral is a Llama (same tensors and computation) up to its sliding window
+        raise StageError(f"{path}: expected a LlamaForCausalLM or MistralForCausalLM config, got {kind} / {family}")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise StageError(f"{path}: '{key}: true' is not supported (Llama 3 has no biases)")
+    try:
+        arch = arch_of(raw)
+    except KeyError as e:
+        raise StageError(f"{path}: missing key {e}") from None
+    if arch.rope_scaling is not None:
+        kind = arch.rope_scaling.get("rope_type", arch.rope_scaling.get("type"))
+        if kind != "llama3":
+            raise StageError(f"{path}: rope scaling type {kind!r} is not supported (only 'llama3')")
+    if arch.heads % arch.kv_heads:
+        raise StageError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
+    return arch
+
+
+# ------------------------------------------------------------------------------------------------ model
+def rope_inv_freq(arch):
+    """RoPE inverse frequencies, with Llama-3.1 'llama3' frequency scaling when configured."""
+    d = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = arch.rope_scaling
+    if s is None:
+        return inv
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate(x, cos, sin):
+    """HF's rotate-half RoPE: the checkpoint's q/k rows keep HF order, so no permutation is needed."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with an optional LoRA branch.
+
+        y = x W^T + (alpha / r) * B(A(dropout(x)))        W: [out, in] frozen, A: [r, in], B: [out, r]
+
+    A starts kaiming-uniform (a = sqrt 5) and B at zero, so training starts from the base model exactly.
+    LoRA weights stay fp32 whatever the base dtype. For fused projections (qkv_proj, gate_up_proj) one A is
+    shared and B's rows are the concatenated q|k|v (or gate|up) blocks, which is the NxD semantics; exporting
+    it as separate PEFT adapters (A copied, B split by rows) is exact.
+
+    Tensor parallel: a column-parallel layer (parallel="column") holds the output rows `index` of the full W; its A
+    is replicated and B holds the same rows. A row-parallel layer (parallel="row") holds the input columns `index`;
+    its A holds those columns and B is replicated. `full` is the unsplit (out, in) shape.
+    """
+
+    def __init__(self, full, dtype, par=None, parallel="column", index=None):
+        super().__init__()
+        self.full, self.par, self.parallel = full, par, parallel
+        self.index = index if index is not None else torch.arange(full[0 if parallel == "column" else 1], device="cpu")
+        out_f, in_f = full
+        shape = (len(self.index), in_f) if parallel == "column" else (out_f, len(self.index))
+        self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+        self.lora_A = self.lora_B = None
+        self.kv_rows_from = None  # qkv_proj: rows from here on are K/V, copied on ranks sharing a KV head
+
+    def init_lora(self, rank, alpha, dropout):
+        """This layer's A (kaiming-uniform) and B (zeros), dropout probability and scale alpha / rank."""
+        # Drawn at full size on the CPU from the seeded CPU generator, then sliced: every device and every
+        # tensor-parallel layout starts from the same A as a single process.
+        a = nn.Linear(self.full[1], rank, bias=False, dtype=torch.float32, device="cpu")
+        b = nn.Linear(rank, self.full[0], bias=False, dtype=torch.float32, device="cpu")
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        with torch.no_grad():
+            if self.parallel == "row":
+                a.weight = nn.Parameter(a.weight[:, self.index].contiguous())
+            else:
+                b.weight = nn.Parameter(b.weight[self.index].contiguous())
+        self.lora_A, self.lora_B = a.to(self.weight.device), b.to(self.weight.device)
+        self.p = dropout
+        # p as a float32 tensor, made once: what a Python float becomes in eager mode too, whereas torch-xla
+        # would compare with a Python float in float64, which NeuronCores do not have.
+        self.p_tensor = torch.full((), dropout, device=self.weight.device)
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        if self.parallel == "row":  # x holds this rank's input columns: partial products are summed over TP
+            y = self.par.exit_tp_region(F.linear(x, self.weight))
+            if self.lora_A is None:
+                return y
+            return lora_add(y, self.par.exit_tp_region(self.lora_A(self.dropout(x))), self.lora_B.weight, self.scaling)
+        y = F.linear(x if self.par is None else self.par.enter_tp_region(x), self.weight)
+        if self.lora_A is None:
+            return y
+        # A sees the replicated input directly and its output enters the TP region, so the gradient of the
+        # replicated A is already the full one, identical on every rank.
+        a = self.lora_A(self.dropout(x))
+        return lora_add(y, a if self.par is None else self.par.enter_tp_region(a), self.lora_B.weight, self.scaling)
+
+    def dropout(self, x):
+        """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
+        lower cost on CPU (bench/train_bench.py)."""
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= self.p_tensor
+        return x * keep * (1 / (1 - self.p))
+
+
+class Attention(nn.Module):
+    def __init__(self, arch, dtype, par, rows):
+        super().__init__()
+        hd, q_full, kv_full = arch.head_dim, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+        self.head_dim, self.heads = hd, len(rows["o_proj"]) // hd
+        self.kv_heads = (len(rows["qkv_proj"]) - len(rows["o_proj"])) // (2 * hd)
+        self.sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
+        self.qkv_proj = LoRALinear((q_full + 2 * kv_full, arch.hidden), dtype, par, "column", rows["qkv_proj"])
+        self.o_proj = LoRALinear((arch.hidden, q_full), dtype, par, "row", rows["o_proj"])
+        self.qkv_proj.kv_rows_from = self.sizes[0]
+
+    def forward(self, x, cos, sin, mask, cache=None, spans=None):
+        b, s, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = rotate(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = rotate(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        gqa = self.heads != self.kv_heads
+        if spans is None:  # no mask: plain causal attention (model.attention=causal, one document per row)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        else:  # each block of queries against only the keys its documents can reach
+            y = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, q0:q1],
+                        k[:, :, k0:q1],
+                        v[:, :, k0:q1],
+                        attn_mask=mask[:, :, q0:q1, k0:q1],
+                        enable_gqa=gqa,
+                    )
+                    for q0, q1, k0 in spans
+                ],
+                dim=2,
+            )
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch, dtype, par, rows):
+        super().__init__()
+        inter = arch.inter
+        self.gate_up_proj = LoRALinear((2 * inter, arch.hidden), dtype, par, "column", rows["gate_up_proj"])
+        self.down_proj = LoRALinear((arch.hidden, inter), dtype, par, "row", rows["down_proj"])
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, arch, dtype, par, rows):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden, arch.eps, dtype)
+        self.self_attn = Attention(arch, dtype, par, rows)
+        self.post_attention_layernorm = RMSNorm(arch.hidden, arch.eps, dtype)
+        self.mlp = MLP(arch, dtype, par, rows)
+
+    def forward(self, x, cos, sin, mask, cache=None, spans=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, spans)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class VocabEmbedding(nn.Module):
+    """Embedding whose rows are split by vocabulary over the TP group: each rank looks up the ids in its range
+    and the partial results are summed. Built from an uninitialised tensor: the checkpoint fills it, and no
+    random numbers are drawn, so the LoRA initialisation that follows sees the same generator everywhere."""
+
+    def __init__(self, arch, dtype, par):
+        super().__init__()
+        self.par, self.rows = par, arch.vocab // par.tp
+        # The first row as a one-element tensor, not a Python int: on XLA the graph then takes it as an input and
+        # every rank runs the same graph (an int, or a 0-d tensor holding 0, would be baked in as a constant).
+        self.register_buffer("start", torch.tensor([par.tp_rank * self.rows]), persistent=False)
+        self.weight = nn.Parameter(torch.empty(self.rows, arch.hidden, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids):
+        if self.par.tp == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.clamp(0, self.rows - 1), self.weight).masked_fill(outside[..., None], 0)
+        return self.par.exit_tp_region(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, arch, dtype, par, rows):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(arch, dtype, par)
+        self.layers = nn.ModuleList(Block(arch, dtype, par, rows) for _ in range(arch.layers))
+        self.norm = RMSNorm(arch.hidden, arch.eps, dtype)
+
+
+class Llama(nn.Module):
+    """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused). With a
+    Parallel of TP > 1 it holds one tensor-parallel rank's shard: column-parallel qkv/gate_up, row-parallel
+    o/down, vocabulary-parallel embedding and output layer, its heads as the Parallel's layout says."""
+
+    def __init__(self, arch, dtype=torch.float32, par=None, recompute_layers=0):
+        super().__init__()
+        self.arch, self.par = arch, par or Parallel(Layout(arch), torch.device("cpu"), world=1)
+        self.recompute_layers = recompute_layers  # the first N layers recompute their activations in backward
+        self.attention, self.fixed_shapes = "masked", False  # set for training by attention_mode, compiles_per_shape
+        rows = layout_rows(self.par.layout, self.par.tp_rank)
+        self.model = Decoder(arch, dtype, self.par, rows)
+        self.lm_head = (
+            None if arch.tie else LoRALinear((arch.vocab, arch.hidden), dtype, self.par, "column", rows["lm_head"])
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+
+    def output_weight(self):
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids, position_ids, mask, caches=None, spans=None):
+        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend), or None
+        for plain causal attention (model.attention=causal);
+        `spans` (optional, see attention_spans) limits each block of queries to the keys it can see."""
+        x = self.model.embed_tokens(input_ids)
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if i < self.recompute_layers and self.training and torch.is_grad_enabled():
+                x = recomputed(layer, x, cos, sin, mask, spans)
+            elif caches is not None:  # generation: a new length every token, so never a compiled layer
+                x = layer.forward(x, cos, sin, mask, caches[i], spans)
+            else:
+                x = layer(x, cos, sin, mask, None, spans)
+        return self.model.norm(x)
+
+    def logits(self, hidden):
+        """This rank's vocabulary slice of the logits."""
+        return F.linear(self.par.enter_tp_region(hidden), self.output_weight())
+
+    def full_logits(self, hidden):
+        """Logits over the whole vocabulary (gathered over the TP group): for generation."""
+        return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
+
+
+def attention_spans(segment_ids, block):
+    """[(q0, q1, k0)]: query blocks of `block` positions and, for each, the first key that any of its queries may
+    see (the start of the document holding the block's first query, in any row). Attention over keys k0..q1
+    instead of the whole row gives the same result, and packed rows of short documents skip most of the
+    masked-out work. Computed on the host from the CPU segment ids."""
+    b, s = segment_ids.shape
+    change = torch.ones_like(segment_ids, dtype=torch.bool)
+    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    run_start = torch.where(change, torch.arange(s).expand(b, s), 0).cummax(dim=1).values
+    return [(q0, min(q0 + block, s), int(run_start[:, q0].min())) for q0 in range(0, s, block)]
+
+
+def document_mask(segment_ids):
+    """Block-diagonal causal mask: a token sees earlier tokens of its own document only (padding = its own)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
+
+
+# ------------------------------------------------------------------------------------------------ base weights
+def base_weight_slots(model, fuse_qkv):
+    """{NxDT tensor name: the model tensor (or row slice of it) that the checkpoint tensor fills}."""
+    slots = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
+    if model.lm_head is not None:
+        slots["lm_head.weight"] = model.lm_head.weight
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        attn = layer.self_attn
+        qkv = attn.qkv_proj.weight
+        if fuse_qkv:
+            slots[p + "self_attn.qkv_proj.weight_qkv"] = qkv
+        else:
+            q, k, v = qkv.split(attn.sizes, dim=0)
+            slots.update(
+                {
+                    p + "self_attn.qkv_proj.weight_q": q,
+                    p + "self_attn.qkv_proj.weight_k": k,
+                    p + "self_attn.qkv_proj.weight_v": v,
+                }
+            )
+        slots.update(
+            {
+                p + "self_attn.o_proj.weight": attn.o_proj.weight,
+                p + "mlp.gate_up_proj.weight": layer.mlp.gate_up_proj.weight,
+                p + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
+                p + "input_layernorm.weight": layer.input_layernorm.weight,
+                p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+            }
+        )
+    return slots
+
+
+def shard_file(base_dir, tp_rank):
+    """This tensor-parallel rank's shard of a converted checkpoint (NxD's file name, pipeline stage 0)."""
+    return Path(base_dir) / "model" / f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_00.pt"
+
+
+def check_manifest(base_dir, wanted):
+    """Stage 03's manifest.json (NxD's own converter writes none) must show the layout this run needs."""
+    manifest = Path(base_dir) / "manifest.json"
+    if not manifest.exists():
+        return {}
+    m = json.loads(manifest.read_text())
+    for key, value in wanted.items():
+        if m["settings"].get(key, value) != value:
+            raise StageError(
+                f"{base_dir}: converted with {key} = {m['settings'][key]}, this run needs "
+                f"{value}; convert again with stage 03"
+            )
+    return m["files"]
+
+
+def load_base_weights(model, base_dir, fuse_qkv, wanted=None):
+    """Fill every base tensor from this rank's NxDT shard; any missing, extra or misshapen tensor is an error.
+    Returns the shard's path and the dtypes found in it."""
+    wanted = dict(wanted or {"tensor_model_parallel_size": 1}, pipeline_model_parallel_size=1, fuse_qkv=fuse_qkv)
+    path = shard_file(base_dir, model.par.tp_rank)
+    if not path.exists():
+        raise StageError(
+            f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it with "
+            f"tensor_model_parallel_size {wanted['tensor_model_parallel_size']})"
+        )
+    expected = check_manifest(base_dir, wanted).get(f"model/{path.name}", {}).get("bytes")
+    if expected is not None and path.stat().st_size != expected:
+        raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
+    state = load_torch_file(path)
+    slots = base_weight_slots(model, fuse_qkv)
+    missing = [n for n in slots if n not in state]
+    extra = [n for n in state if n not in slots]
+    if missing:
+        hint = " (is model.fuse_qkv the same as when converting?)" if "qkv_proj" in missing[0] else ""
+        raise StageError(f"{path}: missing tensor '{missing[0]}'{hint} ({len(missing)} missing in all)")
+    if extra:
+        raise StageError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
+    with torch.no_grad():
+        for name, dest in slots.items():
+            src = state[name]
+            if tuple(src.shape) != tuple(dest.shape):
+                raise StageError(
+                    f"{path}: tensor '{name}' has shape {list(src.shape)}, expected "
+                    f"{list(dest.shape)} from model.model_config and the parallel layout"
+                )
+            if not dest.is_meta:
+                dest.copy_(src)
+    return path, {t.dtype for t in state.values()}
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def lora_modules(model, targets):
+    """(qualified name, LoRALinear) for every projection whose name is a configured target."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets
+    ]
+
+
+def add_lora(model, c, verbose=True):
+    peft = "model_alignment_strategy.peft."
+    modules = lora_modules(model, c[peft + "target_modules"])
+    for _, m in modules:
+        m.init_lora(c[peft + "lora_rank"], c[peft + "lora_alpha"], c[peft + "lora_dropout"])
+    params = [p for _, m in modules for p in (m.lora_A.weight, m.lora_B.weight)]
+    if not verbose:
+        return modules, params
+    if c[peft + "lora_bias"] != "none":
+        # Llama 3 has no bias tensors (the config check refuses biased models), so nothing more trains.
+        print(f"lora_bias={c[peft + 'lora_bias']}: the model has no bias tensors; only LoRA weights train")
+    trainable = sum(m.lora_A.weight.shape[0] * (m.full[0] + m.full[1]) for _, m in modules)
+    total = trainable + sum(m.full[0] * m.full[1] for m in model.modules() if isinstance(m, LoRALinear))
+    total += model.arch.vocab * model.arch.hidden + sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight")
+    )
+    if c[peft + "lora_verbose"]:
+        print(f"  {'module':<44} {'A (full)':>14} {'B (full)':>14} {'params':>10}   split")
+        for name, m in modules:
+            r = m.lora_A.weight.shape[0]
+            print(
+                f"  {name:<44} {str([r, m.full[1]]):>14} {str([m.full[0], r]):>14} "
+                f"{r * (m.full[0] + m.full[1]):>10,}   "
+                f"{'column (B split)' if m.parallel == 'column' else 'row (A split)'}"
+            )
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    return modules, params
+
+
+def sync_gradients(modules, params, par):
+    """Make every rank's LoRA gradients the full ones: copies of replicated K/V rows in qkv_proj's B each saw
+    only their rank's Q heads, so they are summed over the ranks holding that KV head; then data-parallel
+    ranks sum theirs (each rank's loss is already divided by the step's global supervised-token count)."""
+    if par.size("kv") > 1:
+        for _, m in modules:
+            if m.kv_rows_from is not None:
+                g = m.lora_B.weight.grad
+                g[m.kv_rows_from :] = par.all_reduce(g[m.kv_rows_from :], "kv")
+    if par.dp > 1:
+        grads = [p.grad for p in params]
+        flat = par.all_reduce(torch.cat([g.flatten() for g in grads]), "dp")
+        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(new.view_as(g))
+
+
+def global_grad_norm(modules, par):
+    """L2 norm of the whole, unsharded LoRA gradient: each rank adds the squares of what it holds, a tensor
+    held in several copies counting once (divided by its number of copies), and the TP group sums."""
+    total = 0.0
+    for _, m in modules:
+        a, b = m.lora_A.weight.grad.float(), m.lora_B.weight.grad.float()
+        if m.parallel == "row":  # A split, B replicated
+            total = total + a.square().sum() + b.square().sum() / par.tp
+            continue
+        own = m.kv_rows_from if m.kv_rows_from is not None else b.shape[0]
+        total = total + a.square().sum() / par.tp + b[:own].square().sum() + b[own:].square().sum() / par.size("kv")
+    return par.all_reduce(total, "tp").sqrt()
+
+
+def nonfinite(x):
+    """True if any element of x is NaN or infinite: x - x is NaN exactly there. (torch.isfinite is lowered by
+    torch-xla with a float64 constant, and NeuronCores have no float64.)"""
+    d = x - x
+    return (d != d).any()
+
+
+def clip_gradients(params, norm, max_norm):
+    """Scale the gradients so that their global norm is at most max_norm (as torch's clip_grad_norm_), on the
+    device, without a host synchronisation."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef)
+
+
+def gather_lora(modules, par, arch):
+    """{module name: (A, B)} at full size, from every tensor-parallel rank's shard: all LoRA tensors travel as
+    one flat float32 vector in one gather and one transfer to the host, the same graph on every rank."""
+    flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)])
+    return assemble_lora(modules, par.gather_to_host(flat, "tp"), [layout_rows(par.layout, r) for r in range(par.tp)])
+
+
+def assemble_lora(modules, everyone, rows):
+    """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n], given the rows each rank
+    holds (Layout.rows; known on the host, so no index travels). Copies of replicated tensors (A of
+    column-parallel layers, B of row-parallel ones, replicated K/V rows) must be identical on every rank that
+    holds them; a difference is an error naming its size, never averaged away."""
+    tensors = [t for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)]
+    tp = everyone.shape[0]
+    parts = iter(x.reshape(tp, *t.shape) for x, t in zip(everyone.split([t.numel() for t in tensors], 1), tensors))
+    out = {}
+    for name, m in modules:
+        a_all, b_all = next(parts), next(parts)
+        leaf = name.rsplit(".", 1)[-1]
+        # The replicated factor, and the split one with its split dimension first.
+        rep_all, split_all = (a_all, b_all) if m.parallel == "column" else (b_all, a_all.transpose(1, 2))
+        n = m.full[0] if m.parallel == "column" else m.full[1]
+        full, seen = torch.zeros(n, split_all.shape[2]), torch.zeros(n, dtype=torch.bool)
+        for r in range(tp):
+            part, idx = split_all[r], rows[r][leaf]
+            check_copies(name, r, rep_all[r], rep_all[0])
+            check_copies(name, r, part[seen[idx]], full[idx][seen[idx]])
+            full[idx], seen[idx] = part, True
+        rep = rep_all[0].clone()
+        out[name] = (rep, full) if m.parallel == "column" else (full.t().contiguous(), rep)
+    return out
+
+
+def check_copies(name, rank, copy, first):
+    """Replicated LoRA values must be bitwise equal on every rank that holds them (compared as bits, so that
+    identical NaNs of a diverged run count as equal)."""
+    differ = copy.view(torch.int32) != first.view(torch.int32)
+    if differ.any():
+        raise StageError(
+            f"LoRA weights of {name}: tensor-parallel rank {rank} holds a replicated copy that differs "
+            f"from the first one in {int(differ.sum())} of {differ.numel()} values (largest "
+            f"difference {float((copy - first).abs().max()):.3g}); replicated weights must stay "
+            f"identical, so the parallel layout or the gradient synchronisation is wrong"
+        )
+
+
+def peft_tensors(lora, sizes):
+    """Our LoRA weights under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A."""
+    out = {}
+    for name, (a, b) in lora.items():
+        parent, leaf = name.rsplit(".", 1)
+        if leaf == "qkv_proj":
+            parts = dict(zip(("q_proj", "k_proj", "v_proj"), b.split(sizes)))
+        elif leaf == "gate_up_proj":
+            parts = dict(zip(("gate_proj", "up_proj"), b.chunk(2)))
+        else:
+            parts = {leaf: b}
+        for hf_leaf, b_part in parts.items():
+            prefix = f"base_model.model.{parent}.{hf_leaf}"
+            out[f"{prefix}.lora_A.weight"] = a.clone().contiguous()
+            out[f"{prefix}.lora_B.weight"] = b_part.clone().contiguous()
+    return out
+
+
+def export_peft_adapter(lora, arch, c, out_dir):
+    """Write adapter_config.json + adapter_model.safetensors to a temporary directory, then rename it."""
+    from safetensors.torch import save_file
+
+    kv = arch.kv_heads * arch.head_dim
+    tensors = peft_tensors(lora, [arch.heads * arch.head_dim, kv, kv])
+    hf_targets = sorted({k.split(".")[-3] for k in tensors})
+    peft = "model_alignment_strategy.peft."
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": c[peft + "lora_rank"],
+        "lora_alpha": c[peft + "lora_alpha"],
+        "lora_dropout": c[peft + "lora_dropout"],
+        "bias": c[peft + "lora_bias"],
+        "target_modules": hf_targets,
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": c["model.hf_weights_dir"],
+    }
+    tmp = staging(out_dir)
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    publish(tmp, out_dir)
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ data
+# Each split is tokenized, masked and packed once and kept as flat files that every rank memory-maps (plain numpy,
+# as nanoGPT's .bin files: no format beyond dtype and length, readable without this script): tokens.bin (int32 ids
+# of the kept documents, end to end in file order), trained.bin (uint8: the token is a target of the one before it),
+# doc_starts.npy and doc_supervised.npy per document, window_starts.npy (each window is a run of consecutive
+# documents) and prepared.json (the inputs they were made from and the summary). The directory's name is a hash of
+# everything that changes them, so changed inputs prepare anew and unchanged ones are reused by every launch.
+PREPARED_FORMAT = 2  # raise when the prepared files change meaning: older directories are then prepared anew
+CHUNK_RECORDS = 2048  # records per tokenizer call: enough for the tokenizer's threads, little memory
+PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
+
+
+# The tokenizer's own files (a tokenizer directory may be the model's, whose weights say nothing about tokens).
+TOKENIZER_FILE = re.compile(
+    r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template.*|vocab.*|merges\.txt"
+)
+PREPARED_NAME = re.compile(r"[0-9a-f]{20}(\.tmp-.+)?")  # what <file>.prepared/ holds: prepared keys, unfinished ones
+
+
+def load_tokenizer(c):
+    from transformers import AutoTokenizer
+
+    tok_dir = Path(c["data.tokenizer.type"])
+    if not tok_dir.is_dir():
+        raise StageError(f"data.tokenizer.type: tokenizer directory {tok_dir} not found (stage 02 writes it)")
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise StageError(
+            f"data.tokenizer.type: {tok_dir} has no tokenizer.json (the fast tokenizer's file, which "
+            f"stage 02 writes); run stage 02 or point the key at a directory that has one"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as e:
+        raise StageError(
+            f"data.tokenizer.type: {tok_dir} cannot be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"data.tokenizer.type: {tok_dir} defines no EOS token, which ends every trained answer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only fills padding, which is never attended or trained
+    return tokenizer
+
+
+def record_chunks(path, limit, fmt="auto", renames=(), tally=None, size=CHUNK_RECORDS):
+    """Lists of up to `size` (where, record) pairs streamed from a data file (any kind data_rows reads), the first
+    `limit` records when set. A record is (prompt, response) when single-turn and a list of messages when a
+    conversation. A bad record stops the stage naming its file and line. `tally` receives the records read and
+    the records in the file (the rest are counted, not parsed)."""
+    chunk, n, total = [], 0, 0
+    for where, item in data_rows(path):
+        total += 1
+        if limit is not None and n >= limit:
+            continue
+        try:
+            record, _ = normalize(parse_row(item), fmt, renames)
+        except BadRecord as bad:
+            raise StageError(
+                f"{path}:{where}: {bad.reason} (stage 01 reports every bad record, and with "
+                f"data.download.bad_lines=skip writes the file without them)"
+            ) from None
+        chunk.append((where, (record["input"], record["output"]) if "input" in record else record["messages"]))
+        n += 1
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+    if n == 0:
+        raise StageError(f"{path}: no records")
+    if tally is not None:
+        tally.update(read=n, in_file=total)
+
+
+def read_records(path, limit, fmt="auto", renames=()):
+    """The records of a data file, as a list (generation prompts take the first few)."""
+    return [record for chunk in record_chunks(path, limit, fmt, renames) for _, record in chunk]
+
+
+def prompt_ids(tokenizer, fmt, prompts):
+    """Token ids of each single-turn prompt as the model sees it before its answer, in one tokenizer call."""
+    if fmt == "raw":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return [
+            bos + ids for ids in tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        ]
+    users = [[{"role": "user", "content": p}] for p in prompts]
+    return [
+        list(ids) for ids in as_ids(tokenizer.apply_chat_template(users, add_generation_prompt=True, tokenize=True))
+    ]
+
+
+def as_ids(encoded):
+    return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+
+
+def encode_batch(tokenizer, fmt, records, labels):
+    """(token ids, trained spans [(start, end)]) per record, each kind tokenized for the whole batch at once (the
+    tokenizer's threads share it). Single-turn raw: [BOS] + input | output + [EOS], the second part trained.
+    Conversations, and single-turn records under chat_template (user = input, assistant = output), go through the
+    chat template (encode_conversations)."""
+    out = [None] * len(records)
+    raw = [i for i, r in enumerate(records) if isinstance(r, tuple) and fmt == "raw"]
+    if raw:
+        prompts = prompt_ids(tokenizer, "raw", [records[i][0] for i in raw])
+        answers = tokenizer([records[i][1] for i in raw], add_special_tokens=False, return_attention_mask=False)[
+            "input_ids"
+        ]
+        for i, p, r in zip(raw, prompts, answers):
+            out[i] = (p + r + [tokenizer.eos_token_id], [(len(p), len(p) + len(r) + 1)])
+    chats = [i for i in range(len(records)) if out[i] is None]
+    if chats:
+        conversations = [
+            records[i]
+            if isinstance(records[i], list)
+            else [{"role": "user", "content": records[i][0]}, {"role": "assistant", "content": records[i][1]}]
+            for i in chats
+        ]
+        for i, encoded in zip(chats, encode_conversations(tokenizer, conversations, [labels[i] for i in chats])):
+            out[i] = encoded
+    return out
+
+
+def encode_conversations(tokenizer, conversations, labels):
+    """(token ids, trained spans) per conversation, rendered with the tokenizer's chat template. The spans come from
+    rendering successive prefixes: an assistant turn trains from the end of the conversation before it rendered
+    with the generation prompt, to the end of the conversation through it (its content and end-of-turn tokens);
+    system and user text and the role headers do not. Each prefix must render as a prefix of the whole. The text
+    is tokenized once and the boundaries read from the tokenizer's character alignment; one that falls inside a
+    token is checked the slow way (the prefixes tokenized on their own)."""
+    if not tokenizer.chat_template:
+        raise StageError(
+            f"{labels[0]}: a conversation (or data.prompt_format=chat_template) is rendered with the "
+            f"tokenizer's chat template, and the tokenizer in data.tokenizer.type has none"
+        )
+    plain = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in conversations]
+    turns = [
+        (n, i)
+        for n, conv in enumerate(conversations)
+        for i, m in enumerate(conv)
+        if m["role"] == "assistant" and m.get("train", True)
+    ]
+    # A conversation that ends on a trained answer renders whole as the prefix through that answer: not twice.
+    last = {n: k for k, (n, i) in enumerate(turns) if i == len(plain[n]) - 1}
+    rest = [n for n in range(len(plain)) if n not in last]
+    try:
+        starts = render_chats(tokenizer, [plain[n][:i] for n, i in turns], generation_prompt=True)
+        ends = render_chats(tokenizer, [plain[n][: i + 1] for n, i in turns], generation_prompt=False)
+        others = dict(zip(rest, render_chats(tokenizer, [plain[n] for n in rest], generation_prompt=False)))
+    except Exception:  # a template may refuse a conversation (roles out of order, ...): name the first one
+        for n, conversation in enumerate(plain):
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=False)
+            except Exception as e:
+                raise StageError(
+                    f"{labels[n]}: the tokenizer's chat template refuses this conversation "
+                    f"({type(e).__name__}: {first_line(e)})"
+                ) from None
+        raise
+    fulls = [ends[last[n]] if n in last else others[n] for n in range(len(plain))]
+    bounds = [[] for _ in plain]
+    for (n, i), start, end in zip(turns, starts, ends):
+        if not (fulls[n].startswith(start) and fulls[n].startswith(end)):
+            raise StageError(
+                f"{labels[n]}: the tokenizer's chat template does not render the conversation up to "
+                f"message {i + 1} as a prefix of the whole, so its trained turns cannot be found"
+            )
+        bounds[n].append((start, end))
+    encoded = tokenizer(fulls, add_special_tokens=False, return_attention_mask=False)
+    out = []
+    for n, ids in enumerate(encoded["input_ids"]):
+        spans = []
+        for start, end in bounds[n]:
+            span = [token_boundary(encoded, n, len(text), len(fulls[n])) for text in (start, end)]
+            if None in span:  # the text boundary falls inside a token: compare the prefixes' own tokens
+                own = tokenizer([start, end], add_special_tokens=False)["input_ids"]
+                if any(list(ids[: len(prefix)]) != list(prefix) for prefix in own):
+                    raise StageError(
+                        f"{labels[n]}: under the tokenizer's chat template a conversation prefix does "
+                        f"not tokenize as a prefix of the whole"
+                    )
+                span = [len(prefix) for prefix in own]
+            spans.append(tuple(span))
+        out.append((list(ids), spans))
+    return out
+
+
+def render_chats(tokenizer, conversations, generation_prompt):
+    """The texts tokenizer.apply_chat_template(conversations, tokenize=False) renders. Its conversions of each
+    message (objects to dicts, sandbox-safe copies) cost more than the rendering itself and change nothing in
+    plain role/content messages, so its compiled template renders them directly when this transformers exposes
+    it, and the first conversation rendered both ways must agree; otherwise apply_chat_template renders them."""
+    if not conversations:
+        return []
+
+    def public(batch):
+        return tokenizer.apply_chat_template(batch, tokenize=False, add_generation_prompt=generation_prompt)
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(tokenizer.get_chat_template())
+    except Exception:
+        return public(conversations)
+    context = dict(tokenizer.special_tokens_map, tools=None, documents=None, add_generation_prompt=generation_prompt)
+    texts = [template.render(messages=conversation, **context) for conversation in conversations]
+    return texts if texts[0] == public(conversations[:1])[0] else public(conversations)
+
+
+def token_boundary(encoded, n, char, length):
+    """The index of the token of text n that starts at its character `char` (its length: the end), or None when a
+    token straddles that position; read from the fast tokenizer's alignment, not from per-token offset lists."""
+    if char == length:
+        return len(encoded["input_ids"][n])
+    k = encoded.char_to_token(n, char)
+    return k if k is not None and encoded.token_to_chars(n, k).start == char else None
+
+
+def tokenize(records, tokenizer, fmt, seq_len, truncation, labels=None):
+    """(ids, labels) per record; labels are -100 outside the trained spans. A record longer than seq_len is dropped
+    or truncated (counted): a conversation keeps its turns up to the last answer that ends within seq_len; failing
+    that (and a single-turn record always) the prompt before the first answer is cut first, then the answer."""
+    labels = labels or [f"record {i + 1}" for i in range(len(records))]
+    docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0}
+    for ids, spans in encode_batch(tokenizer, fmt, records, labels):
+        if len(ids) > seq_len:
+            if truncation == "drop":
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+            ids, spans = truncated(ids, spans, seq_len)
+        targets = [-100] * len(ids)
+        for start, end in spans:
+            targets[start:end] = ids[start:end]
+        docs.append((ids, targets))
+    return docs, stats
+
+
+def truncated(ids, spans, seq_len):
+    """A record cut to seq_len tokens, by the rule of tokenize()."""
+    ends = [end for _, end in spans if end <= seq_len]
+    if ends:
+        return ids[: ends[-1]], [(s, e) for s, e in spans if e <= ends[-1]]
+    start, end = spans[0]
+    p, r = ids[:start], ids[start:end]
+    p = p[: max(1, seq_len - len(r))]
+    r = r[: seq_len - len(p)]
+    return p + r, [(len(p), len(p) + len(r))]
+
+
+def doc_arrays(docs):
+    """Documents as flat arrays: ids (int32), trained flags (a token is trained when it is the target of the one
+    before it in its document, so never the first), and per document its length and trained tokens; through C
+    loops rather than Python per token."""
+    from itertools import chain
+
+    lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, count=len(docs))
+    total, firsts = int(lengths.sum()), np.cumsum(lengths) - lengths
+    tokens = np.fromiter(chain.from_iterable(ids for ids, _ in docs), np.int32, count=total)
+    trained = np.fromiter(chain.from_iterable(labels for _, labels in docs), np.int32, count=total) != -100
+    trained[firsts] = False
+    return tokens, trained.astype(np.uint8), lengths, np.add.reduceat(trained, firsts, dtype=np.int64)
+
+
+def pack(lengths, seq_len, packing):
+    """Window boundaries as document indices [windows + 1]: greedily in file order, a window takes documents while
+    they fit in seq_len tokens; without packing, one document per window. One Python step per document."""
+    if not packing:
+        return np.arange(len(lengths) + 1, dtype=np.int64)
+    starts, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used and used + n > seq_len:
+            starts.append(i)
+            used = 0
+        used += n
+    starts.append(len(lengths))
+    return np.array(starts, dtype=np.int64)
+
+
+class Windows:
+    """The packed windows of one split over flat token arrays (memory-mapped when prepared on disk). Tensors
+    are built when rows are drawn (batch), never held for the whole set; per-window counts (tokens, supervised
+    tokens, attention keys) are small arrays, the only per-window data a process keeps."""
+
+    def __init__(self, tokens, trained, doc_starts, doc_supervised, starts, seq_len, pad_id):
+        self.tokens, self.trained, self.doc_starts, self.starts = tokens, trained, doc_starts, starts
+        self.seq_len, self.pad_id = seq_len, pad_id
+        lengths = np.diff(doc_starts)
+        self.n_tokens = np.diff(doc_starts[starts])
+        self.supervised = np.add.reduceat(doc_supervised, starts[:-1])
+        # keys attended per window: sum over its documents of 1 + 2 + ... + length (causal, within the document)
+        self.keys = np.add.reduceat(lengths * (lengths + 1) // 2, starts[:-1])
+
+    @classmethod
+    def from_docs(cls, docs, seq_len, packing, pad_id):
+        """In memory, from tokenize()'s documents."""
+        tokens, trained, lengths, supervised = doc_arrays(docs)
+        doc_starts = np.concatenate([[0], np.cumsum(lengths)])
+        return cls(tokens, trained, doc_starts, supervised, pack(lengths, seq_len, packing), seq_len, pad_id)
+
+    @classmethod
+    def open(cls, where, pad_id):
+        """Prepared on disk: the token arrays memory-mapped, so every rank shares one copy in the page cache."""
+        meta = json.loads((where / "prepared.json").read_text())
+        windows = cls(
+            np.memmap(where / "tokens.bin", dtype=np.int32, mode="r"),
+            np.memmap(where / "trained.bin", dtype=np.uint8, mode="r"),
+            np.load(where / "doc_starts.npy"),
+            np.load(where / "doc_supervised.npy"),
+            np.load(where / "window_starts.npy"),
+            meta["inputs"]["seq_length"],
+            pad_id,
+        )
+        windows.inputs = meta["inputs"]  # the data and tokenizer checksums, which a resumed run compares
+        return windows
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def batch(self, rows):
+        """[len(rows), seq_len] tensors of these windows (-1: an empty row). Targets are shifted inside each
+        document, so no label crosses a boundary; positions restart at 0 per document; segment ids (1, 2, ...;
+        0 = padding) drive the attention mask."""
+        n, s = len(rows), self.seq_len
+        ids = np.full((n, s), self.pad_id, dtype=np.int64)
+        targets = np.full((n, s), -100, dtype=np.int64)
+        positions = np.tile(np.arange(s, dtype=np.int64), (n, 1))
+        segments = np.zeros((n, s), dtype=np.int64)
+        for i, w in enumerate(rows):
+            if w < 0:
+                continue
+            bounds = self.doc_starts[self.starts[w] : self.starts[w + 1] + 1]
+            first, end = int(bounds[0]), int(bounds[-1])
+            lengths = np.diff(bounds)
+            used = end - first
+            seg = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+            ids[i, :used] = self.tokens[first:end]
+            segments[i, :used] = seg
+            positions[i, :used] = np.arange(used) - np.repeat(bounds[:-1] - first, lengths)
+            positions[i, used:] = np.arange(s - used)
+            nxt = self.tokens[first + 1 : end]
+            keep = (self.trained[first + 1 : end] != 0) & (seg[1:] == seg[:-1])
+            targets[i, : used - 1] = np.where(keep, nxt, -100)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "targets": torch.from_numpy(targets),
+            "position_ids": torch.from_numpy(positions),
+            "segment_ids": torch.from_numpy(segments),
+        }
+
+
+def prepared_location(path, tokenizer_dir, c):
+    """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
+    data file's directory>/<file name>.prepared/<hash of the data's content, the tokenizer's files, the format
+    version and every setting that changes the windows>. Data read through hf://datasets/... is prepared under
+    data.cache_dir."""
+    import hashlib
+
+    text, tokenizer_dir = str(path), Path(tokenizer_dir)
+    hub = text.startswith("hf://datasets/")
+    if not hub and not Path(path).exists():
+        raise StageError(f"data file {path} not found (stage 01 writes it)")
+    if hub and not c["data.cache_dir"]:
+        raise StageError(
+            f"{text}: data read from the Hub is prepared under data.cache_dir; set it (or write the "
+            f"records to a file with stage 01)"
+        )
+    inputs = {
+        "format": PREPARED_FORMAT,
+        "data_sha256": data_sha256(path),
+        "tokenizer_sha256": {
+            p.name: file_sha256(p)
+            for p in sorted(tokenizer_dir.iterdir())
+            if p.is_file() and TOKENIZER_FILE.fullmatch(p.name)
+        },
+        "record_format": c["data.format"],
+        "rename_fields": c["data.rename_fields"],
+        "prompt_format": c["data.prompt_format"],
+        "seq_length": c["data.seq_length"],
+        "packing": c["model_alignment_strategy.sft.packing"],
+        "truncation": c["data.truncation"],
+        "dev_choose_samples": c["data.dev_choose_samples"],
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    name = text.removeprefix("hf://datasets/").replace("/", "_").replace(":", "_") if hub else Path(path).name
+    root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else Path(path).parent
+    return root / f"{name}.prepared" / key, inputs
+
+
+def prepare_split(path, tokenizer, c, name):
+    """The prepared directory of a split: reused when one exists for these inputs, else made here, written
+    under a temporary name and renamed when complete (a killed preparation is never taken for a finished one)."""
+    where, inputs = prepared_location(path, c["data.tokenizer.type"], c)
+    root, key = where.parent, "data.cache_dir" if c["data.cache_dir"] else f"data.{name}_dir"
+    if root.exists() and (not root.is_dir() or not all(PREPARED_NAME.fullmatch(p.name) for p in root.iterdir())):
+        refuse_foreign(root, key, "it holds files other than prepared splits")
+    if (where / "prepared.json").exists():
+        return where
+    print(f"{name}: preparing {path} into {where}", file=sys.stderr)
+    tmp = where.with_name(f"{where.name}.tmp-{os.uname().nodename}-{os.getpid()}")
+    try:
+        made = make_dirs(root)
+        remove_abandoned(where)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise StageError(
+            f"{key}: cannot write the prepared data to {root} ({e.strerror or e}); set data.cache_dir "
+            f"to a writable directory"
+        ) from None
+    try:
+        stats = write_prepared(path, tokenizer, c, name, tmp)
+        (tmp / "prepared.json").write_text(
+            json.dumps({"inputs": inputs, "source": str(Path(path).resolve()), "stats": stats}, indent=1) + "\n"
+        )
+        for f in tmp.iterdir():
+            fsync_path(f)
+        try:
+            tmp.rename(where)
+        except OSError:  # another launch sharing this filesystem finished the same preparation first
+            if not (where / "prepared.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(made):  # a failed preparation leaves no empty directories behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
+    return where
+
+
+def remove_abandoned(where):
+    """Delete this host's temporary directories for `where` whose preparing process no longer exists."""
+    for tmp in where.parent.glob(f"{where.name}.tmp-{os.uname().nodename}-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def write_prepared(path, tokenizer, c, name, out):
+    """Tokenize, mask and pack a split into `out`, streaming: a chunk of records at a time is tokenized (one
+    batched tokenizer call) and appended to the token files; only per-document lengths stay in memory."""
+    from tqdm import tqdm
+
+    seq_len, stats, tally = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}, {}
+    lengths, supervised = [], []
+    bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
+    chunks = record_chunks(
+        path, c["data.dev_choose_samples"], c["data.format"], rename_pairs(c["data.rename_fields"]), tally
+    )
+    with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
+        for chunk in chunks:
+            records, labels = [r for _, r in chunk], [f"{path}:{where}" for where, _ in chunk]
+            docs, chunk_stats = tokenize(
+                records, tokenizer, c["data.prompt_format"], seq_len, c["data.truncation"], labels
+            )
+            for k in stats:
+                stats[k] += chunk_stats[k]
+            bar.update(len(records))
+            if not docs:
+                continue
+            tokens, trained, n, n_trained = doc_arrays(docs)
+            tokens_f.write(tokens.tobytes())
+            trained_f.write(trained.tobytes())
+            lengths.append(n)
+            supervised.append(n_trained)
+    bar.close()
+    if not lengths:
+        raise StageError(f"{path}: every record is longer than data.seq_length={seq_len}")
+    lengths, supervised = np.concatenate(lengths), np.concatenate(supervised)
+    starts = pack(lengths, seq_len, c["model_alignment_strategy.sft.packing"])
+    np.save(out / "doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)]))
+    np.save(out / "doc_supervised.npy", supervised)
+    np.save(out / "window_starts.npy", starts)
+    stats.update(
+        windows=len(starts) - 1,
+        tokens=int(lengths.sum()),
+        supervised=int(supervised.sum()),
+        records_in_file=tally["in_file"],
+    )
+    stats["fill"] = stats["tokens"] / (stats["windows"] * seq_len)
+    return stats
+
+
+def load_split(path, tokenizer, c, name, par):
+    """A split's windows, prepared once per run: one process per host prepares (or finds) them while the others
+    wait on the CPU group, then every process maps the same files. Prints the split's summary."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if par is not None and par.world > 1 else 0
+    where = prepare_split(path, tokenizer, c, name) if local_rank == 0 else None
+    if par is not None and par.world > 1:
+        par.barrier(timeout_s=PREPARE_TIMEOUT_S)
+        where = Path(par.broadcast_text(str(where) if par.rank == 0 else ""))
+    stats = json.loads((where / "prepared.json").read_text())["stats"]
+    total = stats.get("records_in_file", stats["records"])
+    read = f"{stats['records']} of {total}" if total != stats["records"] else f"{stats['records']}"
+    print(
+        f"{name}: {read} records -> {stats['windows']} windows of {c['data.seq_length']} "
+        f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens "
+        f"({stats['supervised'] / max(stats['tokens'], 1):.1%}); "
+        f"truncated {stats['truncated']}, dropped {stats['dropped']}; prepared in {where}"
+    )
+    return Windows.open(where, tokenizer.pad_token_id)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_windows, seed, epoch):
+    """The window order of one epoch: a permutation seeded by (seed, epoch), made once and reused by its steps."""
+    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def step_indices(step, n_windows, per_step, seed):
+    """Window indices for optimizer step `step`: a fresh seeded permutation per epoch, laid end to end, so
+    the data order is a pure function of (seed, step) and no window is dropped at an epoch boundary."""
+    start, out = step * per_step, []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n_windows)
+        out.extend(epoch_order(n_windows, seed, epoch)[offset : offset + per_step - len(out)].tolist())
+    return out
+
+
+def inspect_data(batch, tokenizer, n):
+    """Print n windows with the trained tokens marked: [[trained]] text, plain text is context only."""
+    for w in range(min(n, batch["input_ids"].shape[0])):
+        ids, targets, segs = batch["input_ids"][w], batch["targets"][w], batch["segment_ids"][w]
+        # A token is trained when the position before it has it as its target.
+        trained = torch.zeros_like(ids, dtype=torch.bool)
+        trained[1:] = targets[:-1] != -100
+        print(
+            f"--- window {w}: {int((segs > 0).sum())} tokens in {int(segs.max())} document(s), "
+            f"{int(trained.sum())} trained"
+        )
+        text, run, mode = [], [], None
+        for t in range(int((segs > 0).sum())):
+            if trained[t].item() != mode and run:
+                chunk = tokenizer.decode(run)
+                text.append(f"[[{chunk}]]" if mode else chunk)
+                run = []
+            mode = trained[t].item()
+            run.append(int(ids[t]))
+        if run:
+            chunk = tokenizer.decode(run)
+            text.append(f"[[{chunk}]]" if mode else chunk)
+        print("".join(text))
+
+
+# ------------------------------------------------------------------------------------------------ loss and evaluation
+def loss_sum(model, mb, device, autocast):
+    """Sum of token cross-entropies over the supervised positions of one micro-batch.
+
+    On CPU and CUDA trailing padding is cut off and only supervised positions go through the output layer
+    (prompts and padding never need logits); both are found on the host from the CPU tensors, so they cost
+    the device no synchronisation. Where each new shape compiles (Trainium; compiled layers) the decoder
+    sees the whole row, and on Trainium every position gets logits, the unsupervised ones counting zero.
+    Attention follows model.attention (see attention_mode). Under tensor parallelism the logits stay split
+    by vocabulary."""
+    if not model.fixed_shapes:  # padding after every row's last token changes nothing before it: leave it out
+        real = (mb["segment_ids"] > 0).any(0).nonzero()
+        used = int(real.max()) + 1 if len(real) else 1
+        mb = {k: v[:, :used] if v.dim() == 2 else v for k, v in mb.items()}
+    ids, pos, seg = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids"))
+    targets, index = mb["targets"].flatten(), None
+    if not compiles_per_shape(device):
+        keep = targets != -100
+        index, targets = keep.nonzero().squeeze(1).to(device), targets[keep]
+    targets = targets.to(device)
+    spans = attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8)) if model.attention == "blocks" else None
+    mask = None if model.attention == "causal" else document_mask(seg)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        hidden = model(ids, pos, mask, spans=spans).flatten(0, 1)
+        logits = model.logits(hidden if index is None else hidden[index]).float()
+    if model.par.tp == 1:
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    return _VocabParallelCrossEntropy.apply(logits, targets, model.par, model.model.embed_tokens.start).sum()
+
+
+@torch.no_grad()
+def evaluate(model, val, mbs, device, autocast):
+    """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens. Each
+    data-parallel rank takes an equal share of windows (padded with empty rows, so every micro-batch has the
+    same shape), built a micro-batch at a time."""
+    model.eval()
+    par = model.par
+    rows = list(range(len(val)))
+    rows += [-1] * (-len(rows) % (mbs * par.dp))
+    share = len(rows) // par.dp
+    mine = rows[par.dp_rank * share : (par.dp_rank + 1) * share]
+    # float64 sums, except on Trainium: NeuronCores have no float64, so none may enter a device graph there
+    acc = torch.float32 if compiles_per_shape(device) else torch.float64
+    total = torch.zeros((), dtype=acc, device=device)
+    for start in range(0, share, mbs):
+        total += loss_sum(model, val.batch(mine[start : start + mbs]), device, autocast).to(acc)
+        sync_device(device)
+    model.train()
+    return par.all_reduce(total, "dp").item() / max(int(val.supervised.sum()), 1)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+class KVCache:
+    def __init__(self):
+        self.k = self.v = None
+
+    def append(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast):
+    """Greedy decoding of a batch of prompts (left-padded), with a KV cache; returns new token ids per prompt."""
+    model.eval()
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    valid = torch.zeros((b, longest), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p)
+        valid[i, longest - len(p) :] = True
+    ids, valid = ids.to(device), valid.to(device)
+    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    # Pad queries may see themselves, so no attention row is empty; real queries never see pads.
+    mask = (causal & valid[:, None, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
+    caches = [KVCache() for _ in model.model.layers]
+    out, finished = [[] for _ in range(b)], [False] * b
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        hidden = model(ids, pos, mask, caches)
+        for _ in range(max_new_tokens):
+            nxt = model.full_logits(hidden[:, -1]).argmax(-1)
+            for i, token in enumerate(nxt.tolist()):  # one host sync per generated position
+                if not finished[i]:
+                    finished[i] = token in stop_ids
+                    if not finished[i]:
+                        out[i].append(token)
+            if all(finished):
+                break
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+            pos = pos[:, -1:] + 1
+            hidden = model(nxt[:, None], pos, valid[:, None, None, :], caches)
+    model.train()
+    return out
+
+
+def generation_eval(model, records, tokenizer, c, device, autocast):
+    """Exact-match accuracy of greedy answers (stripped) on the first N validation prompts."""
+    n = min(c["evaluation.generate.num_prompts"], len(records))
+    stop_ids = {tokenizer.eos_token_id}
+    samples, hits = [], 0
+    bs = c["evaluation.generate.batch_size"]
+    for start in range(0, n, bs):
+        chunk = records[start : min(start + bs, n)]
+        prompts, shown, expected = generation_prompts(tokenizer, c["data.prompt_format"], chunk)
+        prompts = [p[-c["data.seq_length"] :] for p in prompts]
+        for prompt, want, new in zip(
+            shown,
+            expected,
+            generate(
+                model,
+                prompts,
+                c["evaluation.generate.max_new_tokens"],
+                stop_ids,
+                tokenizer.pad_token_id,
+                device,
+                autocast,
+            ),
+        ):
+            answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+            hits += answer == want.strip()
+            samples.append({"prompt": prompt, "expected": want, "answer": answer})
+    return hits / max(n, 1), samples
+
+
+def generation_prompts(tokenizer, fmt, records):
+    """(prompt token ids, prompt text shown, expected answer) per record: a single-turn record's prompt as it
+    trains; a conversation up to its last assistant turn, with the chat template's generation prompt."""
+    single = [r for r in records if isinstance(r, tuple)]
+    ids = iter(prompt_ids(tokenizer, fmt, [p for p, _ in single]) if single else [])
+    prompts, shown, expected = [], [], []
+    for r in records:
+        if isinstance(r, tuple):
+            prompts.append(next(ids))
+            shown.append(r[0])
+            expected.append(r[1])
+        else:
+            context = [{"role": m["role"], "content": m["content"]} for m in r[:-1]]
+            prompts.append(
+                list(as_ids(tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)))
+            )
+            shown.append(context[-1]["content"])
+            expected.append(r[-1]["content"])
+    return prompts, shown, expected
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+class DeviceAdamW(torch.optim.AdamW):
+    """torch's AdamW update (decoupled weight decay, bias correction, the same state and state_dict), for
+    accelerators (XLA, TorchNeuron, CUDA): the learning rate, the step count and the bias corrections are device
+    tensors, so no Python scalar enters a traced graph (torch-xla makes 0 and +-1 graph constants: a learning rate
+    reaching 0, or 1 - beta**t rounding to 1, would compile a new graph) and nothing is read on the host; every
+    scalar is applied through mul/lerp/add (torch-xla hands addcmul_/addcdiv_'s `value=` to the device as float64,
+    which NeuronCores lack); and where `skip` is true the update is skipped on the device: weights, moments and
+    step stay as they were (a non-finite step, known without a host read). The CPU keeps torch's AdamW."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, capturable=True, **kwargs)  # capturable: the step count stays on the device
+
+    @torch.no_grad()
+    def step(self, lr, skip):
+        for group in self.param_groups:
+            wd, eps, (beta1, beta2) = group["weight_decay"], group["eps"], group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(
+                        step=torch.zeros((), device=p.device),
+                        exp_avg=torch.zeros_like(p),
+                        exp_avg_sq=torch.zeros_like(p),
+                    )
+                grad = torch.where(skip, 0.0, p.grad)  # a non-finite gradient must not reach the moments
+                t = state["step"] + 1
+                exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"] * beta2 + grad * grad * (1 - beta2)
+                denom = exp_avg_sq.sqrt() / (1 - beta2**t).sqrt() + eps
+                new = p * (1 - lr * wd) + exp_avg / denom * (-lr / (1 - beta1**t))
+                p.copy_(torch.where(skip, p, new))
+                state["exp_avg"].copy_(torch.where(skip, state["exp_avg"], exp_avg))
+                state["exp_avg_sq"].copy_(torch.where(skip, state["exp_avg_sq"], exp_avg_sq))
+                state["step"].copy_(torch.where(skip, state["step"], t))
+
+
+def lr_at(step, c):
+    """Linear warmup over warmup_steps (step 0 already trains at lr/warmup), then linear or cosine decay to
+    min_lr at the schedule's max_steps (default trainer.max_steps)."""
+    lr, warmup, floor = c["model.optim.lr"], c["model.optim.sched.warmup_steps"], c["model.optim.sched.min_lr"]
+    total = c["model.optim.sched.max_steps"] or c["trainer.max_steps"]
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if c["model.optim.sched.name"] == "cosine":
+        return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    return floor + (lr - floor) * (1 - frac)
+
+
+# ------------------------------------------------------------------------------------------------ training loop
+@dataclasses.dataclass
+class Run:
+    """A training run, every field declared: what main builds before the first step, then what open_run and the
+    loop fill in."""
+
+    c: dict  # the resolved config
+    arch: Arch
+    device: torch.device
+    par: Parallel
+    model: Llama  # this rank's shard, with LoRA
+    modules: list  # (name, LoRALinear) of every adapted projection
+    params: list  # their LoRA weights, A and B of each in that order
+    autocast: bool  # precision.type: autocast
+    tokenizer: object
+    train: Windows
+    val: Windows | None
+    val_records: list  # the first validation records, the generation prompts
+    do_generation: bool  # evaluation.generate on this device
+    inputs: dict  # content checksums of data, tokenizer and base checkpoint (run_inputs)
+    dir: Path  # the run directory
+    optimizer: torch.optim.Optimizer | None = None
+    metrics: Metrics | NoMetrics | None = None  # rank 0 writes, the others hold a NoMetrics
+    made_dirs: list = dataclasses.field(default_factory=list)  # made by this launch: removed if it fails early
+    start_step: int = 0  # the first step of this launch (a resumed checkpoint's step)
+    skipped_steps: int = 0  # non-finite steps skipped before this launch
+    last_checkpoint: Path | None = None  # the newest run checkpoint, written or resumed from
+
+
+def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
+    """This rank's micro-batches, step after step: the step's windows (a pure function of seed and step) split
+    evenly over the data-parallel ranks, each share cut into micro-batches, built when drawn. Each carries
+    `scale`, one over the step's supervised tokens on all ranks, so every supervised token weighs the same."""
+    share = gbs // par.dp
+    for step in range(start, max_steps):
+        idx = step_indices(step, len(train), gbs, seed)
+        # one element, not 0-d: torch-xla keeps 0-d uploads in a cache by value, and a value met elsewhere in a graph
+        # would then be merged with it into one input, making a graph of another shape
+        scale = torch.tensor([1.0 / max(1, int(train.supervised[idx].sum()))])
+        mine = idx[par.dp_rank * share : (par.dp_rank + 1) * share]
+        for first in range(0, share, mbs):
+            yield dict(train.batch(mine[first : first + mbs]), scale=scale)
+
+
+class LogInterval:
+    """What happened since the last read of the device: step losses, the last gradient norm, and the non-finite
+    steps (how many, and the first), kept as running device values that every step updates in the same graph
+    (nothing is read, nothing changes shape); real and supervised tokens and model FLOPs summed on the host from
+    per-row counts computed once. `read` fetches the device values in one transfer, at log intervals, before a
+    checkpoint and at the end."""
+
+    def __init__(self, train, arch, seed, gbs, device, start, skipped):
+        self.train, self.flops_per_window = train, window_flops(train, arch)
+        self.n_rows, self.seed, self.gbs = len(train), seed, gbs
+        self.total_tokens, self.started = 0, time.perf_counter()
+        # loss sum over finite steps, finite steps, last loss, last gradient norm, skipped steps, first bad step (0:
+        # none yet), steps done: one device vector, so that a read is one transfer
+        self.values = torch.tensor([0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)], device=device)
+        self.last_read = [0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)]
+        self.reset()
+
+    def reset(self):
+        self.tokens, self.supervised, self.flops, self.steps = 0, 0, 0.0, 0
+        self.since = time.perf_counter()
+
+    def add(self, step, step_loss, grad_norm, bad):
+        idx = step_indices(step, self.n_rows, self.gbs, self.seed)
+        self.tokens += int(self.train.n_tokens[idx].sum())
+        self.supervised += int(self.train.supervised[idx].sum())
+        self.flops += float(self.flops_per_window[idx].sum())
+        self.steps += 1
+        loss_sum, finite, _, _, skipped, first_bad, done = self.values.unbind()
+        good = (~bad).float()
+        done = done + 1
+        self.values = torch.stack(
+            [
+                loss_sum + torch.where(bad, 0.0, step_loss),
+                finite + good,
+                step_loss,
+                grad_norm,
+                skipped + bad.float(),
+                torch.where(bad & (first_bad == 0), done, first_bad),
+                done,
+            ]
+        )
+
+    def read(self):
+        """(loss sum, finite steps, last loss, last gradient norm, skipped, first non-finite step or 0, steps done),
+        cumulative, from the device in one transfer; zeros while extracting graphs say nothing and are not used."""
+        values = self.values.cpu().tolist()
+        if extracting_graphs():
+            values = [*self.last_read[:5], 0.0, self.last_read[6] + self.steps]
+        return values
+
+    def check(self, values, policy, last_checkpoint, skipped_before):
+        """Stop (nonfinite: stop) naming the first non-finite step, or warn about newly skipped ones."""
+        _, _, loss, norm, skipped, first_bad, _ = values
+        if first_bad and policy == "stop":
+            raise StageError(
+                f"step {int(first_bad)}: the loss or the gradient norm is not finite (its update was "
+                f"not applied); last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
+                f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps"
+            )
+        if skipped > skipped_before:
+            print(
+                f"warning: {int(skipped - skipped_before)} step(s) with a non-finite loss or gradient norm skipped "
+                f"(skipped_steps: {int(skipped)})",
+                file=sys.stderr,
+            )
+
+    def record(self, done, lr, peak, run):
+        """The metrics record of this interval (the host read of a log interval), then a fresh interval."""
+        values = self.read()
+        self.check(values, run.c["trainer.nonfinite"], run.last_checkpoint, self.last_read[4])
+        loss_sum, finite, loss, norm, skipped, _, _ = values
+        mean = (loss_sum - self.last_read[0]) / max(1.0, finite - self.last_read[1])
+        elapsed = time.perf_counter() - self.since
+        record = {
+            "step": done,
+            "loss": loss if math.isfinite(loss) else None,
+            "lr": lr,
+            "grad_norm": norm if math.isfinite(norm) else None,
+            "tokens_per_s": self.tokens / elapsed,
+            "supervised_tokens_per_s": self.supervised / elapsed,
+            "consumed_samples": done * self.gbs,
+            "epoch": done * self.gbs // self.n_rows,
+            "skipped_steps": int(skipped),
+        }
+        memory = peak_memory_gib(run.device)
+        if memory is not None:
+            record["peak_memory_gib"] = memory
+        if peak:
+            record["mfu"] = self.flops / elapsed / (peak * run.par.world)
+        record.update(compile_counts(run.device, run.c["trainer.compile"]))
+        self.total_tokens += self.tokens
+        self.last_read = values
+        self.reset()
+        return record, mean
+
+
+def train_step(run, loader):
+    """One step's forward and backward passes over its micro-batches, the gradient reductions, and the step's
+    loss, gradient norm and non-finite flag, as device values (nothing is read here)."""
+    c, device, par = run.c, run.device, run.par
+    step_loss = torch.zeros((), device=device)
+    for _ in range(c["data.global_batch_size"] // (c["data.micro_batch_size"] * par.dp)):
+        mb = next(loader)
+        s = loss_sum(run.model, mb, device, run.autocast) * mb["scale"].to(device).reshape(())
+        s.backward()
+        step_loss += s.detach()
+        sync_device(device)
+    sync_gradients(run.modules, run.params, par)
+    grad_norm = global_grad_norm(run.modules, par)
+    step_loss = par.all_reduce(step_loss, "dp")
+    bad = nonfinite(torch.stack([step_loss, grad_norm]))  # the same on every rank: both are reduced values
+    # Cut the graph between the gradient reductions and the update: each then compiles once, whatever follows.
+    sync_device(device)
+    return step_loss, grad_norm, bad
+
+
+def apply_update(run, lr, grad_norm, bad):
+    """The clipped update, not applied where the step is not finite. On an accelerator the decision is taken on
+    the device (DeviceAdamW), so the host never waits for it; on the CPU, which has no device to wait for, the flag
+    is read so that torch's own AdamW runs unchanged. Under graph extraction (every value zero) nothing is
+    decided on the host either."""
+    if run.c["trainer.gradient_clip_val"]:
+        clip_gradients(run.params, grad_norm, run.c["trainer.gradient_clip_val"])
+    if isinstance(run.optimizer, DeviceAdamW):  # lr as one element, not 0-d: see micro_batches
+        run.optimizer.step(torch.tensor([lr], dtype=torch.float32, device=run.device).reshape(()), skip=bad)
+    elif not bool(bad):
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def checkpoint_every(c):
+    """Steps between run checkpoints (0 = none); none at all while extracting graphs, where every rank would
+    write zeros over the same step_N.tmp."""
+    every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
+    if extracting_graphs() and every:
+        print("NEURON_EXTRACT_GRAPHS_ONLY: graph extraction only, no run checkpoints are written")
+        return 0
+    return every
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGTERM (a scheduler's preemption; torchrun passing one on) is recorded in the yielded list instead of
+    ending the process, so the loop can finish its step and checkpoint; the previous handler returns after."""
+    requests = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requests.append(signum))
+    try:
+        yield requests
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train_loop(run, stop):
+    """Steps start..max_steps with logging, validation and run checkpoints. Device values are read only at log
+    intervals, before a checkpoint and at the end (LogInterval); a non-finite step is skipped on the device and,
+    with trainer.nonfinite=stop, stops the run at the next read. A stop request (`stop`, filled by stop_requests on
+    SIGTERM) on any rank ends the run after the current step with a checkpoint. Returns (the log interval with the
+    run's totals, the step the run stopped after or None)."""
+    c, par = run.c, run.par
+    max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
+    peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
+    print(
+        f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})"
+        if peak
+        else f"MFU not reported: {peak_source}"
+    )
+    every = checkpoint_every(c)
+    start = run.start_step
+    interval = LogInterval(run.train, run.arch, c["seed"], gbs, run.device, start, run.skipped_steps)
+    batches = micro_batches(run.train, start, max_steps, gbs, c["data.micro_batch_size"], c["seed"], par)
+    loader = device_loader(batches, run.device)
+    bar = progress_bar(max_steps, start, shown=par.rank == 0)
+    for step in range(start, max_steps):
+        lr = lr_at(step, c)
+        step_loss, grad_norm, bad = train_step(run, loader)
+        stopping = par.any_rank(stop)  # a stop request is host data, shared over the CPU group
+        apply_update(run, lr, grad_norm, bad)
+        interval.add(step, step_loss, grad_norm, bad)
+        sync_device(run.device)
+        done = step + 1
+        bar.set_description_str(f"Epoch {done * gbs // interval.n_rows}")
+        bar.update(1)
+        if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps or stopping:
+            record, mean = interval.record(done, lr, peak, run)
+            run.metrics.log(record)
+            last = record["loss"] if record["loss"] is not None else float("nan")
+            bar.set_postfix_str(
+                f"loss={mean:.3f}, reduced_train_loss={last:.3f}, lr={lr:.3g}, global_step={done}, "
+                f"consumed_samples={done * gbs}, tokens/s={record['tokens_per_s']:.0f}"
+                + (f", mfu={record['mfu']:.1%}" if peak else "")
+            )
+        if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
+            bar.clear()
+            run_evaluation(run, done, gen=False)
+        if (every and done % every == 0) or (stopping and not extracting_graphs()):
+            values = interval.read()  # a checkpoint holds only steps that were finite, under nonfinite=stop
+            interval.check(values, c["trainer.nonfinite"], run.last_checkpoint, values[4])
+            run.last_checkpoint = save_run_checkpoint(run, done, int(values[4]))
+        if stopping:
+            bar.close()
+            return interval, done
+    bar.close()
+    return interval, None
+
+
+class Metrics:
+    """metrics.jsonl (one object per line, flushed) and TensorBoard scalars."""
+
+    def __init__(self, run_dir, tensorboard, resume_step=None):
+        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.lines = sum(1 for _ in open(run_dir / "metrics.jsonl"))
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # On resume, TensorBoard drops what the interrupted run logged after the checkpoint.
+            self.tb = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def log(self, record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.lines += 1
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+class NoMetrics:
+    """What ranks other than 0 log: nothing (rank 0 writes the run's records)."""
+
+    lines = 0
+
+    def log(self, record):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress_bar(total, initial=0, shown=True):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="Epoch 0",
+        dynamic_ncols=True,
+        file=sys.stdout,
+        disable=not shown,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv):
+    ap = config_arg_parser(__doc__)
+    ap.add_argument(
+        "--inspect-data",
+        type=int,
+        metavar="N",
+        default=0,
+        help="print N training windows with the trained tokens marked [[like this]], then exit",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config, tokenizer, checkpoint shards and data, estimate memory per rank, then exit",
+    )
+    ap.add_argument(
+        "--neuron-env",
+        action="store_true",
+        help="print the Neuron compiler/runtime variables of this config as shell export lines "
+        '(for the launch: eval "$(python 05_train.py ... --neuron-env)"), then exit',
+    )
+    ap.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the config's keys, types, ranges and cross-key rules (no files read), then exit",
+    )
+    return ap.parse_intermixed_args(argv)
+
+
+def prepare_settings(c, args):
+    """Cross-key checks, seeds, and the model architecture with its parallel layout checked: everything that can
+    fail before a device is touched."""
+    check_settings(c, launched=not args.dry_run)
+    random.seed(c["seed"])
+    np.random.seed(c["seed"])
+    torch.manual_seed(c["seed"])
+    arch = read_model_config(c["model.model_config"])
+    window = arch.sliding_window
+    if window is not None and window < c["data.seq_length"]:
+        raise StageError(
+            f"{c['model.model_config']}: sliding_window {window} is shorter than data.seq_length "
+            f"{c['data.seq_length']}: this model attends to its last {window} tokens only, the model "
+            f"trained here to every earlier token; set data.seq_length <= {window}"
+        )
+    layout_of(c, arch).check().check_trainable()
+    return arch
+
+
+def open_device(c, arch):
+    """The device and the process group, before anything else: on Neuron the group must precede any device
+    tensor, and a missing backend then fails before any output is written."""
+    device = pick_device(c)
+    return device, Parallel(layout_of(c, arch), device)
+
+
+def build_model(c, arch, device, par):
+    """The rank's shard of the base model from the converted checkpoint, with LoRA added, dropout seeded, the
+    attention chosen and, with trainer.compile, the layers compiled. Returns (model, LoRA modules, params)."""
+    autocast = c["precision.type"] == "autocast"
+    base_dtype = torch.bfloat16 if autocast else torch.float32
+    recomputed_layers = (
+        (arch.layers if c["model.activations_checkpoint_layers"] is None else c["model.activations_checkpoint_layers"])
+        if c["model.activations_checkpoint"]
+        else 0
+    )
+    with torch.device(device):
+        model = Llama(arch, base_dtype, par, recompute_layers=recomputed_layers)
+    tp = par.tp
+    shard_path, _ = load_base_weights(
+        model,
+        c["exp_manager.resume_from_checkpoint"],
+        c["model.fuse_qkv"],
+        {
+            "tensor_model_parallel_size": tp,
+            "kv_replicator": c["distributed_strategy.kv_replicator"],
+            "hw_backend": c["distributed_strategy.hw_backend"],
+        },
+    )
+    sync_device(device)  # on XLA: the copies into the fused q/k/v slices run now, not inside a later graph
+    print(
+        f"loaded {shard_path.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
+        f"process(es): TP {tp} x DP {par.dp}"
+        + (f"; activation checkpointing on {recomputed_layers} layer(s)" if recomputed_layers else "")
+    )
+    modules, params = add_lora(model, c)
+    seed_dropout(c["seed"], par, device)
+    model.attention = attention_mode(c, device)
+    model.fixed_shapes = compiles_per_shape(device) or c["trainer.compile"]
+    if c["trainer.compile"]:
+        compile_layers(model, device)
+    print(
+        f"attention: {model.attention}"
+        + ("; decoder layers compiled with torch.compile" if c["trainer.compile"] else "")
+    )
+    model.train()
+    return model, modules, params
+
+
+def open_run(run, where):
+    """The run directory (made by rank 0) and the state to resume from: fills run.optimizer, run.metrics,
+    run.start_step, run.skipped_steps and run.last_checkpoint. A new run saves its resolved config as config.yaml;
+    a resumed one keeps the original and appends to resumes.jsonl the step and the keys this launch changed."""
+    c, par, resume_from = run.c, run.par, where.checkpoint
+    run.optimizer = make_optimizer(run.params, c, run.device)
+    if par.rank == 0:
+        run.made_dirs = make_dirs(run.dir)
+        if where.restart:
+            print(
+                f"warning: {run.dir} holds a run but no complete checkpoint; starting it again from step 0",
+                file=sys.stderr,
+            )
+            (run.dir / "metrics.jsonl").unlink()
+    if resume_from:
+        state = load_run_checkpoint(resume_from, par, run.params, run.optimizer, run.device)
+        run.start_step, run.skipped_steps, run.last_checkpoint = state["step"], state["skipped_steps"], resume_from
+        if par.rank == 0:
+            keep_metrics_lines(run.dir, state["metrics_lines"])
+            with open(run.dir / "resumes.jsonl", "a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "checkpoint": resume_from.name,
+                            "step": run.start_step,
+                            "changed": where.changed,
+                        }
+                    )
+                    + "\n"
+                )
+        print(
+            f"resuming from {resume_from}: step {run.start_step}, {state['consumed_samples']} samples consumed"
+            + "".join(f"; {k}: {old} -> {new}" for k, (old, new) in where.changed.items())
+        )
+    if par.rank == 0:
+        if not resume_from:
+            save_config(c, run.dir / "config.yaml")
+        print(f"run directory: {run.dir}")
+        run.metrics = Metrics(
+            run.dir, c["exp_manager.create_tensorboard_logger"], run.start_step if resume_from else None
+        )
+    else:
+        run.metrics = NoMetrics()
+
+
+def make_dirs(path):
+    """mkdir -p that returns the directories it made, outermost first (so a failed start can remove them)."""
+    path, missing = Path(path), []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return missing[::-1]
+
+
+def remove_failed_start(run):
+    """After a failure: a run directory that this launch made and in which no training step was completed
+    holds nothing worth keeping; it is removed, with the parents made for it."""
+    if not run.made_dirs or (run.dir / "checkpoints").exists():
+        return
+    metrics = run.dir / "metrics.jsonl"
+    if metrics.exists() and any("loss" in json.loads(line) for line in metrics.read_text().splitlines()):
+        return
+    shutil.rmtree(run.dir, ignore_errors=True)
+    for d in reversed(run.made_dirs[:-1]):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def run_evaluation(run, step, gen):
+    """val_loss over the whole validation set (and, with gen, greedy generation scored by exact match), logged."""
+    c, record = run.c, {"step": step}
+    if run.val is None:
+        return record
+    record["val_loss"] = evaluate(run.model, run.val, c["data.micro_batch_size"], run.device, run.autocast)
+    if gen and run.do_generation:
+        record["gen_exact_match"], samples = generation_eval(
+            run.model, run.val_records, run.tokenizer, c, run.device, run.autocast
+        )
+        record["gen_samples"] = len(samples)
+        if run.par.rank == 0:
+            (run.dir / f"generations_step{step}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        for s in samples[: c["evaluation.generate.show"]]:
+            print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
+    record.update(compile_counts(run.device, c["trainer.compile"]))
+    run.metrics.log(record)
+    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    return record
+
+
+def save_run_checkpoint(run, done, skipped):
+    """A run checkpoint after step `done` (a collective: every rank takes part)."""
+    c, par, gbs = run.c, run.par, run.c["data.global_batch_size"]
+    state = {
+        "step": done,
+        "consumed_samples": done * gbs,
+        "skipped_steps": skipped,
+        "data": {"seed": c["seed"], "next_step": done, "windows": len(run.train), "global_batch_size": gbs},
+        "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
+        "tensor_parallel": par.tp,
+        "data_parallel": par.dp,
+        "metrics_lines": run.metrics.lines,
+        "inputs": run.inputs,
+    }
+    lora = gather_lora(run.modules, par, run.arch)
+    path = write_run_checkpoint(
+        run.dir / "checkpoints",
+        state,
+        par,
+        run.params,
+        run.optimizer,
+        lambda out: export_peft_adapter(lora, run.arch, c, out),
+        run.device,
+        c["exp_manager.checkpoint_callback_params.save_top_k"],
+    )
+    print(f"checkpoint: {path}")
+    return path
+
+
+def finish(run, args, interval):
+    """The final validation and generation, the adapter export, and the run summary."""
+    c = run.c
+    final = run_evaluation(run, c["trainer.max_steps"], gen=True)
+    lora = gather_lora(run.modules, run.par, run.arch)  # a collective: every rank takes part
+    if run.par.rank != 0:
+        return
+    adapter = export_peft_adapter(lora, run.arch, c, run.dir / "final" / "adapter")
+    run.metrics.close()
+    vals = [json.loads(line).get("val_loss") for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v is not None]
+    memory = peak_memory_gib(run.device)
+    print(
+        f"done: {c['trainer.max_steps']} steps in {time.perf_counter() - interval.started:.0f} s, "
+        f"{interval.total_tokens:,} tokens trained"
+        + (f", peak memory {memory:.2f} GiB per rank" if memory is not None else "")
+    )
+    if vals:
+        print(
+            f"val_loss: first {vals[0]:.4f}, best {min(vals):.4f}, last {vals[-1]:.4f}"
+            + (f"; gen_exact_match {final['gen_exact_match']:.0%}" if "gen_exact_match" in final else "")
+        )
+    fallbacks = cpu_fallback_ops(run.device)
+    if fallbacks:
+        print(
+            f"warning: torch-xla ran these operations on the CPU (slow on Trainium): {', '.join(fallbacks)}",
+            file=sys.stderr,
+        )
+    print(f"adapter (PEFT format): {adapter}")
+    print(
+        f"merged HF model: python 03_convert_checkpoint.py "
+        f"{' '.join(f'--config {p}' for p in args.config or ['config.yaml'])} --to-hf <dir> --merge-adapter {adapter}"
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
+        sys.stdout = open(os.devnull, "w")
+    paths = args.config or ["config.yaml"]
+    c = resolve(load_config(paths, args.overrides), SCHEMA)
+    if args.neuron_env:
+        print_launch_environment(c)
+        return
+    show_settings(c, paths, args.overrides, SCHEMA)
+    if args.check_config:
+        check_settings(c, launched=False)
+        print("config: keys, types, ranges and cross-key rules OK")
+        return
+    arch = prepare_settings(c, args)
+    device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, arch)
+    # The run directory, and whether this launch continues its run, before any data is prepared or model loaded.
+    where = None if args.inspect_data else resume_point(c, par)
+    if args.dry_run:
+        dry_run(c, arch, where)
+        return
+
+    # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
+    tokenizer = load_tokenizer(c)
+    train = load_split(c["data.train_dir"], tokenizer, c, "train", par)
+    if args.inspect_data:
+        inspect_data(train.batch(range(min(args.inspect_data, len(train)))), tokenizer, args.inspect_data)
+        return
+    val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
+    inputs = run_inputs(c, train, val)
+    if where.checkpoint:
+        same_inputs(where.checkpoint, inputs)
+    n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
+    val_records = (
+        read_records(c["data.val_dir"], n_prompts, c["data.format"], rename_pairs(c["data.rename_fields"]))
+        if val is not None and n_prompts
+        else []
+    )
+
+    model, modules, params = build_model(c, arch, device, par)
+    do_generation = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
+    if c["evaluation.generate.num_prompts"] > 0 and not do_generation:
+        print(
+            f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
+            "generate from the merged model instead"
+        )
+    run = Run(
+        c=c,
+        arch=arch,
+        device=device,
+        par=par,
+        model=model,
+        modules=modules,
+        params=params,
+        autocast=c["precision.type"] == "autocast",
+        tokenizer=tokenizer,
+        train=train,
+        val=val,
+        val_records=val_records,
+        do_generation=do_generation,
+        inputs=inputs,
+        dir=where.dir,
+    )
+    try:
+        open_run(run, where)
+        if not where.checkpoint:
+            run_evaluation(run, 0, gen=True)
+        if c["trainer.max_steps"] == 0:
+            run.metrics.close()
+            print("trainer.max_steps=0: baseline evaluation only, no adapter written")
+            return
+        with stop_requests() as stop:
+            interval, stopped_after = train_loop(run, stop)
+    except BaseException:
+        if par.rank == 0:
+            remove_failed_start(run)
+        raise
+    if stopped_after is not None:
+        run.metrics.close()
+        print(
+            f"stopped by SIGTERM after step {stopped_after}; resume with exp_manager.resume_if_exists=true "
+            f"(checkpoint {run.last_checkpoint})"
+        )
+        return
+    finish(run, args, interval)
+
+
+# ------------------------------------------------------------------------------------------------ appendix
+# The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch of
+# this file is in that one section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the
+# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages.
+
+
+# ------------------------------------------------------------------------------------------------ tensor parallel
+def layout_of(c, arch):
+    """The Layout that the config's distributed_strategy.* asks for."""
+    return Layout(
+        arch,
+        c["distributed_strategy.tensor_model_parallel_size"],
+        c["distributed_strategy.kv_replicator"],
+        c["distributed_strategy.hw_backend"],
+    )
+
+
+def layout_rows(layout, r):
+    """{projection: the rows (column-parallel) or input columns (row-parallel) of the full weight that
+    tensor-parallel rank r holds}, as index tensors."""
+    arch, (q_heads, kv_heads) = layout.arch, layout.heads(r)
+    hd, inter = arch.head_dim, arch.inter
+    q_full, kv_full = arch.heads * hd, arch.kv_heads * hd
+    cols = torch.arange(*layout.part(inter, r), device="cpu")
+    return {
+        "qkv_proj": torch.cat(
+            [head_index(q_heads, hd), head_index(kv_heads, hd, q_full), head_index(kv_heads, hd, q_full + kv_full)]
+        ),
+        "o_proj": head_index(q_heads, hd),
+        "gate_up_proj": torch.cat([cols, inter + cols]),
+        "down_proj": cols,
+        "lm_head": torch.arange(*layout.part(arch.vocab, r), device="cpu"),
+    }
+
+
+def head_index(heads, hd, offset=0):
+    """The rows of the given heads (head_dim hd each) in a projection whose head rows start at offset."""
+    return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd, device="cpu") for h in heads])
+
+
+class Parallel:
+    """This process's place in the run and the collectives the model needs.
+
+    `layout` says which heads each tensor-parallel rank holds. Ranks form tensor-parallel groups of
+    consecutive ranks (as in Megatron and NxD); data-parallel groups join
+    the ranks with the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks that hold copies
+    of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed with the
+    device's default backend (gloo on CPU, nccl on CUDA, neuron on TorchNeuron) or, on XLA (trn1), torch-xla's
+    all-reduce and all-gather over replica groups, which is what NxD's parallel state uses (device_all_reduce,
+    device_all_gather). Host data (strings, barriers, stop requests) goes over a gloo group on the CPU in every case.
+    In a single process every collective is the identity."""
+
+    def __init__(self, layout, device, world=None, rank=None, connect=True):
+        self.layout, tp = layout, layout.tp
+        self.world = world or int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = rank if rank is not None else int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        self.tp, self.dp = tp, self.world // tp
+        self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
+        self.device = device
+        kv_groups = layout.kv_groups()
+        self.groups = {
+            "tp": [list(range(d * tp, (d + 1) * tp)) for d in range(self.dp)],
+            "dp": [list(range(t, self.world, tp)) for t in range(tp)],
+            "kv": [[d * tp + t for t in g] for d in range(self.dp) for g in kv_groups],
+            "world": [list(range(self.world))],
+        }
+        self.mine = {name: next(g for g in gs if self.rank in g) for name, gs in self.groups.items()}
+        self.handles, self.host = {}, None
+        if not connect:  # layout only (the dry run's per-rank checks)
+            return
+        if self.world > 1:
+            import torch.distributed as dist
+
+            groups_per_call = start_process_group(device)
+            # Host data (the run directory, barriers, stop requests) travels over gloo on the CPU, never through
+            # device collectives: NxD does the same, and under neuron_parallel_compile every device graph
+            # returns zeros, so a device barrier would synchronise nothing and a payload would come back empty.
+            self.host = (
+                dist.group.WORLD
+                if dist.get_backend() == "gloo"
+                else dist.new_group(list(range(self.world)), backend="gloo")
+            )
+            if not groups_per_call:
+                for name, gs in self.groups.items():  # every rank creates every group, in the same order
+                    for g in gs:
+                        handle = dist.new_group(g)
+                        if self.rank in g:
+                            self.handles[name] = handle
+
+    def size(self, name):
+        return len(self.mine[name])
+
+    def all_reduce(self, x, name, op="sum"):
+        """Sum (or max) of x over the group `name`; a new tensor, identical on every member."""
+        if self.size(name) == 1:
+            return x
+        return device_all_reduce(x, self.groups[name], self.handles.get(name), op)
+
+    def all_gather(self, x, name):
+        """[x of each member of the group `name`], in group order."""
+        if self.size(name) == 1:
+            return [x]
+        return device_all_gather(x, self.groups[name], self.handles.get(name), self.size(name))
+
+    def barrier(self, timeout_s=None):
+        """Every rank waits here for all the others (file writes before, reads after); `timeout_s` for a wait
+        that may outlast the group's timeout (a data preparation)."""
+        if self.world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            if timeout_s:
+                dist.monitored_barrier(group=self.host, timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier(group=self.host)
+
+    def broadcast_text(self, text):
+        """Rank 0's string, on every rank."""
+        if self.world == 1:
+            return text
+        import torch.distributed as dist
+
+        box = [text]
+        dist.broadcast_object_list(box, src=0, group=self.host)
+        return box[0]
+
+    def gather_to_host(self, x, name):
+        """[members of the group `name`, *x.shape] on the CPU: one gather and one transfer to the host."""
+        return torch.stack(self.all_gather(x, name)).cpu()
+
+    def any_rank(self, flag):
+        """True on every rank when `flag` (a host value) is true on any rank."""
+        if self.world == 1:
+            return bool(flag)
+        import torch.distributed as dist
+
+        t = torch.tensor([int(bool(flag))])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host)
+        return bool(t.item())
+
+    def enter_tp_region(self, x):
+        """Enter a tensor-parallel region: identity forward; the input gradient is summed over the TP group."""
+        return x if self.tp == 1 else _EnterTPRegion.apply(x, self)
+
+    def exit_tp_region(self, x):
+        """Leave a row-parallel region: partial results summed over the TP group; gradient passed through."""
+        return x if self.tp == 1 else _ExitTPRegion.apply(x, self)
+
+
+class _EnterTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, par):
+        ctx.par = par
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.par.all_reduce(grad, "tp"), None
+
+
+class _ExitTPRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, par):
+        return par.all_reduce(x, "tp")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy over logits split by vocabulary across the TP group, without gathering them:
+    the max, the softmax denominator and the target's logit are each reduced over the group. Targets of
+    -100 (and padding) give 0 and no gradient. `start` (a device tensor) is this rank's first vocabulary row."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, par, start):
+        rows = logits.shape[-1]
+        z = logits - par.all_reduce(logits.max(dim=-1).values, "tp", op="max")[:, None]
+        local = targets - start
+        here = (local >= 0) & (local < rows)
+        local = local.clamp(0, rows - 1)
+        picked = par.all_reduce(z.gather(1, local[:, None]).squeeze(1) * here, "tp")
+        exp = z.exp()
+        total = par.all_reduce(exp.sum(dim=-1), "tp")
+        valid = (targets != -100).to(logits.dtype)
+        ctx.save_for_backward(exp.div_(total[:, None]), local, here, valid)
+        return (total.log() - picked) * valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, here, valid = ctx.saved_tensors
+        g = softmax
+        g.scatter_add_(1, local[:, None], -here.to(g.dtype)[:, None])
+        return g * (grad * valid)[:, None], None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ devices
+# Variables that matter only if set before a process starts, so they are exported by whoever launches it
+# (04_precompile.sh, or `eval "$(python 05_train.py ... --neuron-env)"` before torchrun): glibc reads
+# MALLOC_ARENA_MAX at start-up (the tutorial's launch sets 128 to bound host memory over 32 ranks).
+LAUNCH_ENV = {"MALLOC_ARENA_MAX": "128"}
+
+
+# Across nodes, Trainium's collectives go over EFA through libfabric, which reads these when the Neuron runtime starts
+# (Neuron's multi-node guide and NxDT's train_setup.sh set them; FI_EFA_FORK_SAFE for hosts that fork after EFA is up).
+EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
+
+
+# Where a Neuron host shows its devices (neuron0, neuron1, ...): such a host must never train on the CPU by
+# accident. A module constant so that tests can point the check elsewhere.
+NEURON_DEVICE_DIR = "/dev"
+
+
+def nodes():
+    """How many nodes the launch spans: NNODES (as 04 reads it), else SLURM's node count, else torchrun's world
+    over its local world."""
+    for key in ("NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return world // local if local else 1
+
+
+def efa_environment():
+    """The EFA variables for a launch over several nodes (a variable already set wins), else nothing."""
+    if nodes() <= 1:
+        return {}
+    for key, value in EFA_ENV.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in EFA_ENV}
+
+
+def neuron_environment(c):
+    """The Neuron compiler and runtime settings of the tutorial, as environment variables (set before torch-xla
+    starts; a variable already set by the user wins; the configured compiler flags are added to
+    NEURON_CC_FLAGS unless already there, so that 04's launch and the training launch compile with the same
+    flags and share the cache). Harmless on XLA devices other than Trainium. Returns what it set.
+
+    Deliberately absent: BUCKET_CAP_MB (the bucket size of DDP's gradient all-reduce; this loop reduces one
+    flat gradient itself, so it would do nothing)."""
+    n = "xla.neuron."
+    flags = c[n + "compiler_flags"]
+    if c["precision.type"] == "autocast":  # bf16 comes from autocast, so the compiler must not cast on its own
+        flags += " --enable-mixed-precision-accumulation --auto-cast none"
+    inherited = os.environ.get("NEURON_CC_FLAGS", "")
+    env = {
+        "NEURON_CC_FLAGS": inherited if flags in inherited else f"{inherited} {flags}".strip(),
+        "NEURON_COMPILE_CACHE_URL": os.path.expanduser(c[n + "compiler_cache_url"]),
+        "NEURON_FUSE_SOFTMAX": str(int(c[n + "fuse_softmax"])),
+        "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": str(c[n + "async_exec_max_inflight_requests"]),
+        "NEURON_RT_EXEC_TIMEOUT": str(c[n + "rt_exec_timeout"]),
+        "NEURON_EXPERIMENTAL_COMPRESS_RG": str(int(c[n + "experimental_compress_rg"])),
+        "XLA_USE_BF16": "0",
+        "XLA_DOWNCAST_BF16": "0",
+        "NEURON_RT_STOCHASTIC_ROUNDING_EN": "0",
+        **efa_environment(),
+    }
+    for key, value in env.items():
+        if key == "NEURON_CC_FLAGS" or key not in os.environ:
+            os.environ[key] = value
+    # Always 0, whatever is inherited (the tutorial's launch script sets 0 too): a 1 puts torch-xla on its legacy
+    # path without functionalization, where in-place updates through views are known to give wrong results.
+    if os.environ.get("XLA_DISABLE_FUNCTIONALIZATION", "0") != "0":
+        print("warning: XLA_DISABLE_FUNCTIONALIZATION=1 in the environment is overridden with 0", file=sys.stderr)
+    os.environ["XLA_DISABLE_FUNCTIONALIZATION"] = "0"
+    return {key: os.environ[key] for key in [*env, "XLA_DISABLE_FUNCTIONALIZATION"]}
+
+
+def print_launch_environment(c):
+    """--neuron-env: the Neuron variables of this config, and the start-up ones, as shell export lines."""
+    import shlex
+
+    env = neuron_environment(c)
+    env.update({k: os.environ.get(k, v) for k, v in LAUNCH_ENV.items()})
+    env.update(efa_environment())
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")
+
+
+def neuron_devices_present():
+    return any(Path(NEURON_DEVICE_DIR).glob("neuron[0-9]*"))
+
+
+def native_accelerator():
+    """The accelerator PyTorch itself reports (CUDA, TorchNeuron's `neuron`, XPU, ...), or None. TorchNeuron
+    registers its device when torch_neuronx is imported (the import fails on a host without Neuron devices).
+    Where torch-xla is installed, torch_neuronx is the trn1 XLA package, whose `neuron` device is not a
+    training backend: that host trains through XLA."""
+    import importlib.util
+
+    xla = importlib.util.find_spec("torch_xla") is not None
+    if importlib.util.find_spec("torch_neuronx") and not xla:
+        try:
+            import torch_neuronx  # noqa: F401  registers the `neuron` device
+        except Exception:
+            pass
+    if not torch.accelerator.is_available():
+        return None
+    native = torch.accelerator.current_accelerator()
+    return None if native.type == "neuron" and xla else native
+
+
+def pick_device(c):
+    """The device this process trains on. auto: the native accelerator PyTorch reports (CUDA, `neuron`, ...),
+    else XLA when torch-xla is importable, else the CPU, except on a host with Neuron devices but no usable
+    backend, which is refused. Under torchrun a CUDA process takes its LOCAL_RANK's GPU; TorchNeuron binds
+    a process to its cores from LOCAL_RANK itself, so `neuron` is given without an index; XLA assigns its
+    own device. Creates no tensor (the process group must come first on Neuron)."""
+    import importlib.util
+
+    choice, native = c["trainer.accelerator"], native_accelerator()
+    if choice == "auto":
+        if native is not None:
+            choice = native.type
+        elif importlib.util.find_spec("torch_xla"):
+            choice = "xla"
+        elif neuron_devices_present():
+            raise StageError(
+                f"this host has Neuron devices ({NEURON_DEVICE_DIR}/neuron*) but no usable PyTorch "
+                f"backend for them: install torch-neuronx (TorchNeuron, trn2/trn3: "
+                f"requirements-trn2.txt) or torch-neuronx with torch-xla (trn1: "
+                f"requirements-neuron.txt); set trainer.accelerator=cpu to train on the CPU anyway"
+            )
+        else:
+            choice = "cpu"
+    if choice == "xla":
+        if not importlib.util.find_spec("torch_xla"):
+            raise StageError(
+                "trainer.accelerator=xla but torch-xla is not installed (Trainium trn1: "
+                "requirements-neuron.txt; XLA on CPU: make test-xla's environment)"
+            )
+        neuron_environment(c)
+        import torch_xla
+        import torch_xla.runtime as xr
+
+        if c["xla.cache_dir"] and os.environ.get("PJRT_DEVICE") != "NEURON":
+            xr.initialize_cache(c["xla.cache_dir"], readonly=False)  # Neuron caches in NEURON_COMPILE_CACHE_URL
+        return torch_xla.device()
+    if choice == "cpu":
+        return torch.device("cpu")
+    if native is None or native.type != choice:
+        need = {
+            "neuron": "torch-neuronx 2.13 (TorchNeuron, trn2/trn3; requirements-trn2.txt) on a host with "
+            "Neuron devices",
+            "cuda": "a CUDA build of torch and a visible GPU",
+        }.get(choice, choice)
+        raise StageError(
+            f"trainer.accelerator={choice} but PyTorch has no usable {choice} device here; this needs {need}"
+        )
+    if choice == "neuron":
+        efa_environment()  # before the process group starts the runtime
+        return torch.device("neuron")
+    return torch.device(choice, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start_process_group(device):
+    """The process group of this launch: torch-xla's "xla" backend on XLA, else the device's default backend (gloo on
+    the CPU, nccl on CUDA, neuron on TorchNeuron). True where collectives take their replica groups per call
+    (torch-xla), so that no torch.distributed subgroups are made."""
+    import torch.distributed as dist
+
+    xla = device.type == "xla"
+    if not dist.is_initialized():
+        if xla:
+            import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" backend
+
+            dist.init_process_group("xla", init_method="xla://")
+        else:
+            dist.init_process_group(dist.get_default_backend_for_device(device))
+    return xla
+
+
+def device_all_reduce(x, groups, handle, op):
+    """Sum (or max) of x over a group: torch-xla's all-reduce over the replica `groups` on XLA, else
+    torch.distributed's over the subgroup `handle`, a 0-d tensor travelling as one element (TorchNeuron's
+    collectives take 1-element tensors, as its examples use). A new tensor."""
+    if x.device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        return xm.all_reduce(xm.REDUCE_SUM if op == "sum" else xm.REDUCE_MAX, x, groups=groups)
+    import torch.distributed as dist
+
+    y = x.reshape(1).clone() if x.dim() == 0 else x.clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=handle)
+    return y.reshape(x.shape)
+
+
+def device_all_gather(x, groups, handle, size):
+    """[x of each member of a group of `size`], in group order (as device_all_reduce: replica groups on XLA, else
+    the subgroup `handle`, 0-d tensors as one element)."""
+    if x.device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        # pin_layout=False (as NxD): the pinned variant is built from an all-reduce over a buffer placed at
+        # this rank's ordinal, so its graph would differ from rank to rank.
+        return list(xm.all_gather(x.unsqueeze(0), dim=0, groups=groups, pin_layout=False).unbind(0))
+    if x.dim() == 0:
+        return [y.reshape(()) for y in device_all_gather(x.reshape(1), groups, handle, size)]
+    import torch.distributed as dist
+
+    out = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(out, x.contiguous(), group=handle)
+    return out
+
+
+def sync_device(device):
+    """End of a traced XLA graph (one per micro-batch and one per optimizer step); nothing elsewhere."""
+    if device.type == "xla":
+        import torch_xla
+
+        torch_xla.sync()
+
+
+def compiles_per_shape(device):
+    """Trainium, through XLA (trn1) or TorchNeuron (trn2/trn3): every new tensor shape compiles anew, so every
+    micro-batch keeps one shape; and NeuronCores have no float64."""
+    return device.type in ("xla", "neuron")
+
+
+def extracting_graphs():
+    """True under neuron_parallel_compile's extraction run (NEURON_EXTRACT_GRAPHS_ONLY=1), where every device graph
+    returns zeros: no decision may then be taken from a device value, and nothing written is a real result."""
+    return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY") == "1"
+
+
+def attention_mode(c, device):
+    """How packed rows attend (model.attention), resolved for this device:
+    blocks  each block of queries against only the keys its documents can reach (host-computed spans, so a
+            new shape per batch): the CPU default, fastest there (bench/train_bench.py);
+    masked  SDPA over the whole row with the block-diagonal causal mask: one static shape, any device (the
+            default on CUDA and XLA; on TorchNeuron an explicit mask may leave the fused attention kernel
+            for an unfused path, the price of packing there);
+    causal  SDPA's causal kernel without a mask (Neuron's fused kernel, CUDA's flash kernel): exact only when
+            each row holds one document, so only without packing (the default on `neuron` then)."""
+    mode, packing = c["model.attention"], c["model_alignment_strategy.sft.packing"]
+    fixed = compiles_per_shape(device) or c["trainer.compile"]
+    if mode == "auto":
+        if device.type == "neuron" and not packing:
+            return "causal"
+        return "blocks" if device.type == "cpu" and not fixed else "masked"
+    if mode == "blocks" and fixed:
+        raise StageError(
+            f"model.attention=blocks changes shapes with every batch, which "
+            f"{'trainer.compile' if c['trainer.compile'] else device.type} recompiles each time; use "
+            f"masked (or auto)"
+        )
+    return mode
+
+
+def lora_add(y, a, b, scaling):
+    """y + scaling * a B^T as one GEMM that accumulates into y (addmm): no separate scale and sum passes.
+    torch-xla runs addmm with alpha != 1 on the CPU (a fallback that copies the operands to the host), so on
+    XLA the scale goes on the small [tokens, r] factor instead."""
+    y2, a2 = y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1])
+    if y.device.type == "xla":
+        return torch.addmm(y2, a2 * scaling, b.t()).view(y.shape)
+    return torch.addmm(y2, a2, b.t(), alpha=scaling).view(y.shape)
+
+
+def recomputed(layer, x, cos, sin, mask, spans):
+    """Run a layer keeping only its input; the backward pass recomputes the rest. XLA needs torch-xla's variant
+    (it stops the compiler from merging the recomputation back into the forward pass), which is reentrant: it
+    passes gradients only through inputs that require them, so the frozen embedding's output is made to."""
+    if x.device.type != "xla":
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(layer, x, cos, sin, mask, None, spans, use_reentrant=False)
+    from torch_xla.utils.checkpoint import checkpoint
+
+    if not x.requires_grad:
+        x = x.detach().requires_grad_()
+    return checkpoint(layer, x, cos, sin, mask, None, spans, use_reentrant=True)
+
+
+def make_optimizer(params, c, device):
+    beta1, beta2 = c["model.optim.betas"]
+    kind = torch.optim.AdamW if device.type == "cpu" else DeviceAdamW
+    return kind(
+        params,
+        lr=c["model.optim.lr"],
+        betas=(beta1, beta2),
+        eps=c["model.optim.eps"],
+        weight_decay=c["model.optim.weight_decay"],
+    )
+
+
+def device_loader(batches, device):
+    """On XLA, torch-xla's loader copies the next batches to the device in the background; on TorchNeuron each
+    micro-batch is copied one ahead, from pinned memory without blocking (prefetched); on CPU and CUDA the loss
+    moves each micro-batch itself, after cutting it on the host."""
+    if device.type == "xla":
+        import torch_xla.distributed.parallel_loader as pl
+
+        return iter(pl.MpDeviceLoader(batches, device))
+    if device.type == "neuron":
+        return prefetched(batches, device, pin=True)
+    return iter(batches)
+
+
+def prefetched(batches, device, pin):
+    """The batches on the device, each copy issued one batch ahead of its use so that it overlaps the step before
+    it; from pinned host memory with non_blocking copies (the host does not wait for them)."""
+
+    def moved(batch):
+        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+
+    ahead = None
+    for batch in batches:
+        current, ahead = ahead, moved(batch)
+        if current is not None:
+            yield current
+    if ahead is not None:
+        yield ahead
+
+
+def to_cpu(obj, device):
+    """obj (nested dicts, lists, tuples) with every tensor copied to the host. On XLA all of them in one
+    transfer (one graph), instead of one per tensor."""
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        return xm._maybe_convert_to_cpu(obj)  # what xm.save uses: one sync, one batched transfer
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v, device) for v in obj)
+    return obj
+
+
+def rng_states(device):
+    """Every random generator a step can touch, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+    }
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        states["xla"] = xm.get_rng_state(device)
+    elif device.type != "cpu":  # "cuda", "neuron", ...
+        states[device.type] = torch.get_device_module(device).get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(states["xla"], device)
+    elif device.type != "cpu":
+        torch.get_device_module(device).set_rng_state(states[device.type], device)
+
+
+def seed_dropout(seed, par, device):
+    """Dropout masks: a different stream on each data-parallel replica, the same on the tensor-parallel ranks of
+    one replica (they must drop alike). Called once the process group exists. The host generator: the ranks of
+    replica 0 go on with the stream `seed` started (LoRA's initialisation drew from it, alike on every rank), the
+    others restart it at seed + dp_rank. The device's own generator is seeded explicitly on every rank with seed +
+    dp_rank: torch.manual_seed never reaches torch-xla's, and reaches TorchNeuron's only when its backend happened to
+    be loaded before it ran. (Both are saved and restored with the run checkpoints.)"""
+    if par.dp_rank:
+        torch.manual_seed(seed + par.dp_rank)
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(seed + par.dp_rank, device)
+    elif device.type not in ("cpu", "meta"):  # cuda, neuron (torch.neuron mirrors torch.cuda), ...
+        torch.get_device_module(device).manual_seed(seed + par.dp_rank)
+
+
+def compile_layers(model, device):
+    """trainer.compile: each decoder layer through torch.compile, whole graphs (fullgraph), no dynamic shapes;
+    backend neuron on TorchNeuron, inductor elsewhere. Inductor draws dropout masks through torch's own
+    generator (fallback_random), so a compiled run draws what an eager one draws and resumes exactly."""
+    if device.type == "xla":
+        raise StageError("trainer.compile=true: on XLA the graphs are compiled by torch-xla already; set it false")
+    backend = "neuron" if device.type == "neuron" else "inductor"
+    if backend == "inductor":
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
+    for layer in model.model.layers:
+        layer.compile(backend=backend, fullgraph=True, dynamic=False)
+
+
+def compile_counts(device, compiled):
+    """What has been compiled so far, for the metrics: torch-xla's graphs on XLA, torch.compile's graphs with
+    trainer.compile; a number that grows after the first steps is a recompilation."""
+    if device.type == "xla":
+        return xla_counts()
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}
+    return {}
+
+
+def xla_counts():
+    """Graphs compiled, graph executions and device-to-host transfers so far in this process (on XLA): a
+    recompiling step, a step that runs more graphs than it should, or one that reads the device, shows."""
+    import torch_xla.debug.metrics as met
+
+    counts = {
+        name: met.metric_data(metric)
+        for name, metric in (
+            ("xla_compiles", "CompileTime"),
+            ("xla_executions", "ExecuteTime"),
+            ("xla_reads", "TransferFromDeviceTime"),
+        )
+    }
+    return {name: int(data[0]) if data else 0 for name, data in counts.items()}
+
+
+def cpu_fallback_ops(device):
+    """Operations torch-xla ran on the CPU instead of the device (slow on Trainium), host reads left out; none
+    elsewhere."""
+    if device.type != "xla":
+        return []
+    import torch_xla.debug.metrics as met
+
+    return sorted(op for op in met.executed_fallback_ops() if op != "aten::_local_scalar_dense")
+
+
+# Per NeuronCore as a process sees it, from the chip datasheets: trn1, 2 NeuronCore-v2 per chip at 190 BF16 /
+# 47.5 FP32 TFLOPS and 32 GiB; trn2, 4 logical cores per chip (LNC 2, the default) at 667 / 181 and 96 GiB;
+# trn3, 4 logical cores per chip at 671 / 183 and 144 GiB. (bf16 TFLOPS, fp32 TFLOPS) and GiB per core.
+NEURONCORE_TFLOPS = {"trn1": (95, 23.75), "trn2": (166.75, 45.25), "trn3": (167.75, 45.75)}
+NEURONCORE_GIB = {"trn1": 16, "trn2": 24, "trn3": 36}
+DATASHEET_TFLOPS = {
+    "H200": (989, 67),
+    "H100": (989, 67),
+    "A100": (312, 19.5),
+    "L40S": (362, 91.6),
+    "A10G": (125, 31.2),
+    "L4": (121, 30.3),
+}  # dense (bf16 tensor core, fp32) per GPU
+
+
+def logical_cores_per_core(gen):
+    """How many physical NeuronCores one process's logical core spans: NEURON_LOGICAL_NC_CONFIG on trn2/trn3 (2 by
+    default, 1 halves a process's memory and TFLOPS), always 1 on trn1."""
+    return 1 if gen == "trn1" else int(os.environ.get("NEURON_LOGICAL_NC_CONFIG", "2"))
+
+
+def neuron_datasheet(gen):
+    """(bf16 TFLOPS, fp32 TFLOPS, GiB) of one process's NeuronCore: the table's LNC 2 figures scaled to the
+    logical-core setting."""
+    scale = logical_cores_per_core(gen) / (1 if gen == "trn1" else 2)
+    bf16, fp32 = NEURONCORE_TFLOPS[gen]
+    return bf16 * scale, fp32 * scale, NEURONCORE_GIB[gen] * scale
+
+
+def neuron_generation():
+    """trn1, trn2 or trn3, from the instance type (trn1 when unknown)."""
+    kind = os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "")
+    try:
+        kind = kind or Path("/sys/devices/virtual/dmi/id/product_name").read_text()
+    except OSError:
+        pass
+    return next((g for g in ("trn3", "trn2") if g in kind), "trn1")
+
+
+def peak_flops(device, autocast, configured):
+    """The peak the MFU is measured against, and where it comes from: the config, a datasheet (GPU), or a
+    large fp32 matrix product timed here (CPU)."""
+    if configured:
+        return configured * 1e12, "trainer.peak_tflops"
+    if device.type == "neuron" or (device.type == "xla" and os.environ.get("PJRT_DEVICE") == "NEURON"):
+        gen = neuron_generation()
+        bf16, fp32, _ = neuron_datasheet(gen)
+        lnc = f", LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
+        return (
+            bf16 if autocast else fp32
+        ) * 1e12, f"{gen} datasheet per NeuronCore{lnc}, {'bf16' if autocast else 'fp32'}"
+    if device.type == "xla":
+        return None, "XLA device without a datasheet figure; set trainer.peak_tflops"
+    if device.type != "cpu":  # CUDA, XPU, ...: the device's own module names it
+        name = torch.get_device_module(device).get_device_name(device)
+        for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
+            if key in name:
+                return (bf16 if autocast else fp32) * 1e12, f"{name} datasheet, {'bf16' if autocast else 'fp32'}"
+        return None, f"{name}: no datasheet figure; set trainer.peak_tflops"
+    a = b = torch.rand(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+    a @ b
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.5:
+        a @ b
+        n += 1
+    return 2 * 2048**3 * n / (time.perf_counter() - start), "measured: fp32 2048x2048 matmul on this CPU"
+
+
+def peak_memory_gib(device):
+    if device.type not in ("cpu", "xla"):  # CUDA, neuron, ...: torch.cuda's interface, through the device's module
+        return torch.get_device_module(device).max_memory_allocated(device) / 2**30
+    if device.type == "xla":
+        import torch_xla.core.xla_model as xm
+
+        try:
+            info = xm.get_memory_info(device)
+        except Exception:  # not every XLA device reports memory
+            return None
+        used = info.get("peak_bytes_used", info.get("bytes_used"))
+        return None if used is None else used / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------------ run checkpoints
+# <run dir>/checkpoints/step_NNNNNNN/: adapter/ (PEFT, usable as is), rank_RRRRR.pt (each rank's LoRA shard,
+# optimizer state and RNG states; never base weights) and trainer_state.json, written last, which lists every
+# file with its size and sha256. A checkpoint is written under step_N.tmp and renamed once complete.
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_run_checkpoint(root, state, par, params, optimizer, write_adapter, device, keep):
+    """Write a checkpoint of `state` (step, consumed samples, ...) for every rank, atomically; keep the last
+    `keep` complete ones. Rank 0 writes the PEFT adapter with `write_adapter(dir)`."""
+    final = root / f"step_{state['step']:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if par.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    par.barrier()
+    own = tmp / f"rank_{par.rank:05d}.pt"
+    held = to_cpu({"lora": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, device)
+    torch.save(dict(held, rng=rng_states(device)), f"{own}.part")
+    fsync_path(f"{own}.part")
+    os.replace(f"{own}.part", own)
+    par.barrier()
+    if par.rank == 0:
+        write_adapter(tmp / "adapter")
+        files = {
+            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file()
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, files=files), indent=1) + "\n")
+        for f in [*tmp.rglob("*"), tmp]:
+            fsync_path(f)
+        shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of the same step, from before a resume
+        os.replace(tmp, final)
+        fsync_path(root)
+        complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp")  # names sort by step
+        for old in complete[:-keep] + [p for p in root.glob("step_*.tmp")]:  # and unfinished writes of killed runs
+            shutil.rmtree(old, ignore_errors=True)
+    par.barrier()
+    return final
+
+
+def checkpoint_problem(path):
+    """Why the checkpoint at `path` cannot be resumed from, or None if it is complete and intact."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except FileNotFoundError:
+        return "no trainer_state.json (incomplete)"
+    except json.JSONDecodeError:
+        return "trainer_state.json is not valid JSON"
+    for rel, entry in state.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != entry["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, trainer_state.json says {entry['bytes']}"
+        if file_sha256(f) != entry["sha256"]:
+            return f"{rel} does not match its sha256 in trainer_state.json"
+    return None
+
+
+def newest_checkpoint(run_dir):
+    """The newest complete, intact checkpoint of a run directory; broken ones are named in a warning."""
+    for path in sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True):
+        problem = "an unfinished write (.tmp)" if path.name.endswith(".tmp") else checkpoint_problem(path)
+        if problem is None:
+            return path
+        print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr)
+    return None
+
+
+def load_run_checkpoint(path, par, params, optimizer, device):
+    """Restore this rank's LoRA shard, optimizer and RNG states; returns trainer_state.json."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    if (state["tensor_parallel"], state["data_parallel"]) != (par.tp, par.dp):
+        raise StageError(
+            f"{path} was written by TP {state['tensor_parallel']} x DP {state['data_parallel']}; "
+            f"resume with the same layout (this launch: TP {par.tp} x DP {par.dp})"
+        )
+    own = load_torch_file(path / f"rank_{par.rank:05d}.pt", mmap=False)
+    if [tuple(p.shape) for p in params] != [tuple(s.shape) for s in own["lora"]]:
+        raise StageError(
+            f"{path}: its LoRA tensors have other shapes than this run's; it was written with other LoRA "
+            f"settings (model_alignment_strategy.peft.*)"
+        )
+    with torch.no_grad():
+        for p, saved in zip(params, own["lora"], strict=True):
+            p.copy_(saved)
+    optimizer.load_state_dict(own["optimizer"])
+    set_rng_states(own["rng"], device)
+    return state
+
+
+def resume_point(c, par):
+    """Where this launch runs, decided by rank 0 before the model loads and shared with every rank: the run
+    directory (explicit_log_dir, or with exp_manager.resume_if_exists the newest unfinished run of this experiment
+    that holds a checkpoint, else a new one), the checkpoint to resume from, and what the launch changes. Nothing
+    is created here; a directory that is not a run of this stage, and a resume that would not continue the same
+    run, are refused (the content of its files is compared later, once the data is prepared: same_inputs)."""
+    choice = ""
+    if par is None or par.rank == 0:
+        key = "exp_manager.explicit_log_dir" if c["exp_manager.explicit_log_dir"] else "exp_manager.exp_dir"
+        run_dir = Path(c["exp_manager.explicit_log_dir"]) if c["exp_manager.explicit_log_dir"] else None
+        resume = c["exp_manager.resume_if_exists"]
+        if run_dir is None and resume:  # the newest unfinished run of this experiment that has a checkpoint
+            runs = [
+                p.parents[1]
+                for p in sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob("*/checkpoints/step_*"))
+                if not (p.parents[1] / "final" / "adapter").exists()
+            ]
+            run_dir = runs[-1] if runs else None
+        if run_dir is None:
+            run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise StageError(f"{key}: {run_dir} is a file; the run directory must be a directory")
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+            refuse_foreign(run_dir, key, "no config.yaml of this stage in it")
+        check_writable(run_dir / "config.yaml", key)
+        run_checkpoint = newest_checkpoint(run_dir) if resume else None
+        reached = int(run_checkpoint.name.removeprefix("step_")) if run_checkpoint else 0
+        if (run_dir / "final" / "adapter").exists() and (run_checkpoint is None or reached >= c["trainer.max_steps"]):
+            raise StageError(
+                f"run directory {run_dir} holds a finished run (final/adapter); remove it, choose "
+                f"another exp_manager.explicit_log_dir, or raise trainer.max_steps to train it on"
+            )
+        if (run_dir / "metrics.jsonl").exists() and not resume:
+            raise StageError(
+                f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose "
+                f"another exp_manager.explicit_log_dir, or resume it with "
+                f"exp_manager.resume_if_exists=true"
+            )
+        changed = same_run_changes(run_dir, c) if run_checkpoint else {}
+        choice = json.dumps(
+            {
+                "dir": str(run_dir),
+                "checkpoint": str(run_checkpoint) if run_checkpoint else "",
+                "changed": changed,
+                "restart": run_checkpoint is None and (run_dir / "metrics.jsonl").exists(),
+            }
+        )
+    where = json.loads(par.broadcast_text(choice) if par is not None else choice)
+    return ResumePoint(
+        dir=Path(where["dir"]),
+        changed=where["changed"],
+        restart=where["restart"],
+        checkpoint=Path(where["checkpoint"]) if where["checkpoint"] else None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a launch runs (resume_point): its run directory and what it continues."""
+
+    dir: Path  # the run directory
+    checkpoint: Path | None  # the run checkpoint it resumes from, or None for a new run
+    changed: dict  # resumable keys this launch changes: {key: [saved, now]}
+    restart: bool  # the directory holds a run without a complete checkpoint, started again from step 0
+
+
+def is_run_dir(path):
+    """A run directory of this stage: its config.yaml names this stage (runs of versions before it did are
+    recognised by their metrics.jsonl or checkpoints/)."""
+    return (
+        written_by_this_stage(path / "config.yaml")
+        or (path / "metrics.jsonl").exists()
+        or (path / "checkpoints").is_dir()
+    )
+
+
+def run_inputs(c, train, val):
+    """What a run trains on beyond its config values, by content: the data files, the tokenizer and the base
+    model (03's manifest.json lists every shard's sha256; a checkpoint without one, from NxD's own converter,
+    by its shard sizes). Keyed by the config key that names each; saved with every run checkpoint."""
+    base_dir, sha = (
+        Path(c["exp_manager.resume_from_checkpoint"]),
+        lambda text: hashlib.sha256(text.encode()).hexdigest(),
+    )
+    manifest = base_dir / "manifest.json"
+    shards = {p.name: p.stat().st_size for p in sorted((base_dir / "model").glob("*.pt"))}
+    return {
+        "data.train_dir": train.inputs["data_sha256"],
+        "data.val_dir": val.inputs["data_sha256"] if val is not None else None,
+        "data.tokenizer.type": sha(json.dumps(train.inputs["tokenizer_sha256"], sort_keys=True)),
+        "model.model_config": file_sha256(c["model.model_config"]),
+        "exp_manager.resume_from_checkpoint": file_sha256(manifest) if manifest.exists() else sha(json.dumps(shards)),
+    }
+
+
+def same_run_changes(run_dir, c):
+    """The resumable keys whose values differ from the run's saved config.yaml, as {key: [saved, now]}. A change
+    to any other key is refused, each one listed with its saved and its new value."""
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    flat = {}
+    stack = [("", saved)]
+    while stack:
+        prefix, node = stack.pop()
+        for k, v in node.items():
+            if isinstance(v, dict):
+                stack.append((f"{prefix}{k}.", v))
+            else:
+                flat[f"{prefix}{k}"] = v
+    changed = {k: [flat[k], v] for k, v in redacted(c).items() if k in flat and flat[k] != v}
+    sched = "model.optim.sched.max_steps"  # null means trainer.max_steps: the same decay either way
+    if sched in changed and None in changed[sched]:
+        old, new = changed[sched]
+        if (flat.get("trainer.max_steps") if old is None else old) == (c["trainer.max_steps"] if new is None else new):
+            del changed[sched]
+    refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items() if k not in RESUMABLE]
+    if refused:
+        raise not_the_same_run(run_dir, refused)
+    return changed
+
+
+def same_inputs(checkpoint, inputs):
+    """A resumed run trains on the same content: the data, tokenizer and base checkpoint checksums that its
+    checkpoint recorded must be today's (checkpoints of versions that recorded none are not checked)."""
+    trained_on = json.loads((checkpoint / "trainer_state.json").read_text()).get("inputs") or {}
+    refused = [
+        f"content of {k}: sha256 {str(old)[:12]}... -> {str(inputs.get(k))[:12]}..."
+        for k, old in trained_on.items()
+        if inputs.get(k) != old
+    ]
+    if refused:
+        raise not_the_same_run(checkpoint.parents[1], refused)
+
+
+def not_the_same_run(run_dir, changes):
+    return StageError(
+        f"{run_dir} holds a run trained with other settings, and a resumed run must be the same run: "
+        f"{'; '.join(changes)}. Restore them, or start a new run (another exp_manager.explicit_log_dir); "
+        f"config.yaml lists the keys that may change on resume"
+    )
+
+
+def keep_metrics_lines(run_dir, n):
+    """Drop what a killed run logged after its checkpoint, so the resumed run's records follow on exactly."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
+    write_atomically(path, "".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ pre-flight
+# What the Neuron runtime holds on a NeuronCore besides the program's tensors: model code (with 96 MB of
+# micro-code per physical core), scratchpad, DMA rings and collective buffers (Neuron docs, "Neuron device
+# memory"). No fixed figure is published; 1 GiB is this estimate's allowance.
+NEURON_RUNTIME_RESERVE_GIB = 1.0
+ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak (the dry run warns within it)
+
+
+def check_shards(c, arch, par_cfg):
+    """Every tensor-parallel shard: tensor names and shapes against config.json (on a meta-device model, so
+    nothing is allocated), one floating dtype throughout, and that dtype against config.json's."""
+    tp = par_cfg["tensor_model_parallel_size"]
+    dtypes, layout = set(), layout_of(c, arch)
+    for r in range(tp):
+        par = Parallel(layout, torch.device("meta"), world=tp, rank=r, connect=False)
+        with torch.device("meta"):
+            model = Llama(arch, par=par)
+        dtypes |= load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)[1]
+    raw = json.loads(Path(c["model.model_config"]).read_text())
+    declared = raw.get("torch_dtype") or raw.get("dtype")
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise StageError(f"{c['exp_manager.resume_from_checkpoint']}: tensors of mixed or non-float dtypes {dtypes}")
+    found = str(next(iter(dtypes))).removeprefix("torch.")
+    if declared and declared != found:
+        raise StageError(
+            f"{c['exp_manager.resume_from_checkpoint']}: tensors are {found}, {c['model.model_config']} says {declared}"
+        )
+    return tp, found
+
+
+def memory_estimate(arch, c, tp, supervised_per_row, trainium):
+    """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, all fp32),
+    activations of one micro-batch with and without per-layer checkpointing, and on Trainium (XLA or
+    TorchNeuron) the Neuron runtime's own reserve. Activations count what autograd keeps per layer (norm outputs,
+    q/k/v, attention output, the MLP's gate/up/product) at the compute dtype, the fp32 residual kept for each
+    RMSNorm, LoRA A's fp32 outputs and, with LoRA dropout, each adapted input's dropped copy and its keep mask, the
+    attention matrix where no fused attention kernel is used (Trainium with a mask), the boolean document mask, and
+    the fp32 logits, softmax and gradient of the output layer at the positions that get logits. An estimate,
+    typically within 20%; allocator fragmentation comes on top."""
+    par = Parallel(layout_of(c, arch), torch.device("meta"), world=tp, rank=0, connect=False)
+    with torch.device("meta"):
+        model = Llama(arch, par=par)
+    modules, params = add_lora(model, c, verbose=False)
+    e = 2 if c["precision.type"] == "autocast" else 4
+    b, s, h = c["data.micro_batch_size"], c["data.seq_length"], arch.hidden
+    attn = model.model.layers[0].self_attn
+    ql, kvl, hd, il = attn.heads, attn.kv_heads, arch.head_dim, arch.inter // tp
+    r = c["model_alignment_strategy.peft.lora_rank"]
+    per_layer = b * s * (2 * 4 * h + e * (2 * h + (2 * ql + 4 * kvl) * hd + 4 * il) + 4 * 4 * r)
+    if c["model_alignment_strategy.peft.lora_dropout"] > 0:
+        widths = {"qkv_proj": h, "o_proj": ql * hd, "gate_up_proj": h, "down_proj": il}
+        targets = c["model_alignment_strategy.peft.target_modules"]
+        per_layer += b * s * (e + 1) * sum(widths[t] for t in targets)
+    if trainium:
+        per_layer += b * ql * s * s * (e + 4)
+    recomputed_layers = (
+        arch.layers
+        if c["model.activations_checkpoint_layers"] is None
+        else min(arch.layers, c["model.activations_checkpoint_layers"])
+    )
+    positions = b * s if trainium else b * supervised_per_row
+    shared = b * s * s + positions * (arch.vocab // tp) * 4 * 3
+    return {
+        "frozen base": sum(p.numel() for p in model.parameters() if not p.requires_grad) * e,
+        "LoRA weights, gradients, AdamW": sum(p.numel() for p in params) * 16,
+        "runtime reserve": int(NEURON_RUNTIME_RESERVE_GIB * 2**30) if trainium else 0,
+        "activations": arch.layers * per_layer + shared,
+        "activations, checkpointed": (arch.layers - recomputed_layers + 1) * per_layer
+        + recomputed_layers * b * s * h * e
+        + shared,
+    }
+
+
+def planned_trainium(c):
+    """The Trainium generation this config trains on, without starting a device (as pick_device decides): XLA
+    takes the checkpoint's hw_backend, TorchNeuron runs on trn2 or trn3; None elsewhere."""
+    import importlib.util
+
+    acc = c["trainer.accelerator"]
+    if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None):
+        return c["distributed_strategy.hw_backend"]
+    if acc == "neuron":
+        return "trn3" if neuron_generation() == "trn3" else "trn2"
+    return None
+
+
+def device_memory(c):
+    """(GiB per rank, where the figure comes from) for the device this config trains on."""
+    if c["trainer.device_memory_gib"]:
+        return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
+    gen, acc = planned_trainium(c), c["trainer.accelerator"]
+    if gen:
+        lnc = f", per logical core at LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
+        return neuron_datasheet(gen)[2], f"{gen} NeuronCore datasheet{lnc}"
+    if acc in ("cuda", "auto") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / 2**30, props.name
+    mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    per = int(os.environ.get("LOCAL_WORLD_SIZE", c["distributed_strategy.tensor_model_parallel_size"]))
+    return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
+
+
+def dry_run(c, arch, where):
+    """The plan of a run, and every check its inputs allow now; StageError on the first problem. It needs only
+    model.model_config: the tokenizer and data, and the converted checkpoint, are checked where they exist and
+    named as skipped where they do not (memory is then planned with every position supervised). It plans for the
+    configured device from any host, opening none: trn1 with trainer.accelerator=xla (the checkpoint's
+    hw_backend), trn2/trn3 with neuron, with their datasheet memory."""
+    skipped, supervised_per_row = [], c["data.seq_length"]
+    data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
+    if (tok_dir / "tokenizer.json").is_file() and (str(data).startswith("hf://") or Path(data).exists()):
+        tokenizer = load_tokenizer(c)
+        train = load_split(data, tokenizer, c, "train", None)
+        val = load_split(c["data.val_dir"], tokenizer, c, "val", None) if c["data.val_dir"] else None
+        supervised_per_row = int(train.supervised.max())
+        if where.checkpoint:
+            same_inputs(where.checkpoint, run_inputs(c, train, val))
+    else:
+        skipped.append(
+            f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every "
+            f"position supervised"
+        )
+    base_dir, tp = Path(c["exp_manager.resume_from_checkpoint"]), c["distributed_strategy.tensor_model_parallel_size"]
+    if any((base_dir / "model").glob("*.pt")):
+        _, dtype = check_shards(
+            c,
+            arch,
+            {
+                "tensor_model_parallel_size": tp,
+                "kv_replicator": c["distributed_strategy.kv_replicator"],
+                "hw_backend": c["distributed_strategy.hw_backend"],
+            },
+        )
+        print(f"checkpoint: {tp} shard(s) in {base_dir}/model, every tensor present with the expected shape, {dtype}")
+    else:
+        skipped.append(f"checkpoint shards ({base_dir}/model): not converted yet (stage 03 writes them)")
+    trainium = planned_trainium(c)
+    limit, source = device_memory(c)
+    est = memory_estimate(arch, c, tp, supervised_per_row, trainium is not None)
+    print(
+        f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
+        f"{c['data.seq_length']}, {c['precision.type']}):"
+    )
+    for k, v in est.items():
+        print(f"  {k:<34} {v / 2**30:8.2f} GiB")
+    plain, checkpointed_gib = totals_gib(est)
+    print(
+        f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n"
+        f"  {'total with checkpointing':<34} {checkpointed_gib:8.2f} GiB"
+    )
+    print(f"  device memory                      {limit:8.2f} GiB ({source})")
+    print_plan(c, arch, supervised_per_row, trainium, limit)
+    warn_chip_span(tp, trainium)
+    for item in skipped:
+        print(f"skipped: {item}")
+    need = checkpointed_gib if c["model.activations_checkpoint"] else plain
+    if need > limit:
+        hint = (
+            " ; model.activations_checkpoint=true would bring it to {:.2f} GiB".format(checkpointed_gib)
+            if not c["model.activations_checkpoint"] and checkpointed_gib <= limit
+            else "; raise distributed_strategy.tensor_model_parallel_size or lower data.micro_batch_size / seq_length"
+        )
+        raise StageError(
+            f"this configuration needs about {need:.2f} GiB per rank, the device has {limit:.2f} GiB{hint}"
+        )
+    if need * (1 + ESTIMATE_ERROR) > limit:
+        print(
+            f"warning: {need:.2f} GiB is within the estimate's {ESTIMATE_ERROR:.0%} error of the device's "
+            f"{limit:.2f} GiB"
+            + (
+                "; model.activations_checkpoint=true would need {:.2f} GiB".format(checkpointed_gib)
+                if not c["model.activations_checkpoint"]
+                else ""
+            ),
+            file=sys.stderr,
+        )
+    print(
+        f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
+        f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained"
+    )
+    print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
+
+
+def totals_gib(est):
+    """(GiB without activation checkpointing, GiB with it) of a memory_estimate."""
+    fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["runtime reserve"]
+    return (fixed + est["activations"]) / 2**30, (fixed + est["activations, checkpointed"]) / 2**30
+
+
+def print_plan(c, arch, supervised_per_row, trainium, limit):
+    """Memory per rank over every tensor-parallel size the model's heads allow (KV heads copied where TP exceeds
+    them), without and with activation checkpointing, marked by whether it fits the device (with the estimate's
+    error) - the choice of TP before anything is converted."""
+    print(
+        f"plan: memory per rank over tensor-parallel sizes (GiB; fits: under {limit:.2f} with the estimate's "
+        f"{ESTIMATE_ERROR:.0%} error, tight: within it, no: over)"
+    )
+    print("    TP  kv_replicator  without checkpointing  with checkpointing")
+    mark = lambda gib: "fits" if gib * (1 + ESTIMATE_ERROR) <= limit else "tight" if gib <= limit else "no"  # noqa: E731
+    for tp in range(1, arch.heads + 1):
+        kv = max(1, tp // arch.kv_heads)
+        planned = dict(
+            c, **{"distributed_strategy.tensor_model_parallel_size": tp, "distributed_strategy.kv_replicator": kv}
+        )
+        if arch.heads % tp or tp & (tp - 1):
+            continue
+        try:
+            layout_of(planned, arch).check().check_trainable()
+        except StageError:
+            continue
+        plain, checkpointed = totals_gib(memory_estimate(arch, planned, tp, supervised_per_row, trainium is not None))
+        this = "   <- this config" if tp == c["distributed_strategy.tensor_model_parallel_size"] else ""
+        print(f"  {tp:4d}  {kv:13d}  {plain:9.2f} {mark(plain):<11}  {checkpointed:8.2f} {mark(checkpointed):<5}{this}")
+
+
+def warn_chip_span(tp, trainium):
+    """On trn2/trn3 a tensor-parallel group should stay within one chip: its all-reduces run every layer."""
+    if trainium not in ("trn2", "trn3"):
+        return
+    per_chip = 8 // logical_cores_per_core(trainium)  # 8 physical NeuronCores per chip
+    if tp > per_chip:
+        print(
+            f"warning: TP {tp} spans {-(-tp // per_chip)} {trainium} chips ({per_chip} logical cores per chip at "
+            f"LNC {logical_cores_per_core(trainium)}): its all-reduces, several per layer, leave the chip; keep "
+            f"TP <= {per_chip} where the model fits",
+            file=sys.stderr,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+def window_flops(windows, arch):
+    """Model FLOPs of training on each window, LoRA convention: 4 x weights per token (forward + input-gradient
+    backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output
+    layer only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV,
+    forward and backward) over the keys each token really attends to: its own document so far. Padding is
+    not counted."""
+    h, hd, heads, kv = arch.hidden, arch.head_dim, arch.heads, arch.kv_heads
+    body = arch.layers * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * arch.inter)
+    return (
+        4.0 * body * windows.n_tokens
+        + 4.0 * h * arch.vocab * windows.supervised
+        + 3.0 * 4 * arch.layers * heads * hd * windows.keys
+    )
+
+
+# ------------------------------------------------------------------------------------------------ layout
+# The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated identically in stages 03 and
+# 05 (tests/test_parallel.py keeps the two copies the same): 03 writes each rank's shard by this layout, 05 builds
+# each rank's model from it and reassembles the adapter with it, so no index ever travels between ranks.
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A Llama-family architecture, from an HF config.json (arch_of)."""
+
+    vocab: int
+    hidden: int
+    inter: int  # the MLP's intermediate size
+    layers: int
+    heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+    eps: float = 1e-6  # RMSNorm
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1's "llama3" frequency scaling
+    tie: bool = False  # output layer tied to the embedding
+    sliding_window: int | None = None  # Mistral only
+
+
+def arch_of(raw):
+    """The Arch of an HF config.json (as a dict; old and new rope key styles). KeyError names a missing key."""
+    heads = raw["num_attention_heads"]
+    rope = dict(raw.get("rope_parameters") or {})
+    return Arch(
+        vocab=raw["vocab_size"],
+        hidden=raw["hidden_size"],
+        inter=raw["intermediate_size"],
+        layers=raw["num_hidden_layers"],
+        heads=heads,
+        kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=raw.get("rope_theta") or rope.get("rope_theta", 10000.0),
+        rope_scaling=raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
+        tie=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=raw.get("sliding_window") if raw.get("model_type") == "mistral" else None,
+    )
+
+
+class Layout:
+    """Which heads, and so which rows of every weight, each tensor-parallel rank holds, as NxD's converter lays a
+    checkpoint out (--qkv_linear, --hw_backend). Column-parallel weights (embedding, q/k/v, gate/up, output layer)
+    are split by rows, row-parallel ones (o_proj, down_proj) by input columns, norms replicated. KV heads are
+    copied kv_mult times (kv_replicator), then split: on trn1 tiled (K0..K7, K0..K7, ...), rank r holding the Q
+    head group (r % kv) * (tp / kv) + r // kv, which belongs to its KV head r % kv; on trn2 each head's copies on
+    adjacent ranks (K0, K0, ..., K1, K1, ...), with Q heads in order."""
+
+    def __init__(self, arch, tp=1, kv_mult=1, hw_backend="trn1"):
+        self.arch, self.tp, self.kv_mult, self.hw_backend = arch, tp, kv_mult, hw_backend
+
+    def heads(self, r):
+        """(Q heads, KV heads) of tensor-parallel rank r."""
+        heads, kv, tp, m = self.arch.heads, self.arch.kv_heads, self.tp, self.kv_mult
+        per_q, per_kv = heads // tp, kv * m // tp
+        group = (r % kv) * (tp // kv) + r // kv if self.hw_backend == "trn1" and m > 1 else r
+        copies = range(r * per_kv, (r + 1) * per_kv)  # positions in the list of KV heads with their copies
+        kv_heads = [t // m if self.hw_backend == "trn2" else t % kv for t in copies]
+        return list(range(group * per_q, (group + 1) * per_q)), kv_heads
+
+    def part(self, n, r):
+        """(first, end) of rank r's share of n rows split evenly."""
+        return r * n // self.tp, (r + 1) * n // self.tp
+
+    def check(self):
+        """The layout exists: TP divides every split dimension, and on trn1 with copies the copies fill TP."""
+        arch, tp, m = self.arch, self.tp, self.kv_mult
+        checks = [
+            ("num_attention_heads", arch.heads),
+            ("num_key_value_heads x kv_replicator", arch.kv_heads * m),
+            ("intermediate_size", arch.inter),
+            ("vocab_size", arch.vocab),
+        ]
+        bad = [f"{what} ({n})" for what, n in checks if n % tp]
+        if bad:
+            raise StageError(f"distributed_strategy.tensor_model_parallel_size {tp} does not divide {', '.join(bad)}")
+        if m > 1 and self.hw_backend == "trn1" and arch.kv_heads * m != tp:
+            raise StageError(
+                f"with kv_replicator > 1, num_key_value_heads x kv_replicator ({arch.kv_heads * m}) must equal "
+                f"tensor_model_parallel_size ({tp}) on trn1"
+            )
+        return self
+
+    def check_trainable(self):
+        """What grouped-query attention needs beyond check(): at least as many Q heads as KV heads on every rank.
+        (Then each local Q head's KV head is local, on trn1 and trn2: tests/test_parallel.py checks it over a grid
+        of models and layouts.)"""
+        q, kv = self.heads(0)
+        if len(q) % len(kv):
+            raise StageError(
+                f"with tensor_model_parallel_size {self.tp} and kv_replicator {self.kv_mult}, each rank would hold "
+                f"{len(q)} Q heads and {len(kv)} KV heads; each KV head needs its own Q heads (lower kv_replicator "
+                f"to at most num_attention_heads / num_key_value_heads)"
+            )
+        return self
+
+    def kv_groups(self):
+        """Tensor-parallel ranks grouped by the KV heads they hold (copies of a head sit in one group)."""
+        groups = {}
+        for r in range(self.tp):
+            groups.setdefault(tuple(self.heads(r)[1]), []).append(r)
+        return list(groups.values())
+
+
+# ------------------------------------------------------------------------------------------------ records
+# The record reader, repeated identically in stages 01 and 05 (tests/test_data_formats.py keeps the two copies
+# the same), so that 05 reads and judges every file exactly as 01 does. It reads the file kinds below and
+# recognises each record's format by its fields, converting it to one of two normalized forms:
+#   single-turn   {"input": prompt, "output": response, ...}
+#   conversation  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], ...}
+# Fields that no format uses (ids, categories, ...) are kept as they are; a field that some other format uses is
+# an error, never dropped.
+RECORD_FORMATS = {  # name: (required fields, optional fields)
+    "input_output": ({"input", "output"}, set()),  # the tutorial's
+    "dolly": ({"instruction", "response"}, {"context"}),  # databricks-dolly: input = instruction + blank line + context
+    "alpaca": ({"instruction", "output"}, {"input"}),  # input = instruction + blank line + input (as dolly's context)
+    "prompt_completion": ({"prompt", "completion"}, set()),  # TRL: strings, or lists of messages (conversational)
+    "messages": ({"messages"}, set()),  # OpenAI / HF chat: [{role, content}]
+    "sharegpt": ({"conversations"}, set()),  # [{from: system | human | gpt, value}]
+}
+CONTENT_FIELDS = set().union(*(required | optional for required, optional in RECORD_FORMATS.values()))
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class BadRecord(Exception):
+    """A record that cannot be trained on: `kind` is a short category (counted in 01's manifest), `reason` the
+    whole explanation."""
+
+    def __init__(self, kind, reason):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def data_rows(path):
+    """(where, item) for every record of a data file or dataset, in order: `where` is a line number (JSON lines) or
+    'record N' / 'row N'; `item` is the raw line (bytes, parsed by parse_row) or the record itself. Reads JSON lines
+    (UTF-8, a BOM and CRLF tolerated, gzip-compressed when the file is), a file holding one JSON array, parquet,
+    arrow, a `datasets` save_to_disk directory, and hf://datasets/<owner>/<name>[:split] (default split: train)."""
+    text = str(path)
+    if text.startswith("hf://datasets/"):
+        yield from table_rows(hf_dataset(text))
+        return
+    path = Path(path)
+    if path.is_dir():
+        yield from table_rows(saved_dataset(path))
+    elif not path.is_file():
+        raise StageError(f"data file {path} not found")
+    elif path.suffix == ".parquet":
+        yield from parquet_rows(path)
+    elif path.suffix == ".arrow":
+        yield from table_rows(arrow_dataset(path))
+    else:
+        yield from json_rows(path)
+
+
+def json_rows(path):
+    """JSON lines, or one JSON array (read whole: use JSON lines for big sets); gzip when the file starts so. A
+    .jsonl (.ndjson) file is always lines; another holding an array from its first character is an array."""
+    import gzip
+
+    with open(path, "rb") as probe:
+        zipped = probe.read(2) == b"\x1f\x8b"
+    opener = gzip.open if zipped else open
+    lines_only = path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        if head.startswith(b"[") and not lines_only:
+            with opener(path, "rb") as f:
+                try:
+                    rows = json.loads(f.read().decode("utf-8-sig"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+                    raise StageError(f"{path}{where}: not a valid JSON array file ({e})") from None
+            yield from ((f"record {i}", row) for i, row in enumerate(rows, start=1))
+            return
+        with opener(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if lineno == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")
+                if line.strip():
+                    yield lineno, line
+    except (OSError, EOFError) as e:
+        raise StageError(f"{path}: cannot be read ({e})") from None
+
+
+def parquet_rows(path):
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=2048)
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as parquet ({type(e).__name__}: {first_line(e)})") from None
+    row = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            row += 1
+            yield f"row {row}", record
+
+
+def arrow_dataset(path):
+    import datasets
+
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except Exception as e:
+        raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: {first_line(e)})") from None
+
+
+def saved_dataset(path):
+    """A `datasets` save_to_disk directory (a DatasetDict must hold a 'train' split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise StageError(
+            f"{path}: a directory, but not one that datasets' save_to_disk wrote ({type(e).__name__}: {first_line(e)})"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise StageError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); save one split")
+        ds = ds["train"]
+    return ds
+
+
+def hf_dataset(uri):
+    """hf://datasets/<owner>/<name>[:split] through `datasets` (its own cache and HF token handling)."""
+    import datasets
+
+    repo, _, split = uri[len("hf://datasets/") :].partition(":")
+    try:
+        return datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:
+        raise StageError(f"{uri}: cannot be loaded with datasets ({type(e).__name__}: {first_line(e)})") from None
+
+
+def table_rows(ds):
+    row = 0
+    for batch in ds.iter(batch_size=2048):
+        for values in zip(*batch.values()):
+            row += 1
+            yield f"row {row}", dict(zip(batch, values))
+
+
+def data_sha256(path):
+    """What identifies a data source's content: the sha256 of a file, or of a directory's files (names and
+    contents, in order), or for hf://datasets/... the fingerprint `datasets` gives the cached dataset."""
+    if str(path).startswith("hf://datasets/"):
+        return hf_dataset(str(path))._fingerprint
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
+def first_line(e):
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+def parse_row(item):
+    """The record of one item of data_rows: a JSON line decoded and parsed, or the record itself."""
+    if isinstance(item, bytes):
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord(
+                "not UTF-8", f"not UTF-8 text (byte 0x{item[e.start]:02x} at byte {e.start + 1} of the line)"
+            ) from None
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRecord("not valid JSON", f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(item, dict):
+        raise BadRecord("not an object", f"expected a JSON object, got {type(item).__name__}")
+    return item
+
+
+def rename_pairs(entries):
+    """data.rename_fields ["from=to", ...] as (from, to) pairs."""
+    pairs = [tuple(e.split("=")) for e in entries]
+    bad = [e for e, p in zip(entries, pairs) if len(p) != 2 or not all(p)]
+    if bad:
+        raise StageError(f"config: 'data.rename_fields' entries must be 'from=to', got {bad[0]!r}")
+    return pairs
+
+
+def normalize(row, fmt="auto", renames=()):
+    """(normalized record, format name) of one record: its format recognised by its content fields (or `fmt`),
+    converted as the comments of RECORD_FORMATS say; BadRecord when it fits no format or would train nothing.
+    `renames` are (from, to) field names applied first (data.rename_fields)."""
+    row = {k: v for k, v in row.items() if v is not None}  # columnar files hold null for a field a record lacks
+    for old, new in renames:
+        if old in row:
+            if new in row:
+                raise BadRecord("field clash", f"field '{old}' would be renamed to '{new}', which is there too")
+            row[new] = row.pop(old)
+    present = CONTENT_FIELDS & set(row)
+    matches = [
+        name for name, (req, opt) in RECORD_FORMATS.items() if fmt in ("auto", name) and req <= present <= req | opt
+    ]
+    if not matches:  # the field sets are disjoint, so at most one format matches
+        raise BadRecord("no format", format_mismatch(row, present, fmt))
+    name, rest = matches[0], {k: v for k, v in row.items() if k not in CONTENT_FIELDS}
+    if name == "prompt_completion" and isinstance(row["prompt"], list):
+        return {"messages": conversational_prompt_completion(row["prompt"], row["completion"]), **rest}, name
+    if name in ("messages", "sharegpt"):
+        turns = row[name if name == "messages" else "conversations"]
+        return {"messages": check_conversation(turns if name == "messages" else from_sharegpt(turns)), **rest}, name
+    fields = {k: row[k] for k in present}
+    for key, value in fields.items():
+        if not isinstance(value, str):
+            raise BadRecord("not a string", f"field '{key}' must be a string, got {type(value).__name__}")
+    if name == "input_output":
+        prompt, output = fields["input"], fields["output"]
+    elif name == "prompt_completion":
+        prompt, output = fields["prompt"], fields["completion"]
+    else:  # dolly and alpaca: the instruction, then its context / input after a blank line when there is one
+        extra = fields.get("context" if name == "dolly" else "input", "").strip()
+        prompt = fields["instruction"] + (f"\n\n{extra}" if extra else "")
+        output = fields["response" if name == "dolly" else "output"]
+    if not prompt.strip():
+        raise BadRecord("empty prompt", f"empty prompt ({name} record): nothing to answer")
+    if not output.strip():
+        raise BadRecord("empty output", f"empty output ({name} record): nothing to train on")
+    return {"input": prompt, "output": output, **rest}, name
+
+
+def format_mismatch(row, present, fmt):
+    """Why no format takes these fields: the nearest format's missing or unused field, the fields found, and the
+    formats known."""
+    known = "; ".join(
+        f"{name} ({', '.join(sorted(req) + [f'[{o}]' for o in sorted(opt)])})"
+        for name, (req, opt) in RECORD_FORMATS.items()
+    )
+    tried = [
+        (len(req - present) + len(present - req - opt), name, req - present, present - req - opt)
+        for name, (req, opt) in RECORD_FORMATS.items()
+        if fmt in ("auto", name)
+    ]
+    _, name, missing, unused = min(tried, key=lambda t: t[0])
+    why = (
+        f"missing field '{sorted(missing)[0]}'"
+        if missing and not unused
+        else f"field '{sorted(unused)[0]}' is not used by the {name} format"
+        if unused and not missing
+        else "its fields fit no record format"
+    )
+    return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"
+
+
+def from_sharegpt(turns):
+    if not isinstance(turns, list):
+        raise BadRecord("bad conversation", f"'conversations' must be a list of turns, got {type(turns).__name__}")
+    out = []
+    for i, turn in enumerate(turns, start=1):
+        turn = {k: v for k, v in turn.items() if v is not None} if isinstance(turn, dict) else turn
+        if not isinstance(turn, dict) or set(turn) != {"from", "value"}:
+            found = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+            raise BadRecord("bad conversation", f"turn {i} must have exactly 'from' and 'value', got {found}")
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise BadRecord(
+                "bad conversation", f"turn {i}: unknown 'from' {turn['from']!r} (known: {sorted(SHAREGPT_ROLES)})"
+            )
+        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return out
+
+
+def conversational_prompt_completion(prompt, completion):
+    """TRL's conversational prompt/completion as one conversation in which only the completion's assistant turns
+    train, as TRL trains them: an assistant turn of the prompt is marked "train": false."""
+    if not isinstance(completion, list):
+        raise BadRecord("bad conversation", "'prompt' is a list of messages, so 'completion' must be one too")
+    context = [dict(m, train=False) if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
+    return check_conversation(context + completion)
+
+
+def check_conversation(messages):
+    """The messages of a conversation, checked: role and content (and, on an assistant turn, an optional boolean
+    "train"), a system turn first if any, a user turn before the first assistant turn, no empty turn, and an
+    assistant turn last that trains."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("bad conversation", "a conversation must be a non-empty list of messages")
+    # columnar files hold null for a key that some messages lack
+    messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or not {"role", "content"} <= set(m) <= {"role", "content", "train"}:
+            found = sorted(m) if isinstance(m, dict) else type(m).__name__
+            raise BadRecord(
+                "bad conversation", f"message {i} must have 'role' and 'content' (and optionally 'train'), got {found}"
+            )
+        if m["role"] not in ("system", "user", "assistant"):
+            raise BadRecord("bad conversation", f"message {i}: unknown role {m['role']!r} (system, user, assistant)")
+        if not isinstance(m["content"], str):
+            raise BadRecord(
+                "bad conversation", f"message {i}: content must be a string, got {type(m['content']).__name__}"
+            )
+        if not m["content"].strip():
+            raise BadRecord("empty turn", f"message {i} ({m['role']}) is empty")
+        if m["role"] == "system" and i != 1:
+            raise BadRecord("bad conversation", f"message {i}: a system message may only come first")
+        if "train" in m and (m["role"] != "assistant" or not isinstance(m["train"], bool)):
+            raise BadRecord("bad conversation", f"message {i}: 'train' must be true or false, on an assistant turn")
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise BadRecord("no assistant turn", "a conversation without an assistant turn has nothing to train on")
+    if roles[-1] != "assistant":
+        raise BadRecord("ends on a user turn", f"the conversation ends on a {roles[-1]} turn, after its last answer")
+    first = next(r for r in roles if r != "system")
+    if first != "user":
+        raise BadRecord("bad conversation", "the first turn after the system message must be the user's")
+    if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
+        raise BadRecord("no assistant turn", 'every assistant turn has "train": false: nothing to train on')
+    return [dict(m) for m in messages]
+
+
 # ------------------------------------------------------------------------------------------------ shared
-# These helpers are repeated, identical, at the top of every stage so that each stage can be copied alone
+# These helpers are repeated, identical, at the end of every stage so that each stage can be copied alone
 # (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
 # name) is defined by each stage in its settings section.
-
-
 class StageError(Exception):
     """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
 
@@ -236,8 +4005,9 @@ def within(x, bounds):
         op, limit = bounds.split()
         return x >= float(limit) if op == ">=" else x > float(limit)
     lo, hi = bounds.removeprefix("in ").split(", ")
-    return ((x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:]))
-            and (x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])))
+    return (x >= float(lo[1:]) if lo[0] == "[" else x > float(lo[1:])) and (
+        x <= float(hi[:-1]) if hi[-1] == "]" else x < float(hi[:-1])
+    )
 
 
 def redacted(c):
@@ -256,8 +4026,12 @@ def show_settings(c, paths, overrides, schema):
     changed = {k: v for k, v in redacted(c).items() if k not in base or base[k] != v}
     given = " + ".join(str(p) for p in paths) + (f" + {len(overrides)} override(s)" if overrides else "")
     print(f"settings: {given}" + (f"; differing from {paths[0]}:" if changed else f" (as {paths[0]})"))
-    shown = lambda v: (f"[{', '.join(map(shown, v))}]" if isinstance(v, list)  # noqa: E731  (as YAML reads it)
-                       else v if isinstance(v, str) else json.dumps(v))
+
+    def shown(v):  # as YAML reads it
+        if isinstance(v, list):
+            return f"[{', '.join(map(shown, v))}]"
+        return v if isinstance(v, str) else json.dumps(v)
+
     sections = {}
     for key, value in changed.items():
         section, _, rest = key.partition(".")
@@ -282,8 +4056,9 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    write_atomically(path, f"# written by {STAGE}: the resolved config of this output\n"
-                           + yaml.safe_dump(nested, sort_keys=False))
+    write_atomically(
+        path, f"# written by {STAGE}: the resolved config of this output\n" + yaml.safe_dump(nested, sort_keys=False)
+    )
 
 
 def written_by_this_stage(config_path):
@@ -311,10 +4086,12 @@ class ArgumentParser(argparse.ArgumentParser):
 def config_arg_parser(doc):
     """--config (repeatable, later files overlay earlier ones) and key=value overrides; --help shows `doc`."""
     ap = ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", action="append", metavar="PATH",
-                    help="YAML config; repeat to overlay (default: config.yaml)")
-    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after "
-                    "the options)")
+    ap.add_argument(
+        "--config", action="append", metavar="PATH", help="YAML config; repeat to overlay (default: config.yaml)"
+    )
+    ap.add_argument(
+        "overrides", nargs="*", metavar="dotted.key=value", help="config overrides (before or after the options)"
+    )
     return ap
 
 
@@ -332,8 +4109,10 @@ def check_writable(path, key):
 
 def refuse_foreign(path, key, reason):
     """An output path holds something this stage did not write: it is never replaced, so the stage stops."""
-    raise StageError(f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
-                     f"it away or choose another path")
+    raise StageError(
+        f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
+        f"it away or choose another path"
+    )
 
 
 def file_sha256(path):
@@ -420,3238 +4199,13 @@ def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
         save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    write_atomically(out_dir / "model.safetensors.index.json",
-                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    write_atomically(
+        out_dir / "model.safetensors.index.json",
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n",
+    )
 
 
-# ------------------------------------------------------------------------------------------------ settings
-STAGE = "05_train.py"
-# The config keys this stage reads, their types and valid ranges (validated before anything loads, in every mode).
-SCHEMA = {
-    "name": "str",
-    "seed": "int in [0, 4294967295]",
-    "trainer.accelerator": "auto|neuron|cuda|xla|cpu",
-    "trainer.max_steps": "int >= 0",
-    "trainer.log_every_n_steps": "int >= 1",
-    "trainer.val_check_interval": "int >= 1",
-    "trainer.gradient_clip_val": "float? > 0",
-    "trainer.nonfinite": "stop|skip",
-    "trainer.compile": "bool",
-    "trainer.peak_tflops": "float? > 0",
-    "trainer.device_memory_gib": "float? > 0",
-    "exp_manager.exp_dir": "path",
-    "exp_manager.explicit_log_dir": "path?",
-    "exp_manager.resume_from_checkpoint": "path",
-    "exp_manager.create_tensorboard_logger": "bool",
-    "exp_manager.resume_if_exists": "bool",
-    "exp_manager.checkpoint_callback_params.every_n_train_steps": "int >= 0",
-    "exp_manager.checkpoint_callback_params.save_top_k": "int >= 1",
-    "distributed_strategy.tensor_model_parallel_size": "int >= 1",
-    "distributed_strategy.pipeline_model_parallel_size": "int >= 1",
-    "distributed_strategy.kv_replicator": "int >= 1",
-    "distributed_strategy.hw_backend": "trn1|trn2",
-    "data.train_dir": "path",
-    "data.val_dir": "path?",
-    "data.dev_choose_samples": "int? >= 1",
-    "data.seq_length": "int >= 2",
-    "data.micro_batch_size": "int >= 1",
-    "data.global_batch_size": "int >= 1",
-    "data.format": "auto|input_output|dolly|alpaca|prompt_completion|messages|sharegpt",
-    "data.rename_fields": "list[str]",
-    "data.prompt_format": "raw|chat_template",
-    "data.truncation": "truncate|drop",
-    "data.cache_dir": "path?",
-    "data.tokenizer.type": "path",
-    "model.model_config": "path",
-    "model.hf_weights_dir": "path",
-    "model.fuse_qkv": "bool",
-    "model.weight_init_only": "bool",
-    "model.activations_checkpoint": "bool",
-    "model.activations_checkpoint_layers": "int? >= 0",
-    "model.attention": "auto|blocks|masked|causal",
-    "model.optim.lr": "float > 0",
-    "model.optim.weight_decay": "float >= 0",
-    "model.optim.betas": "list[float] in [0, 1)",
-    "model.optim.eps": "float > 0",
-    "model.optim.sched.name": "linear|cosine",
-    "model.optim.sched.warmup_steps": "int >= 0",
-    "model.optim.sched.max_steps": "int? >= 1",
-    "model.optim.sched.min_lr": "float >= 0",
-    "precision.type": "fp32|autocast",
-    "model_alignment_strategy.sft.packing": "bool",
-    "model_alignment_strategy.peft.lora_rank": "int >= 1",
-    "model_alignment_strategy.peft.lora_alpha": "float > 0",
-    "model_alignment_strategy.peft.lora_dropout": "float in [0, 1)",
-    "model_alignment_strategy.peft.lora_bias": "none|all|lora_only",
-    "model_alignment_strategy.peft.lora_verbose": "bool",
-    "model_alignment_strategy.peft.target_modules": "list[str]",
-    "evaluation.generate.num_prompts": "int >= 0",
-    "evaluation.generate.max_new_tokens": "int >= 1",
-    "evaluation.generate.batch_size": "int >= 1",
-    "evaluation.generate.show": "int >= 0",
-    "xla.cache_dir": "path?",
-    "xla.neuron.compiler_flags": "str",
-    "xla.neuron.compiler_cache_url": "str",
-    "xla.neuron.fuse_softmax": "bool",
-    "xla.neuron.async_exec_max_inflight_requests": "int >= 1",
-    "xla.neuron.rt_exec_timeout": "int >= 1",
-    "xla.neuron.experimental_compress_rg": "bool",
-}
-# Keys that may change when a run resumes: when and how it logs, evaluates, checkpoints, stops and reports, where
-# it finds its files, and activation checkpointing (memory only: recomputing a layer replays its dropout masks).
-# Every other key defines what is trained, and a resumed run refuses a change to it.
-RESUMABLE = {
-    "name", "model.activations_checkpoint", "model.activations_checkpoint_layers", "trainer.max_steps", "trainer.log_every_n_steps", "trainer.val_check_interval", "trainer.nonfinite",
-    "trainer.peak_tflops", "trainer.device_memory_gib", "exp_manager.exp_dir", "exp_manager.explicit_log_dir",
-    "exp_manager.create_tensorboard_logger", "exp_manager.resume_if_exists",
-    "exp_manager.checkpoint_callback_params.every_n_train_steps", "exp_manager.checkpoint_callback_params.save_top_k",
-    "data.cache_dir", "model_alignment_strategy.peft.lora_verbose", "evaluation.generate.num_prompts",
-    "evaluation.generate.max_new_tokens", "evaluation.generate.batch_size", "evaluation.generate.show",
-    "xla.cache_dir", "xla.neuron.compiler_cache_url", "xla.neuron.async_exec_max_inflight_requests",
-    "xla.neuron.rt_exec_timeout",
-}
-LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-
-
-def check_settings(c, launched=True):
-    """Cross-key checks that types and ranges alone cannot express, before anything heavy is loaded. `launched`:
-    also check the settings against this launch's process count (not for --dry-run, which plans one)."""
-    problems = []
-    if len(c["model.optim.betas"]) != 2:
-        problems.append(f"'model.optim.betas' must be two numbers, got {c['model.optim.betas']}")
-    if c["model.optim.sched.min_lr"] > c["model.optim.lr"]:
-        problems.append(f"'model.optim.sched.min_lr' ({c['model.optim.sched.min_lr']}) must be <= 'model.optim.lr' "
-                        f"({c['model.optim.lr']})")
-    if not c["model.weight_init_only"]:
-        problems.append("'model.weight_init_only: false' (optimizer state from resume_from_checkpoint) is not "
-                        "supported: the converted checkpoint holds model weights only")
-    unknown = [t for t in c["model_alignment_strategy.peft.target_modules"] if t not in LORA_TARGETS]
-    if unknown or not c["model_alignment_strategy.peft.target_modules"]:
-        problems.append(f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
-                        f"choose among {list(LORA_TARGETS)}")
-    if c["model.attention"] == "causal" and c["model_alignment_strategy.sft.packing"]:
-        problems.append("'model.attention: causal' would let packed documents attend to each other; use it only "
-                        "with model_alignment_strategy.sft.packing=false (or use masked / auto)")
-    tp, pp = c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.pipeline_model_parallel_size"]
-    if pp != 1:
-        problems.append(f"'distributed_strategy.pipeline_model_parallel_size' is {pp}: 05 trains with tensor and data "
-                        f"parallelism only (a LoRA run of Llama 3 8B fits with TP alone); set it to 1 and convert "
-                        f"the checkpoint with PP 1")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched and world == 1 and tp > 1 and not neuron_devices_present():
-        problems.append(f"'distributed_strategy.tensor_model_parallel_size' is {tp}, the setting of config.yaml for "
-                        f"one trn1.32xlarge (torchrun --nproc_per_node {tp}), but this is one process on a host "
-                        f"without Trainium. To try the pipeline here: make demo, or add --config demo.yaml to each "
-                        f"stage's command; to train on one device: distributed_strategy.tensor_model_parallel_size=1 "
-                        f"distributed_strategy.kv_replicator=1, with the checkpoint converted by 03 for TP 1")
-    elif launched and world % tp:
-        problems.append(f"{world} processes cannot be split into tensor-parallel groups of "
-                        f"{tp} (distributed_strategy.tensor_model_parallel_size); launch a multiple of {tp}")
-    elif launched:
-        dp = world // tp
-        if c["data.global_batch_size"] % (c["data.micro_batch_size"] * dp):
-            problems.append(f"'data.global_batch_size' ({c['data.global_batch_size']}) must be a multiple of "
-                            f"'data.micro_batch_size' x data-parallel size ({c['data.micro_batch_size']} x {dp})")
-    if problems:
-        raise StageError("; ".join(problems))
-
-
-# ------------------------------------------------------------------------------------------------ device
-# Variables that matter only if set before a process starts, so they are exported by whoever launches it
-# (04_precompile.sh, or `eval "$(python 05_train.py ... --neuron-env)"` before torchrun): glibc reads
-# MALLOC_ARENA_MAX at start-up (the tutorial's launch sets 128 to bound host memory over 32 ranks).
-LAUNCH_ENV = {"MALLOC_ARENA_MAX": "128"}
-# Across nodes, Trainium's collectives go over EFA through libfabric, which reads these when the Neuron runtime starts
-# (Neuron's multi-node guide and NxDT's train_setup.sh set them; FI_EFA_FORK_SAFE for hosts that fork after EFA is up).
-EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
-
-
-def nodes():
-    """How many nodes the launch spans: NNODES (as 04 reads it), else SLURM's node count, else torchrun's world
-    over its local world."""
-    for key in ("NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-    return world // local if local else 1
-
-
-def efa_environment():
-    """The EFA variables for a launch over several nodes (a variable already set wins), else nothing."""
-    if nodes() <= 1:
-        return {}
-    for key, value in EFA_ENV.items():
-        os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in EFA_ENV}
-
-
-def neuron_environment(c):
-    """The Neuron compiler and runtime settings of the tutorial, as environment variables (set before torch-xla
-    starts; a variable already set by the user wins; the configured compiler flags are added to
-    NEURON_CC_FLAGS unless already there, so that 04's launch and the training launch compile with the same
-    flags and share the cache). Harmless on XLA devices other than Trainium. Returns what it set.
-
-    Deliberately absent: BUCKET_CAP_MB (the bucket size of DDP's gradient all-reduce; this loop reduces one
-    flat gradient itself, so it would do nothing)."""
-    n = "xla.neuron."
-    flags = c[n + "compiler_flags"]
-    if c["precision.type"] == "autocast":  # bf16 comes from autocast, so the compiler must not cast on its own
-        flags += " --enable-mixed-precision-accumulation --auto-cast none"
-    inherited = os.environ.get("NEURON_CC_FLAGS", "")
-    env = {
-        "NEURON_CC_FLAGS": inherited if flags in inherited else f"{inherited} {flags}".strip(),
-        "NEURON_COMPILE_CACHE_URL": os.path.expanduser(c[n + "compiler_cache_url"]),
-        "NEURON_FUSE_SOFTMAX": str(int(c[n + "fuse_softmax"])),
-        "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": str(c[n + "async_exec_max_inflight_requests"]),
-        "NEURON_RT_EXEC_TIMEOUT": str(c[n + "rt_exec_timeout"]),
-        "NEURON_EXPERIMENTAL_COMPRESS_RG": str(int(c[n + "experimental_compress_rg"])),
-        "XLA_USE_BF16": "0", "XLA_DOWNCAST_BF16": "0", "NEURON_RT_STOCHASTIC_ROUNDING_EN": "0",
-        **efa_environment(),
-    }
-    for key, value in env.items():
-        if key == "NEURON_CC_FLAGS" or key not in os.environ:
-            os.environ[key] = value
-    # Always 0, whatever is inherited (the tutorial's launch script sets 0 too): a 1 puts torch-xla on its legacy
-    # path without functionalization, where in-place updates through views are known to give wrong results.
-    if os.environ.get("XLA_DISABLE_FUNCTIONALIZATION", "0") != "0":
-        print("warning: XLA_DISABLE_FUNCTIONALIZATION=1 in the environment is overridden with 0", file=sys.stderr)
-    os.environ["XLA_DISABLE_FUNCTIONALIZATION"] = "0"
-    return {key: os.environ[key] for key in [*env, "XLA_DISABLE_FUNCTIONALIZATION"]}
-
-
-def print_launch_environment(c):
-    """--neuron-env: the Neuron variables of this config, and the start-up ones, as shell export lines."""
-    import shlex
-
-    env = neuron_environment(c)
-    env.update({k: os.environ.get(k, v) for k, v in LAUNCH_ENV.items()})
-    env.update(efa_environment())
-    for key, value in env.items():
-        print(f"export {key}={shlex.quote(value)}")
-
-
-# Where a Neuron host shows its devices (neuron0, neuron1, ...): such a host must never train on the CPU by
-# accident. A module constant so that tests can point the check elsewhere.
-NEURON_DEVICE_DIR = "/dev"
-
-
-def neuron_devices_present():
-    return any(Path(NEURON_DEVICE_DIR).glob("neuron[0-9]*"))
-
-
-def native_accelerator():
-    """The accelerator PyTorch itself reports (CUDA, TorchNeuron's `neuron`, XPU, ...), or None. TorchNeuron
-    registers its device when torch_neuronx is imported (the import fails on a host without Neuron devices).
-    Where torch-xla is installed, torch_neuronx is the trn1 XLA package, whose `neuron` device is not a
-    training backend: that host trains through XLA."""
-    import importlib.util
-
-    xla = importlib.util.find_spec("torch_xla") is not None
-    if importlib.util.find_spec("torch_neuronx") and not xla:
-        try:
-            import torch_neuronx  # noqa: F401  registers the `neuron` device
-        except Exception:
-            pass
-    if not torch.accelerator.is_available():
-        return None
-    native = torch.accelerator.current_accelerator()
-    return None if native.type == "neuron" and xla else native
-
-
-def pick_device(c):
-    """The device this process trains on. auto: the native accelerator PyTorch reports (CUDA, `neuron`, ...),
-    else XLA when torch-xla is importable, else the CPU, except on a host with Neuron devices but no usable
-    backend, which is refused. Under torchrun a CUDA process takes its LOCAL_RANK's GPU; TorchNeuron binds
-    a process to its cores from LOCAL_RANK itself, so `neuron` is given without an index; XLA assigns its
-    own device. Creates no tensor (the process group must come first on Neuron)."""
-    import importlib.util
-
-    choice, native = c["trainer.accelerator"], native_accelerator()
-    if choice == "auto":
-        if native is not None:
-            choice = native.type
-        elif importlib.util.find_spec("torch_xla"):
-            choice = "xla"
-        elif neuron_devices_present():
-            raise StageError(f"this host has Neuron devices ({NEURON_DEVICE_DIR}/neuron*) but no usable PyTorch "
-                             f"backend for them: install torch-neuronx (TorchNeuron, trn2/trn3: "
-                             f"requirements-trn2.txt) or torch-neuronx with torch-xla (trn1: "
-                             f"requirements-neuron.txt); set trainer.accelerator=cpu to train on the CPU anyway")
-        else:
-            choice = "cpu"
-    if choice == "xla":
-        if not importlib.util.find_spec("torch_xla"):
-            raise StageError("trainer.accelerator=xla but torch-xla is not installed (Trainium trn1: "
-                             "requirements-neuron.txt; XLA on CPU: make test-xla's environment)")
-        neuron_environment(c)
-        import torch_xla
-        import torch_xla.runtime as xr
-
-        if c["xla.cache_dir"] and os.environ.get("PJRT_DEVICE") != "NEURON":
-            xr.initialize_cache(c["xla.cache_dir"], readonly=False)  # Neuron caches in NEURON_COMPILE_CACHE_URL
-        return torch_xla.device()
-    if choice == "cpu":
-        return torch.device("cpu")
-    if native is None or native.type != choice:
-        need = {"neuron": "torch-neuronx 2.13 (TorchNeuron, trn2/trn3; requirements-trn2.txt) on a host with "
-                          "Neuron devices", "cuda": "a CUDA build of torch and a visible GPU"}.get(choice, choice)
-        raise StageError(f"trainer.accelerator={choice} but PyTorch has no usable {choice} device here; this needs "
-                         f"{need}")
-    if choice == "neuron":
-        efa_environment()  # before the process group starts the runtime
-        return torch.device("neuron")
-    return torch.device(choice, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def sync_device(device):
-    """End of a traced XLA graph (one per micro-batch and one per optimizer step); nothing elsewhere."""
-    if device.type == "xla":
-        import torch_xla
-
-        torch_xla.sync()
-
-
-def compiles_per_shape(device):
-    """Trainium, through XLA (trn1) or TorchNeuron (trn2/trn3): every new tensor shape compiles anew, so every
-    micro-batch keeps one shape; and NeuronCores have no float64."""
-    return device.type in ("xla", "neuron")
-
-
-def compile_layers(model, device):
-    """trainer.compile: each decoder layer through torch.compile, whole graphs (fullgraph), no dynamic shapes;
-    backend neuron on TorchNeuron, inductor elsewhere. Inductor draws dropout masks through torch's own
-    generator (fallback_random), so a compiled run draws what an eager one draws and resumes exactly."""
-    if device.type == "xla":
-        raise StageError("trainer.compile=true: on XLA the graphs are compiled by torch-xla already; set it false")
-    backend = "neuron" if device.type == "neuron" else "inductor"
-    if backend == "inductor":
-        import torch._inductor.config
-
-        torch._inductor.config.fallback_random = True
-    for layer in model.model.layers:
-        layer.compile(backend=backend, fullgraph=True, dynamic=False)
-
-
-def compile_counts(device, compiled):
-    """What has been compiled so far, for the metrics: torch-xla's graphs on XLA, torch.compile's graphs with
-    trainer.compile; a number that grows after the first steps is a recompilation."""
-    if device.type == "xla":
-        return xla_counts()
-    if compiled:
-        from torch._dynamo.utils import counters
-
-        return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}
-    return {}
-
-
-def extracting_graphs():
-    """True under neuron_parallel_compile's extraction run (NEURON_EXTRACT_GRAPHS_ONLY=1), where every device graph
-    returns zeros: no decision may then be taken from a device value, and nothing written is a real result."""
-    return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY") == "1"
-
-
-def seed_dropout(seed, par, device):
-    """Dropout masks: a different stream on each data-parallel replica, the same on the tensor-parallel ranks of
-    one replica (they must drop alike). Called once the process group exists. The host generator: the ranks of
-    replica 0 go on with the stream `seed` started (LoRA's initialisation drew from it, alike on every rank), the
-    others restart it at seed + dp_rank. The device's own generator is seeded explicitly on every rank with seed +
-    dp_rank: torch.manual_seed never reaches torch-xla's, and reaches TorchNeuron's only when its backend happened to
-    be loaded before it ran. (Both are saved and restored with the run checkpoints.)"""
-    if par.dp_rank:
-        torch.manual_seed(seed + par.dp_rank)
-    if device.type == "xla":
-        import torch_xla.core.xla_model as xm
-
-        xm.set_rng_state(seed + par.dp_rank, device)
-    elif device.type not in ("cpu", "meta"):  # cuda, neuron (torch.neuron mirrors torch.cuda), ...
-        torch.get_device_module(device).manual_seed(seed + par.dp_rank)
-
-
-def xla_counts():
-    """Graphs compiled, graph executions and device-to-host transfers so far in this process (on XLA): a
-    recompiling step, a step that runs more graphs than it should, or one that reads the device, shows."""
-    import torch_xla.debug.metrics as met
-
-    counts = {name: met.metric_data(metric) for name, metric in (("xla_compiles", "CompileTime"), (
-        "xla_executions", "ExecuteTime"), ("xla_reads", "TransferFromDeviceTime"))}
-    return {name: int(data[0]) if data else 0 for name, data in counts.items()}
-
-
-def xla_fallback_ops():
-    """Operations torch-xla ran on the CPU instead of the device (slow on Trainium), host reads left out."""
-    import torch_xla.debug.metrics as met
-
-    return sorted(op for op in met.executed_fallback_ops() if op != "aten::_local_scalar_dense")
-
-
-# ------------------------------------------------------------------------------------------------ parallel
-class Parallel:
-    """This process's place in the run and the collectives the model needs.
-
-    `layout` says which heads each tensor-parallel rank holds. Ranks form tensor-parallel groups of
-    consecutive ranks (as in Megatron and NxD); data-parallel groups join
-    the ranks with the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks that hold copies
-    of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed with the
-    device's default backend (gloo on CPU, nccl on CUDA, neuron on TorchNeuron) or, on XLA (trn1), torch-xla's
-    all-reduce and all-gather over replica groups, which is what NxD's parallel state uses. Host data (strings, barriers, stop requests) goes over a gloo group on the
-    CPU in every case. In a single process every collective is the identity."""
-
-    def __init__(self, layout, device, world=None, rank=None, connect=True):
-        self.layout, tp = layout, layout.tp
-        self.world = world or int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = rank if rank is not None else int(os.environ.get("RANK", "0")) if self.world > 1 else 0
-        self.tp, self.dp = tp, self.world // tp
-        self.tp_rank, self.dp_rank = self.rank % tp, self.rank // tp
-        self.xla, self.device = device.type == "xla", device
-        kv_groups = layout.kv_groups()
-        self.groups = {
-            "tp": [list(range(d * tp, (d + 1) * tp)) for d in range(self.dp)],
-            "dp": [list(range(t, self.world, tp)) for t in range(tp)],
-            "kv": [[d * tp + t for t in g] for d in range(self.dp) for g in kv_groups],
-            "world": [list(range(self.world))],
-        }
-        self.mine = {name: next(g for g in gs if self.rank in g) for name, gs in self.groups.items()}
-        self.handles, self.host = {}, None
-        if not connect:  # layout only (the dry run's per-rank checks)
-            return
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                if self.xla:
-                    import torch_xla.distributed.xla_backend  # noqa: F401  registers the "xla" backend
-
-                    dist.init_process_group("xla", init_method="xla://")
-                else:  # the device's default backend: gloo (CPU), nccl (CUDA), neuron (TorchNeuron), ...
-                    dist.init_process_group(dist.get_default_backend_for_device(device))
-            # Host data (the run directory, barriers, stop requests) travels over gloo on the CPU, never through
-            # device collectives: NxD does the same, and under neuron_parallel_compile every device graph
-            # returns zeros, so a device barrier would synchronise nothing and a payload would come back empty.
-            self.host = (dist.group.WORLD if dist.get_backend() == "gloo"
-                         else dist.new_group(list(range(self.world)), backend="gloo"))
-            if not self.xla:  # torch-xla takes replica groups per call instead
-                for name, gs in self.groups.items():  # every rank creates every group, in the same order
-                    for g in gs:
-                        handle = dist.new_group(g)
-                        if self.rank in g:
-                            self.handles[name] = handle
-
-    def size(self, name):
-        return len(self.mine[name])
-
-    def all_reduce(self, x, name, op="sum"):
-        """Sum (or max) of x over the group `name`; a new tensor, identical on every member. A 0-d tensor travels
-        as one element (TorchNeuron's collectives take 1-element tensors, as its examples use)."""
-        if self.size(name) == 1:
-            return x
-        if x.dim() == 0 and not self.xla:
-            return self.all_reduce(x.reshape(1), name, op).reshape(())
-        if self.xla:
-            import torch_xla.core.xla_model as xm
-
-            return xm.all_reduce(xm.REDUCE_SUM if op == "sum" else xm.REDUCE_MAX, x, groups=self.groups[name])
-        import torch.distributed as dist
-
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.handles[name])
-        return x
-
-    def all_gather(self, x, name):
-        """[x of each member of the group `name`], in group order (0-d tensors travel as one element)."""
-        if self.size(name) == 1:
-            return [x]
-        if x.dim() == 0 and not self.xla:
-            return [y.reshape(()) for y in self.all_gather(x.reshape(1), name)]
-        if self.xla:
-            import torch_xla.core.xla_model as xm
-
-            # pin_layout=False (as NxD): the pinned variant is built from an all-reduce over a buffer placed at
-            # this rank's ordinal, so its graph would differ from rank to rank.
-            return list(xm.all_gather(x.unsqueeze(0), dim=0, groups=self.groups[name], pin_layout=False).unbind(0))
-        import torch.distributed as dist
-
-        out = [torch.empty_like(x) for _ in self.mine[name]]
-        dist.all_gather(out, x.contiguous(), group=self.handles[name])
-        return out
-
-    def barrier(self, timeout_s=None):
-        """Every rank waits here for all the others (file writes before, reads after); `timeout_s` for a wait
-        that may outlast the group's timeout (a data preparation)."""
-        if self.world > 1:
-            import datetime
-            import torch.distributed as dist
-
-            if timeout_s:
-                dist.monitored_barrier(group=self.host, timeout=datetime.timedelta(seconds=timeout_s))
-            else:
-                dist.barrier(group=self.host)
-
-    def broadcast_text(self, text):
-        """Rank 0's string, on every rank."""
-        if self.world == 1:
-            return text
-        import torch.distributed as dist
-
-        box = [text]
-        dist.broadcast_object_list(box, src=0, group=self.host)
-        return box[0]
-
-    def gather_to_host(self, x, name):
-        """[members of the group `name`, *x.shape] on the CPU: one gather and one transfer to the host."""
-        return torch.stack(self.all_gather(x, name)).cpu()
-
-    def any_rank(self, flag):
-        """True on every rank when `flag` (a host value) is true on any rank."""
-        if self.world == 1:
-            return bool(flag)
-        import torch.distributed as dist
-
-        t = torch.tensor([int(bool(flag))])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host)
-        return bool(t.item())
-
-    def copy(self, x):
-        """Enter a tensor-parallel region: identity forward; the input gradient is summed over the TP group."""
-        return x if self.tp == 1 else _CopyToTP.apply(x, self)
-
-    def reduce(self, x):
-        """Leave a row-parallel region: partial results summed over the TP group; gradient passed through."""
-        return x if self.tp == 1 else _ReduceFromTP.apply(x, self)
-
-
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, par):
-        ctx.par = par
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.par.all_reduce(grad, "tp"), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, par):
-        return par.all_reduce(x, "tp")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy over logits split by vocabulary across the TP group, without gathering them:
-    the max, the softmax denominator and the target's logit are each reduced over the group. Targets of
-    -100 (and padding) give 0 and no gradient. `start` (a device tensor) is this rank's first vocabulary row."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, par, start):
-        rows = logits.shape[-1]
-        z = logits - par.all_reduce(logits.max(dim=-1).values, "tp", op="max")[:, None]
-        local = targets - start
-        here = (local >= 0) & (local < rows)
-        local = local.clamp(0, rows - 1)
-        picked = par.all_reduce(z.gather(1, local[:, None]).squeeze(1) * here, "tp")
-        exp = z.exp()
-        total = par.all_reduce(exp.sum(dim=-1), "tp")
-        valid = (targets != -100).to(logits.dtype)
-        ctx.save_for_backward(exp.div_(total[:, None]), local, here, valid)
-        return (total.log() - picked) * valid
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, local, here, valid = ctx.saved_tensors
-        g = softmax
-        g.scatter_add_(1, local[:, None], -here.to(g.dtype)[:, None])
-        return g * (grad * valid)[:, None], None, None, None
-
-
-class Layout:
-    """Which heads, and so which rows of every weight, each tensor-parallel rank holds: stage 03's Layout (as
-    NxD's converter lays a checkpoint out) for one model architecture, without pipeline stages. KV heads are
-    copied kv_mult times, then split: on trn1 tiled, with the Q head groups permuted so that rank r's Q heads
-    belong to its KV head; on trn2 each head's copies on adjacent ranks, with Q heads in order. The model is
-    laid out from it and the adapter reassembled with it, so no index ever travels between ranks."""
-
-    def __init__(self, arch, tp=1, kv_mult=1, hw_backend="trn1"):
-        self.arch, self.tp, self.kv_mult, self.hw_backend = arch, tp, kv_mult, hw_backend
-
-    def heads(self, r):
-        """(Q heads, KV heads) of tensor-parallel rank r."""
-        heads, kv, tp = self.arch["heads"], self.arch["kv_heads"], self.tp
-        per_q, per_kv = heads // tp, kv * self.kv_mult // tp
-        group = r
-        if self.hw_backend == "trn1" and self.kv_mult > 1:
-            group = (r % kv) * (tp // kv) + r // kv
-        copies = range(r * per_kv, (r + 1) * per_kv)  # positions in the list of KV heads with their copies
-        # trn2: each head's copies on adjacent ranks (K0, K0, ..., K1, K1, ...); trn1: tiled (K0..K7, K0..K7, ...)
-        kv_heads = [t // self.kv_mult if self.hw_backend == "trn2" else t % kv for t in copies]
-        return list(range(group * per_q, (group + 1) * per_q)), kv_heads
-
-    def rows(self, r):
-        """{projection: the rows (column-parallel) or input columns (row-parallel) of the full weight that
-        tensor-parallel rank r holds}."""
-        q_heads, kv_heads = self.heads(r)
-        hd, inter, vocab, tp = self.arch["head_dim"], self.arch["inter"], self.arch["vocab"], self.tp
-        q_full, kv_full = self.arch["heads"] * hd, self.arch["kv_heads"] * hd
-        cols = torch.arange(r * inter // tp, (r + 1) * inter // tp, device="cpu")
-        return {"qkv_proj": torch.cat([head_index(q_heads, hd), head_index(kv_heads, hd, q_full),
-                                       head_index(kv_heads, hd, q_full + kv_full)]),
-                "o_proj": head_index(q_heads, hd), "gate_up_proj": torch.cat([cols, inter + cols]),
-                "down_proj": cols, "lm_head": torch.arange(r * vocab // tp, (r + 1) * vocab // tp, device="cpu")}
-
-    def check(self):
-        """Stage 03's conditions for the layout, and what grouped-query attention needs beyond them: at least as
-        many Q heads as KV heads on every rank. (Then each local Q head's KV head is local, on trn1 and trn2:
-        tests/test_parallel.py checks it over a grid of models and layouts.)"""
-        arch, tp, m = self.arch, self.tp, self.kv_mult
-        checks = [("num_attention_heads", arch["heads"]), ("num_key_value_heads x kv_replicator", arch["kv_heads"] * m),
-                  ("intermediate_size", arch["inter"]), ("vocab_size", arch["vocab"])]
-        bad = [f"{what} ({n})" for what, n in checks if n % tp]
-        if bad:
-            raise StageError(f"distributed_strategy.tensor_model_parallel_size {tp} does not divide {', '.join(bad)}")
-        if m > 1 and self.hw_backend == "trn1" and arch["kv_heads"] * m != tp:
-            raise StageError(f"with kv_replicator > 1, num_key_value_heads x kv_replicator ({arch['kv_heads'] * m}) "
-                             f"must equal tensor_model_parallel_size ({tp}) on trn1")
-        q, kvh = self.heads(0)
-        if len(q) % len(kvh):
-            raise StageError(f"with tensor_model_parallel_size {tp} and kv_replicator {m}, each rank would hold "
-                             f"{len(q)} Q heads and {len(kvh)} KV heads; each KV head needs its own Q heads (lower "
-                             f"kv_replicator to at most num_attention_heads / num_key_value_heads)")
-        return self
-
-    def kv_groups(self):
-        """Tensor-parallel ranks grouped by the KV heads they hold (copies of a head sit in one group)."""
-        groups = {}
-        for r in range(self.tp):
-            groups.setdefault(tuple(self.heads(r)[1]), []).append(r)
-        return list(groups.values())
-
-
-def head_index(heads, hd, offset=0):
-    """The rows of the given heads (head_dim hd each) in a projection whose head rows start at offset."""
-    return torch.cat([torch.arange(offset + h * hd, offset + (h + 1) * hd, device="cpu") for h in heads])
-
-
-def layout_of(c, arch):
-    """The Layout that the config's distributed_strategy.* asks for."""
-    return Layout(arch, c["distributed_strategy.tensor_model_parallel_size"], c["distributed_strategy.kv_replicator"],
-                  c["distributed_strategy.hw_backend"])
-
-
-# ------------------------------------------------------------------------------------------------ model config
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-
-
-def read_model_config(path):
-    """The fields of an HF Llama config.json that the model needs (old and new rope key styles)."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise StageError(f"model.model_config: {path} not found (stage 02 writes it)") from None
-    except json.JSONDecodeError as e:
-        raise StageError(f"{path}: not valid JSON ({e})") from None
-    family = raw.get("model_type", "llama")
-    kind = (raw.get("architectures") or [FAMILIES.get(family, "?")])[0]
-    if FAMILIES.get(family) != kind:  # Mistral is a Llama (same tensors and computation) up to its sliding window
-        raise StageError(f"{path}: expected a LlamaForCausalLM or MistralForCausalLM config, got {kind} / {family}")
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key):
-            raise StageError(f"{path}: '{key}: true' is not supported (Llama 3 has no biases)")
-    try:
-        heads = raw["num_attention_heads"]
-        rope = dict(raw.get("rope_parameters") or {})
-        rope_scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        arch = dict(
-            vocab=raw["vocab_size"], hidden=raw["hidden_size"], inter=raw["intermediate_size"],
-            layers=raw["num_hidden_layers"], heads=heads, kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=raw.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling,
-            tie=bool(raw.get("tie_word_embeddings", False)),
-            sliding_window=raw.get("sliding_window") if family == "mistral" else None,
-        )
-    except KeyError as e:
-        raise StageError(f"{path}: missing key {e}") from None
-    if arch["rope_scaling"] is not None:
-        kind = arch["rope_scaling"].get("rope_type", arch["rope_scaling"].get("type"))
-        if kind != "llama3":
-            raise StageError(f"{path}: rope scaling type {kind!r} is not supported (only 'llama3')")
-    if arch["heads"] % arch["kv_heads"]:
-        raise StageError(f"{path}: num_attention_heads must be a multiple of num_key_value_heads")
-    return arch
-
-
-# ------------------------------------------------------------------------------------------------ model
-def rope_inv_freq(arch):
-    """RoPE inverse frequencies, with Llama-3.1 'llama3' frequency scaling when configured."""
-    d = arch["head_dim"]
-    inv = 1.0 / (arch["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    s = arch["rope_scaling"]
-    if s is None:
-        return inv
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old / low, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-    return torch.where(medium, smoothed, scaled)
-
-
-def rotate(x, cos, sin):
-    """HF's rotate-half RoPE: the checkpoint's q/k rows keep HF order, so no permutation is needed."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps, dtype):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer with an optional LoRA branch.
-
-        y = x W^T + (alpha / r) * B(A(dropout(x)))        W: [out, in] frozen, A: [r, in], B: [out, r]
-
-    A starts kaiming-uniform (a = sqrt 5) and B at zero, so training starts from the base model exactly.
-    LoRA weights stay fp32 whatever the base dtype. For fused projections (qkv_proj, gate_up_proj) one A is
-    shared and B's rows are the concatenated q|k|v (or gate|up) blocks, which is the NxD semantics; exporting
-    it as separate PEFT adapters (A copied, B split by rows) is exact.
-
-    Tensor parallel (DESIGN §7): a column-parallel layer (split="out") holds the output rows `index` of the full
-    W; its A is replicated and B holds the same rows. A row-parallel layer (split="in") holds the input columns
-    `index`; its A holds those columns and B is replicated. `full` is the unsplit (out, in) shape.
-    """
-
-    def __init__(self, full, dtype, par=None, split=None, index=None):
-        super().__init__()
-        self.full, self.par, self.split = full, par, split
-        self.index = index if index is not None else torch.arange(full[0 if split != "in" else 1], device="cpu")
-        out_f, in_f = full
-        shape = (len(self.index), in_f) if split != "in" else (out_f, len(self.index))
-        self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-        self.lora_A = self.lora_B = None
-        self.kv_rows_from = None  # qkv_proj: rows from here on are K/V, copied on ranks sharing a KV head
-
-    def add_lora(self, rank, alpha, dropout):
-        # Drawn at full size on the CPU from the seeded CPU generator, then sliced: every device and every
-        # tensor-parallel layout starts from the same A as a single process.
-        a = nn.Linear(self.full[1], rank, bias=False, dtype=torch.float32, device="cpu")
-        b = nn.Linear(rank, self.full[0], bias=False, dtype=torch.float32, device="cpu")
-        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
-        nn.init.zeros_(b.weight)
-        with torch.no_grad():
-            if self.split == "in":
-                a.weight = nn.Parameter(a.weight[:, self.index].contiguous())
-            elif self.split == "out":
-                b.weight = nn.Parameter(b.weight[self.index].contiguous())
-        self.lora_A, self.lora_B = a.to(self.weight.device), b.to(self.weight.device)
-        self.p = dropout
-        # p as a float32 tensor, made once: what a Python float becomes in eager mode too, whereas torch-xla
-        # would compare with a Python float in float64, which NeuronCores do not have.
-        self.p_tensor = torch.full((), dropout, device=self.weight.device)
-        self.scaling = alpha / rank
-
-    def forward(self, x):
-        if self.split == "in":  # x holds this rank's input columns: partial products are summed over TP
-            y = self.par.reduce(F.linear(x, self.weight))
-            if self.lora_A is None:
-                return y
-            return lora_add(y, self.par.reduce(self.lora_A(self.dropout(x))), self.lora_B.weight, self.scaling)
-        y = F.linear(x if self.par is None else self.par.copy(x), self.weight)
-        if self.lora_A is None:
-            return y
-        # A sees the replicated input directly and its output enters the TP region, so the gradient of the
-        # replicated A is already the full one, identical on every rank.
-        a = self.lora_A(self.dropout(x))
-        return lora_add(y, a if self.par is None else self.par.copy(a), self.lora_B.weight, self.scaling)
-
-    def dropout(self, x):
-        """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
-        lower cost on CPU (bench/train_bench.py)."""
-        if not self.training or self.p == 0:
-            return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p_tensor
-        return x * keep * (1 / (1 - self.p))
-
-
-def lora_add(y, a, b, scaling):
-    """y + scaling * a B^T as one GEMM that accumulates into y (addmm): no separate scale and sum passes.
-    torch-xla runs addmm with alpha != 1 on the CPU (a fallback that copies the operands to the host), so on
-    XLA the scale goes on the small [tokens, r] factor instead."""
-    y2, a2 = y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1])
-    if y.device.type == "xla":
-        return torch.addmm(y2, a2 * scaling, b.t()).view(y.shape)
-    return torch.addmm(y2, a2, b.t(), alpha=scaling).view(y.shape)
-
-
-class Attention(nn.Module):
-    def __init__(self, arch, dtype, par, rows):
-        super().__init__()
-        hd, q_full, kv_full = arch["head_dim"], arch["heads"] * arch["head_dim"], arch["kv_heads"] * arch["head_dim"]
-        self.head_dim, self.heads = hd, len(rows["o_proj"]) // hd
-        self.kv_heads = (len(rows["qkv_proj"]) - len(rows["o_proj"])) // (2 * hd)
-        self.sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
-        self.qkv_proj = LoRALinear((q_full + 2 * kv_full, arch["hidden"]), dtype, par, "out", rows["qkv_proj"])
-        self.o_proj = LoRALinear((arch["hidden"], q_full), dtype, par, "in", rows["o_proj"])
-        self.qkv_proj.kv_rows_from = self.sizes[0]
-
-    def forward(self, x, cos, sin, mask, cache=None, spans=None):
-        b, s, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = rotate(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = rotate(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        gqa = self.heads != self.kv_heads
-        if spans is None:  # no mask: plain causal attention (model.attention=causal, one document per row)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        else:  # each block of queries against only the keys its documents can reach
-            y = torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1],
-                                                          attn_mask=mask[:, :, q0:q1, k0:q1], enable_gqa=gqa)
-                           for q0, q1, k0 in spans], dim=2)
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, arch, dtype, par, rows):
-        super().__init__()
-        inter = arch["inter"]
-        self.gate_up_proj = LoRALinear((2 * inter, arch["hidden"]), dtype, par, "out", rows["gate_up_proj"])
-        self.down_proj = LoRALinear((arch["hidden"], inter), dtype, par, "in", rows["down_proj"])
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    def __init__(self, arch, dtype, par, rows):
-        super().__init__()
-        self.input_layernorm = RMSNorm(arch["hidden"], arch["eps"], dtype)
-        self.self_attn = Attention(arch, dtype, par, rows)
-        self.post_attention_layernorm = RMSNorm(arch["hidden"], arch["eps"], dtype)
-        self.mlp = MLP(arch, dtype, par, rows)
-
-    def forward(self, x, cos, sin, mask, cache=None, spans=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, spans)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class VocabEmbedding(nn.Module):
-    """Embedding whose rows are split by vocabulary over the TP group: each rank looks up the ids in its range
-    and the partial results are summed. Built from an uninitialised tensor: the checkpoint fills it, and no
-    random numbers are drawn, so the LoRA initialisation that follows sees the same generator everywhere."""
-
-    def __init__(self, arch, dtype, par):
-        super().__init__()
-        self.par, self.rows = par, arch["vocab"] // par.tp
-        # The first row as a one-element tensor, not a Python int: on XLA the graph then takes it as an input and
-        # every rank runs the same graph (an int, or a 0-d tensor holding 0, would be baked in as a constant).
-        self.register_buffer("start", torch.tensor([par.tp_rank * self.rows]), persistent=False)
-        self.weight = nn.Parameter(torch.empty(self.rows, arch["hidden"], dtype=dtype), requires_grad=False)
-
-    def forward(self, ids):
-        if self.par.tp == 1:
-            return F.embedding(ids, self.weight)
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.rows)
-        x = F.embedding(local.clamp(0, self.rows - 1), self.weight).masked_fill(outside[..., None], 0)
-        return self.par.reduce(x)
-
-
-class Decoder(nn.Module):
-    def __init__(self, arch, dtype, par, rows):
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(arch, dtype, par)
-        self.layers = nn.ModuleList(Block(arch, dtype, par, rows) for _ in range(arch["layers"]))
-        self.norm = RMSNorm(arch["hidden"], arch["eps"], dtype)
-
-
-class Llama(nn.Module):
-    """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused). With a
-    Parallel of TP > 1 it holds one tensor-parallel rank's shard: column-parallel qkv/gate_up, row-parallel
-    o/down, vocabulary-parallel embedding and output layer, its heads as the Parallel's layout says."""
-
-    def __init__(self, arch, dtype=torch.float32, par=None, recompute_layers=0):
-        super().__init__()
-        self.arch, self.par = arch, par or Parallel(Layout(arch), torch.device("cpu"), world=1)
-        self.recompute_layers = recompute_layers  # the first N layers recompute their activations in backward
-        self.attention, self.fixed_shapes = "masked", False  # set for training by attention_mode, compiles_per_shape
-        rows = self.par.layout.rows(self.par.tp_rank)
-        self.model = Decoder(arch, dtype, self.par, rows)
-        self.lm_head = (None if arch["tie"] else
-                        LoRALinear((arch["vocab"], arch["hidden"]), dtype, self.par, "out", rows["lm_head"]))
-        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
-
-    def output_weight(self):
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    def forward(self, input_ids, position_ids, mask, caches=None, spans=None):
-        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend), or None
-        for plain causal attention (model.attention=causal);
-        `spans` (optional, see attention_spans) limits each block of queries to the keys it can see."""
-        x = self.model.embed_tokens(input_ids)
-        freqs = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            if i < self.recompute_layers and self.training and torch.is_grad_enabled():
-                x = recomputed(layer, x, cos, sin, mask, spans)
-            elif caches is not None:  # generation: a new length every token, so never a compiled layer
-                x = layer.forward(x, cos, sin, mask, caches[i], spans)
-            else:
-                x = layer(x, cos, sin, mask, None, spans)
-        return self.model.norm(x)
-
-    def logits(self, hidden):
-        """This rank's vocabulary slice of the logits."""
-        return F.linear(self.par.copy(hidden), self.output_weight())
-
-    def full_logits(self, hidden):
-        """Logits over the whole vocabulary (gathered over the TP group): for generation."""
-        return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
-
-
-def recomputed(layer, x, cos, sin, mask, spans):
-    """Run a layer keeping only its input; the backward pass recomputes the rest. XLA needs torch-xla's variant
-    (it stops the compiler from merging the recomputation back into the forward pass), which is reentrant: it
-    passes gradients only through inputs that require them, so the frozen embedding's output is made to."""
-    if x.device.type != "xla":
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(layer, x, cos, sin, mask, None, spans, use_reentrant=False)
-    from torch_xla.utils.checkpoint import checkpoint
-
-    if not x.requires_grad:
-        x = x.detach().requires_grad_()
-    return checkpoint(layer, x, cos, sin, mask, None, spans, use_reentrant=True)
-
-
-def attention_spans(segment_ids, block):
-    """[(q0, q1, k0)]: query blocks of `block` positions and, for each, the first key that any of its queries may
-    see (the start of the document holding the block's first query, in any row). Attention over keys k0..q1
-    instead of the whole row gives the same result, and packed rows of short documents skip most of the
-    masked-out work. Computed on the host from the CPU segment ids."""
-    b, s = segment_ids.shape
-    change = torch.ones_like(segment_ids, dtype=torch.bool)
-    change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    run_start = torch.where(change, torch.arange(s).expand(b, s), 0).cummax(dim=1).values
-    return [(q0, min(q0 + block, s), int(run_start[:, q0].min())) for q0 in range(0, s, block)]
-
-
-def attention_mode(c, device):
-    """How packed rows attend (model.attention), resolved for this device:
-      blocks  each block of queries against only the keys its documents can reach (host-computed spans, so a
-              new shape per batch): the CPU default, fastest there (bench/train_bench.py);
-      masked  SDPA over the whole row with the block-diagonal causal mask: one static shape, any device (the
-              default on CUDA and XLA; on TorchNeuron an explicit mask may leave the fused attention kernel
-              for an unfused path, the price of packing there);
-      causal  SDPA's causal kernel without a mask (Neuron's fused kernel, CUDA's flash kernel): exact only when
-              each row holds one document, so only without packing (the default on `neuron` then)."""
-    mode, packing = c["model.attention"], c["model_alignment_strategy.sft.packing"]
-    fixed = compiles_per_shape(device) or c["trainer.compile"]
-    if mode == "auto":
-        if device.type == "neuron" and not packing:
-            return "causal"
-        return "blocks" if device.type == "cpu" and not fixed else "masked"
-    if mode == "blocks" and fixed:
-        raise StageError(f"model.attention=blocks changes shapes with every batch, which "
-                         f"{'trainer.compile' if c['trainer.compile'] else device.type} recompiles each time; use "
-                         f"masked (or auto)")
-    return mode
-
-
-def document_mask(segment_ids):
-    """Block-diagonal causal mask: a token sees earlier tokens of its own document only (padding = its own)."""
-    s = segment_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :]) & causal
-
-
-# ------------------------------------------------------------------------------------------------ base weights
-def base_weight_slots(model, fuse_qkv):
-    """{NxDT tensor name: the model tensor (or row slice of it) that the checkpoint tensor fills}."""
-    slots = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
-    if model.lm_head is not None:
-        slots["lm_head.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        attn = layer.self_attn
-        qkv = attn.qkv_proj.weight
-        if fuse_qkv:
-            slots[p + "self_attn.qkv_proj.weight_qkv"] = qkv
-        else:
-            q, k, v = qkv.split(attn.sizes, dim=0)
-            slots.update({p + "self_attn.qkv_proj.weight_q": q, p + "self_attn.qkv_proj.weight_k": k,
-                          p + "self_attn.qkv_proj.weight_v": v})
-        slots.update({
-            p + "self_attn.o_proj.weight": attn.o_proj.weight,
-            p + "mlp.gate_up_proj.weight": layer.mlp.gate_up_proj.weight,
-            p + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
-            p + "input_layernorm.weight": layer.input_layernorm.weight,
-            p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-        })
-    return slots
-
-
-def shard_path(ckpt_dir, tp_rank):
-    return Path(ckpt_dir) / "model" / f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_00.pt"
-
-
-def check_manifest(ckpt_dir, wanted):
-    """Stage 03's manifest.json (NxD's own converter writes none) must show the layout this run needs."""
-    manifest = Path(ckpt_dir) / "manifest.json"
-    if not manifest.exists():
-        return {}
-    m = json.loads(manifest.read_text())
-    for key, value in wanted.items():
-        if m["settings"].get(key, value) != value:
-            raise StageError(f"{ckpt_dir}: converted with {key} = {m['settings'][key]}, this run needs "
-                             f"{value}; convert again with stage 03")
-    return m["files"]
-
-
-def load_base_weights(model, ckpt_dir, fuse_qkv, wanted=None):
-    """Fill every base tensor from this rank's NxDT shard; any missing, extra or misshapen tensor is an error.
-    Returns the shard's path and the dtypes found in it."""
-    wanted = dict(wanted or {"tensor_model_parallel_size": 1}, pipeline_model_parallel_size=1, fuse_qkv=fuse_qkv)
-    path = shard_path(ckpt_dir, model.par.tp_rank)
-    if not path.exists():
-        raise StageError(f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it with "
-                         f"tensor_model_parallel_size {wanted['tensor_model_parallel_size']})")
-    expected = check_manifest(ckpt_dir, wanted).get(f"model/{path.name}", {}).get("bytes")
-    if expected is not None and path.stat().st_size != expected:
-        raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
-    state = load_torch_file(path)
-    slots = base_weight_slots(model, fuse_qkv)
-    missing = [n for n in slots if n not in state]
-    extra = [n for n in state if n not in slots]
-    if missing:
-        hint = " (is model.fuse_qkv the same as when converting?)" if "qkv_proj" in missing[0] else ""
-        raise StageError(f"{path}: missing tensor '{missing[0]}'{hint} ({len(missing)} missing in all)")
-    if extra:
-        raise StageError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
-    with torch.no_grad():
-        for name, dest in slots.items():
-            src = state[name]
-            if tuple(src.shape) != tuple(dest.shape):
-                raise StageError(f"{path}: tensor '{name}' has shape {list(src.shape)}, expected "
-                                 f"{list(dest.shape)} from model.model_config and the parallel layout")
-            if dest.device.type != "meta":
-                dest.copy_(src)
-    return path, {t.dtype for t in state.values()}
-
-
-# ------------------------------------------------------------------------------------------------ LoRA
-def lora_modules(model, targets):
-    """(qualified name, LoRALinear) for every projection whose name is a configured target."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets]
-
-
-def add_lora(model, c, verbose=True):
-    peft = "model_alignment_strategy.peft."
-    modules = lora_modules(model, c[peft + "target_modules"])
-    for _, m in modules:
-        m.add_lora(c[peft + "lora_rank"], c[peft + "lora_alpha"], c[peft + "lora_dropout"])
-    params = [p for _, m in modules for p in (m.lora_A.weight, m.lora_B.weight)]
-    if not verbose:
-        return modules, params
-    if c[peft + "lora_bias"] != "none":
-        # Llama 3 has no bias tensors (the config check refuses biased models), so nothing more trains.
-        print(f"lora_bias={c[peft + 'lora_bias']}: the model has no bias tensors; only LoRA weights train")
-    trainable = sum(m.lora_A.weight.shape[0] * (m.full[0] + m.full[1]) for _, m in modules)
-    total = trainable + sum(m.full[0] * m.full[1] for m in model.modules() if isinstance(m, LoRALinear))
-    total += model.arch["vocab"] * model.arch["hidden"] + sum(
-        p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
-    if c[peft + "lora_verbose"]:
-        print(f"  {'module':<44} {'A (full)':>14} {'B (full)':>14} {'params':>10}   split")
-        for name, m in modules:
-            r = m.lora_A.weight.shape[0]
-            print(f"  {name:<44} {str([r, m.full[1]]):>14} {str([m.full[0], r]):>14} "
-                  f"{r * (m.full[0] + m.full[1]):>10,}   {'column (B split)' if m.split == 'out' else 'row (A split)'}")
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    return modules, params
-
-
-def sync_gradients(modules, params, par):
-    """Make every rank's LoRA gradients the full ones: copies of replicated K/V rows in qkv_proj's B each saw
-    only their rank's Q heads, so they are summed over the ranks holding that KV head; then data-parallel
-    ranks sum theirs (each rank's loss is already divided by the step's global supervised-token count)."""
-    if par.size("kv") > 1:
-        for _, m in modules:
-            if m.kv_rows_from is not None:
-                g = m.lora_B.weight.grad
-                g[m.kv_rows_from:] = par.all_reduce(g[m.kv_rows_from:], "kv")
-    if par.dp > 1:
-        grads = [p.grad for p in params]
-        flat = par.all_reduce(torch.cat([g.flatten() for g in grads]), "dp")
-        for g, new in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(new.view_as(g))
-
-
-def global_grad_norm(modules, par):
-    """L2 norm of the whole, unsharded LoRA gradient: each rank adds the squares of what it holds, a tensor
-    held in several copies counting once (divided by its number of copies), and the TP group sums."""
-    total = 0.0
-    for _, m in modules:
-        a, b = m.lora_A.weight.grad.float(), m.lora_B.weight.grad.float()
-        if m.split == "in":  # A split, B replicated
-            total = total + a.square().sum() + b.square().sum() / par.tp
-            continue
-        own = m.kv_rows_from if m.kv_rows_from is not None else b.shape[0]
-        total = total + a.square().sum() / par.tp + b[:own].square().sum() + b[own:].square().sum() / par.size("kv")
-    return par.all_reduce(total, "tp").sqrt()
-
-
-def nonfinite(x):
-    """True if any element of x is NaN or infinite: x - x is NaN exactly there. (torch.isfinite is lowered by
-    torch-xla with a float64 constant, and NeuronCores have no float64.)"""
-    d = x - x
-    return (d != d).any()
-
-
-def clip_gradients(params, norm, max_norm):
-    """Scale the gradients so that their global norm is at most max_norm (as torch's clip_grad_norm_), on the
-    device, without a host synchronisation."""
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for p in params:
-        p.grad.mul_(coef)
-
-
-def gather_lora(modules, par, arch):
-    """{module name: (A, B)} at full size, from every tensor-parallel rank's shard: all LoRA tensors travel as
-    one flat float32 vector in one gather and one transfer to the host, the same graph on every rank."""
-    flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)])
-    return assemble_lora(modules, par.gather_to_host(flat, "tp"), [par.layout.rows(r) for r in range(par.tp)])
-
-
-def assemble_lora(modules, everyone, rows):
-    """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n], given the rows each rank
-    holds (Layout.rows; known on the host, so no index travels). Copies of replicated tensors (A of
-    column-parallel layers, B of row-parallel ones, replicated K/V rows) must be identical on every rank that
-    holds them; a difference is an error naming its size, never averaged away."""
-    tensors = [t for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)]
-    tp = everyone.shape[0]
-    parts = iter(x.reshape(tp, *t.shape) for x, t in zip(everyone.split([t.numel() for t in tensors], 1), tensors))
-    out = {}
-    for name, m in modules:
-        a_all, b_all = next(parts), next(parts)
-        leaf = name.rsplit(".", 1)[-1]
-        # The replicated factor, and the split one with its split dimension first.
-        rep_all, split_all = (a_all, b_all) if m.split == "out" else (b_all, a_all.transpose(1, 2))
-        n = m.full[0] if m.split == "out" else m.full[1]
-        full, seen = torch.zeros(n, split_all.shape[2]), torch.zeros(n, dtype=torch.bool)
-        for r in range(tp):
-            part, idx = split_all[r], rows[r][leaf]
-            check_copies(name, r, rep_all[r], rep_all[0])
-            check_copies(name, r, part[seen[idx]], full[idx][seen[idx]])
-            full[idx], seen[idx] = part, True
-        rep = rep_all[0].clone()
-        out[name] = (rep, full) if m.split == "out" else (full.t().contiguous(), rep)
-    return out
-
-
-def check_copies(name, rank, copy, first):
-    """Replicated LoRA values must be bitwise equal on every rank that holds them (compared as bits, so that
-    identical NaNs of a diverged run count as equal)."""
-    differ = copy.view(torch.int32) != first.view(torch.int32)
-    if differ.any():
-        raise StageError(f"LoRA weights of {name}: tensor-parallel rank {rank} holds a replicated copy that differs "
-                         f"from the first one in {int(differ.sum())} of {differ.numel()} values (largest "
-                         f"difference {float((copy - first).abs().max()):.3g}); replicated weights must stay "
-                         f"identical, so the parallel layout or the gradient synchronisation is wrong")
-
-
-def peft_tensors(lora, sizes):
-    """Our LoRA weights under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A."""
-    out = {}
-    for name, (a, b) in lora.items():
-        parent, leaf = name.rsplit(".", 1)
-        if leaf == "qkv_proj":
-            parts = dict(zip(("q_proj", "k_proj", "v_proj"), b.split(sizes)))
-        elif leaf == "gate_up_proj":
-            parts = dict(zip(("gate_proj", "up_proj"), b.chunk(2)))
-        else:
-            parts = {leaf: b}
-        for hf_leaf, b_part in parts.items():
-            prefix = f"base_model.model.{parent}.{hf_leaf}"
-            out[f"{prefix}.lora_A.weight"] = a.clone().contiguous()
-            out[f"{prefix}.lora_B.weight"] = b_part.clone().contiguous()
-    return out
-
-
-def export_peft_adapter(lora, arch, c, out_dir):
-    """Write adapter_config.json + adapter_model.safetensors to a temporary directory, then rename it."""
-    from safetensors.torch import save_file
-
-    kv = arch["kv_heads"] * arch["head_dim"]
-    tensors = peft_tensors(lora, [arch["heads"] * arch["head_dim"], kv, kv])
-    hf_targets = sorted({k.split(".")[-3] for k in tensors})
-    peft = "model_alignment_strategy.peft."
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c[peft + "lora_rank"],
-        "lora_alpha": c[peft + "lora_alpha"], "lora_dropout": c[peft + "lora_dropout"],
-        "bias": c[peft + "lora_bias"], "target_modules": hf_targets, "use_rslora": False,
-        "fan_in_fan_out": False, "inference_mode": True,
-        "base_model_name_or_path": c["model.hf_weights_dir"],
-    }
-    tmp = staging(out_dir)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    publish(tmp, out_dir)
-    return Path(out_dir)
-
-
-# ------------------------------------------------------------------------------------------------ records
-# The record reader, repeated identically in stages 01 and 05 (tests/test_data_formats.py keeps the two copies
-# the same), so that 05 reads and judges every file exactly as 01 does. It reads the file kinds below and
-# recognises each record's format by its fields, converting it to one of two normalized forms:
-#   single-turn   {"input": prompt, "output": response, ...}
-#   conversation  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], ...}
-# Fields that no format uses (ids, categories, ...) are kept as they are; a field that some other format uses is
-# an error, never dropped.
-RECORD_FORMATS = {  # name: (required fields, optional fields)
-    "input_output": ({"input", "output"}, set()),  # the tutorial's
-    "dolly": ({"instruction", "response"}, {"context"}),  # databricks-dolly: input = instruction + blank line + context
-    "alpaca": ({"instruction", "output"}, {"input"}),  # input = instruction + blank line + input (as dolly's context)
-    "prompt_completion": ({"prompt", "completion"}, set()),  # TRL: strings, or lists of messages (conversational)
-    "messages": ({"messages"}, set()),  # OpenAI / HF chat: [{role, content}]
-    "sharegpt": ({"conversations"}, set()),  # [{from: system | human | gpt, value}]
-}
-CONTENT_FIELDS = set().union(*(required | optional for required, optional in RECORD_FORMATS.values()))
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-class BadRecord(Exception):
-    """A record that cannot be trained on: `kind` is a short category (counted in 01's manifest), `reason` the
-    whole explanation."""
-
-    def __init__(self, kind, reason):
-        super().__init__(reason)
-        self.kind, self.reason = kind, reason
-
-
-def data_rows(path):
-    """(where, item) for every record of a data file or dataset, in order: `where` is a line number (JSON lines) or
-    'record N' / 'row N'; `item` is the raw line (bytes, parsed by parse_row) or the record itself. Reads JSON lines
-    (UTF-8, a BOM and CRLF tolerated, gzip-compressed when the file is), a file holding one JSON array, parquet,
-    arrow, a `datasets` save_to_disk directory, and hf://datasets/<owner>/<name>[:split] (default split: train)."""
-    text = str(path)
-    if text.startswith("hf://datasets/"):
-        yield from table_rows(hf_dataset(text))
-        return
-    path = Path(path)
-    if path.is_dir():
-        yield from table_rows(saved_dataset(path))
-    elif not path.is_file():
-        raise StageError(f"data file {path} not found")
-    elif path.suffix == ".parquet":
-        yield from parquet_rows(path)
-    elif path.suffix == ".arrow":
-        yield from table_rows(arrow_dataset(path))
-    else:
-        yield from json_rows(path)
-
-
-def json_rows(path):
-    """JSON lines, or one JSON array (read whole: use JSON lines for big sets); gzip when the file starts so. A
-    .jsonl (.ndjson) file is always lines; another holding an array from its first character is an array."""
-    import gzip
-
-    with open(path, "rb") as probe:
-        zipped = probe.read(2) == b"\x1f\x8b"
-    opener = gzip.open if zipped else open
-    lines_only = path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
-        if head.startswith(b"[") and not lines_only:
-            with opener(path, "rb") as f:
-                try:
-                    rows = json.loads(f.read().decode("utf-8-sig"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-                    raise StageError(f"{path}{where}: not a valid JSON array file ({e})") from None
-            yield from ((f"record {i}", row) for i, row in enumerate(rows, start=1))
-            return
-        with opener(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if lineno == 1:
-                    line = line.removeprefix(b"\xef\xbb\xbf")
-                if line.strip():
-                    yield lineno, line
-    except (OSError, EOFError) as e:
-        raise StageError(f"{path}: cannot be read ({e})") from None
-
-
-def parquet_rows(path):
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=2048)
-    except Exception as e:
-        raise StageError(f"{path}: cannot be read as parquet ({type(e).__name__}: {first_line(e)})") from None
-    row = 0
-    for batch in batches:
-        for record in batch.to_pylist():
-            row += 1
-            yield f"row {row}", record
-
-
-def arrow_dataset(path):
-    import datasets
-
-    try:
-        return datasets.Dataset.from_file(str(path))
-    except Exception as e:
-        raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: {first_line(e)})") from None
-
-
-def saved_dataset(path):
-    """A `datasets` save_to_disk directory (a DatasetDict must hold a 'train' split)."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        raise StageError(f"{path}: a directory, but not one that datasets' save_to_disk wrote ({type(e).__name__}: "
-                         f"{first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise StageError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); save one split")
-        ds = ds["train"]
-    return ds
-
-
-def hf_dataset(uri):
-    """hf://datasets/<owner>/<name>[:split] through `datasets` (its own cache and HF token handling)."""
-    import datasets
-
-    repo, _, split = uri[len("hf://datasets/"):].partition(":")
-    try:
-        return datasets.load_dataset(repo, split=split or "train")
-    except Exception as e:
-        raise StageError(f"{uri}: cannot be loaded with datasets ({type(e).__name__}: {first_line(e)})") from None
-
-
-def table_rows(ds):
-    row = 0
-    for batch in ds.iter(batch_size=2048):
-        for values in zip(*batch.values()):
-            row += 1
-            yield f"row {row}", dict(zip(batch, values))
-
-
-def data_sha256(path):
-    """What identifies a data source's content: the sha256 of a file, or of a directory's files (names and
-    contents, in order), or for hf://datasets/... the fingerprint `datasets` gives the cached dataset."""
-    if str(path).startswith("hf://datasets/"):
-        return hf_dataset(str(path))._fingerprint
-    path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
-    return h.hexdigest()
-
-
-def first_line(e):
-    return str(e).splitlines()[0] if str(e) else ""
-
-
-def parse_row(item):
-    """The record of one item of data_rows: a JSON line decoded and parsed, or the record itself."""
-    if isinstance(item, bytes):
-        try:
-            text = item.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRecord("not UTF-8", f"not UTF-8 text (byte 0x{item[e.start]:02x} at byte {e.start + 1} of "
-                                         f"the line)") from None
-        try:
-            item = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadRecord("not valid JSON", f"not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(item, dict):
-        raise BadRecord("not an object", f"expected a JSON object, got {type(item).__name__}")
-    return item
-
-
-def rename_pairs(entries):
-    """data.rename_fields ["from=to", ...] as (from, to) pairs."""
-    pairs = [tuple(e.split("=")) for e in entries]
-    bad = [e for e, p in zip(entries, pairs) if len(p) != 2 or not all(p)]
-    if bad:
-        raise StageError(f"config: 'data.rename_fields' entries must be 'from=to', got {bad[0]!r}")
-    return pairs
-
-
-def normalize(row, fmt="auto", renames=()):
-    """(normalized record, format name) of one record: its format recognised by its content fields (or `fmt`),
-    converted as the comments of RECORD_FORMATS say; BadRecord when it fits no format or would train nothing.
-    `renames` are (from, to) field names applied first (data.rename_fields)."""
-    row = {k: v for k, v in row.items() if v is not None}  # columnar files hold null for a field a record lacks
-    for old, new in renames:
-        if old in row:
-            if new in row:
-                raise BadRecord("field clash", f"field '{old}' would be renamed to '{new}', which is there too")
-            row[new] = row.pop(old)
-    present = CONTENT_FIELDS & set(row)
-    matches = [name for name, (req, opt) in RECORD_FORMATS.items()
-               if fmt in ("auto", name) and req <= present <= req | opt]
-    if not matches:  # the field sets are disjoint, so at most one format matches
-        raise BadRecord("no format", format_mismatch(row, present, fmt))
-    name, rest = matches[0], {k: v for k, v in row.items() if k not in CONTENT_FIELDS}
-    if name == "prompt_completion" and isinstance(row["prompt"], list):
-        return {"messages": conversational_prompt_completion(row["prompt"], row["completion"]), **rest}, name
-    if name in ("messages", "sharegpt"):
-        turns = row[name if name == "messages" else "conversations"]
-        return {"messages": check_conversation(turns if name == "messages" else from_sharegpt(turns)), **rest}, name
-    fields = {k: row[k] for k in present}
-    for key, value in fields.items():
-        if not isinstance(value, str):
-            raise BadRecord("not a string", f"field '{key}' must be a string, got {type(value).__name__}")
-    if name == "input_output":
-        prompt, output = fields["input"], fields["output"]
-    elif name == "prompt_completion":
-        prompt, output = fields["prompt"], fields["completion"]
-    else:  # dolly and alpaca: the instruction, then its context / input after a blank line when there is one
-        extra = fields.get("context" if name == "dolly" else "input", "").strip()
-        prompt = fields["instruction"] + (f"\n\n{extra}" if extra else "")
-        output = fields["response" if name == "dolly" else "output"]
-    if not prompt.strip():
-        raise BadRecord("empty prompt", f"empty prompt ({name} record): nothing to answer")
-    if not output.strip():
-        raise BadRecord("empty output", f"empty output ({name} record): nothing to train on")
-    return {"input": prompt, "output": output, **rest}, name
-
-
-def format_mismatch(row, present, fmt):
-    """Why no format takes these fields: the nearest format's missing or unused field, the fields found, and the
-    formats known."""
-    known = "; ".join(f"{name} ({', '.join(sorted(req) + [f'[{o}]' for o in sorted(opt)])})"
-                      for name, (req, opt) in RECORD_FORMATS.items())
-    tried = [(len(req - present) + len(present - req - opt), name, req - present, present - req - opt)
-             for name, (req, opt) in RECORD_FORMATS.items() if fmt in ("auto", name)]
-    _, name, missing, unused = min(tried, key=lambda t: t[0])
-    why = (f"missing field '{sorted(missing)[0]}'" if missing and not unused else
-           f"field '{sorted(unused)[0]}' is not used by the {name} format" if unused and not missing else
-           "its fields fit no record format")
-    return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"
-
-
-def from_sharegpt(turns):
-    if not isinstance(turns, list):
-        raise BadRecord("bad conversation", f"'conversations' must be a list of turns, got {type(turns).__name__}")
-    out = []
-    for i, turn in enumerate(turns, start=1):
-        turn = {k: v for k, v in turn.items() if v is not None} if isinstance(turn, dict) else turn
-        if not isinstance(turn, dict) or set(turn) != {"from", "value"}:
-            found = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
-            raise BadRecord("bad conversation", f"turn {i} must have exactly 'from' and 'value', got {found}")
-        if turn["from"] not in SHAREGPT_ROLES:
-            raise BadRecord("bad conversation", f"turn {i}: unknown 'from' {turn['from']!r} (known: "
-                                                f"{sorted(SHAREGPT_ROLES)})")
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return out
-
-
-def conversational_prompt_completion(prompt, completion):
-    """TRL's conversational prompt/completion as one conversation in which only the completion's assistant turns
-    train, as TRL trains them: an assistant turn of the prompt is marked "train": false."""
-    if not isinstance(completion, list):
-        raise BadRecord("bad conversation", "'prompt' is a list of messages, so 'completion' must be one too")
-    context = [dict(m, train=False) if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
-    return check_conversation(context + completion)
-
-
-def check_conversation(messages):
-    """The messages of a conversation, checked: role and content (and, on an assistant turn, an optional boolean
-    "train"), a system turn first if any, a user turn before the first assistant turn, no empty turn, and an
-    assistant turn last that trains."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRecord("bad conversation", "a conversation must be a non-empty list of messages")
-    # columnar files hold null for a key that some messages lack
-    messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
-    for i, m in enumerate(messages, start=1):
-        if not isinstance(m, dict) or not {"role", "content"} <= set(m) <= {"role", "content", "train"}:
-            found = sorted(m) if isinstance(m, dict) else type(m).__name__
-            raise BadRecord("bad conversation", f"message {i} must have 'role' and 'content' (and optionally "
-                                                f"'train'), got {found}")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise BadRecord("bad conversation", f"message {i}: unknown role {m['role']!r} (system, user, assistant)")
-        if not isinstance(m["content"], str):
-            raise BadRecord("bad conversation", f"message {i}: content must be a string, got "
-                                                f"{type(m['content']).__name__}")
-        if not m["content"].strip():
-            raise BadRecord("empty turn", f"message {i} ({m['role']}) is empty")
-        if m["role"] == "system" and i != 1:
-            raise BadRecord("bad conversation", f"message {i}: a system message may only come first")
-        if "train" in m and (m["role"] != "assistant" or not isinstance(m["train"], bool)):
-            raise BadRecord("bad conversation", f"message {i}: 'train' must be true or false, on an assistant turn")
-    roles = [m["role"] for m in messages]
-    if "assistant" not in roles:
-        raise BadRecord("no assistant turn", "a conversation without an assistant turn has nothing to train on")
-    if roles[-1] != "assistant":
-        raise BadRecord("ends on a user turn", f"the conversation ends on a {roles[-1]} turn, after its last answer")
-    first = next(r for r in roles if r != "system")
-    if first != "user":
-        raise BadRecord("bad conversation", "the first turn after the system message must be the user's")
-    if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
-        raise BadRecord("no assistant turn", "every assistant turn has \"train\": false: nothing to train on")
-    return [dict(m) for m in messages]
-
-
-# ------------------------------------------------------------------------------------------------ data
-# Each split is tokenized, masked and packed once and kept as flat files that every rank memory-maps (plain numpy,
-# as nanoGPT's .bin files: no format beyond dtype and length, readable without this script): tokens.bin (int32 ids
-# of the kept documents, end to end in file order), trained.bin (uint8: the token is a target of the one before it),
-# doc_starts.npy and doc_supervised.npy per document, window_starts.npy (each window is a run of consecutive
-# documents) and prepared.json (the inputs they were made from and the summary). The directory's name is a hash of
-# everything that changes them, so changed inputs prepare anew and unchanged ones are reused by every launch.
-PREPARED_FORMAT = 2  # raise when the prepared files change meaning: older directories are then prepared anew
-CHUNK_RECORDS = 2048  # records per tokenizer call: enough for the tokenizer's threads, little memory
-PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
-# The tokenizer's own files (a tokenizer directory may be the model's, whose weights say nothing about tokens).
-TOKENIZER_FILE = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template.*|vocab.*|merges\.txt")
-PREPARED_NAME = re.compile(r"[0-9a-f]{20}(\.tmp-.+)?")  # what <file>.prepared/ holds: prepared keys, unfinished ones
-
-
-def record_chunks(path, limit, fmt="auto", renames=(), tally=None, size=CHUNK_RECORDS):
-    """Lists of up to `size` (where, record) pairs streamed from a data file (any kind data_rows reads), the first
-    `limit` records when set. A record is (prompt, response) when single-turn and a list of messages when a
-    conversation. A bad record stops the stage naming its file and line. `tally` receives the records read and
-    the records in the file (the rest are counted, not parsed)."""
-    chunk, n, total = [], 0, 0
-    for where, item in data_rows(path):
-        total += 1
-        if limit is not None and n >= limit:
-            continue
-        try:
-            record, _ = normalize(parse_row(item), fmt, renames)
-        except BadRecord as bad:
-            raise StageError(f"{path}:{where}: {bad.reason} (stage 01 reports every bad record, and with "
-                             f"data.download.bad_lines=skip writes the file without them)") from None
-        chunk.append((where, (record["input"], record["output"]) if "input" in record else record["messages"]))
-        n += 1
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-    if n == 0:
-        raise StageError(f"{path}: no records")
-    if tally is not None:
-        tally.update(read=n, in_file=total)
-
-
-def read_records(path, limit, fmt="auto", renames=()):
-    """The records of a data file, as a list (generation prompts take the first few)."""
-    return [record for chunk in record_chunks(path, limit, fmt, renames) for _, record in chunk]
-
-
-def prompt_ids(tokenizer, fmt, prompts):
-    """Token ids of each single-turn prompt as the model sees it before its answer, in one tokenizer call."""
-    if fmt == "raw":
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return [bos + ids for ids in tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
-    users = [[{"role": "user", "content": p}] for p in prompts]
-    return [list(ids) for ids in as_ids(tokenizer.apply_chat_template(users, add_generation_prompt=True, tokenize=True))]
-
-
-def as_ids(encoded):
-    return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-
-
-def encode_batch(tokenizer, fmt, records, labels):
-    """(token ids, trained spans [(start, end)]) per record, each kind tokenized for the whole batch at once (the
-    tokenizer's threads share it). Single-turn raw: [BOS] + input | output + [EOS], the second part trained.
-    Conversations, and single-turn records under chat_template (user = input, assistant = output), go through the
-    chat template (encode_conversations)."""
-    out = [None] * len(records)
-    raw = [i for i, r in enumerate(records) if isinstance(r, tuple) and fmt == "raw"]
-    if raw:
-        prompts = prompt_ids(tokenizer, "raw", [records[i][0] for i in raw])
-        answers = tokenizer([records[i][1] for i in raw], add_special_tokens=False,
-                            return_attention_mask=False)["input_ids"]
-        for i, p, r in zip(raw, prompts, answers):
-            out[i] = (p + r + [tokenizer.eos_token_id], [(len(p), len(p) + len(r) + 1)])
-    chats = [i for i in range(len(records)) if out[i] is None]
-    if chats:
-        conversations = [records[i] if isinstance(records[i], list) else
-                         [{"role": "user", "content": records[i][0]}, {"role": "assistant", "content": records[i][1]}]
-                         for i in chats]
-        for i, encoded in zip(chats, encode_conversations(tokenizer, conversations, [labels[i] for i in chats])):
-            out[i] = encoded
-    return out
-
-
-def encode_conversations(tokenizer, conversations, labels):
-    """(token ids, trained spans) per conversation, rendered with the tokenizer's chat template. The spans come from
-    rendering successive prefixes: an assistant turn trains from the end of the conversation before it rendered
-    with the generation prompt, to the end of the conversation through it (its content and end-of-turn tokens);
-    system and user text and the role headers do not. Each prefix must render as a prefix of the whole. The text
-    is tokenized once and the boundaries read from the tokenizer's character alignment; one that falls inside a
-    token is checked the slow way (the prefixes tokenized on their own)."""
-    if not tokenizer.chat_template:
-        raise StageError(f"{labels[0]}: a conversation (or data.prompt_format=chat_template) is rendered with the "
-                         f"tokenizer's chat template, and the tokenizer in data.tokenizer.type has none")
-    plain = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in conversations]
-    turns = [(n, i) for n, conv in enumerate(conversations) for i, m in enumerate(conv)
-             if m["role"] == "assistant" and m.get("train", True)]
-    # A conversation that ends on a trained answer renders whole as the prefix through that answer: not twice.
-    last = {n: k for k, (n, i) in enumerate(turns) if i == len(plain[n]) - 1}
-    rest = [n for n in range(len(plain)) if n not in last]
-    try:
-        starts = render_chats(tokenizer, [plain[n][:i] for n, i in turns], generation_prompt=True)
-        ends = render_chats(tokenizer, [plain[n][:i + 1] for n, i in turns], generation_prompt=False)
-        others = dict(zip(rest, render_chats(tokenizer, [plain[n] for n in rest], generation_prompt=False)))
-    except Exception:  # a template may refuse a conversation (roles out of order, ...): name the first one
-        for n, conversation in enumerate(plain):
-            try:
-                tokenizer.apply_chat_template(conversation, tokenize=False)
-            except Exception as e:
-                raise StageError(f"{labels[n]}: the tokenizer's chat template refuses this conversation "
-                                 f"({type(e).__name__}: {first_line(e)})") from None
-        raise
-    fulls = [ends[last[n]] if n in last else others[n] for n in range(len(plain))]
-    bounds = [[] for _ in plain]
-    for (n, i), start, end in zip(turns, starts, ends):
-        if not (fulls[n].startswith(start) and fulls[n].startswith(end)):
-            raise StageError(f"{labels[n]}: the tokenizer's chat template does not render the conversation up to "
-                             f"message {i + 1} as a prefix of the whole, so its trained turns cannot be found")
-        bounds[n].append((start, end))
-    encoded = tokenizer(fulls, add_special_tokens=False, return_attention_mask=False)
-    out = []
-    for n, ids in enumerate(encoded["input_ids"]):
-        spans = []
-        for start, end in bounds[n]:
-            span = [token_boundary(encoded, n, len(text), len(fulls[n])) for text in (start, end)]
-            if None in span:  # the text boundary falls inside a token: compare the prefixes' own tokens
-                own = tokenizer([start, end], add_special_tokens=False)["input_ids"]
-                if any(list(ids[:len(prefix)]) != list(prefix) for prefix in own):
-                    raise StageError(f"{labels[n]}: under the tokenizer's chat template a conversation prefix does "
-                                     f"not tokenize as a prefix of the whole")
-                span = [len(prefix) for prefix in own]
-            spans.append(tuple(span))
-        out.append((list(ids), spans))
-    return out
-
-
-def render_chats(tokenizer, conversations, generation_prompt):
-    """The texts tokenizer.apply_chat_template(conversations, tokenize=False) renders. Its conversions of each
-    message (objects to dicts, sandbox-safe copies) cost more than the rendering itself and change nothing in
-    plain role/content messages, so its compiled template renders them directly when this transformers exposes
-    it, and the first conversation rendered both ways must agree; otherwise apply_chat_template renders them."""
-    if not conversations:
-        return []
-    public = lambda batch: tokenizer.apply_chat_template(batch, tokenize=False,  # noqa: E731
-                                                         add_generation_prompt=generation_prompt)
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        template = _compile_jinja_template(tokenizer.get_chat_template())
-    except Exception:
-        return public(conversations)
-    context = dict(tokenizer.special_tokens_map, tools=None, documents=None, add_generation_prompt=generation_prompt)
-    texts = [template.render(messages=conversation, **context) for conversation in conversations]
-    return texts if texts[0] == public(conversations[:1])[0] else public(conversations)
-
-
-def token_boundary(encoded, n, char, length):
-    """The index of the token of text n that starts at its character `char` (its length: the end), or None when a
-    token straddles that position; read from the fast tokenizer's alignment, not from per-token offset lists."""
-    if char == length:
-        return len(encoded["input_ids"][n])
-    k = encoded.char_to_token(n, char)
-    return k if k is not None and encoded.token_to_chars(n, k).start == char else None
-
-
-def tokenize(records, tokenizer, fmt, seq_len, truncation, labels=None):
-    """(ids, labels) per record; labels are -100 outside the trained spans. A record longer than seq_len is dropped
-    or truncated (counted): a conversation keeps its turns up to the last answer that ends within seq_len; failing
-    that (and a single-turn record always) the prompt before the first answer is cut first, then the answer."""
-    labels = labels or [f"record {i + 1}" for i in range(len(records))]
-    docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0}
-    for ids, spans in encode_batch(tokenizer, fmt, records, labels):
-        if len(ids) > seq_len:
-            if truncation == "drop":
-                stats["dropped"] += 1
-                continue
-            stats["truncated"] += 1
-            ids, spans = truncated(ids, spans, seq_len)
-        targets = [-100] * len(ids)
-        for start, end in spans:
-            targets[start:end] = ids[start:end]
-        docs.append((ids, targets))
-    return docs, stats
-
-
-def truncated(ids, spans, seq_len):
-    """A record cut to seq_len tokens, by the rule of tokenize()."""
-    ends = [end for _, end in spans if end <= seq_len]
-    if ends:
-        return ids[:ends[-1]], [(s, e) for s, e in spans if e <= ends[-1]]
-    start, end = spans[0]
-    p, r = ids[:start], ids[start:end]
-    p = p[:max(1, seq_len - len(r))]
-    r = r[:seq_len - len(p)]
-    return p + r, [(len(p), len(p) + len(r))]
-
-
-def doc_arrays(docs):
-    """Documents as flat arrays: ids (int32), trained flags (a token is trained when it is the target of the one
-    before it in its document, so never the first), and per document its length and trained tokens; through C
-    loops rather than Python per token."""
-    from itertools import chain
-
-    lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, count=len(docs))
-    total, firsts = int(lengths.sum()), np.cumsum(lengths) - lengths
-    tokens = np.fromiter(chain.from_iterable(ids for ids, _ in docs), np.int32, count=total)
-    trained = np.fromiter(chain.from_iterable(labels for _, labels in docs), np.int32, count=total) != -100
-    trained[firsts] = False
-    return tokens, trained.astype(np.uint8), lengths, np.add.reduceat(trained, firsts, dtype=np.int64)
-
-
-def pack(lengths, seq_len, packing):
-    """Window boundaries as document indices [windows + 1]: greedily in file order, a window takes documents while
-    they fit in seq_len tokens; without packing, one document per window. One Python step per document."""
-    if not packing:
-        return np.arange(len(lengths) + 1, dtype=np.int64)
-    starts, used = [0], 0
-    for i, n in enumerate(lengths.tolist()):
-        if used and used + n > seq_len:
-            starts.append(i)
-            used = 0
-        used += n
-    starts.append(len(lengths))
-    return np.array(starts, dtype=np.int64)
-
-
-class Windows:
-    """The packed windows of one split over flat token arrays (memory-mapped when prepared on disk). Tensors
-    are built when rows are drawn (batch), never held for the whole set; per-window counts (tokens, supervised
-    tokens, attention keys) are small arrays, the only per-window data a process keeps."""
-
-    def __init__(self, tokens, trained, doc_starts, doc_supervised, starts, seq_len, pad_id):
-        self.tokens, self.trained, self.doc_starts, self.starts = tokens, trained, doc_starts, starts
-        self.seq_len, self.pad_id = seq_len, pad_id
-        lengths = np.diff(doc_starts)
-        self.n_tokens = np.diff(doc_starts[starts])
-        self.supervised = np.add.reduceat(doc_supervised, starts[:-1])
-        # keys attended per window: sum over its documents of 1 + 2 + ... + length (causal, within the document)
-        self.keys = np.add.reduceat(lengths * (lengths + 1) // 2, starts[:-1])
-
-    @classmethod
-    def from_docs(cls, docs, seq_len, packing, pad_id):
-        """In memory, from tokenize()'s documents."""
-        tokens, trained, lengths, supervised = doc_arrays(docs)
-        doc_starts = np.concatenate([[0], np.cumsum(lengths)])
-        return cls(tokens, trained, doc_starts, supervised, pack(lengths, seq_len, packing), seq_len, pad_id)
-
-    @classmethod
-    def open(cls, where, pad_id):
-        """Prepared on disk: the token arrays memory-mapped, so every rank shares one copy in the page cache."""
-        meta = json.loads((where / "prepared.json").read_text())
-        windows = cls(np.memmap(where / "tokens.bin", dtype=np.int32, mode="r"),
-                      np.memmap(where / "trained.bin", dtype=np.uint8, mode="r"),
-                      np.load(where / "doc_starts.npy"), np.load(where / "doc_supervised.npy"),
-                      np.load(where / "window_starts.npy"), meta["inputs"]["seq_length"], pad_id)
-        windows.inputs = meta["inputs"]  # the data and tokenizer checksums, which a resumed run compares
-        return windows
-
-    def __len__(self):
-        return len(self.starts) - 1
-
-    def batch(self, rows):
-        """[len(rows), seq_len] tensors of these windows (-1: an empty row). Targets are shifted inside each
-        document, so no label crosses a boundary; positions restart at 0 per document; segment ids (1, 2, ...;
-        0 = padding) drive the attention mask."""
-        n, s = len(rows), self.seq_len
-        ids = np.full((n, s), self.pad_id, dtype=np.int64)
-        targets = np.full((n, s), -100, dtype=np.int64)
-        positions = np.tile(np.arange(s, dtype=np.int64), (n, 1))
-        segments = np.zeros((n, s), dtype=np.int64)
-        for i, w in enumerate(rows):
-            if w < 0:
-                continue
-            bounds = self.doc_starts[self.starts[w]:self.starts[w + 1] + 1]
-            first, end = int(bounds[0]), int(bounds[-1])
-            lengths = np.diff(bounds)
-            used = end - first
-            seg = np.repeat(np.arange(1, len(lengths) + 1), lengths)
-            ids[i, :used] = self.tokens[first:end]
-            segments[i, :used] = seg
-            positions[i, :used] = np.arange(used) - np.repeat(bounds[:-1] - first, lengths)
-            positions[i, used:] = np.arange(s - used)
-            nxt = self.tokens[first + 1:end]
-            keep = (self.trained[first + 1:end] != 0) & (seg[1:] == seg[:-1])
-            targets[i, :used - 1] = np.where(keep, nxt, -100)
-        return {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets),
-                "position_ids": torch.from_numpy(positions), "segment_ids": torch.from_numpy(segments)}
-
-
-def prepared_location(path, tokenizer_dir, c):
-    """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
-    data file's directory>/<file name>.prepared/<hash of the data's content, the tokenizer's files, the format
-    version and every setting that changes the windows>. Data read through hf://datasets/... is prepared under
-    data.cache_dir."""
-    import hashlib
-
-    text, tokenizer_dir = str(path), Path(tokenizer_dir)
-    hub = text.startswith("hf://datasets/")
-    if not hub and not Path(path).exists():
-        raise StageError(f"data file {path} not found (stage 01 writes it)")
-    if hub and not c["data.cache_dir"]:
-        raise StageError(f"{text}: data read from the Hub is prepared under data.cache_dir; set it (or write the "
-                         f"records to a file with stage 01)")
-    inputs = {"format": PREPARED_FORMAT, "data_sha256": data_sha256(path),
-              "tokenizer_sha256": {p.name: file_sha256(p) for p in sorted(tokenizer_dir.iterdir())
-                                   if p.is_file() and TOKENIZER_FILE.fullmatch(p.name)},
-              "record_format": c["data.format"], "rename_fields": c["data.rename_fields"],
-              "prompt_format": c["data.prompt_format"], "seq_length": c["data.seq_length"],
-              "packing": c["model_alignment_strategy.sft.packing"], "truncation": c["data.truncation"],
-              "dev_choose_samples": c["data.dev_choose_samples"]}
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-    name = text.removeprefix("hf://datasets/").replace("/", "_").replace(":", "_") if hub else Path(path).name
-    root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else Path(path).parent
-    return root / f"{name}.prepared" / key, inputs
-
-
-def prepare_split(path, tokenizer, c, name):
-    """The prepared directory of a split: reused when one exists for these inputs, else made here, written
-    under a temporary name and renamed when complete (a killed preparation is never taken for a finished one)."""
-    where, inputs = prepared_location(path, c["data.tokenizer.type"], c)
-    root, key = where.parent, "data.cache_dir" if c["data.cache_dir"] else f"data.{name}_dir"
-    if root.exists() and (not root.is_dir() or not all(PREPARED_NAME.fullmatch(p.name) for p in root.iterdir())):
-        refuse_foreign(root, key, "it holds files other than prepared splits")
-    if (where / "prepared.json").exists():
-        return where
-    print(f"{name}: preparing {path} into {where}", file=sys.stderr)
-    tmp = where.with_name(f"{where.name}.tmp-{os.uname().nodename}-{os.getpid()}")
-    try:
-        made = make_dirs(root)
-        remove_abandoned(where)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise StageError(f"{key}: cannot write the prepared data to {root} ({e.strerror or e}); set data.cache_dir "
-                         f"to a writable directory") from None
-    try:
-        stats = write_prepared(path, tokenizer, c, name, tmp)
-        (tmp / "prepared.json").write_text(json.dumps({"inputs": inputs, "source": str(Path(path).resolve()),
-                                                       "stats": stats}, indent=1) + "\n")
-        for f in tmp.iterdir():
-            fsync_path(f)
-        try:
-            tmp.rename(where)
-        except OSError:  # another launch sharing this filesystem finished the same preparation first
-            if not (where / "prepared.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in reversed(made):  # a failed preparation leaves no empty directories behind
-            try:
-                d.rmdir()
-            except OSError:
-                break
-    return where
-
-
-def remove_abandoned(where):
-    """Delete this host's temporary directories for `where` whose preparing process no longer exists."""
-    for tmp in where.parent.glob(f"{where.name}.tmp-{os.uname().nodename}-*"):
-        try:
-            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-
-
-def write_prepared(path, tokenizer, c, name, out):
-    """Tokenize, mask and pack a split into `out`, streaming: a chunk of records at a time is tokenized (one
-    batched tokenizer call) and appended to the token files; only per-document lengths stay in memory."""
-    from tqdm import tqdm
-
-    seq_len, stats, tally = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}, {}
-    lengths, supervised = [], []
-    bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
-    chunks = record_chunks(path, c["data.dev_choose_samples"], c["data.format"], rename_pairs(c["data.rename_fields"]),
-                           tally)
-    with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
-        for chunk in chunks:
-            records, labels = [r for _, r in chunk], [f"{path}:{where}" for where, _ in chunk]
-            docs, chunk_stats = tokenize(records, tokenizer, c["data.prompt_format"], seq_len, c["data.truncation"],
-                                         labels)
-            for k in stats:
-                stats[k] += chunk_stats[k]
-            bar.update(len(records))
-            if not docs:
-                continue
-            tokens, trained, n, n_trained = doc_arrays(docs)
-            tokens_f.write(tokens.tobytes())
-            trained_f.write(trained.tobytes())
-            lengths.append(n)
-            supervised.append(n_trained)
-    bar.close()
-    if not lengths:
-        raise StageError(f"{path}: every record is longer than data.seq_length={seq_len}")
-    lengths, supervised = np.concatenate(lengths), np.concatenate(supervised)
-    starts = pack(lengths, seq_len, c["model_alignment_strategy.sft.packing"])
-    np.save(out / "doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)]))
-    np.save(out / "doc_supervised.npy", supervised)
-    np.save(out / "window_starts.npy", starts)
-    stats.update(windows=len(starts) - 1, tokens=int(lengths.sum()), supervised=int(supervised.sum()),
-                 records_in_file=tally["in_file"])
-    stats["fill"] = stats["tokens"] / (stats["windows"] * seq_len)
-    return stats
-
-
-def load_split(path, tokenizer, c, name, par):
-    """A split's windows, prepared once per run: one process per host prepares (or finds) them while the others
-    wait on the CPU group, then every process maps the same files. Prints the split's summary."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if par is not None and par.world > 1 else 0
-    where = prepare_split(path, tokenizer, c, name) if local_rank == 0 else None
-    if par is not None and par.world > 1:
-        par.barrier(timeout_s=PREPARE_TIMEOUT_S)
-        where = Path(par.broadcast_text(str(where) if par.rank == 0 else ""))
-    stats = json.loads((where / "prepared.json").read_text())["stats"]
-    total = stats.get("records_in_file", stats["records"])
-    read = f"{stats['records']} of {total}" if total != stats["records"] else f"{stats['records']}"
-    print(f"{name}: {read} records -> {stats['windows']} windows of {c['data.seq_length']} "
-          f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens "
-          f"({stats['supervised'] / max(stats['tokens'], 1):.1%}); "
-          f"truncated {stats['truncated']}, dropped {stats['dropped']}; prepared in {where}")
-    return Windows.open(where, tokenizer.pad_token_id)
-
-
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(n_windows, seed, epoch):
-    """The window order of one epoch: a permutation seeded by (seed, epoch), made once and reused by its steps."""
-    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
-
-
-def step_indices(step, n_windows, per_step, seed):
-    """Window indices for optimizer step `step`: a fresh seeded permutation per epoch, laid end to end, so
-    the data order is a pure function of (seed, step) and no window is dropped at an epoch boundary."""
-    start, out = step * per_step, []
-    while len(out) < per_step:
-        epoch, offset = divmod(start + len(out), n_windows)
-        out.extend(epoch_order(n_windows, seed, epoch)[offset:offset + per_step - len(out)].tolist())
-    return out
-
-
-def inspect_data(batch, tokenizer, n):
-    """Print n windows with the trained tokens marked: [[trained]] text, plain text is context only."""
-    for w in range(min(n, batch["input_ids"].shape[0])):
-        ids, targets, segs = batch["input_ids"][w], batch["targets"][w], batch["segment_ids"][w]
-        # A token is trained when the position before it has it as its target.
-        trained = torch.zeros_like(ids, dtype=torch.bool)
-        trained[1:] = targets[:-1] != -100
-        print(f"--- window {w}: {int((segs > 0).sum())} tokens in {int(segs.max())} document(s), "
-              f"{int(trained.sum())} trained")
-        text, run, mode = [], [], None
-        for t in range(int((segs > 0).sum())):
-            if trained[t].item() != mode and run:
-                chunk = tokenizer.decode(run)
-                text.append(f"[[{chunk}]]" if mode else chunk)
-                run = []
-            mode = trained[t].item()
-            run.append(int(ids[t]))
-        if run:
-            chunk = tokenizer.decode(run)
-            text.append(f"[[{chunk}]]" if mode else chunk)
-        print("".join(text))
-
-
-# ------------------------------------------------------------------------------------------------ loss
-def loss_sum(model, mb, device, autocast):
-    """Sum of token cross-entropies over the supervised positions of one micro-batch.
-
-    On CPU and CUDA trailing padding is cut off and only supervised positions go through the output layer
-    (prompts and padding never need logits); both are found on the host from the CPU tensors, so they cost
-    the device no synchronisation. Where each new shape compiles (Trainium; compiled layers) the decoder
-    sees the whole row, and on Trainium every position gets logits, the unsupervised ones counting zero.
-    Attention follows model.attention (see attention_mode). Under tensor parallelism the logits stay split
-    by vocabulary."""
-    if not model.fixed_shapes:  # padding after every row's last token changes nothing before it: leave it out
-        real = (mb["segment_ids"] > 0).any(0).nonzero()
-        used = int(real.max()) + 1 if len(real) else 1
-        mb = {k: v[:, :used] if v.dim() == 2 else v for k, v in mb.items()}
-    ids, pos, seg = (mb[k].to(device) for k in ("input_ids", "position_ids", "segment_ids"))
-    targets, index = mb["targets"].flatten(), None
-    if not compiles_per_shape(device):
-        keep = targets != -100
-        index, targets = keep.nonzero().squeeze(1).to(device), targets[keep]
-    targets = targets.to(device)
-    spans = attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8)) if model.attention == "blocks" else None
-    mask = None if model.attention == "causal" else document_mask(seg)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, pos, mask, spans=spans).flatten(0, 1)
-        logits = model.logits(hidden if index is None else hidden[index]).float()
-    if model.par.tp == 1:
-        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-    return _VocabParallelCrossEntropy.apply(logits, targets, model.par, model.model.embed_tokens.start).sum()
-
-
-@torch.no_grad()
-def evaluate(model, val, mbs, device, autocast):
-    """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens. Each
-    data-parallel rank takes an equal share of windows (padded with empty rows, so every micro-batch has the
-    same shape), built a micro-batch at a time."""
-    model.eval()
-    par = model.par
-    rows = list(range(len(val)))
-    rows += [-1] * (-len(rows) % (mbs * par.dp))
-    share = len(rows) // par.dp
-    mine = rows[par.dp_rank * share:(par.dp_rank + 1) * share]
-    # float64 sums, except on Trainium: NeuronCores have no float64, so none may enter a device graph there
-    acc = torch.float32 if compiles_per_shape(device) else torch.float64
-    total = torch.zeros((), dtype=acc, device=device)
-    for start in range(0, share, mbs):
-        total += loss_sum(model, val.batch(mine[start:start + mbs]), device, autocast).to(acc)
-        sync_device(device)
-    model.train()
-    return par.all_reduce(total, "dp").item() / max(int(val.supervised.sum()), 1)
-
-
-# ------------------------------------------------------------------------------------------------ generation
-class KVCache:
-    def __init__(self):
-        self.k = self.v = None
-
-    def append(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast):
-    """Greedy decoding of a batch of prompts (left-padded), with a KV cache; returns new token ids per prompt."""
-    model.eval()
-    b, longest = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((b, longest), pad_id, dtype=torch.long)
-    valid = torch.zeros((b, longest), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        valid[i, longest - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-    # Pad queries may see themselves, so no attention row is empty; real queries never see pads.
-    mask = (causal & valid[:, None, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
-    caches = [KVCache() for _ in model.model.layers]
-    out, finished = [[] for _ in range(b)], [False] * b
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, pos, mask, caches)
-        for _ in range(max_new_tokens):
-            nxt = model.full_logits(hidden[:, -1]).argmax(-1)
-            for i, token in enumerate(nxt.tolist()):  # one host sync per generated position
-                if not finished[i]:
-                    finished[i] = token in stop_ids
-                    if not finished[i]:
-                        out[i].append(token)
-            if all(finished):
-                break
-            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-            pos = pos[:, -1:] + 1
-            hidden = model(nxt[:, None], pos, valid[:, None, None, :], caches)
-    model.train()
-    return out
-
-
-def generation_eval(model, records, tokenizer, c, device, autocast):
-    """Exact-match accuracy of greedy answers (stripped) on the first N validation prompts."""
-    n = min(c["evaluation.generate.num_prompts"], len(records))
-    stop_ids = {tokenizer.eos_token_id}
-    samples, hits = [], 0
-    bs = c["evaluation.generate.batch_size"]
-    for start in range(0, n, bs):
-        chunk = records[start:min(start + bs, n)]
-        prompts, shown, expected = generation_prompts(tokenizer, c["data.prompt_format"], chunk)
-        prompts = [p[-c["data.seq_length"]:] for p in prompts]
-        for prompt, want, new in zip(shown, expected, generate(model, prompts, c["evaluation.generate.max_new_tokens"],
-                                                              stop_ids, tokenizer.pad_token_id, device, autocast)):
-            answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-            hits += answer == want.strip()
-            samples.append({"prompt": prompt, "expected": want, "answer": answer})
-    return hits / max(n, 1), samples
-
-
-def generation_prompts(tokenizer, fmt, records):
-    """(prompt token ids, prompt text shown, expected answer) per record: a single-turn record's prompt as it
-    trains; a conversation up to its last assistant turn, with the chat template's generation prompt."""
-    single = [r for r in records if isinstance(r, tuple)]
-    ids = iter(prompt_ids(tokenizer, fmt, [p for p, _ in single]) if single else [])
-    prompts, shown, expected = [], [], []
-    for r in records:
-        if isinstance(r, tuple):
-            prompts.append(next(ids))
-            shown.append(r[0])
-            expected.append(r[1])
-        else:
-            context = [{"role": m["role"], "content": m["content"]} for m in r[:-1]]
-            prompts.append(list(as_ids(tokenizer.apply_chat_template(context, add_generation_prompt=True,
-                                                                     tokenize=True))))
-            shown.append(context[-1]["content"])
-            expected.append(r[-1]["content"])
-    return prompts, shown, expected
-
-
-# ------------------------------------------------------------------------------------------------ optimizer
-class DeviceAdamW(torch.optim.AdamW):
-    """torch's AdamW update (decoupled weight decay, bias correction, the same state and state_dict), for
-    accelerators (XLA, TorchNeuron, CUDA): the learning rate, the step count and the bias corrections are device
-    tensors, so no Python scalar enters a traced graph (torch-xla makes 0 and +-1 graph constants: a learning rate
-    reaching 0, or 1 - beta**t rounding to 1, would compile a new graph) and nothing is read on the host; every
-    scalar is applied through mul/lerp/add (torch-xla hands addcmul_/addcdiv_'s `value=` to the device as float64,
-    which NeuronCores lack); and where `skip` is true the update is skipped on the device: weights, moments and
-    step stay as they were (a non-finite step, known without a host read). The CPU keeps torch's AdamW."""
-
-    def __init__(self, params, **kwargs):
-        super().__init__(params, capturable=True, **kwargs)  # capturable: the step count stays on the device
-
-    @torch.no_grad()
-    def step(self, lr, skip):
-        for group in self.param_groups:
-            wd, eps, (beta1, beta2) = group["weight_decay"], group["eps"], group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
-                                 exp_avg_sq=torch.zeros_like(p))
-                grad = torch.where(skip, 0.0, p.grad)  # a non-finite gradient must not reach the moments
-                t = state["step"] + 1
-                exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"] * beta2 + grad * grad * (1 - beta2)
-                denom = exp_avg_sq.sqrt() / (1 - beta2 ** t).sqrt() + eps
-                new = p * (1 - lr * wd) + exp_avg / denom * (-lr / (1 - beta1 ** t))
-                p.copy_(torch.where(skip, p, new))
-                state["exp_avg"].copy_(torch.where(skip, state["exp_avg"], exp_avg))
-                state["exp_avg_sq"].copy_(torch.where(skip, state["exp_avg_sq"], exp_avg_sq))
-                state["step"].copy_(torch.where(skip, state["step"], t))
-
-
-def make_optimizer(params, c, device):
-    beta1, beta2 = c["model.optim.betas"]
-    kind = torch.optim.AdamW if device.type == "cpu" else DeviceAdamW
-    return kind(params, lr=c["model.optim.lr"], betas=(beta1, beta2), eps=c["model.optim.eps"],
-                weight_decay=c["model.optim.weight_decay"])
-
-
-# ------------------------------------------------------------------------------------------------ schedule
-def lr_at(step, c):
-    """Linear warmup over warmup_steps (step 0 already trains at lr/warmup), then linear or cosine decay to
-    min_lr at the schedule's max_steps (default trainer.max_steps)."""
-    lr, warmup, floor = c["model.optim.lr"], c["model.optim.sched.warmup_steps"], c["model.optim.sched.min_lr"]
-    total = c["model.optim.sched.max_steps"] or c["trainer.max_steps"]
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = min(1.0, (step - warmup) / max(1, total - warmup))
-    if c["model.optim.sched.name"] == "cosine":
-        return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
-    return floor + (lr - floor) * (1 - frac)
-
-
-# ------------------------------------------------------------------------------------------------ throughput
-def window_flops(windows, arch):
-    """Model FLOPs of training on each window, LoRA convention: 4 x weights per token (forward + input-gradient
-    backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output
-    layer only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV,
-    forward and backward) over the keys each token really attends to: its own document so far. Padding is
-    not counted."""
-    h, hd, heads, kv = arch["hidden"], arch["head_dim"], arch["heads"], arch["kv_heads"]
-    body = arch["layers"] * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * arch["inter"])
-    return (4.0 * body * windows.n_tokens + 4.0 * h * arch["vocab"] * windows.supervised
-            + 3.0 * 4 * arch["layers"] * heads * hd * windows.keys)
-
-
-# Per NeuronCore as a process sees it, from the chip datasheets: trn1, 2 NeuronCore-v2 per chip at 190 BF16 /
-# 47.5 FP32 TFLOPS and 32 GiB; trn2, 4 logical cores per chip (LNC 2, the default) at 667 / 181 and 96 GiB;
-# trn3, 4 logical cores per chip at 671 / 183 and 144 GiB. (bf16 TFLOPS, fp32 TFLOPS) and GiB per core.
-NEURONCORE_TFLOPS = {"trn1": (95, 23.75), "trn2": (166.75, 45.25), "trn3": (167.75, 45.75)}
-NEURONCORE_GIB = {"trn1": 16, "trn2": 24, "trn3": 36}
-
-
-def logical_cores_per_core(gen):
-    """How many physical NeuronCores one process's logical core spans: NEURON_LOGICAL_NC_CONFIG on trn2/trn3 (2 by
-    default, 1 halves a process's memory and TFLOPS), always 1 on trn1."""
-    return 1 if gen == "trn1" else int(os.environ.get("NEURON_LOGICAL_NC_CONFIG", "2"))
-
-
-def neuron_datasheet(gen):
-    """(bf16 TFLOPS, fp32 TFLOPS, GiB) of one process's NeuronCore: the table's LNC 2 figures scaled to the
-    logical-core setting."""
-    scale = logical_cores_per_core(gen) / (1 if gen == "trn1" else 2)
-    bf16, fp32 = NEURONCORE_TFLOPS[gen]
-    return bf16 * scale, fp32 * scale, NEURONCORE_GIB[gen] * scale
-
-
-def neuron_generation():
-    """trn1, trn2 or trn3, from the instance type (trn1 when unknown)."""
-    kind = os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "")
-    try:
-        kind = kind or Path("/sys/devices/virtual/dmi/id/product_name").read_text()
-    except OSError:
-        pass
-    return next((g for g in ("trn3", "trn2") if g in kind), "trn1")
-
-
-DATASHEET_TFLOPS = {"H200": (989, 67), "H100": (989, 67), "A100": (312, 19.5), "L40S": (362, 91.6),
-                    "A10G": (125, 31.2), "L4": (121, 30.3)}  # dense (bf16 tensor core, fp32) per GPU
-
-
-def peak_flops(device, autocast, configured):
-    """The peak the MFU is measured against, and where it comes from: the config, a datasheet (GPU), or a
-    large fp32 matrix product timed here (CPU)."""
-    if configured:
-        return configured * 1e12, "trainer.peak_tflops"
-    if device.type == "neuron" or (device.type == "xla" and os.environ.get("PJRT_DEVICE") == "NEURON"):
-        gen = neuron_generation()
-        bf16, fp32, _ = neuron_datasheet(gen)
-        lnc = f", LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
-        return (bf16 if autocast else fp32) * 1e12, f"{gen} datasheet per NeuronCore{lnc}, " \
-                                                    f"{'bf16' if autocast else 'fp32'}"
-    if device.type == "xla":
-        return None, "XLA device without a datasheet figure; set trainer.peak_tflops"
-    if device.type != "cpu":  # CUDA, XPU, ...: the device's own module names it
-        name = torch.get_device_module(device).get_device_name(device)
-        for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
-            if key in name:
-                return (bf16 if autocast else fp32) * 1e12, f"{name} datasheet, {'bf16' if autocast else 'fp32'}"
-        return None, f"{name}: no datasheet figure; set trainer.peak_tflops"
-    a = b = torch.rand(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    a @ b
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.5:
-        a @ b
-        n += 1
-    return 2 * 2048**3 * n / (time.perf_counter() - start), "measured: fp32 2048x2048 matmul on this CPU"
-
-
-def peak_memory_gib(device):
-    if device.type not in ("cpu", "xla"):  # CUDA, neuron, ...: torch.cuda's interface, through the device's module
-        return torch.get_device_module(device).max_memory_allocated(device) / 2**30
-    if device.type == "xla":
-        import torch_xla.core.xla_model as xm
-
-        try:
-            info = xm.get_memory_info(device)
-        except Exception:  # not every XLA device reports memory
-            return None
-        used = info.get("peak_bytes_used", info.get("bytes_used"))
-        return None if used is None else used / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# ------------------------------------------------------------------------------------------------ logging
-class Metrics:
-    """metrics.jsonl (one object per line, flushed) and TensorBoard scalars."""
-
-    def __init__(self, run_dir, tensorboard, resume_step=None):
-        self.file = open(run_dir / "metrics.jsonl", "a")
-        self.lines = sum(1 for _ in open(run_dir / "metrics.jsonl"))
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            # On resume, TensorBoard drops what the interrupted run logged after the checkpoint.
-            self.tb = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
-
-    def log(self, record):
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self.lines += 1
-        if self.tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()
-
-    def close(self):
-        self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
-class NoMetrics:
-    """What ranks other than 0 log: nothing (rank 0 writes the run's records)."""
-
-    lines = 0
-
-    def log(self, record):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(total, initial=0, shown=True):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="Epoch 0", dynamic_ncols=True, file=sys.stdout, disable=not shown,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                           "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-
-
-# ------------------------------------------------------------------------------------------------ run checkpoints
-# <run dir>/checkpoints/step_NNNNNNN/: adapter/ (PEFT, usable as is), rank_RRRRR.pt (each rank's LoRA shard,
-# optimizer state and RNG states; never base weights) and trainer_state.json, written last, which lists every
-# file with its size and sha256. A checkpoint is written under step_N.tmp and renamed once complete.
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def to_cpu(obj, device):
-    """obj (nested dicts, lists, tuples) with every tensor copied to the host. On XLA all of them in one
-    transfer (one graph), instead of one per tensor."""
-    if device.type == "xla":
-        import torch_xla.core.xla_model as xm
-
-        return xm._maybe_convert_to_cpu(obj)  # what xm.save uses: one sync, one batched transfer
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v, device) for v in obj)
-    return obj
-
-
-def rng_states(device):
-    """Every random generator a step can touch, in types that torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
-              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                        "has_gauss": has_gauss, "cached": cached}}
-    if device.type == "xla":
-        import torch_xla.core.xla_model as xm
-
-        states["xla"] = xm.get_rng_state(device)
-    elif device.type != "cpu":  # "cuda", "neuron", ...
-        states[device.type] = torch.get_device_module(device).get_rng_state(device)
-    return states
-
-
-def set_rng_states(states, device):
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    n = states["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if device.type == "xla":
-        import torch_xla.core.xla_model as xm
-
-        xm.set_rng_state(states["xla"], device)
-    elif device.type != "cpu":
-        torch.get_device_module(device).set_rng_state(states[device.type], device)
-
-
-def write_run_checkpoint(root, state, par, params, optimizer, write_adapter, device, keep):
-    """Write a checkpoint of `state` (step, consumed samples, ...) for every rank, atomically; keep the last
-    `keep` complete ones. Rank 0 writes the PEFT adapter with `write_adapter(dir)`."""
-    final = root / f"step_{state['step']:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if par.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    par.barrier()
-    own = tmp / f"rank_{par.rank:05d}.pt"
-    held = to_cpu({"lora": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, device)
-    torch.save(dict(held, rng=rng_states(device)), f"{own}.part")
-    fsync_path(f"{own}.part")
-    os.replace(f"{own}.part", own)
-    par.barrier()
-    if par.rank == 0:
-        write_adapter(tmp / "adapter")
-        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-                 for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / "trainer_state.json").write_text(json.dumps(dict(state, files=files), indent=1) + "\n")
-        for f in [*tmp.rglob("*"), tmp]:
-            fsync_path(f)
-        shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of the same step, from before a resume
-        os.replace(tmp, final)
-        fsync_path(root)
-        complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp")  # names sort by step
-        for old in complete[:-keep] + [p for p in root.glob("step_*.tmp")]:  # and unfinished writes of killed runs
-            shutil.rmtree(old, ignore_errors=True)
-    par.barrier()
-    return final
-
-
-def checkpoint_problem(path):
-    """Why the checkpoint at `path` cannot be resumed from, or None if it is complete and intact."""
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-    except FileNotFoundError:
-        return "no trainer_state.json (incomplete)"
-    except json.JSONDecodeError:
-        return "trainer_state.json is not valid JSON"
-    for rel, entry in state.get("files", {}).items():
-        f = path / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != entry["bytes"]:
-            return f"{rel} has {f.stat().st_size} bytes, trainer_state.json says {entry['bytes']}"
-        if file_sha256(f) != entry["sha256"]:
-            return f"{rel} does not match its sha256 in trainer_state.json"
-    return None
-
-
-def newest_checkpoint(run_dir):
-    """The newest complete, intact checkpoint of a run directory; broken ones are named in a warning."""
-    for path in sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True):
-        problem = "an unfinished write (.tmp)" if path.name.endswith(".tmp") else checkpoint_problem(path)
-        if problem is None:
-            return path
-        print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr)
-    return None
-
-
-def load_run_checkpoint(path, par, params, optimizer, device):
-    """Restore this rank's LoRA shard, optimizer and RNG states; returns trainer_state.json."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    if (state["tensor_parallel"], state["data_parallel"]) != (par.tp, par.dp):
-        raise StageError(f"{path} was written by TP {state['tensor_parallel']} x DP {state['data_parallel']}; "
-                         f"resume with the same layout (this launch: TP {par.tp} x DP {par.dp})")
-    own = load_torch_file(path / f"rank_{par.rank:05d}.pt", mmap=False)
-    if [tuple(p.shape) for p in params] != [tuple(s.shape) for s in own["lora"]]:
-        raise StageError(f"{path}: its LoRA tensors have other shapes than this run's; it was written with other LoRA "
-                         f"settings (model_alignment_strategy.peft.*)")
-    with torch.no_grad():
-        for p, saved in zip(params, own["lora"], strict=True):
-            p.copy_(saved)
-    optimizer.load_state_dict(own["optimizer"])
-    set_rng_states(own["rng"], device)
-    return state
-
-
-def resume_point(c, par):
-    """Where this launch runs, decided by rank 0 before the model loads and shared with every rank: the run
-    directory (explicit_log_dir, or with exp_manager.resume_if_exists the newest unfinished run of this experiment
-    that holds a checkpoint, else a new one), the checkpoint to resume from, and what the launch changes. Nothing
-    is created here; a directory that is not a run of this stage, and a resume that would not continue the same
-    run, are refused (the content of its files is compared later, once the data is prepared: same_inputs)."""
-    choice = ""
-    if par is None or par.rank == 0:
-        key = "exp_manager.explicit_log_dir" if c["exp_manager.explicit_log_dir"] else "exp_manager.exp_dir"
-        run_dir = Path(c["exp_manager.explicit_log_dir"]) if c["exp_manager.explicit_log_dir"] else None
-        resume = c["exp_manager.resume_if_exists"]
-        if run_dir is None and resume:  # the newest unfinished run of this experiment that has a checkpoint
-            runs = [p.parents[1] for p in sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob(
-                "*/checkpoints/step_*")) if not (p.parents[1] / "final" / "adapter").exists()]
-            run_dir = runs[-1] if runs else None
-        if run_dir is None:
-            run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
-        if run_dir.exists() and not run_dir.is_dir():
-            raise StageError(f"{key}: {run_dir} is a file; the run directory must be a directory")
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
-            refuse_foreign(run_dir, key, "no config.yaml of this stage in it")
-        check_writable(run_dir / "config.yaml", key)
-        ckpt = newest_checkpoint(run_dir) if resume else None
-        reached = int(ckpt.name.removeprefix("step_")) if ckpt else 0
-        if (run_dir / "final" / "adapter").exists() and (ckpt is None or reached >= c["trainer.max_steps"]):
-            raise StageError(f"run directory {run_dir} holds a finished run (final/adapter); remove it, choose "
-                             f"another exp_manager.explicit_log_dir, or raise trainer.max_steps to train it on")
-        if (run_dir / "metrics.jsonl").exists() and not resume:
-            raise StageError(f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose "
-                             f"another exp_manager.explicit_log_dir, or resume it with "
-                             f"exp_manager.resume_if_exists=true")
-        changed = same_run_changes(run_dir, c) if ckpt else {}
-        choice = json.dumps({"dir": str(run_dir), "checkpoint": str(ckpt) if ckpt else "", "changed": changed,
-                             "restart": ckpt is None and (run_dir / "metrics.jsonl").exists()})
-    where = json.loads(par.broadcast_text(choice) if par is not None else choice)
-    return SimpleNamespace(dir=Path(where["dir"]), changed=where["changed"], restart=where["restart"],
-                           checkpoint=Path(where["checkpoint"]) if where["checkpoint"] else None)
-
-
-def is_run_dir(path):
-    """A run directory of this stage: its config.yaml names this stage (runs of versions before it did are
-    recognised by their metrics.jsonl or checkpoints/)."""
-    return (written_by_this_stage(path / "config.yaml") or (path / "metrics.jsonl").exists()
-            or (path / "checkpoints").is_dir())
-
-
-def run_inputs(c, train, val):
-    """What a run trains on beyond its config values, by content: the data files, the tokenizer and the base
-    model (03's manifest.json lists every shard's sha256; a checkpoint without one, from NxD's own converter,
-    by its shard sizes). Keyed by the config key that names each; saved with every run checkpoint."""
-    ckpt, sha = Path(c["exp_manager.resume_from_checkpoint"]), lambda text: hashlib.sha256(text.encode()).hexdigest()
-    manifest = ckpt / "manifest.json"
-    shards = {p.name: p.stat().st_size for p in sorted((ckpt / "model").glob("*.pt"))}
-    return {"data.train_dir": train.inputs["data_sha256"],
-            "data.val_dir": val.inputs["data_sha256"] if val is not None else None,
-            "data.tokenizer.type": sha(json.dumps(train.inputs["tokenizer_sha256"], sort_keys=True)),
-            "model.model_config": file_sha256(c["model.model_config"]),
-            "exp_manager.resume_from_checkpoint": file_sha256(manifest) if manifest.exists() else
-            sha(json.dumps(shards))}
-
-
-def same_run_changes(run_dir, c):
-    """The resumable keys whose values differ from the run's saved config.yaml, as {key: [saved, now]}. A change
-    to any other key is refused, each one listed with its saved and its new value."""
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        saved = {}
-    flat = {}
-    stack = [("", saved)]
-    while stack:
-        prefix, node = stack.pop()
-        for k, v in node.items():
-            if isinstance(v, dict):
-                stack.append((f"{prefix}{k}.", v))
-            else:
-                flat[f"{prefix}{k}"] = v
-    changed = {k: [flat[k], v] for k, v in redacted(c).items() if k in flat and flat[k] != v}
-    sched = "model.optim.sched.max_steps"  # null means trainer.max_steps: the same decay either way
-    if sched in changed and None in changed[sched]:
-        old, new = changed[sched]
-        if (flat.get("trainer.max_steps") if old is None else old) == (c["trainer.max_steps"] if new is None else new):
-            del changed[sched]
-    refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items() if k not in RESUMABLE]
-    if refused:
-        raise not_the_same_run(run_dir, refused)
-    return changed
-
-
-def same_inputs(checkpoint, inputs):
-    """A resumed run trains on the same content: the data, tokenizer and base checkpoint checksums that its
-    checkpoint recorded must be today's (checkpoints of versions that recorded none are not checked)."""
-    trained_on = json.loads((checkpoint / "trainer_state.json").read_text()).get("inputs") or {}
-    refused = [f"content of {k}: sha256 {str(old)[:12]}... -> {str(inputs.get(k))[:12]}..."
-               for k, old in trained_on.items() if inputs.get(k) != old]
-    if refused:
-        raise not_the_same_run(checkpoint.parents[1], refused)
-
-
-def not_the_same_run(run_dir, changes):
-    return StageError(f"{run_dir} holds a run trained with other settings, and a resumed run must be the same run: "
-                      f"{'; '.join(changes)}. Restore them, or start a new run (another exp_manager.explicit_log_dir); "
-                      f"config.yaml lists the keys that may change on resume")
-
-
-def keep_metrics_lines(run_dir, n):
-    """Drop what a killed run logged after its checkpoint, so the resumed run's records follow on exactly."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    write_atomically(path, "".join(lines))
-
-
-# ------------------------------------------------------------------------------------------------ pre-flight
-def check_shards(c, arch, par_cfg):
-    """Every tensor-parallel shard: tensor names and shapes against config.json (on a meta-device model, so
-    nothing is allocated), one floating dtype throughout, and that dtype against config.json's."""
-    tp = par_cfg["tensor_model_parallel_size"]
-    dtypes, layout = set(), layout_of(c, arch)
-    for r in range(tp):
-        par = Parallel(layout, torch.device("meta"), world=tp, rank=r, connect=False)
-        with torch.device("meta"):
-            model = Llama(arch, par=par)
-        dtypes |= load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)[1]
-    raw = json.loads(Path(c["model.model_config"]).read_text())
-    declared = raw.get("torch_dtype") or raw.get("dtype")
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise StageError(f"{c['exp_manager.resume_from_checkpoint']}: tensors of mixed or non-float dtypes {dtypes}")
-    found = str(next(iter(dtypes))).removeprefix("torch.")
-    if declared and declared != found:
-        raise StageError(f"{c['exp_manager.resume_from_checkpoint']}: tensors are {found}, "
-                         f"{c['model.model_config']} says {declared}")
-    return tp, found
-
-
-# What the Neuron runtime holds on a NeuronCore besides the program's tensors: model code (with 96 MB of
-# micro-code per physical core), scratchpad, DMA rings and collective buffers (Neuron docs, "Neuron device
-# memory"). No fixed figure is published; 1 GiB is this estimate's allowance.
-NEURON_RUNTIME_RESERVE_GIB = 1.0
-ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak (the dry run warns within it)
-
-
-def memory_estimate(arch, c, tp, supervised_per_row, trainium):
-    """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, all fp32),
-    activations of one micro-batch with and without per-layer checkpointing, and on Trainium (XLA or
-    TorchNeuron) the Neuron runtime's own reserve. Activations count what autograd keeps per layer (norm outputs, q/k/v, attention
-    output, the MLP's gate/up/product) at the compute dtype, the fp32 residual kept for each RMSNorm, LoRA A's
-    fp32 outputs and, with LoRA dropout, each adapted input's dropped copy and its keep mask, the attention
-    matrix where no fused attention kernel is used (Trainium with a mask), the boolean document mask, and the fp32
-    logits, softmax and gradient of the output layer at the positions that get logits. An estimate,
-    typically within 20%; allocator fragmentation comes on top."""
-    par = Parallel(layout_of(c, arch), torch.device("meta"), world=tp, rank=0, connect=False)
-    with torch.device("meta"):
-        model = Llama(arch, par=par)
-    modules, params = add_lora(model, c, verbose=False)
-    e = 2 if c["precision.type"] == "autocast" else 4
-    b, s, h = c["data.micro_batch_size"], c["data.seq_length"], arch["hidden"]
-    attn = model.model.layers[0].self_attn
-    ql, kvl, hd, il = attn.heads, attn.kv_heads, arch["head_dim"], arch["inter"] // tp
-    r = c["model_alignment_strategy.peft.lora_rank"]
-    per_layer = b * s * (2 * 4 * h + e * (2 * h + (2 * ql + 4 * kvl) * hd + 4 * il) + 4 * 4 * r)
-    if c["model_alignment_strategy.peft.lora_dropout"] > 0:
-        widths = {"qkv_proj": h, "o_proj": ql * hd, "gate_up_proj": h, "down_proj": il}
-        targets = c["model_alignment_strategy.peft.target_modules"]
-        per_layer += b * s * (e + 1) * sum(widths[t] for t in targets)
-    if trainium:
-        per_layer += b * ql * s * s * (e + 4)
-    n_ckpt = arch["layers"] if c["model.activations_checkpoint_layers"] is None else \
-        min(arch["layers"], c["model.activations_checkpoint_layers"])
-    positions = b * s if trainium else b * supervised_per_row
-    shared = b * s * s + positions * (arch["vocab"] // tp) * 4 * 3
-    return {
-        "frozen base": sum(p.numel() for p in model.parameters() if not p.requires_grad) * e,
-        "LoRA weights, gradients, AdamW": sum(p.numel() for p in params) * 16,
-        "runtime reserve": int(NEURON_RUNTIME_RESERVE_GIB * 2**30) if trainium else 0,
-        "activations": arch["layers"] * per_layer + shared,
-        "activations, checkpointed": (arch["layers"] - n_ckpt + 1) * per_layer + n_ckpt * b * s * h * e + shared,
-    }
-
-
-def planned_trainium(c):
-    """The Trainium generation this config trains on, without starting a device (as pick_device decides): XLA
-    takes the checkpoint's hw_backend, TorchNeuron runs on trn2 or trn3; None elsewhere."""
-    import importlib.util
-
-    acc = c["trainer.accelerator"]
-    if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None):
-        return c["distributed_strategy.hw_backend"]
-    if acc == "neuron":
-        return "trn3" if neuron_generation() == "trn3" else "trn2"
-    return None
-
-
-def device_memory(c):
-    """(GiB per rank, where the figure comes from) for the device this config trains on."""
-    if c["trainer.device_memory_gib"]:
-        return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
-    gen, acc = planned_trainium(c), c["trainer.accelerator"]
-    if gen:
-        lnc = f", per logical core at LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
-        return neuron_datasheet(gen)[2], f"{gen} NeuronCore datasheet{lnc}"
-    if acc in ("cuda", "auto") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return props.total_memory / 2**30, props.name
-    mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
-    per = int(os.environ.get("LOCAL_WORLD_SIZE", c["distributed_strategy.tensor_model_parallel_size"]))
-    return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
-
-
-def dry_run(c, arch, where):
-    """The plan of a run, and every check its inputs allow now; StageError on the first problem. It needs only
-    model.model_config: the tokenizer and data, and the converted checkpoint, are checked where they exist and
-    named as skipped where they do not (memory is then planned with every position supervised). It plans for the
-    configured device from any host, opening none: trn1 with trainer.accelerator=xla (the checkpoint's
-    hw_backend), trn2/trn3 with neuron, with their datasheet memory."""
-    skipped, supervised_per_row = [], c["data.seq_length"]
-    data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
-    if (tok_dir / "tokenizer.json").is_file() and (str(data).startswith("hf://") or Path(data).exists()):
-        tokenizer = load_tokenizer(c)
-        train = load_split(data, tokenizer, c, "train", None)
-        val = load_split(c["data.val_dir"], tokenizer, c, "val", None) if c["data.val_dir"] else None
-        supervised_per_row = int(train.supervised.max())
-        if where.checkpoint:
-            same_inputs(where.checkpoint, run_inputs(c, train, val))
-    else:
-        skipped.append(f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every "
-                       f"position supervised")
-    ckpt, tp = Path(c["exp_manager.resume_from_checkpoint"]), c["distributed_strategy.tensor_model_parallel_size"]
-    if any((ckpt / "model").glob("*.pt")):
-        _, dtype = check_shards(c, arch, {"tensor_model_parallel_size": tp,
-                                          "kv_replicator": c["distributed_strategy.kv_replicator"],
-                                          "hw_backend": c["distributed_strategy.hw_backend"]})
-        print(f"checkpoint: {tp} shard(s) in {ckpt}/model, every tensor present with the expected shape, {dtype}")
-    else:
-        skipped.append(f"checkpoint shards ({ckpt}/model): not converted yet (stage 03 writes them)")
-    trainium = planned_trainium(c)
-    limit, source = device_memory(c)
-    est = memory_estimate(arch, c, tp, supervised_per_row, trainium is not None)
-    print(f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
-          f"{c['data.seq_length']}, {c['precision.type']}):")
-    for k, v in est.items():
-        print(f"  {k:<34} {v / 2**30:8.2f} GiB")
-    plain, ckpt_gib = totals_gib(est)
-    print(f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n  {'total with checkpointing':<34} {ckpt_gib:8.2f} GiB")
-    print(f"  device memory                      {limit:8.2f} GiB ({source})")
-    print_plan(c, arch, supervised_per_row, trainium, limit)
-    warn_chip_span(tp, trainium)
-    for item in skipped:
-        print(f"skipped: {item}")
-    need = ckpt_gib if c["model.activations_checkpoint"] else plain
-    if need > limit:
-        hint = (" ; model.activations_checkpoint=true would bring it to {:.2f} GiB".format(ckpt_gib)
-                if not c["model.activations_checkpoint"] and ckpt_gib <= limit else
-                "; raise distributed_strategy.tensor_model_parallel_size or lower data.micro_batch_size / seq_length")
-        raise StageError(f"this configuration needs about {need:.2f} GiB per rank, the device has {limit:.2f} GiB{hint}")
-    if need * (1 + ESTIMATE_ERROR) > limit:
-        print(f"warning: {need:.2f} GiB is within the estimate's {ESTIMATE_ERROR:.0%} error of the device's "
-              f"{limit:.2f} GiB" + ("; model.activations_checkpoint=true would need {:.2f} GiB".format(ckpt_gib)
-                                     if not c["model.activations_checkpoint"] else ""), file=sys.stderr)
-    print(f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
-          f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained")
-    print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
-
-
-def totals_gib(est):
-    """(GiB without activation checkpointing, GiB with it) of a memory_estimate."""
-    fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["runtime reserve"]
-    return (fixed + est["activations"]) / 2**30, (fixed + est["activations, checkpointed"]) / 2**30
-
-
-def print_plan(c, arch, supervised_per_row, trainium, limit):
-    """Memory per rank over every tensor-parallel size the model's heads allow (KV heads copied where TP exceeds
-    them), without and with activation checkpointing, marked by whether it fits the device (with the estimate's
-    error) - the choice of TP before anything is converted."""
-    print(f"plan: memory per rank over tensor-parallel sizes (GiB; fits: under {limit:.2f} with the estimate's "
-          f"{ESTIMATE_ERROR:.0%} error, tight: within it, no: over)")
-    print("    TP  kv_replicator  without checkpointing  with checkpointing")
-    mark = lambda gib: "fits" if gib * (1 + ESTIMATE_ERROR) <= limit else "tight" if gib <= limit else "no"  # noqa: E731
-    for tp in range(1, arch["heads"] + 1):
-        kv = max(1, tp // arch["kv_heads"])
-        planned = dict(c, **{"distributed_strategy.tensor_model_parallel_size": tp, "distributed_strategy.kv_replicator": kv})
-        if arch["heads"] % tp or tp & (tp - 1):
-            continue
-        try:
-            layout_of(planned, arch).check()
-        except StageError:
-            continue
-        plain, ckpt = totals_gib(memory_estimate(arch, planned, tp, supervised_per_row, trainium is not None))
-        this = "   <- this config" if tp == c["distributed_strategy.tensor_model_parallel_size"] else ""
-        print(f"  {tp:4d}  {kv:13d}  {plain:9.2f} {mark(plain):<11}  {ckpt:8.2f} {mark(ckpt):<5}{this}")
-
-
-def warn_chip_span(tp, trainium):
-    """On trn2/trn3 a tensor-parallel group should stay within one chip: its all-reduces run every layer."""
-    if trainium not in ("trn2", "trn3"):
-        return
-    per_chip = 8 // logical_cores_per_core(trainium)  # 8 physical NeuronCores per chip
-    if tp > per_chip:
-        print(f"warning: TP {tp} spans {-(-tp // per_chip)} {trainium} chips ({per_chip} logical cores per chip at "
-              f"LNC {logical_cores_per_core(trainium)}): its all-reduces, several per layer, leave the chip; keep "
-              f"TP <= {per_chip} where the model fits", file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------------ training loop
-def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
-    """This rank's micro-batches, step after step: the step's windows (a pure function of seed and step) split
-    evenly over the data-parallel ranks, each share cut into micro-batches, built when drawn. Each carries
-    `scale`, one over the step's supervised tokens on all ranks, so every supervised token weighs the same."""
-    share = gbs // par.dp
-    for step in range(start, max_steps):
-        idx = step_indices(step, len(train), gbs, seed)
-        # one element, not 0-d: torch-xla keeps 0-d uploads in a cache by value, and a value met elsewhere in a graph
-        # would then be merged with it into one input, making a graph of another shape
-        scale = torch.tensor([1.0 / max(1, int(train.supervised[idx].sum()))])
-        mine = idx[par.dp_rank * share:(par.dp_rank + 1) * share]
-        for first in range(0, share, mbs):
-            yield dict(train.batch(mine[first:first + mbs]), scale=scale)
-
-
-def device_loader(batches, device):
-    """On XLA, torch-xla's loader copies the next batches to the device in the background; on TorchNeuron each
-    micro-batch is copied one ahead, from pinned memory without blocking (prefetched); on CPU and CUDA the loss
-    moves each micro-batch itself, after cutting it on the host."""
-    if device.type == "xla":
-        import torch_xla.distributed.parallel_loader as pl
-
-        return iter(pl.MpDeviceLoader(batches, device))
-    if device.type == "neuron":
-        return prefetched(batches, device, pin=True)
-    return iter(batches)
-
-
-def prefetched(batches, device, pin):
-    """The batches on the device, each copy issued one batch ahead of its use so that it overlaps the step before
-    it; from pinned host memory with non_blocking copies (the host does not wait for them)."""
-    def moved(batch):
-        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
-
-    ahead = None
-    for batch in batches:
-        current, ahead = ahead, moved(batch)
-        if current is not None:
-            yield current
-    if ahead is not None:
-        yield ahead
-
-
-class LogInterval:
-    """What happened since the last read of the device: step losses, the last gradient norm, and the non-finite
-    steps (how many, and the first), kept as running device values that every step updates in the same graph
-    (nothing is read, nothing changes shape); real and supervised tokens and model FLOPs summed on the host from
-    per-row counts computed once. `read` fetches the device values in one transfer, at log intervals, before a
-    checkpoint and at the end."""
-
-    def __init__(self, train, arch, seed, gbs, device, start, skipped):
-        self.train, self.flops_per_window = train, window_flops(train, arch)
-        self.n_rows, self.seed, self.gbs = len(train), seed, gbs
-        self.total_tokens, self.started = 0, time.perf_counter()
-        # loss sum over finite steps, finite steps, last loss, last gradient norm, skipped steps, first bad step (0:
-        # none yet), steps done: one device vector, so that a read is one transfer
-        self.values = torch.tensor([0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)], device=device)
-        self.last_read = [0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)]
-        self.reset()
-
-    def reset(self):
-        self.tokens, self.supervised, self.flops, self.steps = 0, 0, 0.0, 0
-        self.since = time.perf_counter()
-
-    def add(self, step, step_loss, grad_norm, bad):
-        idx = step_indices(step, self.n_rows, self.gbs, self.seed)
-        self.tokens += int(self.train.n_tokens[idx].sum())
-        self.supervised += int(self.train.supervised[idx].sum())
-        self.flops += float(self.flops_per_window[idx].sum())
-        self.steps += 1
-        loss_sum, finite, _, _, skipped, first_bad, done = self.values.unbind()
-        good = (~bad).float()
-        done = done + 1
-        self.values = torch.stack([loss_sum + torch.where(bad, 0.0, step_loss), finite + good, step_loss, grad_norm,
-                                   skipped + bad.float(), torch.where(bad & (first_bad == 0), done, first_bad), done])
-
-    def read(self):
-        """(loss sum, finite steps, last loss, last gradient norm, skipped, first non-finite step or 0, steps done),
-        cumulative, from the device in one transfer; zeros while extracting graphs say nothing and are not used."""
-        values = self.values.cpu().tolist()
-        if extracting_graphs():
-            values = [*self.last_read[:5], 0.0, self.last_read[6] + self.steps]
-        return values
-
-    def check(self, values, policy, last_checkpoint, skipped_before):
-        """Stop (nonfinite: stop) naming the first non-finite step, or warn about newly skipped ones."""
-        _, _, loss, norm, skipped, first_bad, _ = values
-        if first_bad and policy == "stop":
-            raise StageError(f"step {int(first_bad)}: the loss or the gradient norm is not finite (its update was "
-                             f"not applied); last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
-                             f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps")
-        if skipped > skipped_before:
-            print(f"warning: {int(skipped - skipped_before)} step(s) with a non-finite loss or gradient norm skipped "
-                  f"(skipped_steps: {int(skipped)})", file=sys.stderr)
-
-    def record(self, done, lr, peak, run, last_checkpoint):
-        """The metrics record of this interval (the host read of a log interval), then a fresh interval."""
-        values = self.read()
-        self.check(values, run.c["trainer.nonfinite"], last_checkpoint, self.last_read[4])
-        loss_sum, finite, loss, norm, skipped, _, _ = values
-        mean = (loss_sum - self.last_read[0]) / max(1.0, finite - self.last_read[1])
-        elapsed = time.perf_counter() - self.since
-        record = {"step": done, "loss": loss if math.isfinite(loss) else None, "lr": lr,
-                  "grad_norm": norm if math.isfinite(norm) else None,
-                  "tokens_per_s": self.tokens / elapsed, "supervised_tokens_per_s": self.supervised / elapsed,
-                  "consumed_samples": done * self.gbs, "epoch": done * self.gbs // self.n_rows,
-                  "skipped_steps": int(skipped)}
-        memory = peak_memory_gib(run.device)
-        if memory is not None:
-            record["peak_memory_gib"] = memory
-        if peak:
-            record["mfu"] = self.flops / elapsed / (peak * run.par.world)
-        record.update(compile_counts(run.device, run.c["trainer.compile"]))
-        self.total_tokens += self.tokens
-        self.last_read = values
-        self.reset()
-        return record, mean
-
-
-def train_step(run, loader):
-    """One step's forward and backward passes over its micro-batches, the gradient reductions, and the step's
-    loss, gradient norm and non-finite flag, as device values (nothing is read here)."""
-    c, device, par = run.c, run.device, run.par
-    step_loss = torch.zeros((), device=device)
-    for _ in range(c["data.global_batch_size"] // (c["data.micro_batch_size"] * par.dp)):
-        mb = next(loader)
-        s = loss_sum(run.model, mb, device, run.autocast) * mb["scale"].to(device).reshape(())
-        s.backward()
-        step_loss += s.detach()
-        sync_device(device)
-    sync_gradients(run.modules, run.params, par)
-    grad_norm = global_grad_norm(run.modules, par)
-    step_loss = par.all_reduce(step_loss, "dp")
-    bad = nonfinite(torch.stack([step_loss, grad_norm]))  # the same on every rank: both are reduced values
-    # Cut the graph between the gradient reductions and the update: each then compiles once, whatever follows.
-    sync_device(device)
-    return step_loss, grad_norm, bad
-
-
-def apply_update(run, lr, grad_norm, bad):
-    """The clipped update, not applied where the step is not finite. On an accelerator the decision is taken on
-    the device (DeviceAdamW), so the host never waits for it; on the CPU, which has no device to wait for, the flag
-    is read so that torch's own AdamW runs unchanged. Under graph extraction (every value zero) nothing is
-    decided on the host either."""
-    if run.c["trainer.gradient_clip_val"]:
-        clip_gradients(run.params, grad_norm, run.c["trainer.gradient_clip_val"])
-    if isinstance(run.optimizer, DeviceAdamW):  # lr as one element, not 0-d: see micro_batches
-        run.optimizer.step(torch.tensor([lr], dtype=torch.float32, device=run.device).reshape(()), skip=bad)
-    elif not bool(bad):
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-
-
-def checkpoint_every(c):
-    """Steps between run checkpoints (0 = none); none at all while extracting graphs, where every rank would
-    write zeros over the same step_N.tmp."""
-    every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
-    if extracting_graphs() and every:
-        print("NEURON_EXTRACT_GRAPHS_ONLY: graph extraction only, no run checkpoints are written")
-        return 0
-    return every
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """SIGTERM (a scheduler's preemption; torchrun passing one on) is recorded in the yielded list instead of
-    ending the process, so the loop can finish its step and checkpoint; the previous handler returns after."""
-    requests = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requests.append(signum))
-    try:
-        yield requests
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def train_loop(run, train, start, skipped, last_checkpoint, stop):
-    """Steps start..max_steps with logging, validation and run checkpoints. Device values are read only at log
-    intervals, before a checkpoint and at the end (LogInterval); a non-finite step is skipped on the device and,
-    with trainer.nonfinite=stop, stops the run at the next read. A stop request (`stop`, filled by stop_requests on
-    SIGTERM) on any rank ends the run after the current step with a checkpoint. Returns (the log interval with the
-    run's totals, the step the run stopped after or None, the last checkpoint)."""
-    c, par = run.c, run.par
-    max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
-    peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
-    print(f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})" if peak
-          else f"MFU not reported: {peak_source}")
-    every = checkpoint_every(c)
-    interval = LogInterval(train, run.arch, c["seed"], gbs, run.device, start, skipped)
-    loader = device_loader(micro_batches(train, start, max_steps, gbs, c["data.micro_batch_size"], c["seed"], par),
-                           run.device)
-    bar = progress_bar(max_steps, start, shown=par.rank == 0)
-    for step in range(start, max_steps):
-        lr = lr_at(step, c)
-        step_loss, grad_norm, bad = train_step(run, loader)
-        stopping = par.any_rank(stop)  # a stop request is host data, shared over the CPU group
-        apply_update(run, lr, grad_norm, bad)
-        interval.add(step, step_loss, grad_norm, bad)
-        sync_device(run.device)
-        done = step + 1
-        bar.set_description_str(f"Epoch {done * gbs // interval.n_rows}")
-        bar.update(1)
-        if done % c["trainer.log_every_n_steps"] == 0 or done == max_steps or stopping:
-            record, mean = interval.record(done, lr, peak, run, last_checkpoint)
-            run.metrics.log(record)
-            last = record["loss"] if record["loss"] is not None else float("nan")
-            bar.set_postfix_str(f"loss={mean:.3f}, reduced_train_loss={last:.3f}, lr={lr:.3g}, global_step={done}, "
-                                f"consumed_samples={done * gbs}, tokens/s={record['tokens_per_s']:.0f}"
-                                + (f", mfu={record['mfu']:.1%}" if peak else ""))
-        if done % c["trainer.val_check_interval"] == 0 and done != max_steps:
-            bar.clear()
-            run_evaluation(run, done, gen=False)
-        if (every and done % every == 0) or (stopping and not extracting_graphs()):
-            values = interval.read()  # a checkpoint holds only steps that were finite, under nonfinite=stop
-            interval.check(values, c["trainer.nonfinite"], last_checkpoint, values[4])
-            last_checkpoint = save_run_checkpoint(run, done, int(values[4]))
-        if stopping:
-            bar.close()
-            return interval, done, last_checkpoint
-    bar.close()
-    return interval, None, last_checkpoint
-
-
-# ------------------------------------------------------------------------------------------------ run
-def parse_args(argv):
-    ap = config_arg_parser(__doc__)
-    ap.add_argument("--inspect-data", type=int, metavar="N", default=0,
-                    help="print N training windows with the trained tokens marked [[like this]], then exit")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="check config, tokenizer, checkpoint shards and data, estimate memory per rank, then exit")
-    ap.add_argument("--neuron-env", action="store_true",
-                    help="print the Neuron compiler/runtime variables of this config as shell export lines "
-                         "(for the launch: eval \"$(python 05_train.py ... --neuron-env)\"), then exit")
-    ap.add_argument("--check-config", action="store_true",
-                    help="check the config's keys, types, ranges and cross-key rules (no files read), then exit")
-    return ap.parse_intermixed_args(argv)
-
-
-def prepare_settings(c, args):
-    """Cross-key checks, seeds, and the model architecture with its parallel layout checked: everything that can
-    fail before a device is touched."""
-    check_settings(c, launched=not args.dry_run)
-    random.seed(c["seed"])
-    np.random.seed(c["seed"])
-    torch.manual_seed(c["seed"])
-    arch = read_model_config(c["model.model_config"])
-    window = arch.get("sliding_window")
-    if window is not None and window < c["data.seq_length"]:
-        raise StageError(f"{c['model.model_config']}: sliding_window {window} is shorter than data.seq_length "
-                         f"{c['data.seq_length']}: this model attends to its last {window} tokens only, the model "
-                         f"trained here to every earlier token; set data.seq_length <= {window}")
-    layout_of(c, arch).check()
-    return arch
-
-
-def open_device(c, arch):
-    """The device and the process group, before anything else: on Neuron the group must precede any device
-    tensor, and a missing backend then fails before any output is written."""
-    device = pick_device(c)
-    return device, Parallel(layout_of(c, arch), device)
-
-
-def load_tokenizer(c):
-    from transformers import AutoTokenizer
-
-    tok_dir = Path(c["data.tokenizer.type"])
-    if not tok_dir.is_dir():
-        raise StageError(f"data.tokenizer.type: tokenizer directory {tok_dir} not found (stage 02 writes it)")
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise StageError(f"data.tokenizer.type: {tok_dir} has no tokenizer.json (the fast tokenizer's file, which "
-                         f"stage 02 writes); run stage 02 or point the key at a directory that has one")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as e:
-        raise StageError(f"data.tokenizer.type: {tok_dir} cannot be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if tokenizer.eos_token_id is None:
-        raise StageError(f"data.tokenizer.type: {tok_dir} defines no EOS token, which ends every trained answer")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only fills padding, which is never attended or trained
-    return tokenizer
-
-
-def build_model(c, arch, device, par):
-    """The rank's shard of the base model from the converted checkpoint, with LoRA added, dropout seeded, the
-    attention chosen and, with trainer.compile, the layers compiled. Returns (model, LoRA modules, params)."""
-    autocast = c["precision.type"] == "autocast"
-    base_dtype = torch.bfloat16 if autocast else torch.float32
-    n_ckpt = (arch["layers"] if c["model.activations_checkpoint_layers"] is None
-              else c["model.activations_checkpoint_layers"]) if c["model.activations_checkpoint"] else 0
-    with torch.device(device):
-        model = Llama(arch, base_dtype, par, recompute_layers=n_ckpt)
-    tp = par.tp
-    ckpt, _ = load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"],
-                              {"tensor_model_parallel_size": tp, "kv_replicator": c["distributed_strategy.kv_replicator"],
-                               "hw_backend": c["distributed_strategy.hw_backend"]})
-    sync_device(device)  # on XLA: the copies into the fused q/k/v slices run now, not inside a later graph
-    print(f"loaded {ckpt.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
-          f"process(es): TP {tp} x DP {par.dp}" + (f"; activation checkpointing on {n_ckpt} layer(s)" if n_ckpt else ""))
-    modules, params = add_lora(model, c)
-    seed_dropout(c["seed"], par, device)
-    model.attention = attention_mode(c, device)
-    model.fixed_shapes = compiles_per_shape(device) or c["trainer.compile"]
-    if c["trainer.compile"]:
-        compile_layers(model, device)
-    print(f"attention: {model.attention}" + ("; decoder layers compiled with torch.compile" if c["trainer.compile"] else ""))
-    model.train()
-    return model, modules, params
-
-
-def open_run(run, where):
-    """The run directory (made by rank 0) and the state to resume from: fills run.dir, run.optimizer,
-    run.metrics; returns (first step, skipped steps so far). A new run saves its resolved config as config.yaml;
-    a resumed one keeps the original and appends to resumes.jsonl the step and the keys this launch changed."""
-    c, par = run.c, run.par
-    run.dir, resume_from = where.dir, where.checkpoint
-    run.optimizer = make_optimizer(run.params, c, run.device)
-    start, skipped = 0, 0
-    if par.rank == 0:
-        run.made_dirs = make_dirs(run.dir)
-        if where.restart:
-            print(f"warning: {run.dir} holds a run but no complete checkpoint; starting it again from step 0",
-                  file=sys.stderr)
-            (run.dir / "metrics.jsonl").unlink()
-    if resume_from:
-        state = load_run_checkpoint(resume_from, par, run.params, run.optimizer, run.device)
-        start, skipped = state["step"], state["skipped_steps"]
-        if par.rank == 0:
-            keep_metrics_lines(run.dir, state["metrics_lines"])
-            with open(run.dir / "resumes.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": resume_from.name,
-                                    "step": start, "changed": where.changed}) + "\n")
-        print(f"resuming from {resume_from}: step {start}, {state['consumed_samples']} samples consumed"
-              + "".join(f"; {k}: {old} -> {new}" for k, (old, new) in where.changed.items()))
-    if par.rank == 0:
-        if not resume_from:
-            save_config(c, run.dir / "config.yaml")
-        print(f"run directory: {run.dir}")
-        run.metrics = Metrics(run.dir, c["exp_manager.create_tensorboard_logger"], start if resume_from else None)
-    else:
-        run.metrics = NoMetrics()
-    return start, skipped
-
-
-def make_dirs(path):
-    """mkdir -p that returns the directories it made, outermost first (so a failed start can remove them)."""
-    path, missing = Path(path), []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-    return missing[::-1]
-
-
-def remove_failed_start(run):
-    """After a failure: a run directory that this launch made and in which no training step was completed
-    holds nothing worth keeping; it is removed, with the parents made for it."""
-    if not getattr(run, "made_dirs", None) or (run.dir / "checkpoints").exists():
-        return
-    metrics = run.dir / "metrics.jsonl"
-    if metrics.exists() and any("loss" in json.loads(line) for line in metrics.read_text().splitlines()):
-        return
-    shutil.rmtree(run.dir, ignore_errors=True)
-    for d in reversed(run.made_dirs[:-1]):
-        try:
-            d.rmdir()
-        except OSError:
-            break
-
-
-def run_evaluation(run, step, gen):
-    """val_loss over the whole validation set (and, with gen, greedy generation scored by exact match), logged."""
-    c, record = run.c, {"step": step}
-    if run.val is None:
-        return record
-    record["val_loss"] = evaluate(run.model, run.val, c["data.micro_batch_size"], run.device, run.autocast)
-    if gen and run.generate:
-        record["gen_exact_match"], samples = generation_eval(run.model, run.val_records, run.tokenizer, c,
-                                                             run.device, run.autocast)
-        record["gen_samples"] = len(samples)
-        if run.par.rank == 0:
-            (run.dir / f"generations_step{step}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-        for s in samples[:c["evaluation.generate.show"]]:
-            print(f"    prompt: {s['prompt']!r}\n    answer: {s['answer']!r}   expected: {s['expected']!r}")
-    record.update(compile_counts(run.device, c["trainer.compile"]))
-    run.metrics.log(record)
-    print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    return record
-
-
-def save_run_checkpoint(run, done, skipped):
-    """A run checkpoint after step `done` (a collective: every rank takes part)."""
-    c, par, gbs = run.c, run.par, run.c["data.global_batch_size"]
-    state = {"step": done, "consumed_samples": done * gbs, "skipped_steps": skipped,
-             "data": {"seed": c["seed"], "next_step": done, "windows": run.n_rows, "global_batch_size": gbs},
-             "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
-             "tensor_parallel": par.tp, "data_parallel": par.dp, "metrics_lines": run.metrics.lines,
-             "inputs": run.inputs}
-    lora = gather_lora(run.modules, par, run.arch)
-    path = write_run_checkpoint(run.dir / "checkpoints", state, par, run.params, run.optimizer,
-                           lambda out: export_peft_adapter(lora, run.arch, c, out), run.device,
-                           c["exp_manager.checkpoint_callback_params.save_top_k"])
-    print(f"checkpoint: {path}")
-    return path
-
-
-def finish(run, args, interval):
-    """The final validation and generation, the adapter export, and the run summary."""
-    c = run.c
-    final = run_evaluation(run, c["trainer.max_steps"], gen=True)
-    lora = gather_lora(run.modules, run.par, run.arch)  # a collective: every rank takes part
-    if run.par.rank != 0:
-        return
-    adapter = export_peft_adapter(lora, run.arch, c, run.dir / "final" / "adapter")
-    run.metrics.close()
-    vals = [json.loads(line).get("val_loss") for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    vals = [v for v in vals if v is not None]
-    memory = peak_memory_gib(run.device)
-    print(f"done: {c['trainer.max_steps']} steps in {time.perf_counter() - interval.started:.0f} s, "
-          f"{interval.total_tokens:,} tokens trained" + (f", peak memory {memory:.2f} GiB per rank" if memory is not None else ""))
-    if vals:
-        print(f"val_loss: first {vals[0]:.4f}, best {min(vals):.4f}, last {vals[-1]:.4f}"
-              + (f"; gen_exact_match {final['gen_exact_match']:.0%}" if "gen_exact_match" in final else ""))
-    if run.device.type == "xla" and xla_fallback_ops():
-        print(f"warning: torch-xla ran these operations on the CPU (slow on Trainium): "
-              f"{', '.join(xla_fallback_ops())}", file=sys.stderr)
-    print(f"adapter (PEFT format): {adapter}")
-    print(f"merged HF model: python 03_convert_checkpoint.py {' '.join(f'--config {p}' for p in args.config or ['config.yaml'])} "
-          f"--to-hf <dir> --merge-adapter {adapter}")
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
-        sys.stdout = open(os.devnull, "w")
-    paths = args.config or ["config.yaml"]
-    c = resolve(load_config(paths, args.overrides), SCHEMA)
-    if args.neuron_env:
-        print_launch_environment(c)
-        return
-    show_settings(c, paths, args.overrides, SCHEMA)
-    if args.check_config:
-        check_settings(c, launched=False)
-        print("config: keys, types, ranges and cross-key rules OK")
-        return
-    arch = prepare_settings(c, args)
-    device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, arch)
-    # The run directory, and whether this launch continues its run, before any data is prepared or model loaded.
-    where = None if args.inspect_data else resume_point(c, par)
-    if args.dry_run:
-        dry_run(c, arch, where)
-        return
-
-    # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
-    tokenizer = load_tokenizer(c)
-    train = load_split(c["data.train_dir"], tokenizer, c, "train", par)
-    if args.inspect_data:
-        inspect_data(train.batch(range(min(args.inspect_data, len(train)))), tokenizer, args.inspect_data)
-        return
-    val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
-    inputs = run_inputs(c, train, val)
-    if where.checkpoint:
-        same_inputs(where.checkpoint, inputs)
-    n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
-    val_records = (read_records(c["data.val_dir"], n_prompts, c["data.format"], rename_pairs(c["data.rename_fields"]))
-                   if val is not None and n_prompts else [])
-
-    model, modules, params = build_model(c, arch, device, par)
-    generate = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
-    if c["evaluation.generate.num_prompts"] > 0 and not generate:
-        print(f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
-              "generate from the merged model instead")
-    run = SimpleNamespace(c=c, arch=arch, device=device, par=par, model=model, modules=modules, params=params,
-                          autocast=c["precision.type"] == "autocast", tokenizer=tokenizer, val=val,
-                          val_records=val_records, generate=generate, n_rows=len(train), inputs=inputs)
-    try:
-        start, skipped = open_run(run, where)
-        if not where.checkpoint:
-            run_evaluation(run, 0, gen=True)
-        if c["trainer.max_steps"] == 0:
-            run.metrics.close()
-            print("trainer.max_steps=0: baseline evaluation only, no adapter written")
-            return
-        with stop_requests() as stop:
-            interval, stopped_after, last_checkpoint = train_loop(run, train, start, skipped, where.checkpoint, stop)
-    except BaseException:
-        if par.rank == 0:
-            remove_failed_start(run)
-        raise
-    if stopped_after is not None:
-        run.metrics.close()
-        print(f"stopped by SIGTERM after step {stopped_after}; resume with exp_manager.resume_if_exists=true "
-              f"(checkpoint {last_checkpoint})")
-        return
-    finish(run, args, interval)
-
-
+# ------------------------------------------------------------------------------------------------ entry point
 if __name__ == "__main__":
     try:
         main()

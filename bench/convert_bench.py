@@ -33,15 +33,26 @@ def synthetic_model(out, layers, hidden=4096, inter=14336, heads=32, kv=8, vocab
     """A Llama-shaped checkpoint of bf16 tensors in 1-GiB-ish shards with an index (content is arbitrary)."""
     out.mkdir(parents=True, exist_ok=True)
     hd = hidden // heads
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv * hd, hidden),
-                       p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
-                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (heads * hd, hidden),
+                p + "self_attn.k_proj.weight": (kv * hd, hidden),
+                p + "self_attn.v_proj.weight": (kv * hd, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * hd),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     weight_map, shard, size, n = {}, {}, 0, 0
     gen = torch.Generator().manual_seed(0)
 
@@ -61,13 +72,26 @@ def synthetic_model(out, layers, hidden=4096, inter=14336, heads=32, kv=8, vocab
     if shard:
         flush()
     total = sum((out / f).stat().st_size for f in set(weight_map.values()))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "tie_word_embeddings": False}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": hidden,
+                "intermediate_size": inter,
+                "num_attention_heads": heads,
+                "num_key_value_heads": kv,
+                "num_hidden_layers": layers,
+                "vocab_size": vocab,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
     return total
 
 
@@ -108,8 +132,20 @@ def main():
         return
     shutil.rmtree(work, ignore_errors=True)
     # Built in a child process: a child forked from a big parent would report the parent's memory as its peak.
-    subprocess.run([sys.executable, __file__, "--make-model-only", "--layers", str(args.layers), "--vocab",
-                    str(args.vocab), "--work", str(work)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--make-model-only",
+            "--layers",
+            str(args.layers),
+            "--vocab",
+            str(args.vocab),
+            "--work",
+            str(work),
+        ],
+        check=True,
+    )
     files = sorted(model.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
 
@@ -117,28 +153,52 @@ def main():
     read_bps = sequential_read(files)
 
     overlay = work / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({
-        "model": {"hf_weights_dir": str(model), "model_config": str(model / "config.json")},
-        "exp_manager": {"resume_from_checkpoint": str(work / "ckpt")},
-        "distributed_strategy": {"tensor_model_parallel_size": args.tp, "kv_replicator": args.kv_replicator}}))
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"hf_weights_dir": str(model), "model_config": str(model / "config.json")},
+                "exp_manager": {"resume_from_checkpoint": str(work / "ckpt")},
+                "distributed_strategy": {"tensor_model_parallel_size": args.tp, "kv_replicator": args.kv_replicator},
+            }
+        )
+    )
     drop_page_cache()
     # A small wrapper process runs the converter, so its children's peak is the converter's alone.
-    measure = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
-    out = subprocess.run([sys.executable, "-c", measure, sys.executable, str(ROOT / "03_convert_checkpoint.py"),
-                          "--config", str(ROOT / "config.yaml"), "--config", str(overlay)],
-                         check=True, capture_output=True, text=True).stdout.split()
+    measure = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            measure,
+            sys.executable,
+            str(ROOT / "03_convert_checkpoint.py"),
+            "--config",
+            str(ROOT / "config.yaml"),
+            "--config",
+            str(overlay),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     seconds, peak = float(out[0]), int(out[1])
     largest = max(p.stat().st_size for p in (work / "ckpt" / "model").iterdir())
 
     gib = 2**30
-    print(f"| synthetic model | {size / gib:.2f} GiB ({size / 1e9:.2f} GB) bf16, {args.layers} layers of Llama-3-8B "
-          f"shape, vocabulary {args.vocab:,}, TP {args.tp}, KV heads copied {args.kv_replicator}x |")
+    print(
+        f"| synthetic model | {size / gib:.2f} GiB ({size / 1e9:.2f} GB) bf16, {args.layers} layers of Llama-3-8B "
+        f"shape, vocabulary {args.vocab:,}, TP {args.tp}, KV heads copied {args.kv_replicator}x |"
+    )
     print(f"| page cache dropped before timed reads | {'yes' if cold else 'no (not root): warm-cache figures'} |")
     print(f"| largest output shard | {largest / gib:.3f} GiB |")
-    print(f"| peak resident memory of 03 | {peak / gib:.3f} GiB (bound: largest shard + 1 GiB = "
-          f"{(largest + gib) / gib:.3f} GiB) {'OK' if peak < largest + gib else 'OVER'} |")
+    print(
+        f"| peak resident memory of 03 | {peak / gib:.3f} GiB (bound: largest shard + 1 GiB = "
+        f"{(largest + gib) / gib:.3f} GiB) {'OK' if peak < largest + gib else 'OVER'} |"
+    )
     print(f"| conversion | {seconds:.1f} s, {size / seconds / 2**20:.0f} MiB/s of input |")
     print(f"| plain sequential read of the same files | {read_bps / 2**20:.0f} MiB/s |")
     print(f"| conversion / sequential read | {size / seconds / read_bps:.2f} |")

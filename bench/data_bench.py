@@ -22,7 +22,8 @@ seq_length 4096, packing, every record).
 Each measurement is a real launch of 05_train.py: `--inspect-data 1` (settings, tokenizer, data; no model) for
 one process, and a launch of the training run of a tiny model (vocabulary 128,256) under torchrun with 4
 data-parallel ranks up to its first step (trainer.max_steps=0: the data prepared or mapped, the process group,
-the model loaded; the step's own memory is the model's business, not the data's). Peak resident memory: the process's own high-water mark (VmHWM); memory-mapped token files count only
+the model loaded; the step's own memory is the model's business, not the data's). Peak resident memory: the
+process's own high-water mark (VmHWM); memory-mapped token files count only
 for the pages a process touched, and those are shared through the page cache. The tokenizer's own throughput on
 the same records (batched calls, all cores) is printed for context: it bounds how fast any preparation can be.
 The before-path runs the 05_train.py of commit --before (read with git show).
@@ -40,8 +41,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128256
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -52,8 +55,9 @@ def lexicon(rng, n=300_000):
     words = set()
     while len(words) < n:
         syllables = rng.integers(1, 5)
-        words.add("".join(onsets[rng.integers(len(onsets))] + vowels[rng.integers(len(vowels))]
-                          for _ in range(syllables)))
+        words.add(
+            "".join(onsets[rng.integers(len(onsets))] + vowels[rng.integers(len(vowels))] for _ in range(syllables))
+        )
     return np.array(sorted(words, key=len))
 
 
@@ -78,7 +82,7 @@ def write_records(path, n, seed=0):
                 lengths = log_uniform(rng, lo, hi, m)
                 drawn = words[rng.choice(len(words), size=int(lengths.sum()), p=p)]
                 ends = np.cumsum(lengths)
-                texts.append([" ".join(drawn[e - k:e]) + "." for e, k in zip(ends, lengths)])
+                texts.append([" ".join(drawn[e - k : e]) + "." for e, k in zip(ends, lengths)])
             f.writelines(json.dumps({"input": a + "\n", "output": b}) + "\n" for a, b in zip(*texts))
     tmp.rename(path)
     return path
@@ -98,13 +102,16 @@ def write_conversations(work, n, seed=2):
     def sentences(lo, hi, m):
         lengths = log_uniform(rng, lo, hi, m)
         drawn, ends = words[rng.choice(len(words), size=int(lengths.sum()), p=p)], np.cumsum(lengths)
-        return iter(" ".join(drawn[e - k:e]) + "." for e, k in zip(ends, lengths))
+        return iter(" ".join(drawn[e - k : e]) + "." for e, k in zip(ends, lengths))
 
     with open(conv_path, "w") as conv_f, open(single_path, "w") as single_f:
         for first in range(0, n, 10_000):
             turns = rng.integers(1, 5, size=min(10_000, n - first))
-            systems, users, answers = (sentences(5, 30, len(turns)), sentences(10, 120, int(turns.sum())),
-                                       sentences(5, 80, int(turns.sum())))
+            systems, users, answers = (
+                sentences(5, 30, len(turns)),
+                sentences(10, 120, int(turns.sum())),
+                sentences(5, 80, int(turns.sum())),
+            )
             for k in turns:
                 system, asked, said = next(systems), [next(users) for _ in range(k)], [next(answers) for _ in range(k)]
                 messages = [{"role": "system", "content": system}]
@@ -118,7 +125,8 @@ def write_conversations(work, n, seed=2):
 LLAMA3_STYLE_TEMPLATE = (  # Llama 3's layout, on the benchmark tokenizer's reserved special tokens
     "{{ bos_token }}{% for m in messages %}<|reserved_special_token_0|>{{ m['role'] }}<|reserved_special_token_1|>"
     "\n\n{{ m['content'] }}<|reserved_special_token_2|>{% endfor %}{% if add_generation_prompt %}"
-    "<|reserved_special_token_0|>assistant<|reserved_special_token_1|>\n\n{% endif %}")
+    "<|reserved_special_token_0|>assistant<|reserved_special_token_1|>\n\n{% endif %}"
+)
 
 
 def conversation_rows(work, n, tokenizer_dir, ckpt):
@@ -131,29 +139,47 @@ def conversation_rows(work, n, tokenizer_dir, ckpt):
     tok.save_pretrained(str(chat_tok))
     conv_path, single_path = write_conversations(work, n)
     rows = []
-    for label, data, fmt in (("single-turn, raw", single_path, "raw"),
-                             ("single-turn, chat_template", single_path, "chat_template"),
-                             ("conversations (chat template)", conv_path, "raw")):
+    for label, data, fmt in (
+        ("single-turn, raw", single_path, "raw"),
+        ("single-turn, chat_template", single_path, "chat_template"),
+        ("conversations (chat template)", conv_path, "raw"),
+    ):
         cache = work / f"prepared-conv-{fmt}-{data.stem}"
         subprocess.run(["rm", "-rf", str(cache)], check=True)
-        overlay = write_overlay(work / "conv.yaml", {
-            "trainer": {"accelerator": "cpu"},
-            "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
-            "data": {"train_dir": str(data), "val_dir": None, "dev_choose_samples": None, "seq_length": 4096,
-                     "prompt_format": fmt, "tokenizer": {"type": str(chat_tok)}, "cache_dir": str(cache)},
-            "model": {"model_config": str(work / "config.json")},
-            "exp_manager": {"resume_from_checkpoint": str(ckpt)}})
-        seconds, peaks, _ = launch([sys.executable, "05_train.py", "--config", "config.yaml", "--config", str(overlay),
-                                    "--inspect-data", "1"])
+        overlay = write_overlay(
+            work / "conv.yaml",
+            {
+                "trainer": {"accelerator": "cpu"},
+                "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
+                "data": {
+                    "train_dir": str(data),
+                    "val_dir": None,
+                    "dev_choose_samples": None,
+                    "seq_length": 4096,
+                    "prompt_format": fmt,
+                    "tokenizer": {"type": str(chat_tok)},
+                    "cache_dir": str(cache),
+                },
+                "model": {"model_config": str(work / "config.json")},
+                "exp_manager": {"resume_from_checkpoint": str(ckpt)},
+            },
+        )
+        seconds, peaks, _ = launch(
+            [sys.executable, "05_train.py", "--config", "config.yaml", "--config", str(overlay), "--inspect-data", "1"]
+        )
         stats = json.loads(next(cache.glob("*.prepared/*/prepared.json")).read_text())["stats"]
         rows.append((label, seconds, stats["tokens"], stats["supervised"], max(peaks.values())))
     print(f"\n{n:,} records, first preparation (one process, `05_train.py --inspect-data 1`):\n")
-    print("| records | prepared tokens | trained tokens | time (s) | tokens/s | single-turn raw / this | peak RSS (GiB) |")
+    print(
+        "| records | prepared tokens | trained tokens | time (s) | tokens/s | single-turn raw / this | peak RSS (GiB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     base = rows[0][2] / rows[0][1]
     for label, seconds, tokens, supervised, gib in rows:
         rate = tokens / seconds
-        print(f"| {label} | {tokens:,} | {supervised:,} | {seconds:.1f} | {rate:,.0f} | {base / rate:.2f}x | {gib:.2f} |")
+        print(
+            f"| {label} | {tokens:,} | {supervised:,} | {seconds:.1f} | {rate:,.0f} | {base / rate:.2f}x | {gib:.2f} |"
+        )
 
 
 def make_tokenizer(out, sample):
@@ -164,12 +190,20 @@ def make_tokenizer(out, sample):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     special = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(254)]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=special,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
 
     def texts():
         with open(sample) as f:
@@ -193,21 +227,48 @@ def make_model(work, tokenizer_dir):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                                      bos_token_id=0, eos_token_id=1))
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
     hf.save_pretrained(str(work / "hf"))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(work / "hf"))
-    overlay = write_overlay(work / "model.yaml", {"model": {"download": {"source": str(work / "hf")},
-                                                            "model_config": str(work / "config.json"),
-                                                            "hf_weights_dir": str(work / "hf_weights")},
-                                                  "exp_manager": {"resume_from_checkpoint": str(ckpt)},
-                                                  "distributed_strategy": {"tensor_model_parallel_size": 1,
-                                                                           "kv_replicator": 1}})
+    overlay = write_overlay(
+        work / "model.yaml",
+        {
+            "model": {
+                "download": {"source": str(work / "hf")},
+                "model_config": str(work / "config.json"),
+                "hf_weights_dir": str(work / "hf_weights"),
+            },
+            "exp_manager": {"resume_from_checkpoint": str(ckpt)},
+            "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
+        },
+    )
     for stage in ("02_download_model.py", "03_convert_checkpoint.py"):
-        proc = subprocess.run([sys.executable, stage, "--config", "config.yaml", "--config", str(overlay),
-                               f"data.tokenizer.type={work / 'unused-tokenizer'}"], cwd=ROOT, capture_output=True,
-                              text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                stage,
+                "--config",
+                "config.yaml",
+                "--config",
+                str(overlay),
+                f"data.tokenizer.type={work / 'unused-tokenizer'}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             raise SystemExit(f"{stage} failed:\n{proc.stderr[-2000:]}")
     return ckpt
@@ -248,8 +309,14 @@ def high_water_gib(pid):
 def launch(cmd, env=None):
     """Run a command; returns (seconds, {pid: peak resident GiB} of it and every process below it, output)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+    )
     peaks, names = {}, {}
     out = []
     import threading
@@ -271,8 +338,11 @@ def launch(cmd, env=None):
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{''.join(out)[-4000:]}")
-    workers = {pid: gib for pid, gib in peaks.items() if any(b"05_train.py" in part or b"05_before.py" in part
-                                                           for part in names.get(pid, []))}
+    workers = {
+        pid: gib
+        for pid, gib in peaks.items()
+        if any(b"05_train.py" in part or b"05_before.py" in part for part in names.get(pid, []))
+    }
     return seconds, workers, "".join(out)
 
 
@@ -288,7 +358,7 @@ def tokenizer_rate(tokenizer_dir, sample, n=20_000):
             texts += [r["input"], r["output"]]
     start, count = time.perf_counter(), 0
     for i in range(0, len(texts), 2048):
-        count += sum(map(len, tok(texts[i:i + 2048], add_special_tokens=False)["input_ids"]))
+        count += sum(map(len, tok(texts[i : i + 2048], add_special_tokens=False)["input_ids"]))
     return count / (time.perf_counter() - start), count / n
 
 
@@ -306,59 +376,114 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
 
     command = f"--conversations {args.conversations}" if args.conversations else f"--sizes {args.sizes}"
-    print(f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU(s), {os.uname().machine}; python bench/data_bench.py "
-          f"{command}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU(s), {os.uname().machine}; python bench/data_bench.py "
+        f"{command}"
+    )
     sample = write_records(work / "sample-20000.jsonl", 20_000, seed=1)
     tokenizer_dir = make_tokenizer(work / "tokenizer", sample)
     ckpt = make_model(work, tokenizer_dir)
     rate, per_record = tokenizer_rate(tokenizer_dir, sample)
-    print(f"tokenizer alone (vocabulary {VOCAB:,}, batched, all cores): {rate / 1e6:.2f}M tokens/s; "
-          f"{per_record:.0f} tokens per record on average\n")
+    print(
+        f"tokenizer alone (vocabulary {VOCAB:,}, batched, all cores): {rate / 1e6:.2f}M tokens/s; "
+        f"{per_record:.0f} tokens per record on average\n"
+    )
     if args.conversations:
         conversation_rows(work, args.conversations, tokenizer_dir, ckpt)
         return
     before = work / "05_before.py"
-    before.write_text(subprocess.run(["git", "show", f"{args.before}:05_train.py"], cwd=ROOT, check=True,
-                                     capture_output=True, text=True).stdout)
+    before.write_text(
+        subprocess.run(
+            ["git", "show", f"{args.before}:05_train.py"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
+    )
 
     rows = []
     for n in sizes:
         data = write_records(work / f"records-{n}.jsonl", n)
         cache = work / f"prepared-{n}"
-        overlay = write_overlay(work / f"run-{n}.yaml", {
-            "trainer": {"accelerator": "cpu", "max_steps": 0},
-            "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
-            "data": {"train_dir": str(data), "val_dir": None, "dev_choose_samples": None, "seq_length": 4096,
-                     "micro_batch_size": 1, "global_batch_size": 4, "tokenizer": {"type": str(tokenizer_dir)},
-                     "cache_dir": str(cache)},
-            "model": {"model_config": str(work / "config.json")},
-            "exp_manager": {"resume_from_checkpoint": str(ckpt), "explicit_log_dir": str(work / f"run-{n}"),
-                            "checkpoint_callback_params": {"every_n_train_steps": 0}},
-            "evaluation": {"generate": {"num_prompts": 0}}})
+        overlay = write_overlay(
+            work / f"run-{n}.yaml",
+            {
+                "trainer": {"accelerator": "cpu", "max_steps": 0},
+                "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
+                "data": {
+                    "train_dir": str(data),
+                    "val_dir": None,
+                    "dev_choose_samples": None,
+                    "seq_length": 4096,
+                    "micro_batch_size": 1,
+                    "global_batch_size": 4,
+                    "tokenizer": {"type": str(tokenizer_dir)},
+                    "cache_dir": str(cache),
+                },
+                "model": {"model_config": str(work / "config.json")},
+                "exp_manager": {
+                    "resume_from_checkpoint": str(ckpt),
+                    "explicit_log_dir": str(work / f"run-{n}"),
+                    "checkpoint_callback_params": {"every_n_train_steps": 0},
+                },
+                "evaluation": {"generate": {"num_prompts": 0}},
+            },
+        )
         config = ["--config", "config.yaml", "--config", str(overlay)]
         if n <= args.before_max:
             s, peaks, _ = launch([sys.executable, str(before), *config, "--inspect-data", "1"])
             rows.append((n, "before: in memory, one record at a time", "1", s, None, max(peaks.values())))
             subprocess.run(["rm", "-rf", str(work / f"run-{n}")], check=True)
-            s, peaks, _ = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                                  str(before), *config])
-            rows.append((n, "before, 4 ranks (per rank: " + ", ".join(f"{g:.2f}" for g in sorted(peaks.values(),
-                        reverse=True)) + ")", "4", s, None, max(peaks.values())))
+            s, peaks, _ = launch(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node=4",
+                    str(before),
+                    *config,
+                ]
+            )
+            rows.append(
+                (
+                    n,
+                    "before, 4 ranks (per rank: "
+                    + ", ".join(f"{g:.2f}" for g in sorted(peaks.values(), reverse=True))
+                    + ")",
+                    "4",
+                    s,
+                    None,
+                    max(peaks.values()),
+                )
+            )
         subprocess.run(["rm", "-rf", str(cache)], check=True)
         s1, p1, out = launch([sys.executable, "05_train.py", *config, "--inspect-data", "1"])
         s2, p2, _ = launch([sys.executable, "05_train.py", *config, "--inspect-data", "1"])
         summary = next(line for line in out.splitlines() if line.startswith("train: ") and " records -> " in line)
         rows.append((n, "prepared once, memory-mapped", "1", s1, s2, max(list(p1.values()) + list(p2.values()))))
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "05_train.py",
-                    *config]
+        torchrun = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=4",
+            "05_train.py",
+            *config,
+        ]
         subprocess.run(["rm", "-rf", str(cache), str(work / f"run-{n}")], check=True)
         s3, p3, _ = launch(torchrun)
         subprocess.run(["rm", "-rf", str(work / f"run-{n}")], check=True)
         s4, p4, _ = launch(torchrun)
         ranks = ", ".join(f"{g:.2f}" for g in sorted(p3.values(), reverse=True))
-        rows.append((n, f"4 ranks, data and model loaded (per rank: {ranks} | "
-                        f"{', '.join(f'{g:.2f}' for g in sorted(p4.values(), reverse=True))})",
-                     "4", s3, s4, max(list(p3.values()) + list(p4.values()))))
+        rows.append(
+            (
+                n,
+                f"4 ranks, data and model loaded (per rank: {ranks} | "
+                f"{', '.join(f'{g:.2f}' for g in sorted(p4.values(), reverse=True))})",
+                "4",
+                s3,
+                s4,
+                max(list(p3.values()) + list(p4.values())),
+            )
+        )
         print(f"{n:,} records: {summary.split(': ', 1)[1]}", flush=True)
 
     print("\n| records | path | processes | first launch (s) | relaunch (s) | peak RSS per process (GiB) |")
@@ -370,8 +495,10 @@ def main():
         old = next((r for r in rows if r[0] == n and r[1].startswith("before")), None)
         new = next(r for r in rows if r[0] == n and r[1].startswith("prepared"))
         if old:
-            print(f"{n:,} records, before / now: first launch {old[3] / new[3]:.1f}x, relaunch {old[3] / new[4]:.1f}x, "
-                  f"peak memory {old[5] / new[5]:.1f}x")
+            print(
+                f"{n:,} records, before / now: first launch {old[3] / new[3]:.1f}x, relaunch {old[3] / new[4]:.1f}x, "
+                f"peak memory {old[5] / new[5]:.1f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ ratio, MFU against the card's dense bf16 datasheet peak (05's FLOP count), peak 
 import argparse
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ TARGETS_PEFT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def stage(name):
     spec = importlib.util.spec_from_file_location("s05_train", ROOT / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -41,15 +43,24 @@ def packed_rows(n, seq, vocab, train, seed=0):
         docs.append((ids, [-100] * prompt + ids[prompt:]))
     windows = train.Windows.from_docs(docs, seq, True, pad_id=0)
     batch = windows.batch(range(n))
-    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(n)], windows
+    return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(n)], windows
 
 
 def hf_config(layers):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
-                       max_position_embeddings=8192, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
 
 
 def timed(step, rows, warmup):
@@ -67,8 +78,9 @@ def timed(step, rows, warmup):
 def run_peft(hf, rows, warmup, train):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS_PEFT,
-                                          task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS_PEFT, task_type="CAUSAL_LM")
+    )
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -80,8 +92,12 @@ def run_peft(hf, rows, warmup, train):
         labels = torch.full_like(mb["input_ids"], -100)
         labels[:, 1:] = mb["targets"][:, :-1]
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=mb["input_ids"].cuda(), position_ids=mb["position_ids"].cuda(),
-                        attention_mask=train.document_mask(mb["segment_ids"].cuda()), labels=labels.cuda())
+            out = model(
+                input_ids=mb["input_ids"].cuda(),
+                position_ids=mb["position_ids"].cuda(),
+                attention_mask=train.document_mask(mb["segment_ids"].cuda()),
+                labels=labels.cuda(),
+            )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -105,7 +121,9 @@ def ours_from_hf(hf, train, cfg):
             p = f"model.layers.{i}."
             layer.self_attn.qkv_proj.weight.copy_(torch.cat([sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
             layer.self_attn.o_proj.weight.copy_(sd[p + "self_attn.o_proj.weight"])
-            layer.mlp.gate_up_proj.weight.copy_(torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]))
+            layer.mlp.gate_up_proj.weight.copy_(
+                torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+            )
             layer.mlp.down_proj.weight.copy_(sd[p + "mlp.down_proj.weight"])
             layer.input_layernorm.weight.copy_(sd[p + "input_layernorm.weight"])
             layer.post_attention_layernorm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
@@ -145,12 +163,23 @@ def main():
         hf = LlamaForCausalLM(hf_config(args.layers))
     torch.set_default_dtype(torch.float32)
     hf.config._attn_implementation = "sdpa"
-    cfg = dict(vocab=128256, hidden=4096, inter=14336, layers=args.layers, heads=32, kv_heads=8, head_dim=128,
-               eps=1e-5, rope_theta=500000.0, rope_scaling=None, tie=False)
+    cfg = train.Arch(
+        vocab=128256,
+        hidden=4096,
+        inter=14336,
+        layers=args.layers,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=None,
+        tie=False,
+    )
     rows, windows = packed_rows(args.warmup + args.steps, args.seq, 128256, train)
-    timed_rows = rows[args.warmup:]
+    timed_rows = rows[args.warmup :]
     tokens = sum(int((mb["segment_ids"] > 0).sum()) for mb in timed_rows)
-    flops = float(train.window_flops(windows, cfg)[args.warmup:len(rows)].sum())
+    flops = float(train.window_flops(windows, cfg)[args.warmup : len(rows)].sum())
     name = torch.cuda.get_device_name()
     peak = train.peak_flops(torch.device("cuda"), True, None)[0]
 
@@ -159,21 +188,39 @@ def main():
     del hf
     torch.cuda.empty_cache()
     peft = "model_alignment_strategy.peft."
-    c = {peft + "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], peft + "lora_rank": 16,
-         peft + "lora_alpha": 32.0, peft + "lora_dropout": 0.05, peft + "lora_bias": "none",
-         peft + "lora_verbose": False, "precision.type": "autocast", "data.micro_batch_size": 1,
-         "data.seq_length": args.seq, "model.activations_checkpoint_layers": None}
+    c = {
+        peft + "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        peft + "lora_rank": 16,
+        peft + "lora_alpha": 32.0,
+        peft + "lora_dropout": 0.05,
+        peft + "lora_bias": "none",
+        peft + "lora_verbose": False,
+        "precision.type": "autocast",
+        "data.micro_batch_size": 1,
+        "data.seq_length": args.seq,
+        "model.activations_checkpoint_layers": None,
+    }
     ours_s, ours_mem = run_ours(ours_model, rows, args.warmup, train, c)
     est = train.memory_estimate(cfg, c, 1, max(int((mb["targets"] != -100).sum()) for mb in rows), trainium=False)
 
-    result = {"device": name, "torch": torch.__version__, "layers": args.layers, "seq": args.seq,
-              "timed_steps": args.steps, "tokens": tokens,
-              "ours_tokens_per_s": tokens / ours_s, "peft_tokens_per_s": tokens / peft_s,
-              "ratio": peft_s / ours_s, "ours_mfu": flops / ours_s / peak if peak else None,
-              "peft_mfu": flops / peft_s / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
-              "ours_peak_gib": ours_mem, "peft_peak_gib": peft_mem,
-              "dry_run_estimate_gib": (est["frozen base"] + est["LoRA weights, gradients, AdamW"]
-                                       + est["activations"]) / 2**30}
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "layers": args.layers,
+        "seq": args.seq,
+        "timed_steps": args.steps,
+        "tokens": tokens,
+        "ours_tokens_per_s": tokens / ours_s,
+        "peft_tokens_per_s": tokens / peft_s,
+        "ratio": peft_s / ours_s,
+        "ours_mfu": flops / ours_s / peak if peak else None,
+        "peft_mfu": flops / peft_s / peak if peak else None,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "ours_peak_gib": ours_mem,
+        "peft_peak_gib": peft_mem,
+        "dry_run_estimate_gib": (est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["activations"])
+        / 2**30,
+    }
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

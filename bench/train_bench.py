@@ -44,6 +44,7 @@ ROWS = 2  # rows per optimizer step (one micro-batch)
 def stage(name):
     spec = importlib.util.spec_from_file_location(name.replace(".py", "").replace("0", "s0", 1), ROOT / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -52,15 +53,27 @@ def stage(name):
 def convert(model_dir, source):
     """Stages 02 and 03 as a user runs them: HF weights, tokenizer and config.json, then the NxDT checkpoint."""
     overlay = model_dir / "overlay.yaml"
-    overlay.write_text(json.dumps({
-        "model": {"download": {"source": str(source)}, "model_config": str(model_dir / "config.json"),
-                  "hf_weights_dir": str(model_dir / "hf")},
-        "data": {"tokenizer": {"type": str(model_dir / "tokenizer")}},
-        "exp_manager": {"resume_from_checkpoint": str(model_dir / "ckpt")},
-        "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1}}))
+    overlay.write_text(
+        json.dumps(
+            {
+                "model": {
+                    "download": {"source": str(source)},
+                    "model_config": str(model_dir / "config.json"),
+                    "hf_weights_dir": str(model_dir / "hf"),
+                },
+                "data": {"tokenizer": {"type": str(model_dir / "tokenizer")}},
+                "exp_manager": {"resume_from_checkpoint": str(model_dir / "ckpt")},
+                "distributed_strategy": {"tensor_model_parallel_size": 1, "kv_replicator": 1},
+            }
+        )
+    )
     for name in ("02_download_model.py", "03_convert_checkpoint.py"):
-        subprocess.run([sys.executable, name, "--config", "config.yaml", "--config", str(overlay)],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, name, "--config", "config.yaml", "--config", str(overlay)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
 
 
 def prepare(model):
@@ -79,10 +92,19 @@ def prepare(model):
 
     tok = AutoTokenizer.from_pretrained(str(prepare("smollm2") / "tokenizer"))
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=640,
-                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                                      eos_token_id=tok.eos_token_id))
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=256,
+            intermediate_size=640,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     hf.save_pretrained(str(model_dir / "source"))
     tok.save_pretrained(str(model_dir / "source"))
     convert(model_dir, model_dir / "source")
@@ -99,11 +121,12 @@ def batches(model_dir, seq, n, packing=True):
     tok = AutoTokenizer.from_pretrained(str(model_dir / "tokenizer"))
     records = train.read_records(ROOT / "demo" / "data" / "train.jsonl", None)
     docs, _ = train.tokenize(records, tok, "raw", seq, "truncate")
-    windows = train.Windows.from_docs(docs, seq, packing, tok.pad_token_id if tok.pad_token_id is not None
-                                      else tok.eos_token_id)
+    windows = train.Windows.from_docs(
+        docs, seq, packing, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    )
     assert len(windows) >= n, f"the demo data gives only {len(windows)} windows of {seq}"
     batch = windows.batch(range(n))
-    rows = [{k: v[i:i + ROWS] for k, v in batch.items()} for i in range(0, n, ROWS)]
+    rows = [{k: v[i : i + ROWS] for k, v in batch.items()} for i in range(0, n, ROWS)]
     torch.manual_seed(0)
     return train, rows, windows
 
@@ -114,8 +137,12 @@ def hf_inputs(mb, train):
 
     labels = torch.full_like(mb["input_ids"], -100)
     labels[:, 1:] = mb["targets"][:, :-1]
-    return {"input_ids": mb["input_ids"], "position_ids": mb["position_ids"],
-            "attention_mask": train.document_mask(mb["segment_ids"]), "labels": labels}
+    return {
+        "input_ids": mb["input_ids"],
+        "position_ids": mb["position_ids"],
+        "attention_mask": train.document_mask(mb["segment_ids"]),
+        "labels": labels,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ child: variants
@@ -126,18 +153,27 @@ def ours(model_dir, rows, train, profile, variant="ours"):
     model = train.Llama(cfg)
     train.load_base_weights(model, model_dir / "ckpt", False)
     peft = "model_alignment_strategy.peft."
-    c = {peft + "target_modules": TARGETS_OURS, peft + "lora_rank": 16, peft + "lora_alpha": 32.0,
-         peft + "lora_dropout": 0.05, peft + "lora_bias": "none", peft + "lora_verbose": False}
+    c = {
+        peft + "target_modules": TARGETS_OURS,
+        peft + "lora_rank": 16,
+        peft + "lora_alpha": 32.0,
+        peft + "lora_dropout": 0.05,
+        peft + "lora_bias": "none",
+        peft + "lora_verbose": False,
+    }
     modules, params = train.add_lora(model, c, verbose=False)
     # As 05 chooses on the CPU: block attention (and trailing padding cut) eager; one static shape compiled.
-    model.attention, model.fixed_shapes = ("masked", True) if variant in ("ours-masked", "ours-compiled") else \
-        ("blocks", False)
+    model.attention, model.fixed_shapes = (
+        ("masked", True) if variant in ("ours-masked", "ours-compiled") else ("blocks", False)
+    )
     if variant == "ours-compiled":
         train.compile_layers(model, torch.device("cpu"))
     optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-6, weight_decay=0.01)
     model.eval()
     with torch.no_grad():
-        first = float(train.loss_sum(model, rows[0], torch.device("cpu"), False)) / int((rows[0]["targets"] != -100).sum())
+        first = float(train.loss_sum(model, rows[0], torch.device("cpu"), False)) / int(
+            (rows[0]["targets"] != -100).sum()
+        )
     model.train()
 
     def step(mb):
@@ -150,7 +186,8 @@ def ours(model_dir, rows, train, profile, variant="ours"):
 
     if profile:
         step(rows[0])
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
 
         with prof(activities=[ProfilerActivity.CPU]) as p:
             step(rows[1])
@@ -164,8 +201,9 @@ def peft_model(model_dir):
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(str(model_dir / "hf"), dtype=torch.float32, attn_implementation="sdpa")
-    return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS_PEFT,
-                                           task_type="CAUSAL_LM"))
+    return get_peft_model(
+        base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS_PEFT, task_type="CAUSAL_LM")
+    )
 
 
 def first_peft_loss(model, rows, train):
@@ -218,11 +256,24 @@ def peft_trainer(model_dir, rows, train, warmup, tmp):
         def on_step_end(self, args, state, control, **kwargs):
             marks.append(time.perf_counter())
 
-    args = TrainingArguments(output_dir=str(tmp), per_device_train_batch_size=ROWS, max_steps=len(rows),
-                             learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.01,
-                             adam_epsilon=1e-6, max_grad_norm=1.0, logging_strategy="no", save_strategy="no",
-                             report_to=[], use_cpu=True, dataloader_num_workers=0, remove_unused_columns=False,
-                             disable_tqdm=True, optim="adamw_torch")
+    args = TrainingArguments(
+        output_dir=str(tmp),
+        per_device_train_batch_size=ROWS,
+        max_steps=len(rows),
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        weight_decay=0.01,
+        adam_epsilon=1e-6,
+        max_grad_norm=1.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        optim="adamw_torch",
+    )
     InOrder(model=model, args=args, train_dataset=singles, data_collator=collate, callbacks=[Clock()]).train()
     return first, marks[-1] - marks[warmup - 1]
 
@@ -235,10 +286,10 @@ def child(args):
     n_rows = (args.warmup + args.steps) * ROWS
     train, rows, windows = batches(model_dir, args.seq, n_rows, packing=args.variant != "ours-padded")
     cfg = train.read_model_config(model_dir / "config.json")
-    timed = rows[args.warmup:]
+    timed = rows[args.warmup :]
     tokens = sum(int((mb["segment_ids"] > 0).sum()) for mb in timed)
     supervised = sum(int((mb["targets"] != -100).sum()) for mb in timed)
-    flops = float(train.window_flops(windows, cfg)[args.warmup * ROWS:n_rows].sum())
+    flops = float(train.window_flops(windows, cfg)[args.warmup * ROWS : n_rows].sum())
     out = {"variant": args.variant, "tokens": tokens, "supervised": supervised, "flops": flops}
     if args.variant == "trainer":
         out["first_loss"], seconds = peft_trainer(model_dir, rows, train, args.warmup, WORK / "trainer-out")
@@ -254,7 +305,7 @@ def child(args):
         else:
             first, step = peft_loop(model_dir, rows, train)
         out["first_loss"] = first
-        for mb in rows[:args.warmup]:
+        for mb in rows[: args.warmup]:
             step(mb)
         start = time.perf_counter()
         for mb in timed:
@@ -282,8 +333,20 @@ def matmul_peak():
 
 # ------------------------------------------------------------------------------------------------ parent
 def run_child(variant, model_dir, seq, args, profile=False):
-    cmd = [sys.executable, __file__, "--child", variant, "--model-dir", str(model_dir), "--seq-one", str(seq),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--profile"] if profile else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--model-dir",
+        str(model_dir),
+        "--seq-one",
+        str(seq),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ] + (["--profile"] if profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     if proc.returncode:
         raise SystemExit(f"{variant} at {seq} failed:\n{proc.stderr[-3000:]}")
@@ -307,8 +370,10 @@ def main():
         args.variant, args.seq = args.child, args.seq_one
         return child(args)
 
-    print(f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU(s), torch threads 2, fp32, "
-          f"{ROWS} rows x seq per step, {args.steps} timed steps after {args.warmup}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU(s), torch threads 2, fp32, "
+        f"{ROWS} rows x seq per step, {args.steps} timed steps after {args.warmup}"
+    )
     peak = matmul_peak()
     print(f"fp32 matmul peak (4096^3, 2 threads): {peak / 1e9:.1f} GFLOP/s\n")
     models = [m for m in args.models.split(",") if m]
@@ -324,8 +389,10 @@ def main():
         print("|---|---|---|---|---|")
         for variant, label in (("ours", "packed"), ("ours-padded", "padded (one record per row)")):
             got = run_child(variant, dirs["smollm2"], 512, args)
-            print(f"| {label} | {args.steps * ROWS} | {got['supervised']:,} | {got['supervised'] / got['seconds']:,.0f} | "
-                  f"{got['tokens'] / got['seconds']:,.0f} |")
+            print(
+                f"| {label} | {args.steps * ROWS} | {got['supervised']:,} | "
+                f"{got['supervised'] / got['seconds']:,.0f} | {got['tokens'] / got['seconds']:,.0f} |"
+            )
         return
     if args.compile:
         print("| model | seq | variant | tokens/s | ours / this | MFU | peak RSS GiB | first loss |")
@@ -334,9 +401,11 @@ def main():
             results = {v: run_child(v, dirs["smollm2"], seq, args) for v in ("ours", "ours-masked", "ours-compiled")}
             tps = {v: r["tokens"] / r["seconds"] for v, r in results.items()}
             for v, r in results.items():
-                print(f"| smollm2 | {seq} | {v} | {tps[v]:,.0f} | {tps['ours'] / tps[v]:.2f}x | "
-                      f"{r['flops'] / r['seconds'] / peak:.1%} | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |",
-                      flush=True)
+                print(
+                    f"| smollm2 | {seq} | {v} | {tps[v]:,.0f} | {tps['ours'] / tps[v]:.2f}x | "
+                    f"{r['flops'] / r['seconds'] / peak:.1%} | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |",
+                    flush=True,
+                )
         return
     print("| model | seq | variant | tokens/s | ours / this | MFU | peak RSS GiB | first loss |")
     print("|---|---|---|---|---|---|---|---|")
@@ -346,8 +415,11 @@ def main():
             tps = {v: r["tokens"] / r["seconds"] for v, r in results.items()}
             for v, r in results.items():
                 ratio = tps["ours"] / tps[v]
-                print(f"| {m} | {seq} | {v} | {tps[v]:,.0f} | {ratio:.2f}x | {r['flops'] / r['seconds'] / peak:.1%} | "
-                      f"{r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |", flush=True)
+                print(
+                    f"| {m} | {seq} | {v} | {tps[v]:,.0f} | {ratio:.2f}x | {r['flops'] / r['seconds'] / peak:.1%} | "
+                    f"{r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,20 @@ WORDS = (
     "rabbit saddle tunnel violin wagon yellow zebra basket button carpet dinner eagle farmer hammer "
     "lemon mirror napkin pillow puzzle summer winter spring autumn marble meadow"
 ).split()
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 
 def task_add(rng):
@@ -54,10 +66,15 @@ def task_last_word(rng):
 
 def task_convert(rng):
     n = rng.randint(2, 99)
-    unit, target, factor, short = rng.choice([
-        ("kilometers", "meters", 1000, "m"), ("kilograms", "grams", 1000, "g"),
-        ("hours", "minutes", 60, "min"), ("meters", "centimeters", 100, "cm"), ("minutes", "seconds", 60, "s"),
-    ])
+    unit, target, factor, short = rng.choice(
+        [
+            ("kilometers", "meters", 1000, "m"),
+            ("kilograms", "grams", 1000, "g"),
+            ("hours", "minutes", 60, "min"),
+            ("meters", "centimeters", 100, "cm"),
+            ("minutes", "seconds", 60, "s"),
+        ]
+    )
     return f"Convert {n} {unit} to {target}.", f"{n * factor} {short}"
 
 
@@ -83,8 +100,18 @@ def task_count_words(rng):
     return f"How many words are in this sentence: {' '.join(ws)}", str(len(ws))
 
 
-TASKS = [task_add, task_subtract, task_uppercase, task_reverse_words, task_last_word, task_convert, task_date,
-         task_max, task_sort, task_count_words]
+TASKS = [
+    task_add,
+    task_subtract,
+    task_uppercase,
+    task_reverse_words,
+    task_last_word,
+    task_convert,
+    task_date,
+    task_max,
+    task_sort,
+    task_count_words,
+]
 
 
 def generate(n, seed, seen):
@@ -111,7 +138,7 @@ def main():
     ap.add_argument("--check", action="store_true", help="verify the files instead of writing them")
     args = ap.parse_args()
     seen = set()
-    val = generate(200, seed=2, seen=seen)          # validation first: train never repeats a val prompt
+    val = generate(200, seed=2, seen=seen)  # validation first: train never repeats a val prompt
     train = generate(1200, seed=1, seen=seen)
     out = Path(args.out_dir)
     files = {out / "train.jsonl": render(train), out / "val.jsonl": render(val)}

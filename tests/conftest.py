@@ -16,9 +16,9 @@ DEMO_DATA = ROOT / "demo" / "data"
 
 def load_stage(filename):
     """Import a stage file (their names start with a digit, so plain `import` cannot)."""
-    spec = importlib.util.spec_from_file_location(filename.replace(".py", "").replace("0", "s0", 1),
-                                                  ROOT / filename)
+    spec = importlib.util.spec_from_file_location(filename.replace(".py", "").replace("0", "s0", 1), ROOT / filename)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -53,21 +53,40 @@ def tokenizer_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(demo_texts(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
     out = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(str(out))
     return out
 
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 # With head_dim 16 and theta 500000 the wavelengths are 6.3, 32.4, 167, ... tokens: one above
 # original_max / low_freq_factor (64: scaled by 1/factor), one below original_max / high_freq_factor (16: kept)
 # and one between them (smoothed), so every branch of the Llama-3.1 rule is exercised.
@@ -78,11 +97,18 @@ def make_hf_model(out_dir, tokenizer_dir, seed=0, family="llama", **overrides):
     too) with the tiny tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
-                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    config_class, model_class = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[family]
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    kwargs = dict(TINY, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        TINY,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_class(config_class(**kwargs)).eval()
@@ -112,24 +138,33 @@ def tiny_settings(work):
     """Overlay values that point every stage at files under `work` with tiny-model sizes."""
     work = Path(work)
     return {
-        "trainer.accelerator": "cpu", "trainer.max_steps": 3, "trainer.log_every_n_steps": 1,
+        "trainer.accelerator": "cpu",
+        "trainer.max_steps": 3,
+        "trainer.log_every_n_steps": 1,
         "trainer.val_check_interval": 2,
         "exp_manager.explicit_log_dir": str(work / "run"),
         "exp_manager.resume_from_checkpoint": str(work / "ckpt"),
-        "distributed_strategy.tensor_model_parallel_size": 1, "distributed_strategy.kv_replicator": 1,
+        "distributed_strategy.tensor_model_parallel_size": 1,
+        "distributed_strategy.kv_replicator": 1,
         "data.download.train_uri": str(DEMO_DATA / "train.jsonl"),
         "data.download.val_uri": str(DEMO_DATA / "val.jsonl"),
         "data.train_dir": str(work / "data" / "training.jsonl"),
         "data.val_dir": str(work / "data" / "validation.jsonl"),
-        "data.dev_choose_samples": 24, "data.seq_length": 64, "data.global_batch_size": 2,
+        "data.dev_choose_samples": 24,
+        "data.seq_length": 64,
+        "data.global_batch_size": 2,
         "data.tokenizer.type": str(work / "tokenizer"),
         "model.download.source": str(work / "hf_source"),
-        "model.model_config": str(work / "config.json"), "model.hf_weights_dir": str(work / "hf_weights"),
-        "model.optim.lr": 1e-2, "model.optim.sched.warmup_steps": 1,
+        "model.model_config": str(work / "config.json"),
+        "model.hf_weights_dir": str(work / "hf_weights"),
+        "model.optim.lr": 1e-2,
+        "model.optim.sched.warmup_steps": 1,
         "precision.type": "fp32",
         "model_alignment_strategy.peft.target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-        "evaluation.generate.num_prompts": 4, "evaluation.generate.max_new_tokens": 6,
-        "evaluation.generate.batch_size": 4, "evaluation.generate.show": 1,
+        "evaluation.generate.num_prompts": 4,
+        "evaluation.generate.max_new_tokens": 6,
+        "evaluation.generate.batch_size": 4,
+        "evaluation.generate.show": 1,
     }
 
 
@@ -138,8 +173,9 @@ def tiny_llama(train, work, tokenizer_dir, **overrides):
     convert = load_stage("03_convert_checkpoint.py")
     hf = make_hf_model(work, tokenizer_dir, **overrides)
     config = json.loads((Path(work) / "config.json").read_text())
-    layout = convert.Layout(config, tp=1, pp=1, kv_mult=1, backend="trn1")
-    state = convert.nxdt_shard(layout, convert.TensorReader(convert.weight_files(Path(work))), 0, 0, False)
+    arch = convert.arch_of(config)
+    reader = convert.TensorReader(convert.weight_files(Path(work)))
+    state = convert.nxdt_shard(convert.Layout(arch), convert.pipeline_stages(arch, 1), reader, 0, 0, False)
     model = train.Llama(train.read_model_config(Path(work) / "config.json"))
     with torch.no_grad():
         for name, dest in train.base_weight_slots(model, fuse_qkv=False).items():
@@ -161,8 +197,9 @@ def pipeline(tmp_path_factory, tokenizer_dir):
 def train(work, overlay, name, *overrides):
     """Run 05 in-process with its own run directory; returns the metrics.jsonl records."""
     run_dir = work / name
-    load_stage("05_train.py").main(["--config", "config.yaml", "--config", str(overlay),
-                                    f"exp_manager.explicit_log_dir={run_dir}", *overrides])
+    load_stage("05_train.py").main(
+        ["--config", "config.yaml", "--config", str(overlay), f"exp_manager.explicit_log_dir={run_dir}", *overrides]
+    )
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -30,7 +30,7 @@ def main():
     device = torch.device("cpu")
     tokenizer = train.load_tokenizer(c)
     windows = train.load_split(c["data.train_dir"], tokenizer, c, "train", None)
-    rows = sorted(range(len(windows)), key=lambda w: -int(windows.supervised[w]))[:c["data.micro_batch_size"]]
+    rows = sorted(range(len(windows)), key=lambda w: -int(windows.supervised[w]))[: c["data.micro_batch_size"]]
     mb = windows.batch(rows)
     torch.manual_seed(0)
     baseline = resident("VmRSS")
@@ -38,7 +38,11 @@ def main():
     optimizer = train.make_optimizer(params, c, device)
     train.loss_sum(model, mb, device, autocast=False).backward()
     optimizer.step()
-    print(json.dumps({"baseline": baseline, "peak": resident("VmHWM"), "supervised_per_row": int(windows.supervised[rows[0]])}))
+    print(
+        json.dumps(
+            {"baseline": baseline, "peak": resident("VmHWM"), "supervised_per_row": int(windows.supervised[rows[0]])}
+        )
+    )
 
 
 if __name__ == "__main__":

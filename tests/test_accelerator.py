@@ -6,7 +6,6 @@ runs for real on this CPU."""
 import json
 
 import pytest
-
 from conftest import run_stage, train
 
 NO_GEN = ["evaluation.generate.num_prompts=0"]
@@ -26,22 +25,41 @@ def test_auto_takes_the_cpu_on_a_host_without_accelerators(train_mod, pipeline):
 def test_an_accelerator_that_is_not_here_fails_fast_and_writes_nothing(pipeline, accelerator, names):
     work, overlay = pipeline
     run_dir = work / f"no-{accelerator}"
-    proc = run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay),
-                      f"trainer.accelerator={accelerator}", f"exp_manager.explicit_log_dir={run_dir}"], check=False)
+    proc = run_stage(
+        [
+            "05_train.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            f"trainer.accelerator={accelerator}",
+            f"exp_manager.explicit_log_dir={run_dir}",
+        ],
+        check=False,
+    )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and names in proc.stderr and f"trainer.accelerator={accelerator}" in proc.stderr
     assert not run_dir.exists()
 
 
-def test_a_neuron_host_without_a_usable_backend_is_refused_not_trained_on_the_cpu(train_mod, pipeline, tmp_path,
-                                                                               monkeypatch):
+def test_a_neuron_host_without_a_usable_backend_is_refused_not_trained_on_the_cpu(
+    train_mod, pipeline, tmp_path, monkeypatch
+):
     work, overlay = pipeline
     (tmp_path / "neuron0").touch()
     monkeypatch.setattr(train_mod, "NEURON_DEVICE_DIR", str(tmp_path))
     run_dir = work / "neuron-host"
     with pytest.raises(train_mod.StageError, match="has Neuron devices .* install torch-neuronx"):
-        train_mod.main(["--config", "config.yaml", "--config", str(overlay), "trainer.accelerator=auto",
-                        f"exp_manager.explicit_log_dir={run_dir}"])
+        train_mod.main(
+            [
+                "--config",
+                "config.yaml",
+                "--config",
+                str(overlay),
+                "trainer.accelerator=auto",
+                f"exp_manager.explicit_log_dir={run_dir}",
+            ]
+        )
     assert not run_dir.exists()
     # Asked for explicitly, the CPU is still allowed there.
     assert train_mod.pick_device(settings(train_mod, overlay, "trainer.accelerator=cpu")).type == "cpu"
@@ -54,8 +72,18 @@ def losses(records, key="loss"):
 @pytest.mark.parametrize("packing, modes", [(True, ("blocks", "masked")), (False, ("blocks", "masked", "causal"))])
 def test_every_attention_choice_gives_the_same_losses(pipeline, packing, modes):
     work, overlay = pipeline
-    runs = {m: train(work, overlay, f"attn-{m}-{packing}", "model.attention=" + m, "trainer.max_steps=2",
-                     f"model_alignment_strategy.sft.packing={str(packing).lower()}", *NO_GEN) for m in modes}
+    runs = {
+        m: train(
+            work,
+            overlay,
+            f"attn-{m}-{packing}",
+            "model.attention=" + m,
+            "trainer.max_steps=2",
+            f"model_alignment_strategy.sft.packing={str(packing).lower()}",
+            *NO_GEN,
+        )
+        for m in modes
+    }
     for mode in modes[1:]:
         assert losses(runs[mode]) == pytest.approx(losses(runs[modes[0]]), abs=1e-5), mode
         assert losses(runs[mode], "val_loss") == pytest.approx(losses(runs[modes[0]], "val_loss"), abs=1e-5), mode
@@ -86,8 +114,13 @@ def test_compiled_layers_train_like_eager_and_compile_only_in_the_first_step(pip
 
 def test_a_compiled_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_one(pipeline):
     work, overlay = pipeline
-    fixed = ["trainer.compile=true", "model.optim.sched.max_steps=4", "trainer.val_check_interval=100",
-             "exp_manager.checkpoint_callback_params.every_n_train_steps=2", *NO_GEN]  # dropout on
+    fixed = [
+        "trainer.compile=true",
+        "model.optim.sched.max_steps=4",
+        "trainer.val_check_interval=100",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+        *NO_GEN,
+    ]  # dropout on
     whole = train(work, overlay, "compiled-whole", "trainer.max_steps=4", *fixed)
     train(work, overlay, "compiled-resumed", "trainer.max_steps=2", *fixed)
     resumed = train(work, overlay, "compiled-resumed", "trainer.max_steps=4", *fixed)

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import yaml
-
 from conftest import ROOT, load_stage, run_stage
 
 STAGES = ["01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py", "05_train.py"]
@@ -41,8 +40,14 @@ def test_later_files_and_overrides_replace_earlier_values(cfgmod, tmp_path):
 
 
 def test_overrides_parse_yaml_scalars_and_lists(cfgmod):
-    cfg = cfgmod.load_config([ROOT / "config.yaml"], ["model_alignment_strategy.peft.target_modules=[o_proj,down_proj]",
-                                                      "trainer.gradient_clip_val=null", "model.fuse_qkv=true"])
+    cfg = cfgmod.load_config(
+        [ROOT / "config.yaml"],
+        [
+            "model_alignment_strategy.peft.target_modules=[o_proj,down_proj]",
+            "trainer.gradient_clip_val=null",
+            "model.fuse_qkv=true",
+        ],
+    )
     c = cfgmod.resolve(cfg, cfgmod.SCHEMA)
     assert c["model_alignment_strategy.peft.target_modules"] == ["o_proj", "down_proj"]
     assert c["trainer.gradient_clip_val"] is None and c["model.fuse_qkv"] is True
@@ -103,8 +108,13 @@ def test_config_yaml_has_the_tutorial_settings_and_one_sequence_length():
     assert cfg["model"]["optim"]["lr"] == 1.5e-4 and cfg["model"]["optim"]["sched"]["warmup_steps"] == 10
     assert cfg["trainer"]["max_steps"] == 5000 and cfg["trainer"]["gradient_clip_val"] == 1.0
     assert cfg["model_alignment_strategy"]["peft"] == {
-        "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_bias": "none", "lora_verbose": True,
-        "target_modules": ["qkv_proj"]}
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.05,
+        "lora_bias": "none",
+        "lora_verbose": True,
+        "target_modules": ["qkv_proj"],
+    }
     assert cfg["model_alignment_strategy"]["sft"]["packing"] is True
     assert len(re.findall(r"^\s*\w*seq_length\s*:", text, re.M)) == 1  # no second, conflicting sequence length
 
@@ -128,17 +138,23 @@ def test_a_missing_config_file_is_named(tmp_path):
 
 
 def test_weight_init_only_false_is_refused_rather_than_ignored(cfgmod):
-    c = cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], ["model.weight_init_only=false",
-                                                                   "distributed_strategy.tensor_model_parallel_size=1"]),
-                       cfgmod.SCHEMA)
+    c = cfgmod.resolve(
+        cfgmod.load_config(
+            [ROOT / "config.yaml"],
+            ["model.weight_init_only=false", "distributed_strategy.tensor_model_parallel_size=1"],
+        ),
+        cfgmod.SCHEMA,
+    )
     with pytest.raises(cfgmod.StageError, match="weight_init_only: false"):
         cfgmod.check_settings(c)
 
 
 def test_an_unknown_key_suggests_the_closest_known_keys(cfgmod):
-    cases = {"trainer.max_step=3": "did you mean 'trainer.max_steps'?",
-             "traner.max_steps=3": "did you mean 'trainer'?",
-             "trainer.seq_length=128": "did you mean 'data.seq_length'?"}
+    cases = {
+        "trainer.max_step=3": "did you mean 'trainer.max_steps'?",
+        "traner.max_steps=3": "did you mean 'trainer'?",
+        "trainer.seq_length=128": "did you mean 'data.seq_length'?",
+    }
     for override, hint in cases.items():
         with pytest.raises(cfgmod.StageError, match=re.escape(hint)):
             cfgmod.load_config([ROOT / "config.yaml"], [override])
@@ -150,26 +166,35 @@ def test_a_yaml_syntax_error_names_file_line_and_column(cfgmod, tmp_path):
         cfgmod.load_config([ROOT / "config.yaml", tmp_path / "bad.yaml"], [])
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.optim.lr=-1e-4", "'model.optim.lr' must be > 0, got -0.0001"),
-    ("model_alignment_strategy.peft.lora_alpha=0", "'model_alignment_strategy.peft.lora_alpha' must be > 0"),
-    ("model_alignment_strategy.peft.lora_dropout=1.0", "'model_alignment_strategy.peft.lora_dropout' must be in [0, 1)"),
-    ("data.dev_choose_samples=0", "'data.dev_choose_samples' must be >= 1, got 0"),
-    ("model.optim.betas=[0.9,1.0]", "every item of 'model.optim.betas' must be in [0, 1)"),
-    ("model.optim.eps=0", "'model.optim.eps' must be > 0"),
-    ("model.optim.sched.warmup_steps=-1", "'model.optim.sched.warmup_steps' must be >= 0"),
-    ("evaluation.generate.num_prompts=-1", "'evaluation.generate.num_prompts' must be >= 0"),
-    ("seed=-1", "'seed' must be in [0, 4294967295]"),
-    ("trainer.gradient_clip_val=0", "'trainer.gradient_clip_val' must be > 0"),
-], ids=lambda x: x.split("=")[0] if "=" in x else None)
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.optim.lr=-1e-4", "'model.optim.lr' must be > 0, got -0.0001"),
+        ("model_alignment_strategy.peft.lora_alpha=0", "'model_alignment_strategy.peft.lora_alpha' must be > 0"),
+        (
+            "model_alignment_strategy.peft.lora_dropout=1.0",
+            "'model_alignment_strategy.peft.lora_dropout' must be in [0, 1)",
+        ),
+        ("data.dev_choose_samples=0", "'data.dev_choose_samples' must be >= 1, got 0"),
+        ("model.optim.betas=[0.9,1.0]", "every item of 'model.optim.betas' must be in [0, 1)"),
+        ("model.optim.eps=0", "'model.optim.eps' must be > 0"),
+        ("model.optim.sched.warmup_steps=-1", "'model.optim.sched.warmup_steps' must be >= 0"),
+        ("evaluation.generate.num_prompts=-1", "'evaluation.generate.num_prompts' must be >= 0"),
+        ("seed=-1", "'seed' must be in [0, 4294967295]"),
+        ("trainer.gradient_clip_val=0", "'trainer.gradient_clip_val' must be > 0"),
+    ],
+    ids=lambda x: x.split("=")[0] if "=" in x else None,
+)
 def test_a_value_outside_its_range_is_refused_naming_the_key(cfgmod, override, message):
     with pytest.raises(cfgmod.StageError, match=re.escape(message)):
         cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], [override]), cfgmod.SCHEMA)
 
 
 def test_null_stays_allowed_where_the_range_says_or_null(cfgmod):
-    c = cfgmod.resolve(cfgmod.load_config([ROOT / "config.yaml"], ["data.dev_choose_samples=null",
-                                                                   "trainer.gradient_clip_val=null"]), cfgmod.SCHEMA)
+    c = cfgmod.resolve(
+        cfgmod.load_config([ROOT / "config.yaml"], ["data.dev_choose_samples=null", "trainer.gradient_clip_val=null"]),
+        cfgmod.SCHEMA,
+    )
     assert c["data.dev_choose_samples"] is None and c["trainer.gradient_clip_val"] is None
 
 
@@ -211,16 +236,29 @@ def test_the_keys_config_yaml_calls_resumable_are_the_ones_05_lets_change(cfgmod
 
 
 def test_overrides_are_taken_before_and_after_the_config_options():
-    proc = run_stage(["05_train.py", "seed=3", "--config", "config.yaml", "trainer.max_steps=7", "--config",
-                      "demo.yaml", "data.seq_length=128", "--check-config"])
+    proc = run_stage(
+        [
+            "05_train.py",
+            "seed=3",
+            "--config",
+            "config.yaml",
+            "trainer.max_steps=7",
+            "--config",
+            "demo.yaml",
+            "data.seq_length=128",
+            "--check-config",
+        ]
+    )
     assert "seed=3" in proc.stdout and "max_steps=7" in proc.stdout and "seq_length=128" in proc.stdout
 
 
 def test_a_misspelt_option_is_one_line_with_a_suggestion():
     proc = run_stage(["05_train.py", "--config", "config.yaml", "--dry_run"], check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: unrecognized arguments: --dry_run; did you mean '--dry-run' for '--dry_run'? " \
-                                  "(see --help)"
+    assert (
+        proc.stderr.strip() == "error: unrecognized arguments: --dry_run; did you mean '--dry-run' for '--dry_run'? "
+        "(see --help)"
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -236,8 +274,9 @@ def test_04_answers_help_and_refuses_an_unknown_key():
     assert proc.stdout.startswith("Stage 04: ahead-of-time compilation") and "Usage:" in proc.stdout
     proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "trainer.max_step=3"], check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == ("error: command line: unknown key 'trainer.max_step'; did you "
-                                                    "mean 'trainer.max_steps'?")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: command line: unknown key 'trainer.max_step'; did you mean 'trainer.max_steps'?"
+    )
 
 
 def test_settings_show_only_what_differs_from_the_first_config_file():
@@ -249,8 +288,11 @@ def test_settings_show_only_what_differs_from_the_first_config_file():
 
 
 def test_on_a_host_without_trainium_config_yaml_points_to_the_demo():
-    proc = run_stage(["05_train.py", "--config", "config.yaml"], check=False,
-                     env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")})
+    proc = run_stage(
+        ["05_train.py", "--config", "config.yaml"],
+        check=False,
+        env={k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")},
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     line = proc.stderr.strip()
     assert "trn1.32xlarge" in line and "make demo" in line and "--config demo.yaml" in line

@@ -4,19 +4,26 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import load_stage, make_hf_model, run_stage, write_overlay
+from safetensors.torch import load_file
 
 convert = load_stage("03_convert_checkpoint.py")
 
 
 def settings(tmp_path, tp=1, pp=1, m=1, fuse=False, backend="trn1"):
-    return write_overlay(tmp_path / "o.yaml", {
-        "model.hf_weights_dir": str(tmp_path / "hf"), "model.model_config": str(tmp_path / "hf" / "config.json"),
-        "exp_manager.resume_from_checkpoint": str(tmp_path / "ckpt"), "model.fuse_qkv": fuse,
-        "distributed_strategy.tensor_model_parallel_size": tp, "distributed_strategy.pipeline_model_parallel_size": pp,
-        "distributed_strategy.kv_replicator": m, "distributed_strategy.hw_backend": backend})
+    return write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "model.hf_weights_dir": str(tmp_path / "hf"),
+            "model.model_config": str(tmp_path / "hf" / "config.json"),
+            "exp_manager.resume_from_checkpoint": str(tmp_path / "ckpt"),
+            "model.fuse_qkv": fuse,
+            "distributed_strategy.tensor_model_parallel_size": tp,
+            "distributed_strategy.pipeline_model_parallel_size": pp,
+            "distributed_strategy.kv_replicator": m,
+            "distributed_strategy.hw_backend": backend,
+        },
+    )
 
 
 @pytest.fixture
@@ -25,18 +32,39 @@ def hf_dir(tmp_path, tokenizer_dir):
     return tmp_path / "hf"
 
 
-@pytest.mark.parametrize("tp,pp,m,fuse,backend", [
-    (1, 1, 1, False, "trn1"), (2, 1, 1, False, "trn1"), (2, 2, 1, True, "trn1"), (4, 1, 2, False, "trn1"),
-    (4, 2, 2, True, "trn1"), (4, 1, 2, False, "trn2"), (4, 2, 2, True, "trn2"), (1, 2, 1, True, "trn1"),
-])
+@pytest.mark.parametrize(
+    "tp,pp,m,fuse,backend",
+    [
+        (1, 1, 1, False, "trn1"),
+        (2, 1, 1, False, "trn1"),
+        (2, 2, 1, True, "trn1"),
+        (4, 1, 2, False, "trn1"),
+        (4, 2, 2, True, "trn1"),
+        (4, 1, 2, False, "trn2"),
+        (4, 2, 2, True, "trn2"),
+        (1, 2, 1, True, "trn1"),
+    ],
+)
 def test_hf_to_nxdt_to_hf_is_bit_exact(tmp_path, hf_dir, tp, pp, m, fuse, backend):
     overlay = settings(tmp_path, tp, pp, m, fuse, backend)
     run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
     shards = sorted(p.name for p in (tmp_path / "ckpt" / "model").iterdir())
     assert shards == sorted(f"dp_rank_00_tp_rank_{r:02d}_pp_rank_{s:02d}.pt" for r in range(tp) for s in range(pp))
-    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-               "--to-hf", str(tmp_path / "back")])
-    original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            "--to-hf",
+            str(tmp_path / "back"),
+        ]
+    )
+    original, back = (
+        load_file(str(hf_dir / "model.safetensors")),
+        load_file(str(tmp_path / "back" / "model.safetensors")),
+    )
     assert original.keys() == back.keys()
     assert all(torch.equal(original[k], back[k]) for k in original)
 
@@ -53,36 +81,52 @@ def test_trn1_replication_pairs_each_rank_s_q_heads_with_its_kv_head(tmp_path, h
     o = hf["model.layers.0.self_attn.o_proj.weight"]
     for r in range(4):
         s, head, kv = shard(tmp_path, r), 2 * (r % 2) + r // 2, r % 2
-        assert torch.equal(s["model.layers.0.self_attn.qkv_proj.weight_q"], q[head * 16:(head + 1) * 16])
-        assert torch.equal(s["model.layers.0.self_attn.qkv_proj.weight_k"], k[kv * 16:(kv + 1) * 16])
-        assert torch.equal(s["model.layers.0.self_attn.o_proj.weight"], o[:, head * 16:(head + 1) * 16])
+        assert torch.equal(s["model.layers.0.self_attn.qkv_proj.weight_q"], q[head * 16 : (head + 1) * 16])
+        assert torch.equal(s["model.layers.0.self_attn.qkv_proj.weight_k"], k[kv * 16 : (kv + 1) * 16])
+        assert torch.equal(s["model.layers.0.self_attn.o_proj.weight"], o[:, head * 16 : (head + 1) * 16])
 
 
 def test_llama3_8b_on_trn1_32_ranks_uses_nxd_s_head_order():
-    config = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-              "vocab_size": 128256, "num_hidden_layers": 32}
-    layout = convert.Layout(config, tp=32, pp=1, kv_mult=4, backend="trn1")
-    assert [layout.q_heads(r) for r in range(32)] == [[4 * (r % 8) + r // 8] for r in range(32)]
-    assert [layout.kv_heads(r) for r in range(32)] == [[r % 8] for r in range(32)]
-    assert convert.Layout(config, tp=8, pp=1, kv_mult=1, backend="trn1").q_heads(1) == [4, 5, 6, 7]
+    config = {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "num_hidden_layers": 32,
+    }
+    layout = convert.Layout(convert.arch_of(config), tp=32, kv_mult=4, hw_backend="trn1").check()
+    assert [layout.heads(r) for r in range(32)] == [([4 * (r % 8) + r // 8], [r % 8]) for r in range(32)]
+    assert convert.Layout(convert.arch_of(config), tp=8, kv_mult=1, hw_backend="trn1").heads(1)[0] == [4, 5, 6, 7]
 
 
 def test_llama3_8b_on_trn2_32_ranks_puts_each_kv_head_s_copies_on_adjacent_ranks():
     """NxD on trn2 lays replicated KV heads out as (K0, K0, K0, K0), (K1, ...), ... and keeps Q heads in order,
     so rank r holds Q head r and KV head r // 4: its own group's."""
-    config = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-              "vocab_size": 128256, "num_hidden_layers": 32}
-    layout = convert.Layout(config, tp=32, pp=1, kv_mult=4, backend="trn2")
-    assert [layout.q_heads(r) for r in range(32)] == [[r] for r in range(32)]
-    assert [layout.kv_heads(r) for r in range(32)] == [[r // 4] for r in range(32)]
-    assert convert.Layout(config, tp=16, pp=1, kv_mult=2, backend="trn2").kv_heads(3) == [1]
+    config = {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "num_hidden_layers": 32,
+    }
+    layout = convert.Layout(convert.arch_of(config), tp=32, kv_mult=4, hw_backend="trn2").check()
+    assert [layout.heads(r) for r in range(32)] == [([r], [r // 4]) for r in range(32)]
+    assert convert.Layout(convert.arch_of(config), tp=16, kv_mult=2, hw_backend="trn2").heads(3)[1] == [1]
 
 
 def test_pipeline_stages_split_layers_evenly_with_the_remainder_last():
-    config = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 384, "num_hidden_layers": 30}
-    layout = convert.Layout(config, tp=1, pp=4, kv_mult=1, backend="trn1")
-    assert [len(s) for s in layout.stages] == [7, 7, 8, 8] and layout.stages[3] == range(22, 30)
+    config = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 384,
+        "num_hidden_layers": 30,
+    }
+    stages = convert.pipeline_stages(convert.arch_of(config), 4)
+    assert [len(s) for s in stages] == [7, 7, 8, 8] and stages[3] == range(22, 30)
 
 
 def test_gate_up_shard_is_the_rank_s_gate_rows_then_its_up_rows(tmp_path, hf_dir):
@@ -93,8 +137,9 @@ def test_gate_up_shard_is_the_rank_s_gate_rows_then_its_up_rows(tmp_path, hf_dir
 
 
 def test_a_tp_size_that_does_not_divide_is_named_and_nothing_is_written(tmp_path, hf_dir):
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 3))],
-                     check=False)
+    proc = run_stage(
+        ["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 3))], check=False
+    )
     assert proc.returncode == 1
     assert "tensor_model_parallel_size 3 does not divide num_attention_heads (4)" in proc.stderr
     assert not (tmp_path / "ckpt").exists()
@@ -104,9 +149,11 @@ def test_an_unknown_tensor_name_is_refused(tmp_path, hf_dir):
     state = load_file(str(hf_dir / "model.safetensors"))
     state["model.layers.0.self_attn.rotary_emb.extra"] = torch.zeros(2)
     from safetensors.torch import save_file
+
     save_file(state, str(hf_dir / "model.safetensors"))
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path))],
-                     check=False)
+    proc = run_stage(
+        ["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path))], check=False
+    )
     assert proc.returncode == 1 and "unexpected tensor 'model.layers.0.self_attn.rotary_emb.extra'" in proc.stderr
     assert not (tmp_path / "ckpt").exists()
 
@@ -115,8 +162,18 @@ def test_reverse_conversion_names_a_missing_shard(tmp_path, hf_dir):
     overlay = settings(tmp_path, 2, 2)
     run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
     (tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_01_pp_rank_01.pt").unlink()
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-                      "--to-hf", str(tmp_path / "back")], check=False)
+    proc = run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            "--to-hf",
+            str(tmp_path / "back"),
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "dp_rank_00_tp_rank_01_pp_rank_01.pt: shard missing" in proc.stderr
     assert not (tmp_path / "back").exists()
 
@@ -128,8 +185,18 @@ def test_replicated_kv_copies_that_disagree_are_caught(tmp_path, hf_dir):
     state = torch.load(path, weights_only=True)
     state["model.layers.0.self_attn.qkv_proj.weight_k"] += 1
     torch.save(state, path)
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-                      "--to-hf", str(tmp_path / "back")], check=False)
+    proc = run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            "--to-hf",
+            str(tmp_path / "back"),
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "replicated KV head 0" in proc.stderr
 
 
@@ -139,8 +206,10 @@ def peft_adapter(hf_dir, out, targets):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(3)
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(hf_dir)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(str(hf_dir)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -153,12 +222,24 @@ def test_merged_model_gives_base_plus_adapter_logits(tmp_path, hf_dir):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    adapter = peft_adapter(hf_dir, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"])
+    adapter = peft_adapter(
+        hf_dir, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     overlay = settings(tmp_path, 4, 2, 2)
     run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
-    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-               "--to-hf", str(tmp_path / "merged"), "--merge-adapter", str(adapter)])
+    run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            "--to-hf",
+            str(tmp_path / "merged"),
+            "--merge-adapter",
+            str(adapter),
+        ]
+    )
     ids = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(str(hf_dir)), str(adapter)).eval()(ids)
@@ -173,8 +254,20 @@ def test_an_adapter_for_another_model_is_refused(tmp_path, hf_dir, tokenizer_dir
     adapter = peft_adapter(tmp_path / "other", tmp_path / "adapter", ["down_proj"])
     overlay = settings(tmp_path)
     run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-                      "--to-hf", str(tmp_path / "merged"), "--merge-adapter", str(adapter)], check=False)
+    proc = run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            "--to-hf",
+            str(tmp_path / "merged"),
+            "--merge-adapter",
+            str(adapter),
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "do not fit 'model.layers.0.mlp.down_proj.weight'" in proc.stderr
     assert not (tmp_path / "merged").exists()
 
@@ -198,8 +291,9 @@ def test_verify_accepts_a_fresh_conversion_and_catches_a_truncated_or_changed_fi
 def test_a_truncated_input_file_is_named_and_nothing_is_written(tmp_path, hf_dir):
     path = hf_dir / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 2))],
-                     check=False)
+    proc = run_stage(
+        ["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 2))], check=False
+    )
     assert proc.returncode == 1 and "model.safetensors: not a readable safetensors file" in proc.stderr
     assert "truncated?" in proc.stderr and not (tmp_path / "ckpt").exists()
 
@@ -209,12 +303,25 @@ def test_a_single_pytorch_model_bin_converts_like_safetensors(tmp_path, hf_dir):
     torch.save(original, hf_dir / "pytorch_model.bin")
     (hf_dir / "model.safetensors").unlink()
     overlay = settings(tmp_path)
-    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-               "--tp", "2", "--fuse-qkv"])
+    run_stage(
+        ["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay), "--tp", "2", "--fuse-qkv"]
+    )
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert manifest["settings"]["tensor_model_parallel_size"] == 2 and manifest["settings"]["fuse_qkv"] is True
-    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay), "--tp", "2",
-               "--fuse-qkv", "--to-hf", str(tmp_path / "back")])
+    run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            "--tp",
+            "2",
+            "--fuse-qkv",
+            "--to-hf",
+            str(tmp_path / "back"),
+        ]
+    )
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert all(torch.equal(original[k], back[k]) for k in original)
 
@@ -227,7 +334,8 @@ def test_a_missing_input_shard_is_named_and_nothing_is_written(tmp_path, hf_dir)
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     victim = sorted(set(index["weight_map"].values()))[1]
     (hf_dir / victim).unlink()
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 2))],
-                     check=False)
+    proc = run_stage(
+        ["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(settings(tmp_path, 2))], check=False
+    )
     assert proc.returncode == 1 and f"{victim}: shard named in the index is missing" in proc.stderr
     assert not (tmp_path / "ckpt").exists()

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import tiny_llama, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -21,19 +20,30 @@ def test_logits_on_cuda_match_transformers_on_cpu(train_mod, tokenizer_dir, tmp_
 
 def test_training_on_cuda_reproduces_the_cpu_losses(pipeline):
     work, overlay = pipeline
-    common = ["trainer.max_steps=3", "model_alignment_strategy.peft.lora_dropout=0",
-              "evaluation.generate.num_prompts=2"]
+    common = [
+        "trainer.max_steps=3",
+        "model_alignment_strategy.peft.lora_dropout=0",
+        "evaluation.generate.num_prompts=2",
+    ]
     cpu = train(work, overlay, "cpu", *common, "trainer.accelerator=cpu")
     gpu = train(work, overlay, "cuda", *common, "trainer.accelerator=cuda")
     assert [m.get("loss", m.get("val_loss")) for m in gpu] == pytest.approx(
-        [m.get("loss", m.get("val_loss")) for m in cpu], abs=1e-4)
+        [m.get("loss", m.get("val_loss")) for m in cpu], abs=1e-4
+    )
 
 
 def test_autocast_on_cuda_trains_and_stays_close_to_fp32(pipeline):
     work, overlay = pipeline
-    fp32 = train(work, overlay, "cuda-fp32", "trainer.accelerator=cuda", "trainer.max_steps=0",
-                 "evaluation.generate.num_prompts=0")
-    bf16 = train(work, overlay, "cuda-bf16", "trainer.accelerator=cuda", "precision.type=autocast",
-                 "trainer.max_steps=4")
+    fp32 = train(
+        work,
+        overlay,
+        "cuda-fp32",
+        "trainer.accelerator=cuda",
+        "trainer.max_steps=0",
+        "evaluation.generate.num_prompts=0",
+    )
+    bf16 = train(
+        work, overlay, "cuda-bf16", "trainer.accelerator=cuda", "precision.type=autocast", "trainer.max_steps=4"
+    )
     assert bf16[0]["val_loss"] == pytest.approx(fp32[0]["val_loss"], rel=0.05)
     assert bf16[-1]["val_loss"] < bf16[0]["val_loss"]

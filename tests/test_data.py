@@ -4,12 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import AutoTokenizer
 
-from conftest import tiny_llama
-
-RECORDS = [("What is 4 + 2?\n", "6"), ("Write 'stone' in capital letters.\n", "STONE"),
-           ("Reverse the order of these words: red fox sun\n", "sun fox red"), ("Convert 7 km to meters.\n", "7000 m")]
+RECORDS = [
+    ("What is 4 + 2?\n", "6"),
+    ("Write 'stone' in capital letters.\n", "STONE"),
+    ("Reverse the order of these words: red fox sun\n", "sun fox red"),
+    ("Convert 7 km to meters.\n", "7000 m"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +58,12 @@ def test_prompt_tokens_never_carry_a_label(train_mod, tok, packing, fmt):
         start += n
     assert response_positions(batch) == expected
     # and what is predicted there is exactly the response (+ EOS), never a prompt token
-    for (w_, t) in expected:
+    for w_, t in expected:
         assert batch["targets"][w_, t - 1] == batch["input_ids"][w_, t]
 
 
 def test_raw_format_is_bos_input_output_eos_with_only_output_and_eos_trained(train_mod, tok):
-    (ids, labels), = train_mod.tokenize([RECORDS[0]], tok, "raw", 64, "truncate")[0]
+    ((ids, labels),) = train_mod.tokenize([RECORDS[0]], tok, "raw", 64, "truncate")[0]
     prompt = [tok.bos_token_id] + tok.encode(RECORDS[0][0], add_special_tokens=False)
     response = tok.encode(RECORDS[0][1], add_special_tokens=False) + [tok.eos_token_id]
     assert ids == prompt + response
@@ -74,7 +77,7 @@ def test_packing_restarts_positions_and_separates_documents(train_mod, tok):
     seg, pos = batch["segment_ids"][0], batch["position_ids"][0]
     start = 0
     for k, n in enumerate(lengths, start=1):
-        assert seg[start:start + n].eq(k).all() and pos[start:start + n].tolist() == list(range(n))
+        assert seg[start : start + n].eq(k).all() and pos[start : start + n].tolist() == list(range(n))
         assert batch["targets"][0, start + n - 1] == -100  # the last token of a document predicts nothing
         start += n
     assert seg[start:].eq(0).all() and batch["targets"][0, start:].eq(-100).all()
@@ -99,8 +102,8 @@ def test_document_losses_are_the_same_alone_and_packed(train_mod, tok, tokenizer
             losses = torch.nn.functional.cross_entropy(model.logits(h)[0], batch["targets"][0], reduction="none")
         start = sum(len(ids) for ids, _ in docs[:doc_index])
         n = len(docs[doc_index][0])
-        keep = batch["targets"][0, start:start + n] != -100
-        return losses[start:start + n][keep]
+        keep = batch["targets"][0, start : start + n] != -100
+        return losses[start : start + n][keep]
 
     alone = token_losses([RECORDS[2]], 0)
     packed = token_losses([RECORDS[0], RECORDS[1], RECORDS[2]], 2)
@@ -112,7 +115,7 @@ def test_long_records_are_truncated_prompt_first_and_counted(train_mod, tok):
     docs, stats = train_mod.tokenize([long, RECORDS[0]], tok, "raw", 32, "truncate")
     assert stats["truncated"] == 1 and len(docs[0][0]) == 32
     response = tok.encode("STONE", add_special_tokens=False) + [tok.eos_token_id]
-    assert docs[0][1][-len(response):] == response  # the response survives intact
+    assert docs[0][1][-len(response) :] == response  # the response survives intact
 
 
 def test_long_records_can_be_dropped_and_counted(train_mod, tok):
@@ -139,8 +142,11 @@ def test_arrow_files_are_read_like_jsonl(train_mod, tmp_path):
 def test_a_record_of_no_known_format_is_refused_naming_its_fields_and_the_formats(train_mod, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    with pytest.raises(train_mod.StageError, match=r"d.jsonl:1: .*fields found: \['answer', 'question'\]; formats "
-                                                   r"known \(data.format\): input_output \(input, output\)"):
+    with pytest.raises(
+        train_mod.StageError,
+        match=r"d.jsonl:1: .*fields found: \['answer', 'question'\]; formats "
+        r"known \(data.format\): input_output \(input, output\)",
+    ):
         train_mod.read_records(path, None)
 
 
@@ -155,7 +161,7 @@ def test_each_epoch_takes_its_own_seeded_permutation_of_the_windows(train_mod):
     n, per_step, seed = 12, 4, 7
     steps = [train_mod.step_indices(s, n, per_step, seed) for s in range(3 * n // per_step)]
     flat = sum(steps, [])
-    epochs = [flat[e * n:(e + 1) * n] for e in range(3)]
+    epochs = [flat[e * n : (e + 1) * n] for e in range(3)]
     for e, order in enumerate(epochs):  # the documented order: randperm seeded by seed + epoch
         assert order == torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]

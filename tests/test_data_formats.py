@@ -7,31 +7,61 @@ import re
 import shutil
 
 import pytest
+from conftest import ROOT, load_stage, run_stage, write_overlay
 from transformers import AutoTokenizer
 
-from conftest import ROOT, load_stage, run_stage, write_overlay
-
 SYSTEM = {"role": "system", "content": "Answer tersely."}
-CHAT = [SYSTEM, {"role": "user", "content": "What is 4 + 2?"}, {"role": "assistant", "content": "6"},
-        {"role": "user", "content": "And times 3?"}, {"role": "assistant", "content": "18"}]
+CHAT = [
+    SYSTEM,
+    {"role": "user", "content": "What is 4 + 2?"},
+    {"role": "assistant", "content": "6"},
+    {"role": "user", "content": "And times 3?"},
+    {"role": "assistant", "content": "18"},
+]
 
 # One record of each format and what it is normalized to.
 FORMATS = [
     ("input_output", {"input": "Q", "output": "A", "id": 7}, {"input": "Q", "output": "A", "id": 7}),
-    ("dolly", {"instruction": "Summarize.", "context": "Long text.", "response": "Short.", "category": "s"},
-     {"input": "Summarize.\n\nLong text.", "output": "Short.", "category": "s"}),
-    ("alpaca", {"instruction": "Translate.", "input": "chat", "output": "cat"},
-     {"input": "Translate.\n\nchat", "output": "cat"}),
-    ("alpaca", {"instruction": "Name a colour.", "input": "", "output": "red", "text": "### Instruction ..."},
-     {"input": "Name a colour.", "output": "red", "text": "### Instruction ..."}),
+    (
+        "dolly",
+        {"instruction": "Summarize.", "context": "Long text.", "response": "Short.", "category": "s"},
+        {"input": "Summarize.\n\nLong text.", "output": "Short.", "category": "s"},
+    ),
+    (
+        "alpaca",
+        {"instruction": "Translate.", "input": "chat", "output": "cat"},
+        {"input": "Translate.\n\nchat", "output": "cat"},
+    ),
+    (
+        "alpaca",
+        {"instruction": "Name a colour.", "input": "", "output": "red", "text": "### Instruction ..."},
+        {"input": "Name a colour.", "output": "red", "text": "### Instruction ..."},
+    ),
     ("alpaca", {"instruction": "Name a colour.", "output": "red"}, {"input": "Name a colour.", "output": "red"}),
-    ("prompt_completion", {"prompt": "The sky is", "completion": " blue."}, {"input": "The sky is", "output": " blue."}),
-    ("prompt_completion", {"prompt": CHAT[:4], "completion": CHAT[4:]},
-     {"messages": CHAT[:2] + [dict(CHAT[2], train=False)] + CHAT[3:]}),
+    (
+        "prompt_completion",
+        {"prompt": "The sky is", "completion": " blue."},
+        {"input": "The sky is", "output": " blue."},
+    ),
+    (
+        "prompt_completion",
+        {"prompt": CHAT[:4], "completion": CHAT[4:]},
+        {"messages": CHAT[:2] + [dict(CHAT[2], train=False)] + CHAT[3:]},
+    ),
     ("messages", {"messages": CHAT}, {"messages": CHAT}),
-    ("sharegpt", {"conversations": [{"from": "system", "value": "Answer tersely."}, {"from": "human", "value": "What is 4 + 2?"},
-                                    {"from": "gpt", "value": "6"}, {"from": "human", "value": "And times 3?"},
-                                    {"from": "gpt", "value": "18"}]}, {"messages": CHAT}),
+    (
+        "sharegpt",
+        {
+            "conversations": [
+                {"from": "system", "value": "Answer tersely."},
+                {"from": "human", "value": "What is 4 + 2?"},
+                {"from": "gpt", "value": "6"},
+                {"from": "human", "value": "And times 3?"},
+                {"from": "gpt", "value": "18"},
+            ]
+        },
+        {"messages": CHAT},
+    ),
 ]
 
 BAD = [
@@ -85,8 +115,9 @@ def test_a_forced_format_refuses_the_fields_it_would_not_use(train_mod):
 
 
 def test_renamed_fields_are_recognised(train_mod):
-    assert train_mod.normalize({"question": "Q", "answer": "A"}, renames=[("question", "input"), ("answer", "output")]) \
-        == ({"input": "Q", "output": "A"}, "input_output")
+    assert train_mod.normalize(
+        {"question": "Q", "answer": "A"}, renames=[("question", "input"), ("answer", "output")]
+    ) == ({"input": "Q", "output": "A"}, "input_output")
 
 
 # ------------------------------------------------------------------ file kinds, through 01 and 05
@@ -143,8 +174,10 @@ def test_05_reads_every_file_kind(train_mod, tmp_path, kind):
 def test_01_reads_every_file_kind_and_writes_normalized_records(tmp_path, kind):
     source = write_kind(tmp_path, kind)
     out = tmp_path / "out" / "train.jsonl"
-    overlay = write_overlay(tmp_path / "o.yaml", {"data.download.train_uri": str(source), "data.download.val_uri": None,
-                                                  "data.train_dir": str(out)})
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {"data.download.train_uri": str(source), "data.download.val_uri": None, "data.train_dir": str(out)},
+    )
     run_stage(["01_download_data.py", "--config", "config.yaml", "--config", str(overlay)])
     assert [json.loads(line) for line in out.read_text().splitlines()] == expected_for(kind)
     manifest = json.loads((tmp_path / "out" / "train.jsonl.manifest.json").read_text())
@@ -161,13 +194,24 @@ def test_conversations_in_a_parquet_file_are_read_with_their_turns(train_mod, tm
 
 def test_a_non_utf8_line_is_a_bad_line_named_in_both_stages(train_mod, tmp_path):
     source = tmp_path / "d.jsonl"
-    source.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + b'{"input": "caf\xe9", "output": "x"}\n'
-                       + json.dumps(RECORDS[1]).encode() + b"\n")
+    source.write_bytes(
+        json.dumps(RECORDS[0]).encode()
+        + b"\n"
+        + b'{"input": "caf\xe9", "output": "x"}\n'
+        + json.dumps(RECORDS[1]).encode()
+        + b"\n"
+    )
     with pytest.raises(train_mod.StageError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9"):
         train_mod.read_records(source, None)
     out = tmp_path / "out.jsonl"
-    base = ["01_download_data.py", "--config", "config.yaml", f"data.download.train_uri={source}",
-            "data.download.val_uri=null", f"data.train_dir={out}"]
+    base = [
+        "01_download_data.py",
+        "--config",
+        "config.yaml",
+        f"data.download.train_uri={source}",
+        "data.download.val_uri=null",
+        f"data.train_dir={out}",
+    ]
     proc = run_stage(base, check=False)
     assert proc.returncode == 1 and f"{source}:2: not UTF-8 text" in proc.stderr
     run_stage(base + ["data.download.bad_lines=skip"])
@@ -181,11 +225,26 @@ def test_01_counts_records_per_format_and_rejections_per_reason(tmp_path):
     bad = [{"input": "Q", "output": ""}, {"messages": CHAT[1:4]}, {"input": "Q", "output": ""}]
     source.write_text("".join(json.dumps(r) + "\n" for r in RECORDS + bad))
     out = tmp_path / "out.jsonl"
-    run_stage(["01_download_data.py", "--config", "config.yaml", f"data.download.train_uri={source}",
-               "data.download.val_uri=null", f"data.train_dir={out}", "data.download.bad_lines=skip"])
+    run_stage(
+        [
+            "01_download_data.py",
+            "--config",
+            "config.yaml",
+            f"data.download.train_uri={source}",
+            "data.download.val_uri=null",
+            f"data.train_dir={out}",
+            "data.download.bad_lines=skip",
+        ]
+    )
     manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
-    assert manifest["formats"] == {"input_output": 1, "dolly": 1, "alpaca": 3, "prompt_completion": 2, "messages": 1,
-                                   "sharegpt": 1}
+    assert manifest["formats"] == {
+        "input_output": 1,
+        "dolly": 1,
+        "alpaca": 3,
+        "prompt_completion": 2,
+        "messages": 1,
+        "sharegpt": 1,
+    }
     assert manifest["rejected_by_reason"] == {"empty output": 2, "ends on a user turn": 1}
 
 
@@ -193,7 +252,8 @@ def test_01_counts_records_per_format_and_rejections_per_reason(tmp_path):
 LLAMA3_STYLE = (  # Llama 3's layout, with transformers' {% generation %} markers around what an assistant says
     "{% for m in messages %}<s>{{ m['role'] }}\n\n{% if m['role'] == 'assistant' %}{% generation %}"
     "{{ m['content'] }}</s>{% endgeneration %}{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n\n{% endif %}")
+    "{% if add_generation_prompt %}<s>assistant\n\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -207,15 +267,16 @@ def test_conversation_trains_exactly_what_transformers_marks_as_assistant_tokens
     conversations = [CHAT, CHAT[1:3], [CHAT[1], CHAT[2], CHAT[3], {"role": "assistant", "content": "It is 18."}]]
     docs, _ = train_mod.tokenize(conversations, llama3_style, "raw", 512, "truncate")
     for conv, (ids, labels) in zip(conversations, docs):
-        theirs = llama3_style.apply_chat_template(conv, tokenize=True, return_dict=True,
-                                                  return_assistant_tokens_mask=True)
+        theirs = llama3_style.apply_chat_template(
+            conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert ids == list(theirs["input_ids"])
         assert [int(label != -100) for label in labels] == list(theirs["assistant_masks"])
 
 
 def test_an_assistant_turn_marked_train_false_is_context_only(train_mod, llama3_style):
     conv = CHAT[:2] + [dict(CHAT[2], train=False)] + CHAT[3:]
-    (ids, labels), = train_mod.tokenize([conv], llama3_style, "raw", 512, "truncate")[0]
+    ((ids, labels),) = train_mod.tokenize([conv], llama3_style, "raw", 512, "truncate")[0]
     trained = llama3_style.decode([t for t, label in zip(ids, labels) if label != -100])
     assert trained == "18</s>"
 
@@ -235,27 +296,34 @@ def test_conversations_without_a_chat_template_are_one_clear_error(train_mod, to
 
 def test_a_template_whose_prefixes_are_not_prefixes_is_refused_naming_the_record(train_mod, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} [end]"
-                         "{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} [end]"
+        "{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    )
     with pytest.raises(train_mod.StageError, match=r"data.jsonl:4: .*up to message 3 as a prefix"):
         train_mod.tokenize([CHAT], tok, "raw", 512, "truncate", labels=["data.jsonl:4"])
 
 
 def test_a_conversation_the_template_refuses_is_named(train_mod, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' and m['content'] == 'bad' %}"
-                         "{{ raise_exception('no such question') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' and m['content'] == 'bad' %}"
+        "{{ raise_exception('no such question') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
     bad = [{"role": "user", "content": "bad"}, {"role": "assistant", "content": "A"}]
-    with pytest.raises(train_mod.StageError, match=r"d.jsonl:9: the tokenizer's chat template refuses this "
-                                                   r"conversation \(TemplateError: no such question\)"):
+    with pytest.raises(
+        train_mod.StageError,
+        match=r"d.jsonl:9: the tokenizer's chat template refuses this "
+        r"conversation \(TemplateError: no such question\)",
+    ):
         train_mod.tokenize([CHAT[1:3], bad], tok, "raw", 512, "truncate", labels=["d.jsonl:8", "d.jsonl:9"])
 
 
 def test_a_long_conversation_keeps_its_turns_up_to_the_last_answer_that_fits(train_mod, llama3_style):
-    (full_ids, _), = train_mod.tokenize([CHAT], llama3_style, "raw", 512, "truncate")[0]
+    ((full_ids, _),) = train_mod.tokenize([CHAT], llama3_style, "raw", 512, "truncate")[0]
     first_turn_end = len(llama3_style.apply_chat_template(CHAT[:3], tokenize=True)["input_ids"])
     docs, stats = train_mod.tokenize([CHAT], llama3_style, "raw", len(full_ids) - 1, "truncate")
-    (ids, labels), = docs
+    ((ids, labels),) = docs
     assert stats["truncated"] == 1 and ids == full_ids[:first_turn_end]
     assert llama3_style.decode([t for t, label in zip(ids, labels) if label != -100]) == "6</s>"
     docs, stats = train_mod.tokenize([CHAT], llama3_style, "raw", len(full_ids) - 1, "drop")
@@ -264,10 +332,10 @@ def test_a_long_conversation_keeps_its_turns_up_to_the_last_answer_that_fits(tra
 
 def test_a_conversation_whose_first_answer_does_not_fit_is_cut_prompt_first(train_mod, llama3_style):
     long_question = [SYSTEM, {"role": "user", "content": "word " * 60}, CHAT[2], CHAT[3], CHAT[4]]
-    (ids, labels), = train_mod.tokenize([long_question], llama3_style, "raw", 24, "truncate")[0]
+    ((ids, labels),) = train_mod.tokenize([long_question], llama3_style, "raw", 24, "truncate")[0]
     answer = llama3_style.encode("6</s>", add_special_tokens=False)
-    assert len(ids) == 24 and ids[-len(answer):] == answer and labels[-len(answer):] == answer
-    assert all(label == -100 for label in labels[:-len(answer)])
+    assert len(ids) == 24 and ids[-len(answer) :] == answer and labels[-len(answer) :] == answer
+    assert all(label == -100 for label in labels[: -len(answer)])
 
 
 # ------------------------------------------------------------------ 05 on users' files
@@ -276,16 +344,34 @@ def test_05_prepares_an_alpaca_file_as_01_normalizes_it(train_mod, tokenizer_dir
 
     make_hf_model(tmp_path / "hf", tokenizer_dir)
     alpaca = tmp_path / "alpaca.json"
-    alpaca.write_text(json.dumps([{"instruction": f"Repeat {i}.", "input": "x" * (i % 3), "output": f"{i}"}
-                                  for i in range(40)]))
-    run_stage(["01_download_data.py", "--config", "config.yaml", f"data.download.train_uri={alpaca}",
-               "data.download.val_uri=null", f"data.train_dir={tmp_path / 'normalized.jsonl'}"])
+    alpaca.write_text(
+        json.dumps([{"instruction": f"Repeat {i}.", "input": "x" * (i % 3), "output": f"{i}"} for i in range(40)])
+    )
+    run_stage(
+        [
+            "01_download_data.py",
+            "--config",
+            "config.yaml",
+            f"data.download.train_uri={alpaca}",
+            "data.download.val_uri=null",
+            f"data.train_dir={tmp_path / 'normalized.jsonl'}",
+        ]
+    )
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     batches = []
     for data in (alpaca, tmp_path / "normalized.jsonl"):
-        c = train_mod.resolve(train_mod.load_config([ROOT / "config.yaml"], [
-            f"data.train_dir={data}", f"data.tokenizer.type={tokenizer_dir}", "data.dev_choose_samples=null",
-            "data.seq_length=64"]), train_mod.SCHEMA)
+        c = train_mod.resolve(
+            train_mod.load_config(
+                [ROOT / "config.yaml"],
+                [
+                    f"data.train_dir={data}",
+                    f"data.tokenizer.type={tokenizer_dir}",
+                    "data.dev_choose_samples=null",
+                    "data.seq_length=64",
+                ],
+            ),
+            train_mod.SCHEMA,
+        )
         windows = train_mod.load_split(data, tok, c, "train", None)
         batches.append(windows.batch(range(len(windows))))
     assert all((batches[0][k] == batches[1][k]).all() for k in batches[0])
@@ -294,9 +380,18 @@ def test_05_prepares_an_alpaca_file_as_01_normalizes_it(train_mod, tokenizer_dir
 def test_the_preparation_line_says_how_many_records_of_the_file_it_took(train_mod, tokenizer_dir, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(50)))
-    c = train_mod.resolve(train_mod.load_config([ROOT / "config.yaml"], [
-        f"data.train_dir={data}", f"data.tokenizer.type={tokenizer_dir}", "data.dev_choose_samples=3",
-        "data.seq_length=64"]), train_mod.SCHEMA)
+    c = train_mod.resolve(
+        train_mod.load_config(
+            [ROOT / "config.yaml"],
+            [
+                f"data.train_dir={data}",
+                f"data.tokenizer.type={tokenizer_dir}",
+                "data.dev_choose_samples=3",
+                "data.seq_length=64",
+            ],
+        ),
+        train_mod.SCHEMA,
+    )
     train_mod.load_split(data, AutoTokenizer.from_pretrained(str(tokenizer_dir)), c, "train", None)
     assert "train: 3 of 50 records ->" in capsys.readouterr().out
 
@@ -311,7 +406,16 @@ def test_inspect_data_shows_a_conversation_with_its_assistant_turns_marked(train
 
 
 def test_01_refuses_an_hf_uri_it_cannot_read(tmp_path):
-    proc = run_stage(["01_download_data.py", "--config", "config.yaml", "data.download.train_uri=hf://models/x",
-                      "data.download.val_uri=null", f"data.train_dir={tmp_path / 'o.jsonl'}"], check=False)
+    proc = run_stage(
+        [
+            "01_download_data.py",
+            "--config",
+            "config.yaml",
+            "data.download.train_uri=hf://models/x",
+            "data.download.val_uri=null",
+            f"data.train_dir={tmp_path / 'o.jsonl'}",
+        ],
+        check=False,
+    )
     assert proc.returncode == 1 and "expected hf://datasets/<owner>/<name>[:split]" in proc.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)

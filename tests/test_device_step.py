@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from conftest import load_stage
 
 
@@ -67,7 +66,7 @@ def test_device_adamw_state_resumes_on_the_parameters_device(train):
 
 
 def layout(train, tp):
-    return train.Layout(dict(heads=tp, kv_heads=tp), tp=tp)
+    return train.Layout(train.Arch(vocab=tp, hidden=tp, inter=tp, layers=1, heads=tp, kv_heads=tp, head_dim=1), tp=tp)
 
 
 def masks_drawn(train, tp, world, device_type="cpu"):

@@ -6,13 +6,16 @@ import threading
 from functools import partial
 
 import pytest
-
 from conftest import ROOT, run_stage, write_overlay
 
 
 def settings(tmp_path, train_uri, **extra):
-    values = {"data.download.train_uri": str(train_uri), "data.download.val_uri": None,
-              "data.train_dir": str(tmp_path / "out" / "train.jsonl"), "data.val_dir": None}
+    values = {
+        "data.download.train_uri": str(train_uri),
+        "data.download.val_uri": None,
+        "data.train_dir": str(tmp_path / "out" / "train.jsonl"),
+        "data.val_dir": None,
+    }
     values.update(extra)
     return ["--config", "config.yaml", "--config", str(write_overlay(tmp_path / "o.yaml", values))]
 
@@ -23,19 +26,23 @@ def write_lines(path, lines):
 
 
 def test_a_bad_line_stops_the_stage_with_file_and_line_and_leaves_no_output(tmp_path):
-    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"input": "a", "output": "b"}), "",
-                                              json.dumps({"input": "a", "output": 3})])
+    src = write_lines(
+        tmp_path / "in.jsonl", [json.dumps({"input": "a", "output": "b"}), "", json.dumps({"input": "a", "output": 3})]
+    )
     proc = run_stage(["01_download_data.py", *settings(tmp_path, src)], check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith(f"error: {src}:3: field 'output' must be a string, got int")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("line,reason", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object, got list"),
-    (json.dumps({"input": "a"}), "missing field 'output'"),
-])
+@pytest.mark.parametrize(
+    "line,reason",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        (json.dumps({"input": "a"}), "missing field 'output'"),
+    ],
+)
 def test_each_kind_of_bad_line_is_explained(tmp_path, line, reason):
     src = write_lines(tmp_path / "in.jsonl", [line])
     proc = run_stage(["01_download_data.py", *settings(tmp_path, src)], check=False)
@@ -55,9 +62,13 @@ def test_skip_policy_counts_bad_lines_in_the_manifest(tmp_path):
 
 
 def test_dolly_records_are_converted_the_nemo_way(tmp_path):
-    src = write_lines(tmp_path / "in.jsonl", [
-        json.dumps({"instruction": "Summarize.", "context": "Long text.", "response": "Short.", "category": "s"}),
-        json.dumps({"instruction": "Name a color.", "context": "", "response": "Red."})])
+    src = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            json.dumps({"instruction": "Summarize.", "context": "Long text.", "response": "Short.", "category": "s"}),
+            json.dumps({"instruction": "Name a color.", "context": "", "response": "Red."}),
+        ],
+    )
     run_stage(["01_download_data.py", *settings(tmp_path, src)])
     out = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     assert out[0] == {"input": "Summarize.\n\nLong text.", "output": "Short.", "category": "s"}
@@ -103,12 +114,19 @@ def test_demo_data_matches_its_generator():
 
 
 def test_manifest_has_token_length_statistics_when_the_tokenizer_exists(tmp_path, tokenizer_dir):
-    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"input": "What is 4 + 2?\n", "output": "6"}),
-                                              json.dumps({"input": "Convert 7 km to meters.\n", "output": "7000 m"})])
+    src = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            json.dumps({"input": "What is 4 + 2?\n", "output": "6"}),
+            json.dumps({"input": "Convert 7 km to meters.\n", "output": "7000 m"}),
+        ],
+    )
     run_stage(["01_download_data.py", *settings(tmp_path, src, **{"data.tokenizer.type": str(tokenizer_dir)})])
     stats = json.loads((tmp_path / "out" / "train.jsonl.manifest.json").read_text())["token_lengths"]
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    lengths = sorted(len(tok.encode(t, add_special_tokens=False)) for t in ("What is 4 + 2?\n6",
-                                                                             "Convert 7 km to meters.\n7000 m"))
+    lengths = sorted(
+        len(tok.encode(t, add_special_tokens=False)) for t in ("What is 4 + 2?\n6", "Convert 7 km to meters.\n7000 m")
+    )
     assert (stats["min"], stats["max"], stats["mean"]) == (lengths[0], lengths[1], sum(lengths) / 2)

@@ -4,19 +4,24 @@ import json
 import os
 
 import torch
-
 from conftest import make_hf_model, run_stage, write_overlay
 
 FAKE_TOKEN = "hf_" + "Zq7" * 12  # shaped like a real token, so any leak would be visible
 
 
 def stage02(tmp_path, source, env=None, check=True):
-    overlay = write_overlay(tmp_path / "o.yaml", {
-        "model.download.source": str(source), "model.hf_weights_dir": str(tmp_path / "out" / "weights"),
-        "model.model_config": str(tmp_path / "out" / "config.json"),
-        "data.tokenizer.type": str(tmp_path / "out" / "tokenizer")})
-    return run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)], env=env,
-                     check=check)
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "model.download.source": str(source),
+            "model.hf_weights_dir": str(tmp_path / "out" / "weights"),
+            "model.model_config": str(tmp_path / "out" / "config.json"),
+            "data.tokenizer.type": str(tmp_path / "out" / "tokenizer"),
+        },
+    )
+    return run_stage(
+        ["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)], env=env, check=check
+    )
 
 
 def logits(model_dir, ids):
@@ -34,10 +39,17 @@ def to_meta(hf_dir, meta_dir, tokenizer_dir, model):
     def interleave(w, n):  # HF rotate-half rows -> Meta's interleaved rotary pairs
         return w.view(n, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(n * hd, w.shape[1])
 
-    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     state = {}
     for name, t in model.state_dict().items():
         if name == "model.embed_tokens.weight":
@@ -56,10 +68,20 @@ def to_meta(hf_dir, meta_dir, tokenizer_dir, model):
             state[f"layers.{i}.{names[leaf]}.weight"] = t.clone()
     meta_dir.mkdir()
     torch.save(state, meta_dir / "consolidated.00.pth")
-    (meta_dir / "params.json").write_text(json.dumps({
-        "dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
-        "n_kv_heads": cfg.num_key_value_heads, "vocab_size": cfg.vocab_size, "norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_parameters["rope_theta"], "max_seq_len": 256}))
+    (meta_dir / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": cfg.hidden_size,
+                "n_layers": cfg.num_hidden_layers,
+                "n_heads": cfg.num_attention_heads,
+                "n_kv_heads": cfg.num_key_value_heads,
+                "vocab_size": cfg.vocab_size,
+                "norm_eps": cfg.rms_norm_eps,
+                "rope_theta": cfg.rope_parameters["rope_theta"],
+                "max_seq_len": 256,
+            }
+        )
+    )
     for f in tokenizer_dir.iterdir():
         (meta_dir / f.name).write_bytes(f.read_bytes())
 

@@ -7,16 +7,27 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, make_hf_model, run_stage, tiny_settings, write_overlay
 
-LLAMA3_8B = dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8, head_dim=128, eps=1e-5,
-                 rope_theta=500000.0, rope_scaling=None, tie=False)
+LLAMA3_8B = dict(
+    vocab=128256,
+    hidden=4096,
+    inter=14336,
+    layers=32,
+    heads=32,
+    kv_heads=8,
+    head_dim=128,
+    eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=None,
+    tie=False,
+)
 
 
 def dry(overlay, *overrides, check=True):
-    return run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay), "--dry-run", *overrides],
-                     check=check)
+    return run_stage(
+        ["05_train.py", "--config", "config.yaml", "--config", str(overlay), "--dry-run", *overrides], check=check
+    )
 
 
 def test_dry_run_reports_checkpoint_data_and_memory_and_trains_nothing(pipeline):
@@ -37,28 +48,68 @@ def test_dry_run_refuses_a_configuration_that_does_not_fit(pipeline):
 
 def test_dry_run_names_a_missing_shard(pipeline, tmp_path):
     work, overlay = pipeline
-    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-               f"exp_manager.resume_from_checkpoint={tmp_path / 'tp2'}", "distributed_strategy.tensor_model_parallel_size=2"])
+    run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            f"exp_manager.resume_from_checkpoint={tmp_path / 'tp2'}",
+            "distributed_strategy.tensor_model_parallel_size=2",
+        ]
+    )
     (tmp_path / "tp2" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt").unlink()
-    proc = dry(overlay, f"exp_manager.resume_from_checkpoint={tmp_path / 'tp2'}",
-               "distributed_strategy.tensor_model_parallel_size=2", check=False)
+    proc = dry(
+        overlay,
+        f"exp_manager.resume_from_checkpoint={tmp_path / 'tp2'}",
+        "distributed_strategy.tensor_model_parallel_size=2",
+        check=False,
+    )
     assert proc.returncode != 0 and "dp_rank_00_tp_rank_00_pp_rank_00.pt not found" in proc.stderr
 
 
-LLAMA31_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
-               "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-               "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-               "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+LLAMA31_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
 
 
 def plan(tmp_path, *overrides):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA31_70B))
-    return run_stage(["05_train.py", "--config", "config.yaml", f"model.model_config={tmp_path / 'config.json'}",
-                      f"exp_manager.resume_from_checkpoint={tmp_path / 'not-converted'}",
-                      f"data.tokenizer.type={tmp_path / 'no-tokenizer'}", f"data.train_dir={tmp_path / 'no.jsonl'}",
-                      f"exp_manager.explicit_log_dir={tmp_path / 'run'}", "--dry-run", *overrides], check=False)
+    return run_stage(
+        [
+            "05_train.py",
+            "--config",
+            "config.yaml",
+            f"model.model_config={tmp_path / 'config.json'}",
+            f"exp_manager.resume_from_checkpoint={tmp_path / 'not-converted'}",
+            f"data.tokenizer.type={tmp_path / 'no-tokenizer'}",
+            f"data.train_dir={tmp_path / 'no.jsonl'}",
+            f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
+            "--dry-run",
+            *overrides,
+        ],
+        check=False,
+    )
 
 
 def test_a_plan_needs_only_the_model_config_and_says_what_it_skipped(tmp_path):
@@ -75,17 +126,31 @@ def test_a_plan_needs_only_the_model_config_and_says_what_it_skipped(tmp_path):
 
 
 def test_a_trn2_tensor_parallel_group_over_several_chips_is_warned_about(tmp_path):
-    proc = plan(tmp_path, "trainer.accelerator=neuron", "distributed_strategy.tensor_model_parallel_size=16",
-                "distributed_strategy.kv_replicator=2", "distributed_strategy.hw_backend=trn2",
-                "model.activations_checkpoint=true")
+    proc = plan(
+        tmp_path,
+        "trainer.accelerator=neuron",
+        "distributed_strategy.tensor_model_parallel_size=16",
+        "distributed_strategy.kv_replicator=2",
+        "distributed_strategy.hw_backend=trn2",
+        "model.activations_checkpoint=true",
+    )
     assert "warning: TP 16 spans 4 trn2 chips (4 logical cores per chip at LNC 2)" in proc.stderr
     assert "24.00 GiB (trn2 NeuronCore datasheet, per logical core at LNC 2)" in proc.stdout
 
 
 def test_dry_run_checks_every_tensor_parallel_shard(pipeline):
     work, overlay = pipeline
-    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-               f"exp_manager.resume_from_checkpoint={work / 'dry-tp2'}", "distributed_strategy.tensor_model_parallel_size=2"])
+    run_stage(
+        [
+            "03_convert_checkpoint.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            f"exp_manager.resume_from_checkpoint={work / 'dry-tp2'}",
+            "distributed_strategy.tensor_model_parallel_size=2",
+        ]
+    )
     shard = work / "dry-tp2" / "model" / "dp_rank_00_tp_rank_01_pp_rank_00.pt"
     state = torch.load(shard, weights_only=True)
     state["model.norm.weight"] = state["model.norm.weight"][:-1]
@@ -93,19 +158,33 @@ def test_dry_run_checks_every_tensor_parallel_shard(pipeline):
     manifest = json.loads((work / "dry-tp2" / "manifest.json").read_text())
     manifest["files"][f"model/{shard.name}"]["bytes"] = shard.stat().st_size
     (work / "dry-tp2" / "manifest.json").write_text(json.dumps(manifest))
-    proc = dry(overlay, f"exp_manager.resume_from_checkpoint={work / 'dry-tp2'}",
-               "distributed_strategy.tensor_model_parallel_size=2", check=False)
+    proc = dry(
+        overlay,
+        f"exp_manager.resume_from_checkpoint={work / 'dry-tp2'}",
+        "distributed_strategy.tensor_model_parallel_size=2",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "tp_rank_01" in proc.stderr and "'model.norm.weight' has shape [63], expected [64]" in proc.stderr
 
 
 def test_llama3_8b_at_tp32_on_trn1_needs_a_sixteenth_of_the_base_per_rank(train_mod, pipeline):
     work, overlay = pipeline
-    c = train_mod.resolve(train_mod.load_config(["config.yaml", str(overlay)], [
-        "precision.type=autocast", "data.seq_length=4096", "data.micro_batch_size=1",
-        "distributed_strategy.tensor_model_parallel_size=32", "distributed_strategy.kv_replicator=4",
-        "model_alignment_strategy.peft.target_modules=[qkv_proj]"]), train_mod.SCHEMA)
-    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, trainium=True)
+    c = train_mod.resolve(
+        train_mod.load_config(
+            ["config.yaml", str(overlay)],
+            [
+                "precision.type=autocast",
+                "data.seq_length=4096",
+                "data.micro_batch_size=1",
+                "distributed_strategy.tensor_model_parallel_size=32",
+                "distributed_strategy.kv_replicator=4",
+                "model_alignment_strategy.peft.target_modules=[qkv_proj]",
+            ],
+        ),
+        train_mod.SCHEMA,
+    )
+    est = train_mod.memory_estimate(train_mod.Arch(**LLAMA3_8B), c, 32, supervised_per_row=1024, trainium=True)
     # Per rank: 1/32 of the 8.03 B weights, plus the K/V projections copied 4x (3 more copies of 32 layers x
     # 2 x 1024 x 4096 / 32), in bf16.
     expected = (8_030_261_248 + 3 * 32 * 2 * 1024 * 4096) / 32 * 2
@@ -122,7 +201,7 @@ def test_the_default_activation_checkpointing_is_what_the_estimate_needs_on_trn1
     """config.yaml's default follows the estimate for its own settings: checkpointing on exactly when the
     estimate without it, plus the estimate's error, does not fit a trn1 NeuronCore."""
     c = tutorial_settings(train_mod)
-    est = train_mod.memory_estimate(LLAMA3_8B, c, 32, supervised_per_row=1024, trainium=True)
+    est = train_mod.memory_estimate(train_mod.Arch(**LLAMA3_8B), c, 32, supervised_per_row=1024, trainium=True)
     plain = sum(v for k, v in est.items() if k != "activations, checkpointed") / 2**30
     needed = plain * (1 + train_mod.ESTIMATE_ERROR) > train_mod.NEURONCORE_GIB["trn1"]
     assert c["model.activations_checkpoint"] == needed, f"estimate without checkpointing: {plain:.2f} GiB"
@@ -131,12 +210,19 @@ def test_the_default_activation_checkpointing_is_what_the_estimate_needs_on_trn1
 def test_the_estimate_counts_dropout_masks_and_the_neuron_runtime_reserve(train_mod):
     with_dropout = tutorial_settings(train_mod, "model_alignment_strategy.peft.lora_dropout=0.1")
     without = tutorial_settings(train_mod, "model_alignment_strategy.peft.lora_dropout=0.0")
-    est = train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, supervised_per_row=1024, trainium=True)
-    base = train_mod.memory_estimate(LLAMA3_8B, without, 32, supervised_per_row=1024, trainium=True)
+    est = train_mod.memory_estimate(
+        train_mod.Arch(**LLAMA3_8B), with_dropout, 32, supervised_per_row=1024, trainium=True
+    )
+    base = train_mod.memory_estimate(train_mod.Arch(**LLAMA3_8B), without, 32, supervised_per_row=1024, trainium=True)
     # qkv_proj's input (hidden 4096) per token and layer: its dropped bf16 copy and a one-byte keep mask.
     assert est["activations"] - base["activations"] == 32 * 4096 * 4096 * (2 + 1)
     assert est["runtime reserve"] == train_mod.NEURON_RUNTIME_RESERVE_GIB * 2**30
-    assert train_mod.memory_estimate(LLAMA3_8B, with_dropout, 32, 1024, trainium=False)["runtime reserve"] == 0
+    assert (
+        train_mod.memory_estimate(train_mod.Arch(**LLAMA3_8B), with_dropout, 32, 1024, trainium=False)[
+            "runtime reserve"
+        ]
+        == 0
+    )
 
 
 def test_the_estimate_is_within_its_stated_error_of_a_measured_step(train_mod, tmp_path, tokenizer_dir):
@@ -145,19 +231,38 @@ def test_the_estimate_is_within_its_stated_error_of_a_measured_step(train_mod, t
     freed block of 64 KiB or more) against the dry run's estimate for the same model and micro-batch."""
     # Llama 3's proportions at a small scale: MLP 3.5x hidden, 4 Q heads per KV head, many layers (what one
     # layer's backward holds at a time is then a small part, as at 32 layers), a vocabulary larger than hidden.
-    make_hf_model(tmp_path / "hf_source", tokenizer_dir, hidden_size=256, intermediate_size=896,
-                  num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=16, max_position_embeddings=1024,
-                  vocab_size=16384)
-    settings = dict(tiny_settings(tmp_path), **{
-        "data.seq_length": 1024, "data.micro_batch_size": 2, "data.dev_choose_samples": 400,
-        "model_alignment_strategy.peft.lora_dropout": 0.05, "model.attention": "masked"})
+    make_hf_model(
+        tmp_path / "hf_source",
+        tokenizer_dir,
+        hidden_size=256,
+        intermediate_size=896,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_hidden_layers=16,
+        max_position_embeddings=1024,
+        vocab_size=16384,
+    )
+    settings = dict(
+        tiny_settings(tmp_path),
+        **{
+            "data.seq_length": 1024,
+            "data.micro_batch_size": 2,
+            "data.dev_choose_samples": 400,
+            "model_alignment_strategy.peft.lora_dropout": 0.05,
+            "model.attention": "masked",
+        },
+    )
     overlay = write_overlay(tmp_path / "overlay.yaml", settings)
     args = ["--config", "config.yaml", "--config", str(overlay)]
     for stage in ("01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py"):
         run_stage([stage, *args])
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "step_memory.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
-                                                                   OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "step_memory.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     measured = got["peak"] - got["baseline"]

@@ -5,11 +5,15 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import make_hf_model, run_stage, tiny_settings, write_overlay
 
-TARGETS = [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"],
-           ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]]
+TARGETS = [
+    ["qkv_proj"],
+    ["o_proj"],
+    ["gate_up_proj"],
+    ["down_proj"],
+    ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+]
 PEFT = "model_alignment_strategy.peft."
 
 
@@ -25,8 +29,13 @@ def converted(tmp_path_factory, tokenizer_dir):
 
 
 def lora_settings(train, work, targets, bias="none"):
-    cfg = train.resolve(train.load_config(["config.yaml", str(work / "overlay.yaml")], [
-        f"{PEFT}target_modules=[{','.join(targets)}]", f"{PEFT}lora_bias={bias}"]), train.SCHEMA)
+    cfg = train.resolve(
+        train.load_config(
+            ["config.yaml", str(work / "overlay.yaml")],
+            [f"{PEFT}target_modules=[{','.join(targets)}]", f"{PEFT}lora_bias={bias}"],
+        ),
+        train.SCHEMA,
+    )
     return cfg
 
 
@@ -102,7 +111,7 @@ def test_lora_layer_starts_as_the_base_layer_and_scales_by_alpha_over_r(train_mo
     torch.manual_seed(0)
     layer = train_mod.LoRALinear((6, 8), torch.float32)
     torch.nn.init.normal_(layer.weight)
-    layer.add_lora(rank=4, alpha=2.0, dropout=0.0)
+    layer.init_lora(rank=4, alpha=2.0, dropout=0.0)
     x = torch.randn(3, 8)
     assert torch.equal(layer(x), x @ layer.weight.T)  # B = 0 at init
     torch.nn.init.normal_(layer.lora_B.weight)
@@ -113,7 +122,7 @@ def test_lora_layer_starts_as_the_base_layer_and_scales_by_alpha_over_r(train_mo
 
 def test_lora_dropout_zeroes_a_fraction_p_and_rescales_the_rest_by_one_over_one_minus_p(train_mod):
     layer = train_mod.LoRALinear((6, 8), torch.float32)
-    layer.add_lora(rank=2, alpha=4.0, dropout=0.25)
+    layer.init_lora(rank=2, alpha=4.0, dropout=0.25)
     layer.train()
     torch.manual_seed(0)
     dropped = layer.dropout(torch.ones(400_000))
@@ -126,7 +135,7 @@ def test_lora_dropout_zeroes_a_fraction_p_and_rescales_the_rest_by_one_over_one_
 
 def test_lora_weights_stay_fp32_over_a_bf16_base(train_mod):
     layer = train_mod.LoRALinear((6, 8), torch.bfloat16)
-    layer.add_lora(rank=2, alpha=4.0, dropout=0.0)
+    layer.init_lora(rank=2, alpha=4.0, dropout=0.0)
     assert layer.weight.dtype == torch.bfloat16
     assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
 

@@ -1,11 +1,11 @@
 """Our Llama, loaded through stages 02 and 03, computes the same logits as transformers.LlamaForCausalLM."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
-
 from conftest import LLAMA3_ROPE, make_hf_model, run_stage, tiny_settings, write_overlay
 
 
@@ -32,15 +32,19 @@ def our_logits(train, model, ids):
         return model.logits(model(ids, pos, train.document_mask(torch.ones_like(ids))))
 
 
-@pytest.mark.parametrize("case", [
-    dict(),                                                   # GQA (4 heads, 2 KV heads), untied
-    dict(tie_word_embeddings=True),
-    dict(num_key_value_heads=4),                              # plain multi-head attention
-    dict(rope_parameters=LLAMA3_ROPE),                        # Llama-3.1 frequency scaling
-    dict(head_dim=32),                                        # head_dim != hidden / heads
-    dict(family="mistral", sliding_window=None, rope_theta=1e6),  # Mistral v0.2+: a Llama without a window
-    dict(family="mistral", sliding_window=4096),              # a window longer than the sequence: no effect
-], ids=["gqa-untied", "tied", "mha", "rope-llama3", "head-dim", "mistral", "mistral-long-window"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),  # GQA (4 heads, 2 KV heads), untied
+        dict(tie_word_embeddings=True),
+        dict(num_key_value_heads=4),  # plain multi-head attention
+        dict(rope_parameters=LLAMA3_ROPE),  # Llama-3.1 frequency scaling
+        dict(head_dim=32),  # head_dim != hidden / heads
+        dict(family="mistral", sliding_window=None, rope_theta=1e6),  # Mistral v0.2+: a Llama without a window
+        dict(family="mistral", sliding_window=4096),  # a window longer than the sequence: no effect
+    ],
+    ids=["gqa-untied", "tied", "mha", "rope-llama3", "head-dim", "mistral", "mistral-long-window"],
+)
 def test_logits_match_transformers(tmp_path, tokenizer_dir, train_mod, case):
     hf, settings = convert(tmp_path, tokenizer_dir, **case)
     ids = torch.randint(0, hf.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
@@ -53,9 +57,10 @@ def test_logits_match_transformers(tmp_path, tokenizer_dir, train_mod, case):
 def test_a_mistral_window_shorter_than_the_sequence_is_refused(tmp_path, tokenizer_dir, train_mod):
     """Mistral-7B-v0.1 attends to its last 4096 tokens only; training it as a full-attention Llama would differ."""
     _, settings = convert(tmp_path, tokenizer_dir, family="mistral", sliding_window=32)
-    assert train_mod.read_model_config(settings["model.model_config"])["sliding_window"] == 32
-    proc = run_stage(["05_train.py", "--config", "config.yaml", "--config", str(tmp_path / "overlay.yaml")],
-                     check=False)
+    assert train_mod.read_model_config(settings["model.model_config"]).sliding_window == 32
+    proc = run_stage(
+        ["05_train.py", "--config", "config.yaml", "--config", str(tmp_path / "overlay.yaml")], check=False
+    )
     assert proc.returncode == 1
     assert "sliding_window 32 is shorter than data.seq_length 64" in proc.stderr.splitlines()[-1]
 
@@ -64,12 +69,23 @@ def test_llama3_rope_scales_low_frequencies_smooths_the_middle_band_and_keeps_hi
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    arch = dict(head_dim=16, rope_theta=LLAMA3_ROPE["rope_theta"], rope_scaling=dict(LLAMA3_ROPE))
+    arch = train_mod.Arch(
+        vocab=8,
+        hidden=64,
+        inter=8,
+        layers=1,
+        heads=4,
+        kv_heads=4,
+        head_dim=16,
+        rope_theta=LLAMA3_ROPE["rope_theta"],
+        rope_scaling=dict(LLAMA3_ROPE),
+    )
     ours = train_mod.rope_inv_freq(arch)
-    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(hidden_size=64, num_attention_heads=4,
-                                                          rope_parameters=dict(LLAMA3_ROPE)), "cpu")
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](
+        LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=dict(LLAMA3_ROPE)), "cpu"
+    )
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
-    plain = train_mod.rope_inv_freq(dict(arch, rope_scaling=None))
+    plain = train_mod.rope_inv_freq(dataclasses.replace(arch, rope_scaling=None))
     old, factor = LLAMA3_ROPE["original_max_position_embeddings"], LLAMA3_ROPE["factor"]
     wavelen = 2 * math.pi / plain
     high, low = wavelen < old / LLAMA3_ROPE["high_freq_factor"], wavelen > old / LLAMA3_ROPE["low_freq_factor"]
@@ -105,10 +121,18 @@ def test_checkpoint_layout_has_nxdt_names(tmp_path, tokenizer_dir):
     convert(tmp_path, tokenizer_dir)
     state = torch.load(tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt", weights_only=True)
     assert {k for k in state if ".layers.0." in k} == {
-        f"model.layers.0.{n}" for n in (
-            "self_attn.qkv_proj.weight_q", "self_attn.qkv_proj.weight_k", "self_attn.qkv_proj.weight_v",
-            "self_attn.o_proj.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight",
-            "input_layernorm.weight", "post_attention_layernorm.weight")}
+        f"model.layers.0.{n}"
+        for n in (
+            "self_attn.qkv_proj.weight_q",
+            "self_attn.qkv_proj.weight_k",
+            "self_attn.qkv_proj.weight_v",
+            "self_attn.o_proj.weight",
+            "mlp.gate_up_proj.weight",
+            "mlp.down_proj.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+        )
+    }
     assert state["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 96, 64)
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(state)
 
@@ -174,10 +198,21 @@ def test_converter_rejects_a_shape_that_disagrees_with_config(tmp_path, tokenize
 
 
 def test_attention_over_each_blocks_reachable_keys_equals_full_attention(train_mod):
-    cfg = dict(vocab=64, hidden=32, inter=48, layers=2, heads=4, kv_heads=2, head_dim=8, eps=1e-5,
-               rope_theta=10000.0, rope_scaling=None, tie=False)
+    cfg = dict(
+        vocab=64,
+        hidden=32,
+        inter=48,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        tie=False,
+    )
     torch.manual_seed(0)
-    model = train_mod.Llama(cfg)
+    model = train_mod.Llama(train_mod.Arch(**cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)

@@ -3,12 +3,19 @@
 import os
 
 import pytest
-
 from conftest import load_stage, run_stage
 
-NEURON_VARS = ["NEURON_CC_FLAGS", "NEURON_COMPILE_CACHE_URL", "NEURON_FUSE_SOFTMAX", "BUCKET_CAP_MB",
-               "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS", "NEURON_RT_EXEC_TIMEOUT", "XLA_USE_BF16",
-               "XLA_DISABLE_FUNCTIONALIZATION", "MALLOC_ARENA_MAX"]
+NEURON_VARS = [
+    "NEURON_CC_FLAGS",
+    "NEURON_COMPILE_CACHE_URL",
+    "NEURON_FUSE_SOFTMAX",
+    "BUCKET_CAP_MB",
+    "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
+    "NEURON_RT_EXEC_TIMEOUT",
+    "XLA_USE_BF16",
+    "XLA_DISABLE_FUNCTIONALIZATION",
+    "MALLOC_ARENA_MAX",
+]
 
 
 @pytest.fixture
@@ -25,8 +32,9 @@ def settings(train, *overrides):
 def test_config_yaml_sets_the_tutorial_neuron_environment(clean_env):
     train = load_stage("05_train.py")
     train.neuron_environment(settings(train))
-    assert os.environ["NEURON_CC_FLAGS"] == ("--model-type transformer --enable-mixed-precision-accumulation "
-                                             "--auto-cast none")
+    assert os.environ["NEURON_CC_FLAGS"] == (
+        "--model-type transformer --enable-mixed-precision-accumulation --auto-cast none"
+    )
     assert os.environ["NEURON_COMPILE_CACHE_URL"] == os.path.expanduser("~/neuron_cache")
     assert os.environ["NEURON_FUSE_SOFTMAX"] == "1"
     assert os.environ["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "5"
@@ -65,8 +73,16 @@ def test_an_inherited_disable_functionalization_is_overridden(clean_env, capsys)
 
 
 def test_neuron_env_prints_export_lines_for_the_launch(clean_env):
-    proc = run_stage(["05_train.py", "--config", "config.yaml", "--neuron-env",
-                      "xla.neuron.compiler_cache_url=s3://bucket/my cache"], env=dict(os.environ))
+    proc = run_stage(
+        [
+            "05_train.py",
+            "--config",
+            "config.yaml",
+            "--neuron-env",
+            "xla.neuron.compiler_cache_url=s3://bucket/my cache",
+        ],
+        env=dict(os.environ),
+    )
     lines = proc.stdout.splitlines()
     assert "export NEURON_COMPILE_CACHE_URL='s3://bucket/my cache'" in lines
     assert "export MALLOC_ARENA_MAX=128" in lines and "export XLA_DISABLE_FUNCTIONALIZATION=0" in lines
@@ -77,8 +93,11 @@ EFA = ["FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE"]
 
 
 def launch_env(**nodes):
-    env = {k: v for k, v in os.environ.items()
-           if k not in [*EFA, "NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "WORLD_SIZE", "LOCAL_WORLD_SIZE"]}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in [*EFA, "NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "WORLD_SIZE", "LOCAL_WORLD_SIZE"]
+    }
     return dict(env, **nodes)
 
 
@@ -104,7 +123,15 @@ def test_requirements_neuron_pins_one_sdk_release():
     """SDK 2.29.1's manifest (aws-neuron-sdk src/helperscripts/n2-manifest.json), no package of another release."""
     from conftest import ROOT
 
-    pins = dict(line.split("==") for line in (ROOT / "requirements-neuron.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
-    assert pins == {"torch-neuronx": "2.9.0.2.13.26312", "torch": "2.9.0", "torch-xla": "2.9.0",
-                    "libneuronxla": "2.2.16408.0", "neuronx-cc": "2.24.8799.0"}
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "requirements-neuron.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert pins == {
+        "torch-neuronx": "2.9.0.2.13.26312",
+        "torch": "2.9.0",
+        "torch-xla": "2.9.0",
+        "libneuronxla": "2.2.16408.0",
+        "neuronx-cc": "2.24.8799.0",
+    }

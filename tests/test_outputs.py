@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import DEMO_DATA, load_stage, make_hf_model, run_stage, write_overlay
 
 
@@ -14,9 +13,15 @@ def stage(name, overlay, *args, check=True):
 def model_downloaded(tmp_path, tokenizer_dir):
     """02 run once from a tiny local model into weights w/, tokenizer t/ and config c.json; returns its overlay."""
     make_hf_model(tmp_path / "src", tokenizer_dir)
-    overlay = write_overlay(tmp_path / "o.yaml", {
-        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(tmp_path / "w"),
-        "data.tokenizer.type": str(tmp_path / "t"), "model.model_config": str(tmp_path / "c.json")})
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "model.download.source": str(tmp_path / "src"),
+            "model.hf_weights_dir": str(tmp_path / "w"),
+            "data.tokenizer.type": str(tmp_path / "t"),
+            "model.model_config": str(tmp_path / "c.json"),
+        },
+    )
     stage("02_download_model.py", overlay)
     return overlay
 
@@ -26,9 +31,15 @@ def test_02_writes_tokenizer_and_weights_into_one_directory_as_on_the_hub(tmp_pa
 
     make_hf_model(tmp_path / "src", tokenizer_dir)
     model_dir = tmp_path / "models" / "tiny"
-    overlay = write_overlay(tmp_path / "o.yaml", {
-        "model.download.source": str(tmp_path / "src"), "model.hf_weights_dir": str(model_dir),
-        "data.tokenizer.type": str(model_dir), "model.model_config": str(model_dir / "config.json")})
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "model.download.source": str(tmp_path / "src"),
+            "model.hf_weights_dir": str(model_dir),
+            "data.tokenizer.type": str(model_dir),
+            "model.model_config": str(model_dir / "config.json"),
+        },
+    )
     for _ in range(2):  # the second run replaces the first one's output
         stage("02_download_model.py", overlay)
         assert AutoTokenizer.from_pretrained(str(model_dir)).eos_token == "</s>"
@@ -58,9 +69,15 @@ def test_01_replaces_its_earlier_output_when_the_source_changes(tmp_path):
     source = tmp_path / "source.jsonl"
     lines = (DEMO_DATA / "val.jsonl").read_text().splitlines(keepends=True)
     source.write_text("".join(lines[:5]))
-    overlay = write_overlay(tmp_path / "o.yaml", {
-        "data.download.train_uri": str(source), "data.download.val_uri": None,
-        "data.train_dir": str(tmp_path / "out" / "train.jsonl"), "data.tokenizer.type": str(tmp_path / "none")})
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "data.download.train_uri": str(source),
+            "data.download.val_uri": None,
+            "data.train_dir": str(tmp_path / "out" / "train.jsonl"),
+            "data.tokenizer.type": str(tmp_path / "none"),
+        },
+    )
     stage("01_download_data.py", overlay)
     source.write_text("".join(lines[:7]))
     assert "7 records" in stage("01_download_data.py", overlay).stdout
@@ -72,9 +89,14 @@ def test_01_replaces_its_earlier_output_when_the_source_changes(tmp_path):
 def test_01_into_a_new_directory_tree_creates_it_only_when_it_succeeds(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a"}\n')
-    overlay = write_overlay(tmp_path / "o.yaml", {
-        "data.download.train_uri": str(bad), "data.download.val_uri": None,
-        "data.train_dir": str(tmp_path / "a" / "b" / "train.jsonl")})
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "data.download.train_uri": str(bad),
+            "data.download.val_uri": None,
+            "data.train_dir": str(tmp_path / "a" / "b" / "train.jsonl"),
+        },
+    )
     proc = stage("01_download_data.py", overlay, check=False)
     assert proc.returncode == 1 and f"{bad}:1: missing field 'output'" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "o.yaml"]
@@ -92,8 +114,13 @@ def test_03_to_hf_replaces_its_own_export_with_overwrite_only(pipeline):
 def test_05_trains_into_an_empty_directory_the_user_made(pipeline):
     work, overlay = pipeline
     (work / "empty").mkdir()
-    stage("05_train.py", overlay, f"exp_manager.explicit_log_dir={work / 'empty'}", "trainer.max_steps=1",
-          "evaluation.generate.num_prompts=0")
+    stage(
+        "05_train.py",
+        overlay,
+        f"exp_manager.explicit_log_dir={work / 'empty'}",
+        "trainer.max_steps=1",
+        "evaluation.generate.num_prompts=0",
+    )
     assert (work / "empty" / "final" / "adapter" / "adapter_config.json").exists()
     assert (work / "empty" / "config.yaml").read_text().startswith("# written by 05_train.py")
 
@@ -117,8 +144,14 @@ def test_05_a_failed_data_preparation_leaves_no_directory(pipeline, tmp_path):
     data = tmp_path / "cache" / "train.jsonl"
     data.parent.mkdir()
     data.write_text((DEMO_DATA / "train.jsonl").read_text().splitlines()[0] + "\n{broken\n")
-    proc = stage("05_train.py", overlay, f"data.train_dir={data}", f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
-                 f"data.cache_dir={tmp_path / 'made' / 'for' / 'it'}", check=False)
+    proc = stage(
+        "05_train.py",
+        overlay,
+        f"data.train_dir={data}",
+        f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'made' / 'for' / 'it'}",
+        check=False,
+    )
     assert proc.returncode == 1 and f"{data}:2: not valid JSON" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
     assert [p.name for p in data.parent.iterdir()] == ["train.jsonl"]

@@ -2,20 +2,24 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, load_stage, run_stage, train
+from safetensors.torch import load_file
 
 # Dropout off (its masks depend on how tensors are split). A small learning rate: near a zero gradient AdamW's
 # update g / (|g| + eps) turns the last-bit differences of a reordered sum into lr / eps times as much.
-EXACT = ["model_alignment_strategy.peft.lora_dropout=0.0", "data.global_batch_size=4", "trainer.max_steps=3",
-         "model.optim.lr=2e-3",
-         "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]
+EXACT = [
+    "model_alignment_strategy.peft.lora_dropout=0.0",
+    "data.global_batch_size=4",
+    "trainer.max_steps=3",
+    "model.optim.lr=2e-3",
+    "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +27,18 @@ def shards(pipeline):
     """The tiny model converted for TP 2 and for TP 4 with each KV head copied twice (trn1 layout)."""
     work, overlay = pipeline
     for tp, kv in ((2, 1), (4, 2)):
-        run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay),
-                   f"exp_manager.resume_from_checkpoint={work / f'ckpt-tp{tp}'}",
-                   f"distributed_strategy.tensor_model_parallel_size={tp}", f"distributed_strategy.kv_replicator={kv}"])
+        run_stage(
+            [
+                "03_convert_checkpoint.py",
+                "--config",
+                "config.yaml",
+                "--config",
+                str(overlay),
+                f"exp_manager.resume_from_checkpoint={work / f'ckpt-tp{tp}'}",
+                f"distributed_strategy.tensor_model_parallel_size={tp}",
+                f"distributed_strategy.kv_replicator={kv}",
+            ]
+        )
     return work, overlay
 
 
@@ -38,17 +51,36 @@ def reference(shards):
 def torchrun(work, overlay, name, nproc, *overrides):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         "05_train.py", "--config", "config.yaml", "--config", str(overlay),
-         f"exp_manager.explicit_log_dir={work / name}", *overrides],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "05_train.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            f"exp_manager.explicit_log_dir={work / name}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
 def run_metrics(records):
-    return {"loss": [r["loss"] for r in records if "loss" in r], "val": [r["val_loss"] for r in records if "val_loss" in r],
-            "grad_norm": [r["grad_norm"] for r in records if "grad_norm" in r]}
+    return {
+        "loss": [r["loss"] for r in records if "loss" in r],
+        "val": [r["val_loss"] for r in records if "val_loss" in r],
+        "grad_norm": [r["grad_norm"] for r in records if "grad_norm" in r],
+    }
 
 
 def adapter(run_dir):
@@ -60,15 +92,31 @@ def read_metrics(run_dir):
 
 
 LAUNCHES = {
-    "tp2": (2, ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.kv_replicator=1"], "ckpt-tp2"),
-    "tp4-kv2": (4, ["distributed_strategy.tensor_model_parallel_size=4", "distributed_strategy.kv_replicator=2"],
-                "ckpt-tp4"),
+    "tp2": (
+        2,
+        ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.kv_replicator=1"],
+        "ckpt-tp2",
+    ),
+    "tp4-kv2": (
+        4,
+        ["distributed_strategy.tensor_model_parallel_size=4", "distributed_strategy.kv_replicator=2"],
+        "ckpt-tp4",
+    ),
     "dp2": (2, [], "ckpt"),
-    "tp2xdp2": (4, ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.kv_replicator=1"],
-                "ckpt-tp2"),
-    "tp2-activation-checkpointing": (2, ["distributed_strategy.tensor_model_parallel_size=2",
-                                         "distributed_strategy.kv_replicator=1", "model.activations_checkpoint=true"],
-                                     "ckpt-tp2"),
+    "tp2xdp2": (
+        4,
+        ["distributed_strategy.tensor_model_parallel_size=2", "distributed_strategy.kv_replicator=1"],
+        "ckpt-tp2",
+    ),
+    "tp2-activation-checkpointing": (
+        2,
+        [
+            "distributed_strategy.tensor_model_parallel_size=2",
+            "distributed_strategy.kv_replicator=1",
+            "model.activations_checkpoint=true",
+        ],
+        "ckpt-tp2",
+    ),
 }
 
 
@@ -92,8 +140,16 @@ def test_parallel_run_equals_the_single_process_run(shards, reference, launch):
 
 def test_activation_checkpointing_leaves_single_process_numbers_unchanged(shards, reference):
     work, overlay = shards
-    got = run_metrics(train(work, overlay, "single-ckpt", *EXACT, "model.activations_checkpoint=true",
-                            "model.activations_checkpoint_layers=1"))
+    got = run_metrics(
+        train(
+            work,
+            overlay,
+            "single-ckpt",
+            *EXACT,
+            "model.activations_checkpoint=true",
+            "model.activations_checkpoint_layers=1",
+        )
+    )
     for key, want in reference[0].items():
         assert got[key] == pytest.approx(want, abs=1e-6), key
 
@@ -109,8 +165,15 @@ def test_only_rank_zero_writes_the_run_directory_and_prints(shards):
 
 def test_one_process_prepares_the_data_while_the_others_wait_then_all_map_it(shards):
     work, overlay = shards
-    proc = torchrun(work, overlay, "dp2-prepare", 2, "trainer.max_steps=1", "evaluation.generate.num_prompts=0",
-                    f"data.cache_dir={work / 'fresh-cache'}")
+    proc = torchrun(
+        work,
+        overlay,
+        "dp2-prepare",
+        2,
+        "trainer.max_steps=1",
+        "evaluation.generate.num_prompts=0",
+        f"data.cache_dir={work / 'fresh-cache'}",
+    )
     assert proc.stderr.count("train: preparing") == 1 and proc.stderr.count("val: preparing") == 1
     assert len(list((work / "fresh-cache").glob("*.prepared/*/prepared.json"))) == 2
     assert read_metrics(work / "dp2-prepare")["loss"]
@@ -130,17 +193,27 @@ def test_a_world_size_that_tp_does_not_divide_is_refused(shards, monkeypatch):
 
 
 def test_a_head_layout_that_training_cannot_use_is_refused_with_the_reason(train_mod):
-    arch = dict(heads=4, kv_heads=2, inter=96, vocab=384, head_dim=16)
-    train_mod.Layout(arch, 4, 2, "trn1").check()  # rank r: Q head 2(r%2)+r//2, KV head r%2
-    train_mod.Layout(arch, 4, 2, "trn2").check()  # rank r: Q head r, KV head r//2
-    with pytest.raises(train_mod.StageError, match=r"num_key_value_heads x kv_replicator \(4\) must equal "
-                                                   r"tensor_model_parallel_size \(2\) on trn1"):
+    arch = train_mod.Arch(heads=4, kv_heads=2, inter=96, vocab=384, head_dim=16, hidden=64, layers=1)
+    train_mod.Layout(arch, 4, 2, "trn1").check().check_trainable()  # rank r: Q head 2(r%2)+r//2, KV head r%2
+    train_mod.Layout(arch, 4, 2, "trn2").check().check_trainable()  # rank r: Q head r, KV head r//2
+    with pytest.raises(
+        train_mod.StageError,
+        match=r"num_key_value_heads x kv_replicator \(4\) must equal "
+        r"tensor_model_parallel_size \(2\) on trn1",
+    ):
         train_mod.Layout(arch, 2, 2, "trn1").check()
     with pytest.raises(train_mod.StageError, match="each rank would hold 2 Q heads and 4 KV heads"):
-        train_mod.Layout(arch, 2, 4, "trn2").check()
+        train_mod.Layout(arch, 2, 4, "trn2").check().check_trainable()
 
 
-def test_the_head_assignment_is_stage_03s_layout_over_a_grid_of_models_and_layouts(train_mod):
+def test_03_and_05_carry_the_same_layout_block():
+    def block(filename):
+        return re.search(r"# -+ layout\n.*?(?=\n# -+ )", (ROOT / filename).read_text(), re.S).group(0)
+
+    assert block("03_convert_checkpoint.py") == block("05_train.py")
+
+
+def test_every_layout_05_trains_is_one_03_writes_with_each_q_head_beside_its_kv_head(train_mod):
     """Every (heads, KV heads, TP, kv_replicator, hw_backend): where 03 refuses a layout, 05 refuses it too;
     where 05 trains one, each rank holds exactly the Q and KV heads that 03 wrote into its shard; a layout 03
     writes but 05 refuses gives a rank more KV heads than Q heads. Each accepted layout pairs every local Q head
@@ -152,24 +225,36 @@ def test_the_head_assignment_is_stage_03s_layout_over_a_grid_of_models_and_layou
             for m in (1, 2, 4, 8):
                 for backend in ("trn1", "trn2"):
                     hd = 16
-                    config = dict(hidden_size=heads * hd, intermediate_size=64 * 32, num_attention_heads=heads,
-                                  num_key_value_heads=kv, head_dim=hd, vocab_size=128 * 32, num_hidden_layers=1)
-                    arch = dict(heads=heads, kv_heads=kv, head_dim=hd, inter=64 * 32, vocab=128 * 32)
+                    config = dict(
+                        hidden_size=heads * hd,
+                        intermediate_size=64 * 32,
+                        num_attention_heads=heads,
+                        num_key_value_heads=kv,
+                        head_dim=hd,
+                        vocab_size=128 * 32,
+                        num_hidden_layers=1,
+                    )
                     try:
-                        theirs = convert.Layout(config, tp, 1, m, backend)
+                        theirs = convert.Layout(convert.arch_of(config), tp, m, backend).check()
                     except convert.StageError:
                         theirs = None
-                    ours = train_mod.Layout(arch, tp, m, backend)
+                    ours = train_mod.Layout(train_mod.arch_of(config), tp, m, backend)
                     try:
-                        ours.check()
+                        ours.check().check_trainable()
                     except train_mod.StageError as e:
                         seen["neither" if theirs is None else "only 03"] += 1
-                        assert theirs is None or "each KV head needs its own Q heads" in str(e), (heads, kv, tp, m, backend)
+                        assert theirs is None or "each KV head needs its own Q heads" in str(e), (
+                            heads,
+                            kv,
+                            tp,
+                            m,
+                            backend,
+                        )
                         continue
                     assert theirs is not None, (heads, kv, tp, m, backend)
                     for r in range(tp):
                         q, kvh = ours.heads(r)
-                        assert (q, kvh) == (theirs.q_heads(r), theirs.kv_heads(r)), (heads, kv, tp, m, backend, r)
+                        assert (q, kvh) == theirs.heads(r), (heads, kv, tp, m, backend, r)
                         # and grouped-query attention pairs each local Q head with a local KV head, in order
                         per = len(q) // len(kvh)
                         assert [h // (heads // kv) for h in q] == [kvh[i // per] for i in range(len(q))]
@@ -183,40 +268,67 @@ def test_a_checkpoint_converted_for_another_tp_size_is_refused(shards):
         train(work, overlay, "wrong-tp", f"exp_manager.resume_from_checkpoint={work / 'ckpt-tp2'}")
 
 
-TINY_ARCH = dict(vocab=384, hidden=64, inter=96, layers=1, heads=4, kv_heads=1, head_dim=16, eps=1e-5,
-                 rope_theta=10000.0, rope_scaling=None, tie=False)
+TINY_ARCH = dict(
+    vocab=384,
+    hidden=64,
+    inter=96,
+    layers=1,
+    heads=4,
+    kv_heads=1,
+    head_dim=16,
+    eps=1e-5,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    tie=False,
+)
 TINY_LAYOUT = dict(tp=2, kv_mult=2, hw_backend="trn1")  # the one KV head copied to both ranks
 
 
 def rank_shards(train_mod):
     """The LoRA modules of each of two tensor-parallel ranks (one KV head copied to both), with random LoRA
     weights sliced from one full set as the ranks of a real run hold them, and the flat vectors they gather."""
-    c = train_mod.resolve(train_mod.load_config(["config.yaml"], [
-        "model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]), train_mod.SCHEMA)
+    c = train_mod.resolve(
+        train_mod.load_config(
+            ["config.yaml"], ["model_alignment_strategy.peft.target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]"]
+        ),
+        train_mod.SCHEMA,
+    )
     full = {}
     ranks = []
     for r in range(2):
-        par = train_mod.Parallel(train_mod.Layout(TINY_ARCH, **TINY_LAYOUT), torch.device("cpu"), world=2, rank=r,
-                                 connect=False)
+        par = train_mod.Parallel(
+            train_mod.Layout(train_mod.Arch(**TINY_ARCH), **TINY_LAYOUT),
+            torch.device("cpu"),
+            world=2,
+            rank=r,
+            connect=False,
+        )
         torch.manual_seed(0)
-        model = train_mod.Llama(TINY_ARCH, par=par)
+        model = train_mod.Llama(train_mod.Arch(**TINY_ARCH), par=par)
         modules, _ = train_mod.add_lora(model, c, verbose=False)
         for name, m in modules:
             if name not in full:
-                full[name] = (torch.randn(m.lora_A.weight.shape[0], m.full[1]), torch.randn(m.full[0], m.lora_B.weight.shape[1]))
+                full[name] = (
+                    torch.randn(m.lora_A.weight.shape[0], m.full[1]),
+                    torch.randn(m.full[0], m.lora_B.weight.shape[1]),
+                )
             a, b = full[name]
             with torch.no_grad():
-                m.lora_A.weight.copy_(a[:, m.index] if m.split == "in" else a)
-                m.lora_B.weight.copy_(b[m.index] if m.split == "out" else b)
+                m.lora_A.weight.copy_(a[:, m.index] if m.parallel == "row" else a)
+                m.lora_B.weight.copy_(b[m.index] if m.parallel == "column" else b)
         ranks.append(modules)
-    flats = torch.stack([torch.cat([t.detach().flatten() for _, m in mods for t in (m.lora_A.weight, m.lora_B.weight)])
-                         for mods in ranks])
+    flats = torch.stack(
+        [
+            torch.cat([t.detach().flatten() for _, m in mods for t in (m.lora_A.weight, m.lora_B.weight)])
+            for mods in ranks
+        ]
+    )
     return ranks[0], flats, full
 
 
 def test_the_adapter_is_reassembled_from_the_ranks_shards_on_the_host(train_mod):
     modules, flats, full = rank_shards(train_mod)
-    rows = [train_mod.Layout(TINY_ARCH, **TINY_LAYOUT).rows(r) for r in range(2)]
+    rows = [train_mod.layout_rows(train_mod.Layout(train_mod.Arch(**TINY_ARCH), **TINY_LAYOUT), r) for r in range(2)]
     got = train_mod.assemble_lora(modules, flats, rows)
     assert got.keys() == full.keys()
     for name, (a, b) in full.items():
@@ -225,9 +337,12 @@ def test_the_adapter_is_reassembled_from_the_ranks_shards_on_the_host(train_mod)
 
 def test_replicated_copies_that_differ_are_reported_with_their_size(train_mod):
     modules, flats, _ = rank_shards(train_mod)
-    rows = [train_mod.Layout(TINY_ARCH, **TINY_LAYOUT).rows(r) for r in range(2)]
+    rows = [train_mod.layout_rows(train_mod.Layout(train_mod.Arch(**TINY_ARCH), **TINY_LAYOUT), r) for r in range(2)]
     flats[1, :3] += 0.25  # the start of rank 1's copy of the first qkv_proj's (replicated) A
-    with pytest.raises(train_mod.StageError, match=r"qkv_proj: tensor-parallel rank 1 holds a replicated copy that "
-                                                   r"differs from the first one in 3 of 1024 values \(largest "
-                                                   r"difference 0.25\)"):
+    with pytest.raises(
+        train_mod.StageError,
+        match=r"qkv_proj: tensor-parallel rank 1 holds a replicated copy that "
+        r"differs from the first one in 3 of 1024 values \(largest "
+        r"difference 0.25\)",
+    ):
         train_mod.assemble_lora(modules, flats, rows)

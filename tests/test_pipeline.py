@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, make_hf_model, run_stage, tiny_settings, write_overlay
 
 
@@ -44,18 +43,26 @@ def demo_gguf():
 def demo_model(tmp_path_factory):
     """The demo GGUF through stage 02 (dequantized HF weights, tokenizer, config.json); returns (dir, config args)."""
     tmp = tmp_path_factory.mktemp("demo")
-    overlay = write_overlay(tmp / "overlay.yaml", {
-        "exp_manager.explicit_log_dir": str(tmp / "run"),
-        "exp_manager.resume_from_checkpoint": str(tmp / "ckpt"),
-        "data.train_dir": str(ROOT / "demo" / "data" / "train.jsonl"),
-        "data.val_dir": str(ROOT / "demo" / "data" / "val.jsonl"),
-        "data.dev_choose_samples": 16, "data.seq_length": 128, "data.global_batch_size": 2,
-        "data.cache_dir": str(tmp / "prepared"),
-        "data.tokenizer.type": str(tmp / "tokenizer"),
-        "model.model_config": str(tmp / "config.json"), "model.hf_weights_dir": str(tmp / "hf"),
-        "trainer.max_steps": 2, "trainer.log_every_n_steps": 1,
-        "evaluation.generate.num_prompts": 2, "evaluation.generate.max_new_tokens": 4,
-    })
+    overlay = write_overlay(
+        tmp / "overlay.yaml",
+        {
+            "exp_manager.explicit_log_dir": str(tmp / "run"),
+            "exp_manager.resume_from_checkpoint": str(tmp / "ckpt"),
+            "data.train_dir": str(ROOT / "demo" / "data" / "train.jsonl"),
+            "data.val_dir": str(ROOT / "demo" / "data" / "val.jsonl"),
+            "data.dev_choose_samples": 16,
+            "data.seq_length": 128,
+            "data.global_batch_size": 2,
+            "data.cache_dir": str(tmp / "prepared"),
+            "data.tokenizer.type": str(tmp / "tokenizer"),
+            "model.model_config": str(tmp / "config.json"),
+            "model.hf_weights_dir": str(tmp / "hf"),
+            "trainer.max_steps": 2,
+            "trainer.log_every_n_steps": 1,
+            "evaluation.generate.num_prompts": 2,
+            "evaluation.generate.max_new_tokens": 4,
+        },
+    )
     args = ["--config", "config.yaml", "--config", "demo.yaml", "--config", str(overlay)]
     run_stage(["02_download_model.py", *args], env=dict(os.environ, DEMO_GGUF=str(demo_gguf())))
     return tmp, args
@@ -100,13 +107,19 @@ def test_the_demo_tokenizer_trains_each_answer_and_its_end_of_turn_only(demo_mod
 
     tmp, _ = demo_model
     tok = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
-    conversation = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "2 + 2?"},
-                    {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"},
-                    {"role": "assistant", "content": "6"}]
-    (ids, labels), = train_mod.tokenize([conversation], tok, "raw", 256, "truncate")[0]
-    assert tok.decode(ids) == ("<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n"
-                               "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n"
-                               "<|im_start|>assistant\n6<|im_end|>\n")
+    conversation = [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    ((ids, labels),) = train_mod.tokenize([conversation], tok, "raw", 256, "truncate")[0]
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n6<|im_end|>\n"
+    )
     runs, run = [], []
     for token, label in zip(ids, labels):
         if label != -100:

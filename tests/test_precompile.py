@@ -15,7 +15,8 @@ printf '%s\\n' "NEURON_COMPILE_CACHE_URL=$NEURON_COMPILE_CACHE_URL" "MALLOC_AREN
   "NEURON_CC_FLAGS=$NEURON_CC_FLAGS" "FI_PROVIDER=$FI_PROVIDER" "FI_EFA_USE_DEVICE_RDMA=$FI_EFA_USE_DEVICE_RDMA" \\
   "FI_EFA_FORK_SAFE=$FI_EFA_FORK_SAFE" > "$RECORD.env"
 if [ -n "$WARM" ]; then  # what parallel_compile logs, and all it does, when the cache holds every graph
-  echo "INFO ||PARALLEL_COMPILE||: No todo hlos found in cache or hlo_tasklist, parallel_compile return before spawning workers...."
+  echo "INFO ||PARALLEL_COMPILE||: No todo hlos found in cache or hlo_tasklist," \
+    "parallel_compile return before spawning workers...."
   exit 0
 fi
 echo "INFO ||PARALLEL_COMPILE||: Total graphs: $TOTAL"
@@ -42,11 +43,28 @@ def with_tool(tmp_path, failed=0, total=22, neuron_python=True, warm=False):
     executable(tmp_path / "bin" / "neuron_parallel_compile", FAKE_TOOL)
     if neuron_python:
         executable(tmp_path / "bin" / "python3", FAKE_NEURON_PYTHON)
-    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", RECORD=str(tmp_path / "argv"),
-               FAILED=str(failed), TOTAL=str(total), NNODES="2", NODE_RANK="1", MASTER_ADDR="node0",
-               WARM="1" if warm else "")
-    for key in ("PYTHON", "NEURON_COMPILE_CACHE_URL", "MALLOC_ARENA_MAX", "NEURON_CC_FLAGS", "FI_PROVIDER",
-                "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES"):
+    env = dict(
+        os.environ,
+        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        RECORD=str(tmp_path / "argv"),
+        FAILED=str(failed),
+        TOTAL=str(total),
+        NNODES="2",
+        NODE_RANK="1",
+        MASTER_ADDR="node0",
+        WARM="1" if warm else "",
+    )
+    for key in (
+        "PYTHON",
+        "NEURON_COMPILE_CACHE_URL",
+        "MALLOC_ARENA_MAX",
+        "NEURON_CC_FLAGS",
+        "FI_PROVIDER",
+        "FI_EFA_USE_DEVICE_RDMA",
+        "FI_EFA_FORK_SAFE",
+        "SLURM_NNODES",
+        "SLURM_JOB_NUM_NODES",
+    ):
         env.pop(key, None)
     return env
 
@@ -60,11 +78,12 @@ def recorded(tmp_path):
 def test_on_trainium_the_training_launch_runs_under_neuron_parallel_compile(tmp_path):
     proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "seed=7"], env=with_tool(tmp_path))
     argv, _ = recorded(tmp_path)
-    launch = argv[:argv.index("05_train.py")]
+    launch = argv[: argv.index("05_train.py")]
     assert launch[1:3] == ["-m", "torch.distributed.run"]
-    assert " ".join(launch[3:]) == ("--nproc_per_node 32 --nnodes 2 --node_rank 1 --master_addr node0 "
-                                    "--master_port 41000")
-    args = argv[argv.index("05_train.py") + 1:]
+    assert " ".join(launch[3:]) == (
+        "--nproc_per_node 32 --nnodes 2 --node_rank 1 --master_addr node0 --master_port 41000"
+    )
+    args = argv[argv.index("05_train.py") + 1 :]
     assert args[:3] == ["--config", "config.yaml", "seed=7"]
     assert "trainer.max_steps=10" in args and "trainer.accelerator=xla" in args
     assert "Total graphs: 22" in proc.stdout and "Total failed compilations: 0" in proc.stdout
@@ -83,8 +102,10 @@ def test_the_extraction_run_writes_no_run_checkpoints(tmp_path):
 
 
 def test_the_compiler_and_the_launch_get_the_configured_cache(tmp_path):
-    run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", f"xla.neuron.compiler_cache_url={tmp_path}/c"],
-              env=with_tool(tmp_path))
+    run_stage(
+        ["bash", "04_precompile.sh", "--config", "config.yaml", f"xla.neuron.compiler_cache_url={tmp_path}/c"],
+        env=with_tool(tmp_path),
+    )
     _, env = recorded(tmp_path)
     assert env["NEURON_COMPILE_CACHE_URL"] == f"{tmp_path}/c"
     assert env["MALLOC_ARENA_MAX"] == "128"
@@ -104,20 +125,25 @@ def test_a_launch_over_several_nodes_gets_the_efa_variables(tmp_path):
 
 
 def test_failed_graph_compilations_fail_the_stage(tmp_path):
-    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, failed=2),
-                     check=False)
+    proc = run_stage(
+        ["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, failed=2), check=False
+    )
     assert proc.returncode == 1 and "some graphs failed to compile" in proc.stderr
 
 
 def test_no_extracted_graph_fails_the_stage(tmp_path):
-    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, total=0),
-                     check=False)
+    proc = run_stage(
+        ["bash", "04_precompile.sh", "--config", "config.yaml"], env=with_tool(tmp_path, total=0), check=False
+    )
     assert proc.returncode == 1 and "no graph was extracted" in proc.stderr
 
 
 def test_trainium_without_a_torch_xla_interpreter_is_refused(tmp_path):
-    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"],
-                     env=dict(with_tool(tmp_path, neuron_python=False), PYTHON=sys.executable), check=False)
+    proc = run_stage(
+        ["bash", "04_precompile.sh", "--config", "config.yaml"],
+        env=dict(with_tool(tmp_path, neuron_python=False), PYTHON=sys.executable),
+        check=False,
+    )
     assert proc.returncode == 1 and "has no torch-xla" in proc.stderr
     assert not (tmp_path / "argv").exists()
 

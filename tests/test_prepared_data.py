@@ -10,9 +10,8 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer
-
 from conftest import DEMO_DATA, ROOT, make_hf_model, write_overlay
+from transformers import AutoTokenizer
 
 
 # ------------------------------------------------------------------ the reference: one record at a time, in memory
@@ -26,17 +25,18 @@ def reference_windows(records, tok, fmt, seq_len, packing, truncation):
         else:
             user = [{"role": "user", "content": prompt}]
             p = list(tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True)["input_ids"])
-            full = list(tok.apply_chat_template(user + [{"role": "assistant", "content": response}],
-                                                tokenize=True)["input_ids"])
-            assert full[:len(p)] == p
-            r = full[len(p):]
+            full = list(
+                tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True)["input_ids"]
+            )
+            assert full[: len(p)] == p
+            r = full[len(p) :]
         if len(p) + len(r) > seq_len:
             if truncation == "drop":
                 stats["dropped"] += 1
                 continue
             stats["truncated"] += 1
-            p = p[:max(1, seq_len - len(r))]
-            r = r[:seq_len - len(p)]
+            p = p[: max(1, seq_len - len(r))]
+            r = r[: seq_len - len(p)]
         docs.append((p + r, [-100] * len(p) + r))
     windows, current, used = [], [], 0
     for doc in docs:
@@ -48,15 +48,18 @@ def reference_windows(records, tok, fmt, seq_len, packing, truncation):
         used += len(doc[0])
     windows.append(current)
     n = len(windows)
-    batch = {"input_ids": torch.full((n, seq_len), tok.pad_token_id), "targets": torch.full((n, seq_len), -100),
-             "position_ids": torch.zeros((n, seq_len), dtype=torch.long),
-             "segment_ids": torch.zeros((n, seq_len), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((n, seq_len), tok.pad_token_id),
+        "targets": torch.full((n, seq_len), -100),
+        "position_ids": torch.zeros((n, seq_len), dtype=torch.long),
+        "segment_ids": torch.zeros((n, seq_len), dtype=torch.long),
+    }
     for w, window in enumerate(windows):
         start = 0
         for seg, (ids, labels) in enumerate(window, start=1):
             end = start + len(ids)
             batch["input_ids"][w, start:end] = torch.tensor(ids)
-            batch["targets"][w, start:end - 1] = torch.tensor(labels[1:])
+            batch["targets"][w, start : end - 1] = torch.tensor(labels[1:])
             batch["position_ids"][w, start:end] = torch.arange(len(ids))
             batch["segment_ids"][w, start:end] = seg
             start = end
@@ -79,10 +82,17 @@ def model_config(tmp_path_factory, tokenizer_dir):
 
 def settings(train_mod, tokenizer_dir, model_config, data, *overrides):
     """The resolved config of a stage-05 launch on `data` (train and val), prepared under data's directory."""
-    values = {"data.train_dir": str(data), "data.val_dir": str(data), "data.tokenizer.type": str(tokenizer_dir),
-              "model.model_config": str(model_config), "data.dev_choose_samples": None, "data.seq_length": 64,
-              "distributed_strategy.tensor_model_parallel_size": 1, "distributed_strategy.kv_replicator": 1,
-              "trainer.accelerator": "cpu"}
+    values = {
+        "data.train_dir": str(data),
+        "data.val_dir": str(data),
+        "data.tokenizer.type": str(tokenizer_dir),
+        "model.model_config": str(model_config),
+        "data.dev_choose_samples": None,
+        "data.seq_length": 64,
+        "distributed_strategy.tensor_model_parallel_size": 1,
+        "distributed_strategy.kv_replicator": 1,
+        "trainer.accelerator": "cpu",
+    }
     overlay = write_overlay(data.parent / "overlay.yaml", values)
     cfg = train_mod.load_config([ROOT / "config.yaml", overlay], list(overrides))
     return train_mod.resolve(cfg, train_mod.SCHEMA), overlay
@@ -100,16 +110,31 @@ def files_of(where):
 
 
 # ------------------------------------------------------------------ what the windows are
-@pytest.mark.parametrize("fmt,seq_len,packing,truncation", [
-    ("raw", 64, True, "truncate"), ("raw", 64, False, "truncate"), ("chat_template", 96, True, "truncate"),
-    ("raw", 20, True, "truncate"), ("raw", 20, False, "drop")],
-    ids=["raw-packed", "raw-padded", "chat-packed", "truncated", "dropped"])
+@pytest.mark.parametrize(
+    "fmt,seq_len,packing,truncation",
+    [
+        ("raw", 64, True, "truncate"),
+        ("raw", 64, False, "truncate"),
+        ("chat_template", 96, True, "truncate"),
+        ("raw", 20, True, "truncate"),
+        ("raw", 20, False, "drop"),
+    ],
+    ids=["raw-packed", "raw-padded", "chat-packed", "truncated", "dropped"],
+)
 def test_prepared_windows_equal_the_one_record_at_a_time_reference_on_the_demo_data(
-        train_mod, tok, tokenizer_dir, model_config, tmp_path, fmt, seq_len, packing, truncation):
+    train_mod, tok, tokenizer_dir, model_config, tmp_path, fmt, seq_len, packing, truncation
+):
     data = copy_demo(tmp_path)
-    c, _ = settings(train_mod, tokenizer_dir, model_config, data, f"data.prompt_format={fmt}",
-                    f"data.seq_length={seq_len}", f"model_alignment_strategy.sft.packing={packing}",
-                    f"data.truncation={truncation}")
+    c, _ = settings(
+        train_mod,
+        tokenizer_dir,
+        model_config,
+        data,
+        f"data.prompt_format={fmt}",
+        f"data.seq_length={seq_len}",
+        f"model_alignment_strategy.sft.packing={packing}",
+        f"data.truncation={truncation}",
+    )
     windows = train_mod.load_split(data, tok, c, "train", None)
     expected, stats = reference_windows(train_mod.read_records(data, None), tok, fmt, seq_len, packing, truncation)
     got = windows.batch(range(len(windows)))
@@ -133,7 +158,8 @@ def test_token_arrays_are_memory_mapped_not_loaded(train_mod, tok, tokenizer_dir
 
 # ------------------------------------------------------------------ prepared once, reused, rebuilt on change
 def test_a_second_launch_maps_the_prepared_files_without_preparing_again(
-        train_mod, tok, tokenizer_dir, model_config, tmp_path, capsys):
+    train_mod, tok, tokenizer_dir, model_config, tmp_path, capsys
+):
     data = copy_demo(tmp_path)
     c, _ = settings(train_mod, tokenizer_dir, model_config, data)
     train_mod.load_split(data, tok, c, "train", None)
@@ -145,9 +171,18 @@ def test_a_second_launch_maps_the_prepared_files_without_preparing_again(
     assert files_of(where) == before and len(again) > 0
 
 
-@pytest.mark.parametrize("change", [
-    "data.seq_length=48", "model_alignment_strategy.sft.packing=false", "data.truncation=drop",
-    "data.prompt_format=chat_template", "data.dev_choose_samples=100", "data file content", "tokenizer file"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "data.seq_length=48",
+        "model_alignment_strategy.sft.packing=false",
+        "data.truncation=drop",
+        "data.prompt_format=chat_template",
+        "data.dev_choose_samples=100",
+        "data file content",
+        "tokenizer file",
+    ],
+)
 def test_each_input_of_the_windows_prepares_them_anew(train_mod, tok, tokenizer_dir, model_config, tmp_path, change):
     import shutil
 
@@ -165,8 +200,9 @@ def test_each_input_of_the_windows_prepares_them_anew(train_mod, tok, tokenizer_
     c2, _ = settings(train_mod, tokdir, model_config, data, *overrides)
     second, _ = train_mod.prepared_location(data, tokdir, c2)
     assert first != second and first.parent == second.parent
-    unchanged, _ = train_mod.prepared_location(data, tokdir, settings(train_mod, tokdir, model_config, data,
-                                                                      *overrides)[0])
+    unchanged, _ = train_mod.prepared_location(
+        data, tokdir, settings(train_mod, tokdir, model_config, data, *overrides)[0]
+    )
     assert unchanged == second
 
 
@@ -179,11 +215,16 @@ def test_data_cache_dir_moves_the_prepared_files(train_mod, tok, tokenizer_dir, 
 
 
 def test_a_killed_preparation_is_never_used_and_its_leftovers_are_removed(
-        train_mod, tok, tokenizer_dir, model_config, tmp_path):
+    train_mod, tok, tokenizer_dir, model_config, tmp_path
+):
     data = copy_demo(tmp_path, n=60_000)
     c, overlay = settings(train_mod, tokenizer_dir, model_config, data)
-    proc = subprocess.Popen([sys.executable, "05_train.py", "--config", "config.yaml", "--config", str(overlay),
-                             "--inspect-data", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "05_train.py", "--config", "config.yaml", "--config", str(overlay), "--inspect-data", "1"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     root = data.parent / "train.jsonl.prepared"
     try:
         deadline = time.monotonic() + 120

@@ -12,34 +12,59 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_stage, train
 
-RUN = ["trainer.max_steps=10", "trainer.log_every_n_steps=1", "trainer.val_check_interval=4",
-       "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-       "exp_manager.checkpoint_callback_params.save_top_k=2", "data.global_batch_size=8",
-       "evaluation.generate.num_prompts=0", "exp_manager.create_tensorboard_logger=false"]  # dropout stays 0.05
+RUN = [
+    "trainer.max_steps=10",
+    "trainer.log_every_n_steps=1",
+    "trainer.val_check_interval=4",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+    "exp_manager.checkpoint_callback_params.save_top_k=2",
+    "data.global_batch_size=8",
+    "evaluation.generate.num_prompts=0",
+    "exp_manager.create_tensorboard_logger=false",
+]  # dropout stays 0.05
 
 
 def command(work, overlay, name, nproc, overrides):
-    args = ["05_train.py", "--config", "config.yaml", "--config", str(overlay),
-            f"exp_manager.explicit_log_dir={work / name}", *RUN, *overrides]
+    args = [
+        "05_train.py",
+        "--config",
+        "config.yaml",
+        "--config",
+        str(overlay),
+        f"exp_manager.explicit_log_dir={work / name}",
+        *RUN,
+        *overrides,
+    ]
     if nproc == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
 def run_to_end(work, overlay, name, nproc=1, *overrides):
-    proc = subprocess.run(command(work, overlay, name, nproc, overrides), cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    proc = subprocess.run(
+        command(work, overlay, name, nproc, overrides),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
 def start(work, overlay, name, nproc=1, *overrides):
-    return subprocess.Popen(command(work, overlay, name, nproc, overrides), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.Popen(
+        command(work, overlay, name, nproc, overrides),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def records(run_dir):
@@ -176,8 +201,11 @@ def test_a_checkpoint_holds_the_adapter_optimizer_and_rng_but_no_base_weights(re
     assert set(own) == {"lora", "optimizer", "rng"} and set(own["rng"]) >= {"python", "numpy", "torch"}
     lora = sum(t.numel() for t in own["lora"])
     assert lora == 23_552  # 2 layers x the four targets' A and B at rank 16
-    assert all(t.numel() == own["lora"][i].numel() for i, s in own["optimizer"]["state"].items()
-               for t in (s["exp_avg"], s["exp_avg_sq"]))
+    assert all(
+        t.numel() == own["lora"][i].numel()
+        for i, s in own["optimizer"]["state"].items()
+        for t in (s["exp_avg"], s["exp_avg_sq"])
+    )
     adapter = load_file(str(ckpt[-1] / "adapter" / "adapter_model.safetensors"))
     assert all(16 in t.shape for t in adapter.values()), "only rank-16 LoRA factors, no base weight"
 
@@ -192,10 +220,21 @@ def test_resuming_with_another_layout_is_refused(references):
 
 def test_a_non_finite_step_stops_the_run_naming_the_step_and_the_last_checkpoint(pipeline):
     work, overlay = pipeline
-    proc = run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay), *RUN,
-                      f"exp_manager.explicit_log_dir={work / 'nan-stop'}", "model.optim.lr=1e12",
-                      "trainer.gradient_clip_val=null", "exp_manager.checkpoint_callback_params.every_n_train_steps=1"],
-                     check=False)
+    proc = run_stage(
+        [
+            "05_train.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            *RUN,
+            f"exp_manager.explicit_log_dir={work / 'nan-stop'}",
+            "model.optim.lr=1e12",
+            "trainer.gradient_clip_val=null",
+            "exp_manager.checkpoint_callback_params.every_n_train_steps=1",
+        ],
+        check=False,
+    )
     assert proc.returncode == 1
     message = proc.stderr.strip().splitlines()[-1]
     step = int(message.split("step ")[1].split(":")[0])
@@ -207,9 +246,20 @@ def test_non_finite_steps_can_be_skipped_and_counted(pipeline):
     from safetensors.torch import load_file
 
     work, overlay = pipeline
-    run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay), *RUN,
-               f"exp_manager.explicit_log_dir={work / 'nan-skip'}", "model.optim.lr=1e12",
-               "trainer.gradient_clip_val=null", "trainer.nonfinite=skip"])
+    run_stage(
+        [
+            "05_train.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            *RUN,
+            f"exp_manager.explicit_log_dir={work / 'nan-skip'}",
+            "model.optim.lr=1e12",
+            "trainer.gradient_clip_val=null",
+            "trainer.nonfinite=skip",
+        ]
+    )
     steps = [r for r in records(work / "nan-skip") if "skipped_steps" in r]
     assert steps[-1]["skipped_steps"] >= 1 and steps[0]["skipped_steps"] == 0
     assert any(r["loss"] is None for r in steps)
@@ -236,13 +286,30 @@ def test_a_resume_that_changes_what_is_trained_is_refused_listing_each_change(re
     work, overlay = references
     shutil.copytree(work / "ref-packing-True", work / "changed")
     before = {p: p.read_bytes() for p in (work / "changed").rglob("*") if p.is_file()}
-    proc = subprocess.run(command(work, overlay, "changed", 1, [
-        "trainer.max_steps=12", "data.seq_length=128", "model.optim.lr=0.05", "model_alignment_strategy.peft.lora_rank=8"]),
-        cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        command(
+            work,
+            overlay,
+            "changed",
+            1,
+            [
+                "trainer.max_steps=12",
+                "data.seq_length=128",
+                "model.optim.lr=0.05",
+                "model_alignment_strategy.peft.lora_rank=8",
+            ],
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     message = proc.stderr.strip().splitlines()[-1]
-    for change in ("data.seq_length: 64 -> 128", "model.optim.lr: 0.01 -> 0.05",
-                   "model_alignment_strategy.peft.lora_rank: 16 -> 8"):
+    for change in (
+        "data.seq_length: 64 -> 128",
+        "model.optim.lr: 0.01 -> 0.05",
+        "model_alignment_strategy.peft.lora_rank: 16 -> 8",
+    ):
         assert change in message
     assert "trainer.max_steps" not in message  # resumable
     assert {p: p.read_bytes() for p in (work / "changed").rglob("*") if p.is_file()} == before
@@ -253,12 +320,20 @@ def test_a_resume_on_changed_data_content_is_refused(pipeline):
     data = work / "own-data" / "training.jsonl"
     data.parent.mkdir()
     shutil.copy(work / "data" / "training.jsonl", data)
-    short = [f"data.train_dir={data}", "trainer.max_steps=2", "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+    short = [
+        f"data.train_dir={data}",
+        "trainer.max_steps=2",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+    ]
     run_to_end(work, overlay, "own-data-run", 1, *short)
     with open(data, "a") as f:  # the same file name, other records
         f.write(data.read_text().splitlines(keepends=True)[0])
-    proc = subprocess.run(command(work, overlay, "own-data-run", 1, [*short, "trainer.max_steps=4"]), cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        command(work, overlay, "own-data-run", 1, [*short, "trainer.max_steps=4"]),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "content of data.train_dir: sha256" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -266,10 +341,20 @@ def test_a_resume_records_what_it_changed_and_keeps_the_original_config(referenc
     work, overlay = references
     shutil.copytree(work / "ref-packing-True", work / "relogged")
     original = (work / "relogged" / "config.yaml").read_text()
-    run_to_end(work, overlay, "relogged", 1, "trainer.max_steps=12", "model.optim.sched.max_steps=10",
-               "trainer.log_every_n_steps=2")
+    run_to_end(
+        work,
+        overlay,
+        "relogged",
+        1,
+        "trainer.max_steps=12",
+        "model.optim.sched.max_steps=10",
+        "trainer.log_every_n_steps=2",
+    )
     assert (work / "relogged" / "config.yaml").read_text() == original
     (resume,) = [json.loads(line) for line in (work / "relogged" / "resumes.jsonl").read_text().splitlines()]
     assert resume["step"] == 10 and resume["checkpoint"] == "step_0000010"
-    assert resume["changed"] == {"trainer.max_steps": [10, 12], "trainer.log_every_n_steps": [1, 2],
-                                 "exp_manager.explicit_log_dir": [str(work / "ref-packing-True"), str(work / "relogged")]}
+    assert resume["changed"] == {
+        "trainer.max_steps": [10, 12],
+        "trainer.log_every_n_steps": [1, 2],
+        "exp_manager.explicit_log_dir": [str(work / "ref-packing-True"), str(work / "relogged")],
+    }

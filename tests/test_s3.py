@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, run_stage, write_overlay
 
 BUCKET = "neuron-s3"
@@ -92,7 +91,7 @@ class CorruptingProxy(SlowProxy):
             body = data.find(b"\r\n\r\n") + 4
         if body is not None and body < len(data):
             self.corrupted.set()
-            return data[:body] + bytes([data[body] ^ 0x01]) + data[body + 1:]
+            return data[:body] + bytes([data[body] ^ 0x01]) + data[body + 1 :]
         self.stream.body = 0 if body is not None else None  # the headers ended this chunk: the body starts the next
         return data
 
@@ -104,13 +103,17 @@ def s3(tmp_path_factory):
     from boto3.s3.transfer import TransferConfig
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(port)
         endpoint = f"http://127.0.0.1:{port}"
-        admin = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                             region_name="us-east-1")
+        admin = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+        )
         admin.create_bucket(Bucket=BUCKET)
         lines, size = [], 0
         demo = [json.loads(x) for x in (ROOT / "demo" / "data" / "train.jsonl").read_text().splitlines()]
@@ -122,8 +125,13 @@ def s3(tmp_path_factory):
         big = "".join(lines).encode()
         path = tmp_path_factory.mktemp("s3") / "big.jsonl"
         path.write_bytes(big)
-        admin.upload_file(str(path), BUCKET, BIG_KEY, ExtraArgs={"ACL": "public-read"},
-                          Config=TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20))
+        admin.upload_file(
+            str(path),
+            BUCKET,
+            BIG_KEY,
+            ExtraArgs={"ACL": "public-read"},
+            Config=TransferConfig(multipart_threshold=8 * 2**20, multipart_chunksize=8 * 2**20),
+        )
         small = (ROOT / "demo" / "data" / "val.jsonl").read_bytes()
         for key in ("shards/part-b.jsonl", "shards/part-a.jsonl", "evil/../../escape.jsonl"):
             admin.put_object(Bucket=BUCKET, Key=key, Body=small, ACL="public-read")
@@ -135,10 +143,20 @@ def s3(tmp_path_factory):
 
 
 def args(tmp_path, uri, **extra):
-    values = {"data.download.train_uri": uri, "data.download.val_uri": None, "data.val_dir": None,
-              "data.train_dir": str(tmp_path / "out" / "training.jsonl")}
+    values = {
+        "data.download.train_uri": uri,
+        "data.download.val_uri": None,
+        "data.val_dir": None,
+        "data.train_dir": str(tmp_path / "out" / "training.jsonl"),
+    }
     values.update(extra)
-    return ["01_download_data.py", "--config", "config.yaml", "--config", str(write_overlay(tmp_path / "o.yaml", values))]
+    return [
+        "01_download_data.py",
+        "--config",
+        "config.yaml",
+        "--config",
+        str(write_overlay(tmp_path / "o.yaml", values)),
+    ]
 
 
 def env_for(endpoint):
@@ -151,8 +169,9 @@ def manifest(tmp_path):
 
 def test_a_multipart_object_arrives_byte_identical_through_ranged_parts(tmp_path, s3):
     endpoint, _, big = s3
-    proc = run_stage(args(tmp_path, f"s3://{BUCKET}/{BIG_KEY}", **{"data.download.part_size_mb": 1}),
-                     env=env_for(endpoint))
+    proc = run_stage(
+        args(tmp_path, f"s3://{BUCKET}/{BIG_KEY}", **{"data.download.part_size_mb": 1}), env=env_for(endpoint)
+    )
     m = manifest(tmp_path)
     assert m["source_sha256"] == hashlib.sha256(big).hexdigest()
     assert m["source_objects"][0]["etag"].endswith("-3") and m["source_objects"][0]["etag_verified"] is True
@@ -163,11 +182,15 @@ def test_a_multipart_object_arrives_byte_identical_through_ranged_parts(tmp_path
 def test_a_killed_download_resumes_without_starting_over(tmp_path, s3):
     endpoint, port, big = s3
     proxy = SlowProxy(port)
-    stage = args(tmp_path, f"s3://{BUCKET}/{BIG_KEY}",
-                 **{"data.download.part_size_mb": 1, "data.download.workers": 1})
+    stage = args(tmp_path, f"s3://{BUCKET}/{BIG_KEY}", **{"data.download.part_size_mb": 1, "data.download.workers": 1})
     state = tmp_path / "out" / ".training.jsonl.download" / "training.jsonl.state.json"
-    proc = subprocess.Popen([sys.executable, *stage], cwd=ROOT, env=env_for(f"http://127.0.0.1:{proxy.port}"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, *stage],
+        cwd=ROOT,
+        env=env_for(f"http://127.0.0.1:{proxy.port}"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline, done = time.time() + 60, []
     while time.time() < deadline and len(done) < 3:
         try:
@@ -218,11 +241,15 @@ def test_a_prefix_downloads_every_object_in_key_order(tmp_path, s3):
     assert m["records"] == 400 and m["duplicates"] == 200
 
 
-@pytest.mark.parametrize("uri,message", [
-    (f"s3://{BUCKET}/private/training.jsonl", "this object needs credentials: set data.download.anonymous: false"),
-    (f"s3://{BUCKET}/no/such/key.jsonl", "no such object"),
-    ("s3://no-such-bucket-here/training.jsonl", "no such bucket 'no-such-bucket-here'"),
-], ids=["403", "404", "bad-bucket"])
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        (f"s3://{BUCKET}/private/training.jsonl", "this object needs credentials: set data.download.anonymous: false"),
+        (f"s3://{BUCKET}/no/such/key.jsonl", "no such object"),
+        ("s3://no-such-bucket-here/training.jsonl", "no such bucket 'no-such-bucket-here'"),
+    ],
+    ids=["403", "404", "bad-bucket"],
+)
 def test_s3_errors_name_the_uri_and_the_fix(tmp_path, s3, uri, message):
     endpoint, _, _ = s3
     proc = run_stage(args(tmp_path, uri), env=env_for(endpoint), check=False)
@@ -238,16 +265,18 @@ def test_a_key_that_escapes_the_destination_is_refused(tmp_path, s3):
 
 
 def test_an_unreachable_endpoint_is_explained(tmp_path):
-    proc = run_stage(args(tmp_path, f"s3://{BUCKET}/x.jsonl"), env=env_for(f"http://127.0.0.1:{free_port()}"),
-                     check=False)
+    proc = run_stage(
+        args(tmp_path, f"s3://{BUCKET}/x.jsonl"), env=env_for(f"http://127.0.0.1:{free_port()}"), check=False
+    )
     assert proc.returncode == 1 and "cannot reach the S3 endpoint" in proc.stderr
 
 
 def test_signed_requests_read_a_private_object_with_credentials(tmp_path, s3):
     endpoint, _, _ = s3
     secret = "s3cr3t-Zq7Zq7Zq7"
-    env = dict(env_for(endpoint), AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY=secret,
-               AWS_DEFAULT_REGION="us-east-1")
+    env = dict(
+        env_for(endpoint), AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1"
+    )
     uri = f"s3://{BUCKET}/private/training.jsonl"
     proc = run_stage(args(tmp_path, uri, **{"data.download.anonymous": False}), env=env)
     assert manifest(tmp_path)["records"] == 200

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaForCausalLM
-
 from conftest import train
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 
 def hf_masked_loss(work, records, fmt="raw"):
@@ -22,9 +21,10 @@ def hf_masked_loss(work, records, fmt="raw"):
         else:
             user = [{"role": "user", "content": r["input"]}]
             prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
-            full = tok.apply_chat_template(user + [{"role": "assistant", "content": r["output"]}],
-                                           tokenize=True, return_dict=False)
-            response = full[len(prompt):]
+            full = tok.apply_chat_template(
+                user + [{"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=False
+            )
+            response = full[len(prompt) :]
         ids = torch.tensor([prompt + response])
         labels = torch.tensor([[-100] * len(prompt) + response])
         with torch.no_grad():
@@ -41,8 +41,14 @@ def head(path, n):
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_baseline_val_loss_equals_transformers_masked_cross_entropy(pipeline, packing):
     work, overlay = pipeline
-    metrics = train(work, overlay, f"base-{packing}", "trainer.max_steps=0",
-                    f"model_alignment_strategy.sft.packing={packing}", "evaluation.generate.num_prompts=0")
+    metrics = train(
+        work,
+        overlay,
+        f"base-{packing}",
+        "trainer.max_steps=0",
+        f"model_alignment_strategy.sft.packing={packing}",
+        "evaluation.generate.num_prompts=0",
+    )
     assert len(metrics) == 1 and metrics[0]["step"] == 0
     expected = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24))
     assert metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
@@ -50,16 +56,27 @@ def test_baseline_val_loss_equals_transformers_masked_cross_entropy(pipeline, pa
 
 def test_chat_template_val_loss_equals_transformers_on_the_assistant_turn(pipeline):
     work, overlay = pipeline
-    metrics = train(work, overlay, "chat", "trainer.max_steps=0", "data.prompt_format=chat_template",
-                    "evaluation.generate.num_prompts=0")
+    metrics = train(
+        work,
+        overlay,
+        "chat",
+        "trainer.max_steps=0",
+        "data.prompt_format=chat_template",
+        "evaluation.generate.num_prompts=0",
+    )
     expected = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24), fmt="chat_template")
     assert metrics[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
 
 
 def autocast_setup(train_mod, work, overlay, precision):
     """05's model, LoRA parameters, optimizer and two training windows, as a run with this precision builds them."""
-    c = train_mod.resolve(train_mod.load_config(["config.yaml", str(overlay)], [
-        f"precision.type={precision}", "model_alignment_strategy.peft.lora_dropout=0"]), train_mod.SCHEMA)
+    c = train_mod.resolve(
+        train_mod.load_config(
+            ["config.yaml", str(overlay)],
+            [f"precision.type={precision}", "model_alignment_strategy.peft.lora_dropout=0"],
+        ),
+        train_mod.SCHEMA,
+    )
     arch = train_mod.read_model_config(c["model.model_config"])
     device = torch.device("cpu")
     torch.manual_seed(0)
@@ -80,8 +97,12 @@ def test_autocast_trains_lora_in_fp32_over_a_bf16_base(train_mod, pipeline):
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in params)
     optimizer.step()
     assert all(p.dtype == torch.float32 for p in params)
-    assert all(v.dtype == torch.float32 for state in optimizer.state.values() for v in state.values()
-               if torch.is_tensor(v) and v.dim() > 0)
+    assert all(
+        v.dtype == torch.float32
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
     # the bf16 base really computes in bf16: the loss differs from fp32's, by a bf16-sized amount
     fp32_model, _, _, _ = autocast_setup(train_mod, work, overlay, "fp32")
     exact = train_mod.loss_sum(fp32_model, mb, torch.device("cpu"), autocast=False).item()
@@ -94,9 +115,16 @@ def test_first_step_loss_is_the_token_weighted_mean_over_the_whole_step(pipeline
     """Step 1's loss (LoRA B = 0, so the base model) equals transformers' loss over exactly that step's records,
     weighting every supervised token equally, not averaging per-micro-batch means; in both prompt formats."""
     work, overlay = pipeline
-    metrics = train(work, overlay, f"step1-{fmt}", "trainer.max_steps=1", "data.global_batch_size=4",
-                    f"data.prompt_format={fmt}", "model_alignment_strategy.sft.packing=false",
-                    "evaluation.generate.num_prompts=0")
+    metrics = train(
+        work,
+        overlay,
+        f"step1-{fmt}",
+        "trainer.max_steps=1",
+        "data.global_batch_size=4",
+        f"data.prompt_format={fmt}",
+        "model_alignment_strategy.sft.packing=false",
+        "evaluation.generate.num_prompts=0",
+    )
     records = head(work / "data" / "training.jsonl", 24)
     # the documented order: a permutation of the windows (here one record each) seeded by seed + epoch
     chosen = [records[i] for i in torch.randperm(24, generator=torch.Generator().manual_seed(1234))[:4].tolist()]
@@ -104,8 +132,14 @@ def test_first_step_loss_is_the_token_weighted_mean_over_the_whole_step(pipeline
 
 
 def test_min_lr_is_the_floor_and_a_schedule_shorter_than_the_run_holds_it(train_mod):
-    c = {"model.optim.lr": 1.0, "model.optim.sched.warmup_steps": 10, "model.optim.sched.min_lr": 0.1,
-         "model.optim.sched.max_steps": 50, "trainer.max_steps": 100, "model.optim.sched.name": "linear"}
+    c = {
+        "model.optim.lr": 1.0,
+        "model.optim.sched.warmup_steps": 10,
+        "model.optim.sched.min_lr": 0.1,
+        "model.optim.sched.max_steps": 50,
+        "trainer.max_steps": 100,
+        "model.optim.sched.name": "linear",
+    }
     assert train_mod.lr_at(30, c) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway from warmup's end to step 50
     assert [train_mod.lr_at(s, c) for s in (50, 51, 99)] == pytest.approx([0.1] * 3)
     cosine = dict(c, **{"model.optim.sched.name": "cosine"})
@@ -116,8 +150,14 @@ def test_generation_writes_each_prompt_its_greedy_answer_stopped_at_eos_and_the_
     """At step 0 (LoRA B = 0) the answers are the base model's greedy continuations, as transformers' generate
     gives them one prompt at a time, stopped at EOS (which never appears in the answer)."""
     work, overlay = pipeline
-    metrics = train(work, overlay, "gen", "trainer.max_steps=0", "evaluation.generate.num_prompts=3",
-                    "evaluation.generate.max_new_tokens=8")
+    metrics = train(
+        work,
+        overlay,
+        "gen",
+        "trainer.max_steps=0",
+        "evaluation.generate.num_prompts=3",
+        "evaluation.generate.max_new_tokens=8",
+    )
     lines = [json.loads(line) for line in (work / "gen" / "generations_step0.jsonl").read_text().splitlines()]
     records = head(work / "data" / "validation.jsonl", 3)
     assert [(s["prompt"], s["expected"]) for s in lines] == [(r["input"], r["output"]) for r in records]
@@ -126,9 +166,14 @@ def test_generation_writes_each_prompt_its_greedy_answer_stopped_at_eos_and_the_
     for sample, r in zip(lines, records):
         prompt = [tok.bos_token_id] + tok.encode(r["input"], add_special_tokens=False)
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
-        new = out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+            out = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )[0, len(prompt) :].tolist()
+        new = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
         assert sample["answer"] == tok.decode(new, skip_special_tokens=True).strip()
     hits = sum(s["answer"] == s["expected"].strip() for s in lines)
     assert metrics[0]["gen_samples"] == 3 and metrics[0]["gen_exact_match"] == hits / 3
@@ -136,8 +181,12 @@ def test_generation_writes_each_prompt_its_greedy_answer_stopped_at_eos_and_the_
 
 def test_losses_do_not_depend_on_the_micro_batch_size(pipeline):
     work, overlay = pipeline
-    common = ["trainer.max_steps=3", "data.global_batch_size=4", "evaluation.generate.num_prompts=0",
-              "model_alignment_strategy.peft.lora_dropout=0"]
+    common = [
+        "trainer.max_steps=3",
+        "data.global_batch_size=4",
+        "evaluation.generate.num_prompts=0",
+        "model_alignment_strategy.peft.lora_dropout=0",
+    ]
     one = [m["loss"] for m in train(work, overlay, "mbs1", *common, "data.micro_batch_size=1") if "loss" in m]
     four = [m["loss"] for m in train(work, overlay, "mbs4", *common, "data.micro_batch_size=4") if "loss" in m]
     assert len(one) == 3 and one == pytest.approx(four, abs=1e-5)
@@ -154,49 +203,77 @@ def test_clipping_acts_on_the_gradients_that_are_stepped(pipeline):
     """One AdamW step from B = 0 with eps = 1 moves B by lr * g / (|g| + 1): with the gradient clipped to norm
     1e-6 the move is at most lr * 1e-6. Clipping stale gradients (the reference's bug) would leave it large."""
     work, overlay = pipeline
-    common = ["trainer.max_steps=1", "model.optim.eps=1.0", "model.optim.weight_decay=0.0", "model.optim.lr=0.01",
-              "evaluation.generate.num_prompts=0"]
+    common = [
+        "trainer.max_steps=1",
+        "model.optim.eps=1.0",
+        "model.optim.weight_decay=0.0",
+        "model.optim.lr=0.01",
+        "evaluation.generate.num_prompts=0",
+    ]
     metrics = train(work, overlay, "clipped", *common, "trainer.gradient_clip_val=1e-6")
     clipped = adapter_b_norm(work / "clipped")
-    free = adapter_b_norm(work / "unclipped") if train(work, overlay, "unclipped", *common,
-                                                          "trainer.gradient_clip_val=null") else None
-    assert metrics[1]["grad_norm"] > 1e-3           # the logged norm is the one before clipping
+    free = (
+        adapter_b_norm(work / "unclipped")
+        if train(work, overlay, "unclipped", *common, "trainer.gradient_clip_val=null")
+        else None
+    )
+    assert metrics[1]["grad_norm"] > 1e-3  # the logged norm is the one before clipping
     assert 0 < clipped <= 0.01 * 1e-6 * 1.001
     assert free > 100 * clipped
 
 
 def test_training_lowers_the_validation_loss_and_ends_with_validation(pipeline):
     work, overlay = pipeline
-    metrics = train(work, overlay, "learn", "trainer.max_steps=12", "trainer.val_check_interval=6",
-                    "model.optim.lr=0.02")
+    metrics = train(
+        work, overlay, "learn", "trainer.max_steps=12", "trainer.val_check_interval=6", "model.optim.lr=0.02"
+    )
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.1
     assert "val_loss" in metrics[-1] and metrics[-1]["step"] == 12
-    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "supervised_tokens_per_s", "consumed_samples",
-            "mfu", "peak_memory_gib"} <= set(metrics[1])
+    assert {
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "supervised_tokens_per_s",
+        "consumed_samples",
+        "mfu",
+        "peak_memory_gib",
+    } <= set(metrics[1])
     assert 0 < metrics[1]["mfu"] < 1 and metrics[1]["supervised_tokens_per_s"] < metrics[1]["tokens_per_s"]
     assert 0.0 <= metrics[-1]["gen_exact_match"] <= 1.0 and metrics[-1]["gen_samples"] == 4
 
 
 def test_warmup_then_linear_decay(train_mod):
-    c = {"model.optim.lr": 1.0, "model.optim.sched.warmup_steps": 10, "model.optim.sched.min_lr": 0.0,
-         "model.optim.sched.max_steps": None, "trainer.max_steps": 110, "model.optim.sched.name": "linear"}
+    c = {
+        "model.optim.lr": 1.0,
+        "model.optim.sched.warmup_steps": 10,
+        "model.optim.sched.min_lr": 0.0,
+        "model.optim.sched.max_steps": None,
+        "trainer.max_steps": 110,
+        "model.optim.sched.name": "linear",
+    }
     assert train_mod.lr_at(0, c) == pytest.approx(0.1)
     assert train_mod.lr_at(9, c) == pytest.approx(1.0)
     assert train_mod.lr_at(60, c) == pytest.approx(0.5)
     assert train_mod.lr_at(110, c) == pytest.approx(0.0)
     assert train_mod.lr_at(35, dict(c, **{"model.optim.sched.name": "cosine"})) == pytest.approx(
-        0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.25)))
+        0.5 * (1 + __import__("math").cos(__import__("math").pi * 0.25))
+    )
 
 
 def test_flops_count_4n_per_token_the_output_layer_where_supervised_and_real_attention(train_mod):
-    cfg = {"hidden": 8, "head_dim": 2, "heads": 4, "kv_heads": 2, "layers": 3, "inter": 16, "vocab": 100}
-    docs = [([1, 5, 6], [-100, 5, 6]), ([2, 7], [-100, 7]),  # window 0: documents of 3 and 2 tokens, 3 supervised
-            ([9], [-100])]                                    # window 1: one token, nothing supervised
+    cfg = train_mod.Arch(hidden=8, head_dim=2, heads=4, kv_heads=2, layers=3, inter=16, vocab=100)
+    docs = [
+        ([1, 5, 6], [-100, 5, 6]),
+        ([2, 7], [-100, 7]),  # window 0: documents of 3 and 2 tokens, 3 supervised
+        ([9], [-100]),
+    ]  # window 1: one token, nothing supervised
     windows = train_mod.Windows.from_docs(docs, 5, True, pad_id=0)
     assert len(windows) == 2
     body = 3 * (8 * (4 + 2 * 2) * 2 + 4 * 2 * 8 + 3 * 8 * 16)
-    attention = 3 * 4 * 3 * 4 * 2 * (6 + 3)                   # keys seen: 1+2+3 and 1+2
+    attention = 3 * 4 * 3 * 4 * 2 * (6 + 3)  # keys seen: 1+2+3 and 1+2
     expected = 4 * body * 5 + 4 * 8 * 100 * 3 + attention
     per_window = train_mod.window_flops(windows, cfg)
     assert float(per_window[0]) == expected

@@ -9,7 +9,6 @@ import socket
 import sys
 
 import pytest
-
 from conftest import run_stage
 
 if os.environ.get("REQUIRE_XLA"):  # make test-xla: a missing torch-xla is a failure, not a skip
@@ -18,16 +17,35 @@ else:
     pytest.importorskip("torch_xla")
 pytestmark = pytest.mark.xla
 
-STEADY = ["trainer.max_steps=5", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100",
-          "model_alignment_strategy.peft.lora_dropout=0.0", "data.global_batch_size=4", "model.optim.lr=2e-3",
-          "evaluation.generate.num_prompts=0", "model.optim.sched.warmup_steps=3"]
+STEADY = [
+    "trainer.max_steps=5",
+    "trainer.log_every_n_steps=1",
+    "trainer.val_check_interval=100",
+    "model_alignment_strategy.peft.lora_dropout=0.0",
+    "data.global_batch_size=4",
+    "model.optim.lr=2e-3",
+    "evaluation.generate.num_prompts=0",
+    "model.optim.sched.warmup_steps=3",
+]
 
 
 def run(work, overlay, name, *overrides, env=None, check=True):
     env = dict(os.environ, PJRT_DEVICE="CPU", **(env or {}))
-    proc = run_stage(["05_train.py", "--config", "config.yaml", "--config", str(overlay),
-                      f"exp_manager.explicit_log_dir={work / name}", f"xla.cache_dir={work / 'xla-cache'}",
-                      *STEADY, *overrides], env=env, check=check)
+    proc = run_stage(
+        [
+            "05_train.py",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            f"exp_manager.explicit_log_dir={work / name}",
+            f"xla.cache_dir={work / 'xla-cache'}",
+            *STEADY,
+            *overrides,
+        ],
+        env=env,
+        check=check,
+    )
     metrics = work / name / "metrics.jsonl"
     return proc, [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
@@ -44,8 +62,16 @@ def extraction_run(pipeline):
     """The same steps under graph extraction (NEURON_EXTRACT_GRAPHS_ONLY, as neuron_parallel_compile runs them),
     diverging (lr 1e12), with checkpoints asked for every 2 steps and nonfinite=stop."""
     work, overlay = pipeline
-    return run(work, overlay, "xla-extract", "trainer.accelerator=xla", "model.optim.lr=1e12", "trainer.nonfinite=stop",
-               "exp_manager.checkpoint_callback_params.every_n_train_steps=2", env=dict(NEURON_EXTRACT_GRAPHS_ONLY="1"))
+    return run(
+        work,
+        overlay,
+        "xla-extract",
+        "trainer.accelerator=xla",
+        "model.optim.lr=1e12",
+        "trainer.nonfinite=stop",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+        env=dict(NEURON_EXTRACT_GRAPHS_ONLY="1"),
+    )
 
 
 def test_five_xla_steps_compile_nothing_new_after_the_second_and_match_eager(pipeline, steady_xla):
@@ -58,7 +84,8 @@ def test_five_xla_steps_compile_nothing_new_after_the_second_and_match_eager(pip
     assert compiles[1] > 0 and compiles[1:] == [compiles[1]] * 4, f"graphs compiled per step: {compiles}"
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in eager if "loss" in r], abs=1e-4)
     assert [r["val_loss"] for r in xla if "val_loss" in r] == pytest.approx(
-        [r["val_loss"] for r in eager if "val_loss" in r], abs=1e-4)
+        [r["val_loss"] for r in eager if "val_loss" in r], abs=1e-4
+    )
 
 
 def test_xla_with_activation_checkpointing_matches_eager(pipeline):
@@ -82,10 +109,26 @@ def test_04_fills_the_xla_cache_with_the_training_steps(pipeline, tmp_path):
     with socket.socket() as s:  # a free port for the launch's rendezvous, not a fixed one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, PJRT_DEVICE="CPU", NPROC_PER_NODE="1", PRECOMPILE_STEPS="2", MASTER_PORT=str(port),
-               PYTHON=sys.executable)
-    proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "--config", str(overlay),
-                      f"xla.cache_dir={tmp_path / 'cache'}"], env=env)
+    env = dict(
+        os.environ,
+        PJRT_DEVICE="CPU",
+        NPROC_PER_NODE="1",
+        PRECOMPILE_STEPS="2",
+        MASTER_PORT=str(port),
+        PYTHON=sys.executable,
+    )
+    proc = run_stage(
+        [
+            "bash",
+            "04_precompile.sh",
+            "--config",
+            "config.yaml",
+            "--config",
+            str(overlay),
+            f"xla.cache_dir={tmp_path / 'cache'}",
+        ],
+        env=env,
+    )
     assert "fill the persistent XLA cache" in proc.stdout
     assert int(proc.stdout.rsplit("graphs compiled:", 1)[1].split()[0]) > 0
     assert list((tmp_path / "cache").iterdir())
@@ -94,8 +137,12 @@ def test_04_fills_the_xla_cache_with_the_training_steps(pipeline, tmp_path):
 def test_checkpoints_on_xla_compile_once_and_resume_exactly(pipeline):
     work, overlay = pipeline
     # Dropout on: the resumed run must restore torch-xla's generator to draw the uninterrupted run's masks.
-    fixed = ["trainer.accelerator=xla", "model.optim.sched.max_steps=5", "model_alignment_strategy.peft.lora_dropout=0.1",
-             "exp_manager.checkpoint_callback_params.every_n_train_steps=2"]
+    fixed = [
+        "trainer.accelerator=xla",
+        "model.optim.sched.max_steps=5",
+        "model_alignment_strategy.peft.lora_dropout=0.1",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+    ]
     _, whole = run(work, overlay, "xla-whole", *fixed)
     compiles = [r["xla_compiles"] for r in whole if "loss" in r]
     assert compiles[2:] == [compiles[2]] * 3, f"graphs compiled per step: {compiles}"  # first checkpoint: step 2
@@ -114,10 +161,16 @@ def test_no_graph_of_a_run_with_checkpoints_holds_float64_and_none_compiles_afte
     and checkpoints at steps 2, 4 and 6, must be free of it; the checkpoints' graphs compile once."""
     work, overlay = pipeline
     env_flags = f"--xla_dump_to={tmp_path / 'hlo'} --xla_dump_hlo_as_text"
-    proc, records = run(work, overlay, "xla-f64", "trainer.accelerator=xla", "trainer.max_steps=6",
-                        "model_alignment_strategy.peft.lora_dropout=0.1",
-                        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
-                        env=dict(XLA_FLAGS=env_flags))
+    proc, records = run(
+        work,
+        overlay,
+        "xla-f64",
+        "trainer.accelerator=xla",
+        "trainer.max_steps=6",
+        "model_alignment_strategy.peft.lora_dropout=0.1",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=2",
+        env=dict(XLA_FLAGS=env_flags),
+    )
     modules = sorted((tmp_path / "hlo").glob("*before_optimizations.txt"))
     assert len(modules) >= 5, "no HLO was dumped"
     with_f64 = [m.name for m in modules if "f64" in m.read_text()]
@@ -141,8 +194,7 @@ def test_reading_the_step_flags_runs_no_graph_of_its_own(steady_xla, extraction_
     assert len(set(per_step(normal))) == 1, f"graph executions per step: {per_step(normal)}"
 
 
-def test_graph_extraction_mode_takes_no_decision_from_device_values_and_writes_no_checkpoint(pipeline,
-                                                                                          extraction_run):
+def test_graph_extraction_mode_takes_no_decision_from_device_values_and_writes_no_checkpoint(pipeline, extraction_run):
     """Under neuron_parallel_compile every graph returns zeros: a diverging loss must not stop the run (the
     real one decides), and no rank may write a checkpoint."""
     work, overlay = pipeline
@@ -151,8 +203,15 @@ def test_graph_extraction_mode_takes_no_decision_from_device_values_and_writes_n
     assert not (work / "xla-extract" / "checkpoints").exists()
     assert "no run checkpoints are written" in proc.stdout
     # The same run for real stops at the first non-finite step.
-    proc, _ = run(work, overlay, "xla-diverge", "trainer.accelerator=xla", "model.optim.lr=1e12",
-                  "trainer.nonfinite=stop", check=False)
+    proc, _ = run(
+        work,
+        overlay,
+        "xla-diverge",
+        "trainer.accelerator=xla",
+        "model.optim.lr=1e12",
+        "trainer.nonfinite=stop",
+        check=False,
+    )
     assert proc.returncode == 1 and "is not finite" in proc.stderr
 
 
@@ -165,8 +224,13 @@ def test_seeds_reach_the_xla_generator(train_mod):
     device = torch_xla.device()
 
     def draw(seed, dp_rank):
-        par = train_mod.Parallel(train_mod.Layout(dict(heads=1, kv_heads=1)), device, world=2, rank=dp_rank,
-                                 connect=False)
+        par = train_mod.Parallel(
+            train_mod.Layout(train_mod.Arch(vocab=1, hidden=1, inter=1, layers=1, heads=1, kv_heads=1, head_dim=1)),
+            device,
+            world=2,
+            rank=dp_rank,
+            connect=False,
+        )
         train_mod.seed_dropout(seed, par, device)
         return torch.rand(64, device=device).cpu()
 
@@ -180,8 +244,17 @@ def traced_ranks():
     import subprocess
 
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", XLA_ALWAYS_ALLREDUCE="1")
-    procs = [subprocess.Popen([sys.executable, "xla_trace_rank.py", str(r)], cwd=os.path.dirname(__file__),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "xla_trace_rank.py", str(r)],
+            cwd=os.path.dirname(__file__),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(4)
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
@@ -225,9 +298,17 @@ def test_a_schedule_reaching_lr_0_and_a_partial_last_interval_compile_and_read_n
     """lr 0.0 and the last steps enter the update as device data, the losses as running device values: the graphs
     stay the same from step 3 to the end, and the host reads the device once per logged step only."""
     work, overlay = pipeline
-    _, records = run(work, overlay, "xla-lr0", "trainer.accelerator=xla", "trainer.max_steps=7",
-                     "trainer.log_every_n_steps=3", "model.optim.sched.max_steps=4", "model.optim.sched.min_lr=0",
-                     "model.optim.sched.warmup_steps=1")
+    _, records = run(
+        work,
+        overlay,
+        "xla-lr0",
+        "trainer.accelerator=xla",
+        "trainer.max_steps=7",
+        "trainer.log_every_n_steps=3",
+        "model.optim.sched.max_steps=4",
+        "model.optim.sched.min_lr=0",
+        "model.optim.sched.warmup_steps=1",
+    )
     logged = steps(records)
     assert [r["step"] for r in logged] == [3, 6, 7] and [r["lr"] for r in logged][1:] == [0.0, 0.0]
     compiles = [r["xla_compiles"] for r in logged]
@@ -239,10 +320,24 @@ def test_a_schedule_reaching_lr_0_and_a_partial_last_interval_compile_and_read_n
 def test_a_run_resumed_off_its_log_interval_compiles_nothing_after_its_second_step(pipeline):
     work, overlay = pipeline
     common = ["trainer.accelerator=xla", "model.optim.sched.max_steps=7"]
-    run(work, overlay, "xla-offset", *common, "trainer.max_steps=3", "trainer.log_every_n_steps=2",
-        "exp_manager.checkpoint_callback_params.every_n_train_steps=3")  # logs steps 2 and 3, checkpoint at 3
-    proc, records = run(work, overlay, "xla-offset", *common, "trainer.max_steps=7", "trainer.log_every_n_steps=1",
-                        "exp_manager.checkpoint_callback_params.every_n_train_steps=0")
+    run(
+        work,
+        overlay,
+        "xla-offset",
+        *common,
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=2",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=3",
+    )  # logs steps 2 and 3, checkpoint at 3
+    proc, records = run(
+        work,
+        overlay,
+        "xla-offset",
+        *common,
+        "trainer.max_steps=7",
+        "trainer.log_every_n_steps=1",
+        "exp_manager.checkpoint_callback_params.every_n_train_steps=0",
+    )
     assert "resuming from" in proc.stdout
     compiles = [r["xla_compiles"] for r in steps(records) if r["step"] > 3]
     assert len(compiles) == 4 and compiles[1:] == [compiles[1]] * 3, f"graphs compiled at steps 4-7: {compiles}"
@@ -250,9 +345,17 @@ def test_a_run_resumed_off_its_log_interval_compiles_nothing_after_its_second_st
 
 def test_a_non_finite_step_stops_the_run_at_the_next_read_naming_its_step(pipeline):
     work, overlay = pipeline
-    proc, records = run(work, overlay, "xla-late-stop", "trainer.accelerator=xla", "model.optim.lr=1e12",
-                        "trainer.nonfinite=stop", "trainer.log_every_n_steps=3", "trainer.gradient_clip_val=null",
-                        check=False)
+    proc, records = run(
+        work,
+        overlay,
+        "xla-late-stop",
+        "trainer.accelerator=xla",
+        "model.optim.lr=1e12",
+        "trainer.nonfinite=stop",
+        "trainer.log_every_n_steps=3",
+        "trainer.gradient_clip_val=null",
+        check=False,
+    )
     assert proc.returncode == 1
     message = proc.stderr.strip().splitlines()[-1]
     assert "is not finite (its update was not applied)" in message
