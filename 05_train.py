@@ -31,31 +31,38 @@ Beside each data file (or under data.cache_dir), from one process per host: <fil
 tokenized, masked and packed once (memory-mapped by every rank; reused while the data, tokenizer and data
 settings are unchanged)
 
-Features and their keys
-  LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*  (targets: qkv_proj, o_proj,
-                                         gate_up_proj, down_proj; q|k|v and gate|up share one A, as in NxD)
-  packing with document isolation        model_alignment_strategy.sft.packing
-  data prepared once, memory-mapped      data.cache_dir (where; default beside the data)
-  record formats, field renames          data.format (auto: by fields), data.rename_fields
-  prompt format raw | chat_template      data.prompt_format (single-turn records)
-  conversations, assistant turns only    messages / ShareGPT / TRL conversational records (the chat template)
-  token-weighted gradient accumulation   data.global_batch_size / (data.micro_batch_size x data-parallel size)
-  tensor parallel (Megatron-style)       distributed_strategy.tensor_model_parallel_size, kv_replicator, hw_backend
-  data parallel                          every further multiple of TP in the torchrun world
-  activation checkpointing per layer     model.activations_checkpoint, model.activations_checkpoint_layers
-  warmup + linear/cosine decay           model.optim.*
-  gradient clipping (global norm)        trainer.gradient_clip_val
-  baseline evaluation only               trainer.max_steps=0
-  greedy generation, exact match         evaluation.generate.*  (CPU and CUDA; skipped on XLA)
-  precision fp32 | autocast (bf16)       precision.type
-  device auto | neuron | cuda | xla | cpu  trainer.accelerator (neuron: TorchNeuron on trn2/trn3; xla: trn1, with
-                                         its compiler/runtime settings in xla.neuron.*)
-  compiled decoder layers                trainer.compile (torch.compile: backend neuron on neuron, else inductor)
-  attention for packed rows              model.attention (blocks | masked | causal; auto picks per device)
-  inspect the label mask                 --inspect-data N
-  pre-flight checks + memory estimate    --dry-run
-  config check only (keys, ranges)       --check-config
-  Llama 3 / 3.1, and Mistral without a sliding window below data.seq_length (the same model)
+Features, their keys, and the functions that implement them
+  LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*           LoRALinear, add_lora
+    q|k|v and gate|up share one A (NxD)                                            peft_tensors (export)
+  PEFT adapter export                                                              gather_lora, export_peft_adapter
+  packing with document isolation        model_alignment_strategy.sft.packing      pack, Windows.batch
+  data prepared once, memory-mapped      data.cache_dir                            prepare_split, load_split
+  record formats, field renames          data.format, data.rename_fields           normalize (records block)
+  prompt format raw | chat_template      data.prompt_format                        tokenize, encode_batch
+  conversations, assistant turns only    messages / ShareGPT / TRL records         encode_conversations
+  long records truncated or dropped      data.truncation                           tokenize, truncated
+  token-weighted gradient accumulation   data.global_batch_size, micro_batch_size  micro_batches, train_step
+  data order, a permutation per epoch    seed                                      step_indices, epoch_order
+  tensor parallel (Megatron-style)       distributed_strategy.*                    Layout, Parallel, LoRALinear
+  data parallel                          (torchrun world / TP)                     Parallel, sync_gradients
+  activation checkpointing per layer     model.activations_checkpoint[_layers]     Llama.forward, recomputed
+  warmup + linear/cosine decay           model.optim.sched.*                       lr_at
+  AdamW (device-side on accelerators)    model.optim.*                             make_optimizer, DeviceAdamW
+  gradient clipping (global norm)        trainer.gradient_clip_val                 global_grad_norm, clip_gradients
+  non-finite steps: stop or skip         trainer.nonfinite                         LogInterval, DeviceAdamW
+  evaluation, baseline only              trainer.val_check_interval, max_steps=0   evaluate, run_evaluation
+  greedy generation, exact match         evaluation.generate.* (not on XLA)        generate, generation_eval
+  precision fp32 | autocast (bf16)       precision.type                            build_model, loss_sum
+  device auto|neuron|cuda|xla|cpu        trainer.accelerator, xla.neuron.*         pick_device (devices section)
+  compiled decoder layers                trainer.compile                           compile_layers
+  attention for packed rows              model.attention                           attention_mode, attention_spans
+  metrics, TensorBoard, MFU              trainer.log_every_n_steps, peak_tflops    LogInterval, Metrics, window_flops
+  run checkpoints, resume, SIGTERM       exp_manager.*                             write_run_checkpoint, resume_point
+  inspect the label mask                 --inspect-data N                          inspect_data
+  pre-flight checks + memory plan        --dry-run                                 dry_run, memory_estimate
+  config check only (keys, ranges)       --check-config                            resolve, check_settings
+  Neuron launch variables                --neuron-env                              neuron_environment
+  Models: Llama 3 / 3.1, and Mistral without a sliding window below data.seq_length (the same model).
 
 Commands
   CPU:        python 05_train.py --config config.yaml --config demo.yaml
@@ -2226,10 +2233,126 @@ def main(argv=None):
 # ------------------------------------------------------------------------------------------------ appendix
 # The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch of
 # this file is in that one section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the
-# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages.
+# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages
+# (layout, records, shared).
+
+
+# ------------------------------------------------------------------------------------------------ layout
+# The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch of
+# this file is in that one section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the
+# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages
+# (layout, records, shared).
+
+
+# The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated identically in stages 03 and
+# 05 (tests/test_parallel.py keeps the two copies the same): 03 writes each rank's shard by this layout, 05 builds
+# each rank's model from it and reassembles the adapter with it, so no index ever travels between ranks.
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A Llama-family architecture, from an HF config.json (arch_of)."""
+
+    vocab: int
+    hidden: int
+    inter: int  # the MLP's intermediate size
+    layers: int
+    heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+    eps: float = 1e-6  # RMSNorm
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1's "llama3" frequency scaling
+    tie: bool = False  # output layer tied to the embedding
+    sliding_window: int | None = None  # Mistral only
+
+
+def arch_of(raw):
+    """The Arch of an HF config.json (as a dict; old and new rope key styles). KeyError names a missing key."""
+    heads = raw["num_attention_heads"]
+    rope = dict(raw.get("rope_parameters") or {})
+    return Arch(
+        vocab=raw["vocab_size"],
+        hidden=raw["hidden_size"],
+        inter=raw["intermediate_size"],
+        layers=raw["num_hidden_layers"],
+        heads=heads,
+        kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=raw.get("rope_theta") or rope.get("rope_theta", 10000.0),
+        rope_scaling=raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
+        tie=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=raw.get("sliding_window") if raw.get("model_type") == "mistral" else None,
+    )
+
+
+class Layout:
+    """Which heads, and so which rows of every weight, each tensor-parallel rank holds, as NxD's converter lays a
+    checkpoint out (--qkv_linear, --hw_backend). Column-parallel weights (embedding, q/k/v, gate/up, output layer)
+    are split by rows, row-parallel ones (o_proj, down_proj) by input columns, norms replicated. KV heads are
+    copied kv_mult times (kv_replicator), then split: on trn1 tiled (K0..K7, K0..K7, ...), rank r holding the Q
+    head group (r % kv) * (tp / kv) + r // kv, which belongs to its KV head r % kv; on trn2 each head's copies on
+    adjacent ranks (K0, K0, ..., K1, K1, ...), with Q heads in order."""
+
+    def __init__(self, arch, tp=1, kv_mult=1, hw_backend="trn1"):
+        self.arch, self.tp, self.kv_mult, self.hw_backend = arch, tp, kv_mult, hw_backend
+
+    def heads(self, r):
+        """(Q heads, KV heads) of tensor-parallel rank r."""
+        heads, kv, tp, m = self.arch.heads, self.arch.kv_heads, self.tp, self.kv_mult
+        per_q, per_kv = heads // tp, kv * m // tp
+        group = (r % kv) * (tp // kv) + r // kv if self.hw_backend == "trn1" and m > 1 else r
+        copies = range(r * per_kv, (r + 1) * per_kv)  # positions in the list of KV heads with their copies
+        kv_heads = [t // m if self.hw_backend == "trn2" else t % kv for t in copies]
+        return list(range(group * per_q, (group + 1) * per_q)), kv_heads
+
+    def part(self, n, r):
+        """(first, end) of rank r's share of n rows split evenly."""
+        return r * n // self.tp, (r + 1) * n // self.tp
+
+    def check(self):
+        """The layout exists: TP divides every split dimension, and on trn1 with copies the copies fill TP."""
+        arch, tp, m = self.arch, self.tp, self.kv_mult
+        checks = [
+            ("num_attention_heads", arch.heads),
+            ("num_key_value_heads x kv_replicator", arch.kv_heads * m),
+            ("intermediate_size", arch.inter),
+            ("vocab_size", arch.vocab),
+        ]
+        bad = [f"{what} ({n})" for what, n in checks if n % tp]
+        if bad:
+            raise StageError(f"distributed_strategy.tensor_model_parallel_size {tp} does not divide {', '.join(bad)}")
+        if m > 1 and self.hw_backend == "trn1" and arch.kv_heads * m != tp:
+            raise StageError(
+                f"with kv_replicator > 1, num_key_value_heads x kv_replicator ({arch.kv_heads * m}) must equal "
+                f"tensor_model_parallel_size ({tp}) on trn1"
+            )
+        return self
+
+    def check_trainable(self):
+        """What grouped-query attention needs beyond check(): at least as many Q heads as KV heads on every rank.
+        (Then each local Q head's KV head is local, on trn1 and trn2: tests/test_parallel.py checks it over a grid
+        of models and layouts.)"""
+        q, kv = self.heads(0)
+        if len(q) % len(kv):
+            raise StageError(
+                f"with tensor_model_parallel_size {self.tp} and kv_replicator {self.kv_mult}, each rank would hold "
+                f"{len(q)} Q heads and {len(kv)} KV heads; each KV head needs its own Q heads (lower kv_replicator "
+                f"to at most num_attention_heads / num_key_value_heads)"
+            )
+        return self
+
+    def kv_groups(self):
+        """Tensor-parallel ranks grouped by the KV heads they hold (copies of a head sit in one group)."""
+        groups = {}
+        for r in range(self.tp):
+            groups.setdefault(tuple(self.heads(r)[1]), []).append(r)
+        return list(groups.values())
 
 
 # ------------------------------------------------------------------------------------------------ tensor parallel
+# The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch of
+# this file is in that one section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the
+# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages.
 def layout_of(c, arch):
     """The Layout that the config's distributed_strategy.* asks for."""
     return Layout(
@@ -2947,6 +3070,35 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def planned_trainium(c):
+    """The Trainium generation this config trains on, without starting a device (as pick_device decides): XLA
+    takes the checkpoint's hw_backend, TorchNeuron runs on trn2 or trn3; None elsewhere."""
+    import importlib.util
+
+    acc = c["trainer.accelerator"]
+    if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None):
+        return c["distributed_strategy.hw_backend"]
+    if acc == "neuron":
+        return "trn3" if neuron_generation() == "trn3" else "trn2"
+    return None
+
+
+def device_memory(c):
+    """(GiB per rank, where the figure comes from) for the device this config trains on."""
+    if c["trainer.device_memory_gib"]:
+        return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
+    gen, acc = planned_trainium(c), c["trainer.accelerator"]
+    if gen:
+        lnc = f", per logical core at LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
+        return neuron_datasheet(gen)[2], f"{gen} NeuronCore datasheet{lnc}"
+    if acc in ("cuda", "auto") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / 2**30, props.name
+    mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    per = int(os.environ.get("LOCAL_WORLD_SIZE", c["distributed_strategy.tensor_model_parallel_size"]))
+    return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
+
+
 # ------------------------------------------------------------------------------------------------ run checkpoints
 # <run dir>/checkpoints/step_NNNNNNN/: adapter/ (PEFT, usable as is), rank_RRRRR.pt (each rank's LoRA shard,
 # optimizer state and RNG states; never base weights) and trainer_state.json, written last, which lists every
@@ -3269,35 +3421,6 @@ def memory_estimate(arch, c, tp, supervised_per_row, trainium):
     }
 
 
-def planned_trainium(c):
-    """The Trainium generation this config trains on, without starting a device (as pick_device decides): XLA
-    takes the checkpoint's hw_backend, TorchNeuron runs on trn2 or trn3; None elsewhere."""
-    import importlib.util
-
-    acc = c["trainer.accelerator"]
-    if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None):
-        return c["distributed_strategy.hw_backend"]
-    if acc == "neuron":
-        return "trn3" if neuron_generation() == "trn3" else "trn2"
-    return None
-
-
-def device_memory(c):
-    """(GiB per rank, where the figure comes from) for the device this config trains on."""
-    if c["trainer.device_memory_gib"]:
-        return c["trainer.device_memory_gib"], "trainer.device_memory_gib"
-    gen, acc = planned_trainium(c), c["trainer.accelerator"]
-    if gen:
-        lnc = f", per logical core at LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
-        return neuron_datasheet(gen)[2], f"{gen} NeuronCore datasheet{lnc}"
-    if acc in ("cuda", "auto") and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return props.total_memory / 2**30, props.name
-    mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
-    per = int(os.environ.get("LOCAL_WORLD_SIZE", c["distributed_strategy.tensor_model_parallel_size"]))
-    return mem["MemAvailable"] / 2**20 / per, f"available host memory / {per} process(es)"
-
-
 def dry_run(c, arch, where):
     """The plan of a run, and every check its inputs allow now; StageError on the first problem. It needs only
     model.model_config: the tokenizer and data, and the converted checkpoint, are checked where they exist and
@@ -3439,112 +3562,6 @@ def window_flops(windows, arch):
         + 4.0 * h * arch.vocab * windows.supervised
         + 3.0 * 4 * arch.layers * heads * hd * windows.keys
     )
-
-
-# ------------------------------------------------------------------------------------------------ layout
-# The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated identically in stages 03 and
-# 05 (tests/test_parallel.py keeps the two copies the same): 03 writes each rank's shard by this layout, 05 builds
-# each rank's model from it and reassembles the adapter with it, so no index ever travels between ranks.
-@dataclasses.dataclass(frozen=True)
-class Arch:
-    """A Llama-family architecture, from an HF config.json (arch_of)."""
-
-    vocab: int
-    hidden: int
-    inter: int  # the MLP's intermediate size
-    layers: int
-    heads: int  # query heads
-    kv_heads: int
-    head_dim: int
-    eps: float = 1e-6  # RMSNorm
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama 3.1's "llama3" frequency scaling
-    tie: bool = False  # output layer tied to the embedding
-    sliding_window: int | None = None  # Mistral only
-
-
-def arch_of(raw):
-    """The Arch of an HF config.json (as a dict; old and new rope key styles). KeyError names a missing key."""
-    heads = raw["num_attention_heads"]
-    rope = dict(raw.get("rope_parameters") or {})
-    return Arch(
-        vocab=raw["vocab_size"],
-        hidden=raw["hidden_size"],
-        inter=raw["intermediate_size"],
-        layers=raw["num_hidden_layers"],
-        heads=heads,
-        kv_heads=raw.get("num_key_value_heads") or heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-        eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=raw.get("rope_theta") or rope.get("rope_theta", 10000.0),
-        rope_scaling=raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None),
-        tie=bool(raw.get("tie_word_embeddings", False)),
-        sliding_window=raw.get("sliding_window") if raw.get("model_type") == "mistral" else None,
-    )
-
-
-class Layout:
-    """Which heads, and so which rows of every weight, each tensor-parallel rank holds, as NxD's converter lays a
-    checkpoint out (--qkv_linear, --hw_backend). Column-parallel weights (embedding, q/k/v, gate/up, output layer)
-    are split by rows, row-parallel ones (o_proj, down_proj) by input columns, norms replicated. KV heads are
-    copied kv_mult times (kv_replicator), then split: on trn1 tiled (K0..K7, K0..K7, ...), rank r holding the Q
-    head group (r % kv) * (tp / kv) + r // kv, which belongs to its KV head r % kv; on trn2 each head's copies on
-    adjacent ranks (K0, K0, ..., K1, K1, ...), with Q heads in order."""
-
-    def __init__(self, arch, tp=1, kv_mult=1, hw_backend="trn1"):
-        self.arch, self.tp, self.kv_mult, self.hw_backend = arch, tp, kv_mult, hw_backend
-
-    def heads(self, r):
-        """(Q heads, KV heads) of tensor-parallel rank r."""
-        heads, kv, tp, m = self.arch.heads, self.arch.kv_heads, self.tp, self.kv_mult
-        per_q, per_kv = heads // tp, kv * m // tp
-        group = (r % kv) * (tp // kv) + r // kv if self.hw_backend == "trn1" and m > 1 else r
-        copies = range(r * per_kv, (r + 1) * per_kv)  # positions in the list of KV heads with their copies
-        kv_heads = [t // m if self.hw_backend == "trn2" else t % kv for t in copies]
-        return list(range(group * per_q, (group + 1) * per_q)), kv_heads
-
-    def part(self, n, r):
-        """(first, end) of rank r's share of n rows split evenly."""
-        return r * n // self.tp, (r + 1) * n // self.tp
-
-    def check(self):
-        """The layout exists: TP divides every split dimension, and on trn1 with copies the copies fill TP."""
-        arch, tp, m = self.arch, self.tp, self.kv_mult
-        checks = [
-            ("num_attention_heads", arch.heads),
-            ("num_key_value_heads x kv_replicator", arch.kv_heads * m),
-            ("intermediate_size", arch.inter),
-            ("vocab_size", arch.vocab),
-        ]
-        bad = [f"{what} ({n})" for what, n in checks if n % tp]
-        if bad:
-            raise StageError(f"distributed_strategy.tensor_model_parallel_size {tp} does not divide {', '.join(bad)}")
-        if m > 1 and self.hw_backend == "trn1" and arch.kv_heads * m != tp:
-            raise StageError(
-                f"with kv_replicator > 1, num_key_value_heads x kv_replicator ({arch.kv_heads * m}) must equal "
-                f"tensor_model_parallel_size ({tp}) on trn1"
-            )
-        return self
-
-    def check_trainable(self):
-        """What grouped-query attention needs beyond check(): at least as many Q heads as KV heads on every rank.
-        (Then each local Q head's KV head is local, on trn1 and trn2: tests/test_parallel.py checks it over a grid
-        of models and layouts.)"""
-        q, kv = self.heads(0)
-        if len(q) % len(kv):
-            raise StageError(
-                f"with tensor_model_parallel_size {self.tp} and kv_replicator {self.kv_mult}, each rank would hold "
-                f"{len(q)} Q heads and {len(kv)} KV heads; each KV head needs its own Q heads (lower kv_replicator "
-                f"to at most num_attention_heads / num_key_value_heads)"
-            )
-        return self
-
-    def kv_groups(self):
-        """Tensor-parallel ranks grouped by the KV heads they hold (copies of a head sit in one group)."""
-        groups = {}
-        for r in range(self.tp):
-            groups.setdefault(tuple(self.heads(r)[1]), []).append(r)
-        return list(groups.values())
 
 
 # ------------------------------------------------------------------------------------------------ records

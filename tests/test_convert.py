@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_stage, make_hf_model, run_stage, write_overlay
+from conftest import load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
 from safetensors.torch import load_file
 
 convert = load_stage("03_convert_checkpoint.py")
@@ -339,3 +339,44 @@ def test_a_missing_input_shard_is_named_and_nothing_is_written(tmp_path, hf_dir)
     )
     assert proc.returncode == 1 and f"{victim}: shard named in the index is missing" in proc.stderr
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_checkpoint_layout_has_nxdt_names(tmp_path, tokenizer_dir):
+    convert(tmp_path, tokenizer_dir)
+    state = torch.load(tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt", weights_only=True)
+    assert {k for k in state if ".layers.0." in k} == {
+        f"model.layers.0.{n}"
+        for n in (
+            "self_attn.qkv_proj.weight_q",
+            "self_attn.qkv_proj.weight_k",
+            "self_attn.qkv_proj.weight_v",
+            "self_attn.o_proj.weight",
+            "mlp.gate_up_proj.weight",
+            "mlp.down_proj.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+        )
+    }
+    assert state["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 96, 64)
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(state)
+
+
+def test_converter_replaces_its_earlier_output_only_with_overwrite(tmp_path, tokenizer_dir):
+    _, settings = convert(tmp_path, tokenizer_dir)
+    overlay = tmp_path / "overlay.yaml"
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
+    assert proc.returncode == 1 and "holds an earlier output of this stage; pass --overwrite" in proc.stderr
+    run_stage(["03_convert_checkpoint.py", "--overwrite", "--config", "config.yaml", "--config", str(overlay)])
+
+
+def test_converter_rejects_a_shape_that_disagrees_with_config(tmp_path, tokenizer_dir):
+    make_hf_model(tmp_path / "hf_source", tokenizer_dir)
+    overlay = write_overlay(tmp_path / "overlay.yaml", tiny_settings(tmp_path))
+    run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)])
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
+    assert proc.returncode == 1
+    assert "mlp.gate_proj.weight' has shape [96, 64], config.json implies [128, 64]" in proc.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()

@@ -24,6 +24,10 @@ LLAMA3_8B = dict(
 )
 
 
+def settings(train_mod, overlay, *overrides):
+    return train_mod.resolve(train_mod.load_config(["config.yaml", str(overlay)], list(overrides)), train_mod.SCHEMA)
+
+
 def dry(overlay, *overrides, check=True):
     return run_stage(
         ["05_train.py", "--config", "config.yaml", "--config", str(overlay), "--dry-run", *overrides], check=check
@@ -271,3 +275,21 @@ def test_the_estimate_is_within_its_stated_error_of_a_measured_step(train_mod, t
     est = train_mod.memory_estimate(arch, c, 1, got["supervised_per_row"], trainium=False)
     estimated = est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["activations"]
     assert abs(estimated - measured) / measured <= train_mod.ESTIMATE_ERROR, (estimated, measured, est)
+
+
+def test_the_dry_run_plans_a_trn2_logical_core(train_mod, pipeline, monkeypatch):
+    _, overlay = pipeline
+    c = settings(train_mod, overlay, "trainer.accelerator=neuron")
+    monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
+    assert train_mod.device_memory(c) == (24, "trn2 NeuronCore datasheet, per logical core at LNC 2")
+    assert json.dumps(train_mod.NEURONCORE_TFLOPS["trn2"]) == "[166.75, 45.25]"  # 667 / 181 TFLOPS over 4 cores
+
+
+def test_one_physical_core_per_process_halves_memory_and_peak(train_mod, pipeline, monkeypatch):
+    """NEURON_LOGICAL_NC_CONFIG=1: each process has one of a trn2 chip's 8 NeuronCores, not 2 of them."""
+    _, overlay = pipeline
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "1")
+    c = settings(train_mod, overlay, "trainer.accelerator=neuron")
+    assert train_mod.device_memory(c) == (12, "trn2 NeuronCore datasheet, per logical core at LNC 1")
+    assert train_mod.neuron_datasheet("trn2") == (166.75 / 2, 45.25 / 2, 12)
+    assert train_mod.neuron_datasheet("trn1") == (95, 23.75, 16)  # trn1 has no logical cores

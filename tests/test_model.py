@@ -117,26 +117,6 @@ def test_legacy_rope_scaling_keys_are_read_like_transformers(tmp_path, tokenizer
     assert (our_logits(train_mod, our_model(train_mod, settings), ids) - expected).abs().max().item() < 1e-4
 
 
-def test_checkpoint_layout_has_nxdt_names(tmp_path, tokenizer_dir):
-    convert(tmp_path, tokenizer_dir)
-    state = torch.load(tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt", weights_only=True)
-    assert {k for k in state if ".layers.0." in k} == {
-        f"model.layers.0.{n}"
-        for n in (
-            "self_attn.qkv_proj.weight_q",
-            "self_attn.qkv_proj.weight_k",
-            "self_attn.qkv_proj.weight_v",
-            "self_attn.o_proj.weight",
-            "mlp.gate_up_proj.weight",
-            "mlp.down_proj.weight",
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-        )
-    }
-    assert state["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 96, 64)
-    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(state)
-
-
 def test_checkpoint_with_a_missing_tensor_is_refused(tmp_path, tokenizer_dir, train_mod):
     _, settings = convert(tmp_path, tokenizer_dir)
     (tmp_path / "ckpt" / "manifest.json").unlink()  # as NxD's own converter writes it: no manifest
@@ -174,56 +154,3 @@ def test_a_truncated_shard_is_caught_by_its_manifest_size(tmp_path, tokenizer_di
     path.write_bytes(path.read_bytes()[:-50])
     with pytest.raises(train_mod.StageError, match=r"manifest.json says \d+ \(truncated\?\)"):
         our_model(train_mod, settings)
-
-
-def test_converter_replaces_its_earlier_output_only_with_overwrite(tmp_path, tokenizer_dir):
-    _, settings = convert(tmp_path, tokenizer_dir)
-    overlay = tmp_path / "overlay.yaml"
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
-    assert proc.returncode == 1 and "holds an earlier output of this stage; pass --overwrite" in proc.stderr
-    run_stage(["03_convert_checkpoint.py", "--overwrite", "--config", "config.yaml", "--config", str(overlay)])
-
-
-def test_converter_rejects_a_shape_that_disagrees_with_config(tmp_path, tokenizer_dir):
-    make_hf_model(tmp_path / "hf_source", tokenizer_dir)
-    overlay = write_overlay(tmp_path / "overlay.yaml", tiny_settings(tmp_path))
-    run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)])
-    raw = json.loads((tmp_path / "config.json").read_text())
-    raw["intermediate_size"] = 128
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
-    assert proc.returncode == 1
-    assert "mlp.gate_proj.weight' has shape [96, 64], config.json implies [128, 64]" in proc.stderr
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.tmp").exists()
-
-
-def test_attention_over_each_blocks_reachable_keys_equals_full_attention(train_mod):
-    cfg = dict(
-        vocab=64,
-        hidden=32,
-        inter=48,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        head_dim=8,
-        eps=1e-5,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        tie=False,
-    )
-    torch.manual_seed(0)
-    model = train_mod.Llama(train_mod.Arch(**cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    seg = torch.tensor([[1] * 5 + [2] * 20 + [3] * 3 + [0] * 12, [1] * 20 + [2] * 20])
-    pos = torch.cat([torch.arange(n) for n in (5, 20, 3, 12, 20, 20)]).view(2, 40)
-    ids = torch.randint(0, 64, (2, 40))
-    spans = train_mod.attention_spans(seg, 8)
-    # Queries 24..31 start in documents beginning at 5 (row 0) and 20 (row 1); queries 32..39 in the padding
-    # run from 28 (row 0) and the document from 20 (row 1).
-    assert spans == [(0, 8, 0), (8, 16, 0), (16, 24, 0), (24, 32, 5), (32, 40, 20)]
-    with torch.no_grad():
-        full = model(ids, pos, train_mod.document_mask(seg))
-        blocked = model(ids, pos, train_mod.document_mask(seg), spans=spans)
-    assert torch.allclose(full, blocked, atol=1e-6)
