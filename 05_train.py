@@ -2238,12 +2238,6 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ layout
-# The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch of
-# this file is in that one section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the
-# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages
-# (layout, records, shared).
-
-
 # The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated identically in stages 03 and
 # 05 (tests/test_parallel.py keeps the two copies the same): 03 writes each rank's shard by this layout, 05 builds
 # each rank's model from it and reassembles the adapter with it, so no index ever travels between ranks.
@@ -2350,9 +2344,6 @@ class Layout:
 
 
 # ------------------------------------------------------------------------------------------------ tensor parallel
-# The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch of
-# this file is in that one section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the
-# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages.
 def layout_of(c, arch):
     """The Layout that the config's distributed_strategy.* asks for."""
     return Layout(

@@ -341,8 +341,18 @@ def test_a_missing_input_shard_is_named_and_nothing_is_written(tmp_path, hf_dir)
     assert not (tmp_path / "ckpt").exists()
 
 
+def through_02_and_03(tmp_path, tokenizer_dir):
+    """A random tiny HF model through 02 (local directory source) and 03; returns the settings."""
+    make_hf_model(tmp_path / "hf_source", tokenizer_dir)
+    settings = tiny_settings(tmp_path)
+    overlay = write_overlay(tmp_path / "overlay.yaml", settings)
+    run_stage(["02_download_model.py", "--config", "config.yaml", "--config", str(overlay)])
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])
+    return settings
+
+
 def test_checkpoint_layout_has_nxdt_names(tmp_path, tokenizer_dir):
-    convert(tmp_path, tokenizer_dir)
+    through_02_and_03(tmp_path, tokenizer_dir)
     state = torch.load(tmp_path / "ckpt" / "model" / "dp_rank_00_tp_rank_00_pp_rank_00.pt", weights_only=True)
     assert {k for k in state if ".layers.0." in k} == {
         f"model.layers.0.{n}"
@@ -362,7 +372,7 @@ def test_checkpoint_layout_has_nxdt_names(tmp_path, tokenizer_dir):
 
 
 def test_converter_replaces_its_earlier_output_only_with_overwrite(tmp_path, tokenizer_dir):
-    _, settings = convert(tmp_path, tokenizer_dir)
+    through_02_and_03(tmp_path, tokenizer_dir)
     overlay = tmp_path / "overlay.yaml"
     proc = run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)], check=False)
     assert proc.returncode == 1 and "holds an earlier output of this stage; pass --overwrite" in proc.stderr
