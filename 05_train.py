@@ -34,6 +34,9 @@ settings are unchanged)
 Features, their keys, and the functions that implement them
   LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*           LoRALinear, add_lora
     q|k|v and gate|up share one A (NxD)                                            peft_tensors (export)
+  rsLoRA: scale alpha / sqrt(r)          model_alignment_strategy.peft.use_rslora  LoRALinear.init_lora
+  LoRA+: B at ratio x learning rate      model.optim.loraplus_lr_ratio             optimizer_groups
+  NEFTune: noisy input embeddings        model_alignment_strategy.sft.*            neftune, Llama.forward
   PEFT adapter export                                                              gather_lora, export_peft_adapter
   packing with document isolation        model_alignment_strategy.sft.packing      pack, Windows.batch
   data prepared once, memory-mapped      data.cache_dir                            prepare_split, load_split
@@ -157,12 +160,15 @@ SCHEMA = {
     "model.optim.sched.warmup_steps": "int >= 0",
     "model.optim.sched.max_steps": "int? >= 1",
     "model.optim.sched.min_lr": "float >= 0",
+    "model.optim.loraplus_lr_ratio": "float? > 0",
     "precision.type": "fp32|autocast",
     "model_alignment_strategy.sft.packing": "bool",
+    "model_alignment_strategy.sft.neftune_noise_alpha": "float? > 0",
     "model_alignment_strategy.peft.lora_rank": "int >= 1",
     "model_alignment_strategy.peft.lora_alpha": "float > 0",
     "model_alignment_strategy.peft.lora_dropout": "float in [0, 1)",
     "model_alignment_strategy.peft.lora_bias": "none|all|lora_only",
+    "model_alignment_strategy.peft.use_rslora": "bool",
     "model_alignment_strategy.peft.lora_verbose": "bool",
     "model_alignment_strategy.peft.target_modules": "list[str]",
     "evaluation.generate.num_prompts": "int >= 0",
@@ -367,8 +373,9 @@ class LoRALinear(nn.Module):
         self.lora_A = self.lora_B = None
         self.kv_rows_from = None  # qkv_proj: rows from here on are K/V, copied on ranks sharing a KV head
 
-    def init_lora(self, rank, alpha, dropout):
-        """This layer's A (kaiming-uniform) and B (zeros), dropout probability and scale alpha / rank."""
+    def init_lora(self, rank, alpha, dropout, rslora=False):
+        """This layer's A (kaiming-uniform) and B (zeros), dropout probability and scale: alpha / rank, or with
+        rsLoRA alpha / sqrt(rank) (rank-stabilized: the update's scale no longer shrinks as the rank grows)."""
         # Drawn at full size on the CPU from the seeded CPU generator, then sliced: every device and every
         # tensor-parallel layout starts from the same A as a single process.
         a = nn.Linear(self.full[1], rank, bias=False, dtype=torch.float32, device="cpu")
@@ -385,7 +392,7 @@ class LoRALinear(nn.Module):
         # p as a float32 tensor, made once: what a Python float becomes in eager mode too, whereas torch-xla
         # would compare with a Python float in float64, which NeuronCores do not have.
         self.p_tensor = torch.full((), dropout, device=self.weight.device)
-        self.scaling = alpha / rank
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
 
     def forward(self, x):
         if self.parallel == "row":  # x holds this rank's input columns: partial products are summed over TP
@@ -514,6 +521,7 @@ class Llama(nn.Module):
         self.arch, self.par = arch, par or Parallel(Layout(arch), torch.device("cpu"), world=1)
         self.recompute_layers = recompute_layers  # the first N layers recompute their activations in backward
         self.attention, self.fixed_shapes = "masked", False  # set for training by attention_mode, compiles_per_shape
+        self.neftune_alpha = None  # set for training from model_alignment_strategy.sft.neftune_noise_alpha
         rows = layout_rows(self.par.layout, self.par.tp_rank)
         self.model = Decoder(arch, dtype, self.par, rows)
         self.lm_head = (
@@ -529,6 +537,8 @@ class Llama(nn.Module):
         for plain causal attention (model.attention=causal);
         `spans` (optional, see attention_spans) limits each block of queries to the keys it can see."""
         x = self.model.embed_tokens(input_ids)
+        if self.neftune_alpha and self.training:
+            x = neftune(x, self.neftune_alpha)
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -548,6 +558,14 @@ class Llama(nn.Module):
     def full_logits(self, hidden):
         """Logits over the whole vocabulary (gathered over the TP group): for generation."""
         return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
+
+
+def neftune(x, alpha):
+    """NEFTune: the input embeddings x [b, L, d] plus uniform noise in [-m, m], m = alpha / sqrt(L x d), as
+    transformers' NEFTune hook adds it (training only: the model applies it in train mode). Drawn from the device
+    generator, which the tensor-parallel ranks of a replica share, so they add the same noise."""
+    magnitude = alpha / math.sqrt(x.shape[1] * x.shape[2])
+    return x + ((torch.rand_like(x, dtype=torch.float32) * 2 - 1) * magnitude).to(x.dtype)
 
 
 def attention_spans(segment_ids, block):
@@ -671,7 +689,7 @@ def add_lora(model, c, verbose=True):
     peft = "model_alignment_strategy.peft."
     modules = lora_modules(model, c[peft + "target_modules"])
     for _, m in modules:
-        m.init_lora(c[peft + "lora_rank"], c[peft + "lora_alpha"], c[peft + "lora_dropout"])
+        m.init_lora(c[peft + "lora_rank"], c[peft + "lora_alpha"], c[peft + "lora_dropout"], c[peft + "use_rslora"])
     params = [p for _, m in modules for p in (m.lora_A.weight, m.lora_B.weight)]
     if not verbose:
         return modules, params
@@ -821,7 +839,7 @@ def export_peft_adapter(lora, arch, c, out_dir):
         "lora_dropout": c[peft + "lora_dropout"],
         "bias": c[peft + "lora_bias"],
         "target_modules": hf_targets,
-        "use_rslora": False,
+        "use_rslora": c[peft + "use_rslora"],
         "fan_in_fan_out": False,
         "inference_mode": True,
         "base_model_name_or_path": c["model.hf_weights_dir"],
@@ -1544,8 +1562,11 @@ class DeviceAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, lr, skip):
+        """One update at the scheduled learning rate `lr` (a 0-d device tensor), times each group's lr_scale."""
+        scheduled = lr
         for group in self.param_groups:
             wd, eps, (beta1, beta2) = group["weight_decay"], group["eps"], group["betas"]
+            lr = scheduled if group.get("lr_scale", 1.0) == 1.0 else scheduled * group["lr_scale"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -1566,6 +1587,17 @@ class DeviceAdamW(torch.optim.AdamW):
                 state["exp_avg"].copy_(torch.where(skip, state["exp_avg"], exp_avg))
                 state["exp_avg_sq"].copy_(torch.where(skip, state["exp_avg_sq"], exp_avg_sq))
                 state["step"].copy_(torch.where(skip, state["step"], t))
+
+
+def optimizer_groups(params, c):
+    """AdamW's parameter groups, each with `lr_scale`, its share of the scheduled learning rate: one group, or with
+    LoRA+ (model.optim.loraplus_lr_ratio) the A matrices at the learning rate and the B matrices at ratio x it, as
+    PEFT's create_loraplus_optimizer groups them (with its loraplus_weight_decay = model.optim.weight_decay).
+    `params` holds A and B of each module in that order (add_lora)."""
+    ratio = c["model.optim.loraplus_lr_ratio"]
+    if not ratio:
+        return [{"params": params, "lr_scale": 1.0}]
+    return [{"params": params[0::2], "lr_scale": 1.0}, {"params": params[1::2], "lr_scale": ratio}]
 
 
 def lr_at(step, c):
@@ -1752,7 +1784,7 @@ def apply_update(run, lr, grad_norm, bad):
         run.optimizer.step(torch.tensor([lr], dtype=torch.float32, device=run.device).reshape(()), skip=bad)
     elif not bool(bad):
         for group in run.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -1974,6 +2006,7 @@ def build_model(c, arch, device, par):
     modules, params = add_lora(model, c)
     seed_dropout(c["seed"], par, device)
     model.attention = attention_mode(c, device)
+    model.neftune_alpha = c["model_alignment_strategy.sft.neftune_noise_alpha"]
     model.fixed_shapes = compiles_per_shape(device) or c["trainer.compile"]
     if c["trainer.compile"]:
         compile_layers(model, device)
@@ -2814,10 +2847,11 @@ def recomputed(layer, x, cos, sin, mask, spans):
 
 
 def make_optimizer(params, c, device):
+    """torch's AdamW on the CPU, DeviceAdamW (the same update, decided on the device) elsewhere."""
     beta1, beta2 = c["model.optim.betas"]
     kind = torch.optim.AdamW if device.type == "cpu" else DeviceAdamW
     return kind(
-        params,
+        optimizer_groups(params, c),
         lr=c["model.optim.lr"],
         betas=(beta1, beta2),
         eps=c["model.optim.eps"],

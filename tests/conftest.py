@@ -205,3 +205,45 @@ def train(work, overlay, name, *overrides):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "xla: needs torch-xla (run by `make test-xla` in its own environment)")
+
+
+def hf_masked_loss(work, records, fmt="raw", adapter=None):
+    """Sum of supervised-token cross-entropies / their count, computed with transformers on each record (through
+    peft with `adapter`, a PEFT adapter directory, loaded with warnings as errors)."""
+    import warnings
+
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    model = LlamaForCausalLM.from_pretrained(str(work / "hf_weights")).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a mis-named tensor would only warn and load a no-op adapter
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    total, count = 0.0, 0
+    for r in records:
+        if fmt == "raw":
+            prompt = [tok.bos_token_id] + tok.encode(r["input"], add_special_tokens=False)
+            response = tok.encode(r["output"], add_special_tokens=False) + [tok.eos_token_id]
+        else:
+            user = [{"role": "user", "content": r["input"]}]
+            prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+            full = tok.apply_chat_template(
+                user + [{"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=False
+            )
+            response = full[len(prompt) :]
+        ids = torch.tensor([prompt + response])
+        labels = torch.tensor([[-100] * len(prompt) + response])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
+        count += len(response)
+    return total / count
+
+
+def head(path, n):
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]

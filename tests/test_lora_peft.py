@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_hf_model, run_stage, tiny_settings, write_overlay
+from conftest import head, hf_masked_loss, make_hf_model, run_stage, tiny_settings, train, write_overlay
 
 TARGETS = [
     ["qkv_proj"],
@@ -181,3 +181,28 @@ def test_an_adapter_on_a_mistral_model_loads_in_peft_on_transformers_mistral(tmp
     with torch.no_grad():
         theirs = peft_model(ids).logits
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_rslora_scales_the_update_by_alpha_over_the_square_root_of_the_rank(train_mod):
+    layer = train_mod.LoRALinear((6, 8), torch.float32)
+    layer.init_lora(rank=16, alpha=32.0, dropout=0.0, rslora=True)
+    assert layer.scaling == 8.0  # 32 / sqrt(16), where plain LoRA scales by 32 / 16
+
+
+def test_an_adapter_trained_with_rslora_gives_in_peft_the_val_loss_05_reports(pipeline):
+    work, overlay = pipeline
+    metrics = train(
+        work,
+        overlay,
+        "rslora",
+        f"{PEFT}use_rslora=true",
+        f"{PEFT}target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
+        "trainer.max_steps=3",
+        "evaluation.generate.num_prompts=0",
+    )
+    adapter = work / "rslora" / "final" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_rslora"] is True
+    first, last = metrics[0]["val_loss"], metrics[-1]["val_loss"]
+    assert abs(last - first) > 1e-3, "the adapter must change the loss for this test to mean anything"
+    theirs = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24), adapter=adapter)
+    assert last == pytest.approx(theirs, rel=1e-4)

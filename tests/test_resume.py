@@ -134,6 +134,26 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_lo
     same_run(work / name, work / ("ref-dp2" if nproc == 2 else f"ref-packing-{packing}"))
 
 
+VARIANTS = [
+    "model_alignment_strategy.peft.use_rslora=true",
+    "model.optim.loraplus_lr_ratio=4",
+    "model_alignment_strategy.sft.neftune_noise_alpha=5",
+]
+
+
+def test_a_run_with_rslora_loraplus_and_neftune_resumes_exactly(references):
+    """The noise NEFTune draws and the learning rates of LoRA+'s two groups are part of the resumed state."""
+    work, overlay = references
+    run_to_end(work, overlay, "ref-variants", 1, *VARIANTS)
+    proc = start(work, overlay, "killed-variants", 1, *VARIANTS)
+    wait_until_step(proc, work / "killed-variants", random.Random("variants").randint(3, 7))
+    kill_run(proc, work / "killed-variants")
+    assert not (work / "killed-variants" / "final").exists(), "the run finished before it could be killed"
+    assert "resuming from" in run_to_end(work, overlay, "killed-variants", 1, *VARIANTS).stdout
+    same_run(work / "killed-variants", work / "ref-variants")
+    assert records(work / "ref-variants")[1]["loss"] != records(work / "ref-packing-True")[1]["loss"]
+
+
 def test_an_incomplete_or_corrupt_checkpoint_is_skipped_with_a_warning_naming_it(references):
     work, overlay = references
     proc = start(work, overlay, "corrupt")

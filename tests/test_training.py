@@ -1,41 +1,11 @@
 """05's training semantics against transformers: val_loss, token-weighted accumulation, clipping, schedule."""
 
-import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import train
-from transformers import AutoTokenizer, LlamaForCausalLM
-
-
-def hf_masked_loss(work, records, fmt="raw"):
-    """Sum of supervised-token cross-entropies / their count, computed with transformers on each record."""
-    tok = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
-    model = LlamaForCausalLM.from_pretrained(str(work / "hf_weights")).eval()
-    total, count = 0.0, 0
-    for r in records:
-        if fmt == "raw":
-            prompt = [tok.bos_token_id] + tok.encode(r["input"], add_special_tokens=False)
-            response = tok.encode(r["output"], add_special_tokens=False) + [tok.eos_token_id]
-        else:
-            user = [{"role": "user", "content": r["input"]}]
-            prompt = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
-            full = tok.apply_chat_template(
-                user + [{"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=False
-            )
-            response = full[len(prompt) :]
-        ids = torch.tensor([prompt + response])
-        labels = torch.tensor([[-100] * len(prompt) + response])
-        with torch.no_grad():
-            logits = model(ids).logits[0, :-1]
-        total += F.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum").item()
-        count += len(response)
-    return total / count
-
-
-def head(path, n):
-    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+from conftest import head, hf_masked_loss, train
+from transformers import AutoTokenizer
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
@@ -251,3 +221,73 @@ def test_the_cpu_peak_probe_leaves_the_training_rng_alone(train_mod):
     state = torch.get_rng_state()
     peak, source = train_mod.peak_flops(torch.device("cpu"), autocast=False, configured=None)
     assert peak > 0 and "measured" in source and torch.equal(state, torch.get_rng_state())
+
+
+def test_loraplus_steps_like_peft_s_loraplus_optimizer_on_the_same_gradients(train_mod, pipeline):
+    """B matrices at 4x the learning rate of the A matrices, weight decay on both: PEFT's create_loraplus_optimizer
+    over the same model, given the same gradients, makes the same updates (torch's AdamW on the CPU, and the
+    device-side AdamW of accelerators)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    work, overlay = pipeline
+    c = train_mod.resolve(
+        train_mod.load_config(["config.yaml", str(overlay)], ["model.optim.loraplus_lr_ratio=4"]), train_mod.SCHEMA
+    )
+    model = train_mod.Llama(train_mod.read_model_config(c["model.model_config"]))
+    torch.manual_seed(0)
+    _, params = train_mod.add_lora(model, c, verbose=False)
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    opt = dict(lr=1e-2, betas=tuple(c["model.optim.betas"]), eps=c["model.optim.eps"])
+    theirs = create_loraplus_optimizer(
+        model, torch.optim.AdamW, loraplus_lr_ratio=4, loraplus_weight_decay=c["model.optim.weight_decay"], **opt
+    )
+    assert [g["lr"] for g in theirs.param_groups if g["params"]] == [1e-2, 4e-2]
+
+    def stepped(step):
+        with torch.no_grad():
+            for p, s, g in zip(params, start, grads):
+                p.copy_(s)
+                p.grad = g.clone()
+        step()
+        return [p.detach().clone() for p in params]
+
+    expected = stepped(theirs.step)
+    ours = train_mod.make_optimizer(params, c, torch.device("cpu"))
+    run = SimpleNamespace(c=dict(c, **{"trainer.gradient_clip_val": None}), params=params, optimizer=ours)
+    got = stepped(lambda: train_mod.apply_update(run, 1e-2, None, torch.tensor(False)))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    device_side = train_mod.DeviceAdamW(
+        train_mod.optimizer_groups(params, c), weight_decay=c["model.optim.weight_decay"], **opt
+    )
+    got = stepped(lambda: device_side.step(torch.tensor(1e-2), skip=torch.tensor(False)))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, expected))
+    moved = [(a - s).abs().max().item() for a, s in zip(got, start)]
+    assert moved[1] > 2 * moved[0]  # B moved further than A: its learning rate is 4x
+
+
+def test_neftune_noise_is_transformers_neftune_noise_on_the_same_embeddings_and_seed(train_mod):
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    embeddings = torch.randn(2, 7, 16)
+    module = torch.nn.Module()
+    module.neftune_noise_alpha = 5.0
+    torch.manual_seed(3)
+    theirs = neftune_post_forward_hook(module, None, embeddings)
+    torch.manual_seed(3)
+    ours = train_mod.neftune(embeddings, 5.0)
+    assert (ours - embeddings).abs().max() <= 5.0 / (7 * 16) ** 0.5
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_neftune_adds_noise_in_training_only_never_in_evaluation(pipeline):
+    work, overlay = pipeline
+    common = [
+        "trainer.max_steps=1",
+        "model_alignment_strategy.peft.lora_dropout=0.0",
+        "evaluation.generate.num_prompts=0",
+    ]
+    plain = train(work, overlay, "no-neftune", *common)
+    noisy = train(work, overlay, "neftune", *common, "model_alignment_strategy.sft.neftune_noise_alpha=5")
+    assert noisy[0]["val_loss"] == plain[0]["val_loss"]  # the baseline evaluation: no noise
+    assert noisy[1]["loss"] != plain[1]["loss"]  # the training step: noise

@@ -361,3 +361,24 @@ def test_a_non_finite_step_stops_the_run_at_the_next_read_naming_its_step(pipeli
     assert "is not finite (its update was not applied)" in message
     assert 1 <= int(message.split("step ")[1].split(":")[0]) <= 3
     assert not steps(records), "the read at step 3 stops the run before anything is logged"
+
+
+def test_rslora_loraplus_and_neftune_on_xla_hold_no_float64_and_compile_nothing_after_step_2(pipeline, tmp_path):
+    """LoRA+'s second learning rate and NEFTune's noise (drawn in each step's graph) add no graph after the second
+    step and no float64."""
+    work, overlay = pipeline
+    proc, records = run(
+        work,
+        overlay,
+        "xla-variants",
+        "trainer.accelerator=xla",
+        "model_alignment_strategy.peft.use_rslora=true",
+        "model.optim.loraplus_lr_ratio=4",
+        "model_alignment_strategy.sft.neftune_noise_alpha=5",
+        env=dict(XLA_FLAGS=f"--xla_dump_to={tmp_path / 'hlo'} --xla_dump_hlo_as_text"),
+    )
+    modules = sorted((tmp_path / "hlo").glob("*before_optimizations.txt"))
+    assert modules and not [m.name for m in modules if "f64" in m.read_text()]
+    compiles = [r["xla_compiles"] for r in steps(records)]
+    assert compiles[1:] == [compiles[1]] * 4, f"graphs compiled per step: {compiles}"
+    assert "ran these operations on the CPU" not in proc.stderr
