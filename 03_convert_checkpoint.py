@@ -423,8 +423,10 @@ def hf_tensors(layout, stages, shards):
 
 
 def merge_adapter(state, adapter_dir):
-    """Add a PEFT LoRA adapter into the HF tensors: W += (alpha / r) B A, computed in fp32 and cast back to W's
-    dtype (merging in bf16 loses the small updates). Every adapter tensor must match a weight."""
+    """Add a PEFT LoRA adapter into the HF tensors: W += scale B A (scale alpha / r, or alpha / sqrt(r) with
+    use_rslora); with DoRA (use_dora) W = m / ||W + scale B A|| (W + scale B A), the norm of each output row, m the
+    adapter's magnitude of that row. Computed in fp32 and cast back to W's dtype (merging in bf16 loses the small
+    updates). Every adapter tensor must match a weight."""
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
@@ -457,7 +459,15 @@ def merge_adapter(state, adapter_dir):
                 f"{adapter_dir}: LoRA shapes A {list(a.shape)}, B {list(b.shape)} do not fit "
                 f"'{weight}' {list(w.shape)} with r = {r}"
             )
-        state[weight] = (w.float() + scaling * (b @ a)).to(w.dtype)
+        merged = w.float() + scaling * (b @ a)
+        if acfg.get("use_dora"):
+            magnitude = tensors.get(f"{prefix}{module}.lora_magnitude_vector")
+            if magnitude is None or tuple(magnitude.shape) != (w.shape[0],):
+                raise StageError(
+                    f"{adapter_dir}: a DoRA adapter needs '{module}.lora_magnitude_vector' of {w.shape[0]}"
+                )
+            merged = merged * (magnitude.float() / merged.norm(dim=1))[:, None]
+        state[weight] = merged.to(w.dtype)
     return len(modules)
 
 

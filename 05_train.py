@@ -35,6 +35,7 @@ Features, their keys, and the functions that implement them
   LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*           LoRALinear, add_lora
     q|k|v and gate|up share one A (NxD)                                            peft_tensors (export)
   rsLoRA: scale alpha / sqrt(r)          model_alignment_strategy.peft.use_rslora  LoRALinear.init_lora
+  DoRA: trained magnitude per row        model_alignment_strategy.peft.use_dora    LoRALinear.dora_forward, dora_norm
   LoRA+: B at ratio x learning rate      model.optim.loraplus_lr_ratio             optimizer_groups
   NEFTune: noisy input embeddings        model_alignment_strategy.sft.*            neftune, Llama.forward
   PEFT adapter export                                                              gather_lora, export_peft_adapter
@@ -169,6 +170,7 @@ SCHEMA = {
     "model_alignment_strategy.peft.lora_dropout": "float in [0, 1)",
     "model_alignment_strategy.peft.lora_bias": "none|all|lora_only",
     "model_alignment_strategy.peft.use_rslora": "bool",
+    "model_alignment_strategy.peft.use_dora": "bool",
     "model_alignment_strategy.peft.lora_verbose": "bool",
     "model_alignment_strategy.peft.target_modules": "list[str]",
     "evaluation.generate.num_prompts": "int >= 0",
@@ -370,12 +372,13 @@ class LoRALinear(nn.Module):
         out_f, in_f = full
         shape = (len(self.index), in_f) if parallel == "column" else (out_f, len(self.index))
         self.weight = nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
-        self.lora_A = self.lora_B = None
+        self.lora_A = self.lora_B = self.magnitude = None
         self.kv_rows_from = None  # qkv_proj: rows from here on are K/V, copied on ranks sharing a KV head
 
-    def init_lora(self, rank, alpha, dropout, rslora=False):
+    def init_lora(self, rank, alpha, dropout, rslora=False, dora=False):
         """This layer's A (kaiming-uniform) and B (zeros), dropout probability and scale: alpha / rank, or with
-        rsLoRA alpha / sqrt(rank) (rank-stabilized: the update's scale no longer shrinks as the rank grows)."""
+        rsLoRA alpha / sqrt(rank) (rank-stabilized: the update's scale no longer shrinks as the rank grows). With
+        DoRA also a magnitude per output row (fp32, held like B's rows), starting at the base weight's row norms."""
         # Drawn at full size on the CPU from the seeded CPU generator, then sliced: every device and every
         # tensor-parallel layout starts from the same A as a single process.
         a = nn.Linear(self.full[1], rank, bias=False, dtype=torch.float32, device="cpu")
@@ -393,8 +396,21 @@ class LoRALinear(nn.Module):
         # would compare with a Python float in float64, which NeuronCores do not have.
         self.p_tensor = torch.full((), dropout, device=self.weight.device)
         self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        if dora:
+            self.magnitude = nn.Parameter(self.dora_norm())
+
+    def dora_norm(self):
+        """||W + scaling B A|| of each output row over the whole input dimension (a row-parallel layer sums its
+        ranks' squares), detached as in the DoRA paper and PEFT."""
+        if self.weight.is_meta:  # a memory plan: nothing to compute
+            return torch.empty(self.weight.shape[0], device="meta")
+        with torch.no_grad():
+            squares = (self.weight.float() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)).square().sum(1)
+            return (self.par.all_reduce(squares, "tp") if self.parallel == "row" else squares).sqrt()
 
     def forward(self, x):
+        if self.magnitude is not None:
+            return self.dora_forward(x)
         if self.parallel == "row":  # x holds this rank's input columns: partial products are summed over TP
             y = self.par.exit_tp_region(F.linear(x, self.weight))
             if self.lora_A is None:
@@ -407,6 +423,25 @@ class LoRALinear(nn.Module):
         # replicated A is already the full one, identical on every rank.
         a = self.lora_A(self.dropout(x))
         return lora_add(y, a if self.par is None else self.par.enter_tp_region(a), self.lora_B.weight, self.scaling)
+
+    def dora_forward(self, x):
+        """DoRA, as PEFT computes it: y + (s - 1) x' W^T + s scaling B A x', s = magnitude / dora_norm() per output
+        row, x' = dropout(x) (x' W^T is y itself when nothing is dropped). Column-parallel layers hold their rows of
+        everything; row-parallel ones sum their partial products over the TP group, as forward does."""
+        row = self.parallel == "row"
+
+        def base(inputs):
+            if row:
+                return self.par.exit_tp_region(F.linear(inputs, self.weight))
+            return F.linear(inputs if self.par is None else self.par.enter_tp_region(inputs), self.weight)
+
+        y = base(x)
+        dropped = self.dropout(x)
+        a = self.lora_A(dropped)
+        a = self.par.exit_tp_region(a) if row else a if self.par is None else self.par.enter_tp_region(a)
+        scale = (self.magnitude / self.dora_norm()).to(y.dtype)
+        update = (F.linear(a, self.lora_B.weight) * self.scaling).to(y.dtype)
+        return y + (scale - 1) * (y if dropped is x else base(dropped)) + scale * update
 
     def dropout(self, x):
         """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
@@ -689,14 +724,21 @@ def add_lora(model, c, verbose=True):
     peft = "model_alignment_strategy.peft."
     modules = lora_modules(model, c[peft + "target_modules"])
     for _, m in modules:
-        m.init_lora(c[peft + "lora_rank"], c[peft + "lora_alpha"], c[peft + "lora_dropout"], c[peft + "use_rslora"])
-    params = [p for _, m in modules for p in (m.lora_A.weight, m.lora_B.weight)]
+        m.init_lora(
+            c[peft + "lora_rank"],
+            c[peft + "lora_alpha"],
+            c[peft + "lora_dropout"],
+            c[peft + "use_rslora"],
+            c[peft + "use_dora"],
+        )
+    params = [p for _, m in modules for p in lora_parameters(m)]
     if not verbose:
         return modules, params
     if c[peft + "lora_bias"] != "none":
         # Llama 3 has no bias tensors (the config check refuses biased models), so nothing more trains.
         print(f"lora_bias={c[peft + 'lora_bias']}: the model has no bias tensors; only LoRA weights train")
-    trainable = sum(m.lora_A.weight.shape[0] * (m.full[0] + m.full[1]) for _, m in modules)
+    dora = c[peft + "use_dora"]
+    trainable = sum(m.lora_A.weight.shape[0] * (m.full[0] + m.full[1]) + dora * m.full[0] for _, m in modules)
     total = trainable + sum(m.full[0] * m.full[1] for m in model.modules() if isinstance(m, LoRALinear))
     total += model.arch.vocab * model.arch.hidden + sum(
         p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight")
@@ -714,6 +756,20 @@ def add_lora(model, c, verbose=True):
     return modules, params
 
 
+def lora_parameters(m):
+    """What trains in one adapted layer, in a fixed order: A, B, and with DoRA its magnitude."""
+    return (
+        (m.lora_A.weight, m.lora_B.weight) if m.magnitude is None else (m.lora_A.weight, m.lora_B.weight, m.magnitude)
+    )
+
+
+def lora_factors(m):
+    """A, and B with DoRA's magnitude as one more column: the magnitude is split and replicated exactly as B's
+    rows are, so the pair travels and is reassembled as plain LoRA's."""
+    b = m.lora_B.weight
+    return m.lora_A.weight, b if m.magnitude is None else torch.cat([b, m.magnitude[:, None]], 1)
+
+
 def sync_gradients(modules, params, par):
     """Make every rank's LoRA gradients the full ones: copies of replicated K/V rows in qkv_proj's B each saw
     only their rank's Q heads, so they are summed over the ranks holding that KV head; then data-parallel
@@ -721,8 +777,8 @@ def sync_gradients(modules, params, par):
     if par.size("kv") > 1:
         for _, m in modules:
             if m.kv_rows_from is not None:
-                g = m.lora_B.weight.grad
-                g[m.kv_rows_from :] = par.all_reduce(g[m.kv_rows_from :], "kv")
+                for g in [m.lora_B.weight.grad] + ([] if m.magnitude is None else [m.magnitude.grad]):
+                    g[m.kv_rows_from :] = par.all_reduce(g[m.kv_rows_from :], "kv")
     if par.dp > 1:
         grads = [p.grad for p in params]
         flat = par.all_reduce(torch.cat([g.flatten() for g in grads]), "dp")
@@ -736,6 +792,8 @@ def global_grad_norm(modules, par):
     total = 0.0
     for _, m in modules:
         a, b = m.lora_A.weight.grad.float(), m.lora_B.weight.grad.float()
+        if m.magnitude is not None:  # held like B's rows
+            b = torch.cat([b, m.magnitude.grad.float()[:, None]], 1)
         if m.parallel == "row":  # A split, B replicated
             total = total + a.square().sum() + b.square().sum() / par.tp
             continue
@@ -760,10 +818,16 @@ def clip_gradients(params, norm, max_norm):
 
 
 def gather_lora(modules, par, arch):
-    """{module name: (A, B)} at full size, from every tensor-parallel rank's shard: all LoRA tensors travel as
-    one flat float32 vector in one gather and one transfer to the host, the same graph on every rank."""
-    flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)])
-    return assemble_lora(modules, par.gather_to_host(flat, "tp"), [layout_rows(par.layout, r) for r in range(par.tp)])
+    """{module name: (A, B, DoRA magnitude or None)} at full size, from every tensor-parallel rank's shard: all LoRA
+    tensors travel as one flat float32 vector in one gather and one transfer to the host, the same graph on every
+    rank."""
+    flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in lora_factors(m)])
+    rows = [layout_rows(par.layout, r) for r in range(par.tp)]
+    full = assemble_lora(modules, par.gather_to_host(flat, "tp"), rows)
+    return {
+        name: (a, b, None) if m.magnitude is None else (a, b[:, :-1].contiguous(), b[:, -1].contiguous())
+        for (name, m), (a, b) in zip(modules, full.values())
+    }
 
 
 def assemble_lora(modules, everyone, rows):
@@ -771,7 +835,7 @@ def assemble_lora(modules, everyone, rows):
     holds (Layout.rows; known on the host, so no index travels). Copies of replicated tensors (A of
     column-parallel layers, B of row-parallel ones, replicated K/V rows) must be identical on every rank that
     holds them; a difference is an error naming its size, never averaged away."""
-    tensors = [t for _, m in modules for t in (m.lora_A.weight, m.lora_B.weight)]
+    tensors = [t for _, m in modules for t in lora_factors(m)]
     tp = everyone.shape[0]
     parts = iter(x.reshape(tp, *t.shape) for x, t in zip(everyone.split([t.numel() for t in tensors], 1), tensors))
     out = {}
@@ -806,20 +870,26 @@ def check_copies(name, rank, copy, first):
 
 
 def peft_tensors(lora, sizes):
-    """Our LoRA weights under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A."""
+    """Our LoRA weights under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A; B's rows
+    and DoRA's magnitudes (one per output row) are split between them."""
     out = {}
-    for name, (a, b) in lora.items():
+    for name, (a, b, magnitude) in lora.items():
         parent, leaf = name.rsplit(".", 1)
+        rows = b if magnitude is None else torch.cat([b, magnitude[:, None]], 1)
         if leaf == "qkv_proj":
-            parts = dict(zip(("q_proj", "k_proj", "v_proj"), b.split(sizes)))
+            parts = dict(zip(("q_proj", "k_proj", "v_proj"), rows.split(sizes)))
         elif leaf == "gate_up_proj":
-            parts = dict(zip(("gate_proj", "up_proj"), b.chunk(2)))
+            parts = dict(zip(("gate_proj", "up_proj"), rows.chunk(2)))
         else:
-            parts = {leaf: b}
-        for hf_leaf, b_part in parts.items():
+            parts = {leaf: rows}
+        for hf_leaf, part in parts.items():
             prefix = f"base_model.model.{parent}.{hf_leaf}"
             out[f"{prefix}.lora_A.weight"] = a.clone().contiguous()
-            out[f"{prefix}.lora_B.weight"] = b_part.clone().contiguous()
+            if magnitude is None:
+                out[f"{prefix}.lora_B.weight"] = part.clone().contiguous()
+            else:
+                out[f"{prefix}.lora_B.weight"] = part[:, :-1].clone().contiguous()
+                out[f"{prefix}.lora_magnitude_vector"] = part[:, -1].clone().contiguous()
     return out
 
 
@@ -829,7 +899,7 @@ def export_peft_adapter(lora, arch, c, out_dir):
 
     kv = arch.kv_heads * arch.head_dim
     tensors = peft_tensors(lora, [arch.heads * arch.head_dim, kv, kv])
-    hf_targets = sorted({k.split(".")[-3] for k in tensors})
+    hf_targets = sorted({k.split(".")[-3] for k in tensors if k.endswith(".lora_A.weight")})
     peft = "model_alignment_strategy.peft."
     config = {
         "peft_type": "LORA",
@@ -840,6 +910,7 @@ def export_peft_adapter(lora, arch, c, out_dir):
         "bias": c[peft + "lora_bias"],
         "target_modules": hf_targets,
         "use_rslora": c[peft + "use_rslora"],
+        "use_dora": c[peft + "use_dora"],
         "fan_in_fan_out": False,
         "inference_mode": True,
         "base_model_name_or_path": c["model.hf_weights_dir"],
@@ -1589,15 +1660,17 @@ class DeviceAdamW(torch.optim.AdamW):
                 state["step"].copy_(torch.where(skip, state["step"], t))
 
 
-def optimizer_groups(params, c):
+def optimizer_groups(modules, c):
     """AdamW's parameter groups, each with `lr_scale`, its share of the scheduled learning rate: one group, or with
     LoRA+ (model.optim.loraplus_lr_ratio) the A matrices at the learning rate and the B matrices at ratio x it, as
     PEFT's create_loraplus_optimizer groups them (with its loraplus_weight_decay = model.optim.weight_decay).
-    `params` holds A and B of each module in that order (add_lora)."""
+    DoRA's magnitudes go with the B matrices, as PEFT puts them."""
     ratio = c["model.optim.loraplus_lr_ratio"]
+    params = [p for _, m in modules for p in lora_parameters(m)]
     if not ratio:
         return [{"params": params, "lr_scale": 1.0}]
-    return [{"params": params[0::2], "lr_scale": 1.0}, {"params": params[1::2], "lr_scale": ratio}]
+    b_side = [p for _, m in modules for p in lora_parameters(m)[1:]]
+    return [{"params": [m.lora_A.weight for _, m in modules], "lr_scale": 1.0}, {"params": b_side, "lr_scale": ratio}]
 
 
 def lr_at(step, c):
@@ -2023,7 +2096,7 @@ def open_run(run, where):
     run.start_step, run.skipped_steps and run.last_checkpoint. A new run saves its resolved config as config.yaml;
     a resumed one keeps the original and appends to resumes.jsonl the step and the keys this launch changed."""
     c, par, resume_from = run.c, run.par, where.checkpoint
-    run.optimizer = make_optimizer(run.params, c, run.device)
+    run.optimizer = make_optimizer(run.modules, c, run.device)
     if par.rank == 0:
         run.made_dirs = make_dirs(run.dir)
         if where.restart:
@@ -2846,12 +2919,12 @@ def recomputed(layer, x, cos, sin, mask, spans):
     return checkpoint(layer, x, cos, sin, mask, None, spans, use_reentrant=True)
 
 
-def make_optimizer(params, c, device):
+def make_optimizer(modules, c, device):
     """torch's AdamW on the CPU, DeviceAdamW (the same update, decided on the device) elsewhere."""
     beta1, beta2 = c["model.optim.betas"]
     kind = torch.optim.AdamW if device.type == "cpu" else DeviceAdamW
     return kind(
-        optimizer_groups(params, c),
+        optimizer_groups(modules, c),
         lr=c["model.optim.lr"],
         betas=(beta1, beta2),
         eps=c["model.optim.eps"],
@@ -3426,6 +3499,9 @@ def memory_estimate(arch, c, tp, supervised_per_row, trainium):
         widths = {"qkv_proj": h, "o_proj": ql * hd, "gate_up_proj": h, "down_proj": il}
         targets = c["model_alignment_strategy.peft.target_modules"]
         per_layer += b * s * (e + 1) * sum(widths[t] for t in targets)
+    if c["model_alignment_strategy.peft.use_dora"]:  # each adapted output kept twice more (the base and the update)
+        outputs = {"qkv_proj": (ql + 2 * kvl) * hd, "o_proj": h, "gate_up_proj": 2 * il, "down_proj": h}
+        per_layer += 2 * b * s * e * sum(outputs[t] for t in c["model_alignment_strategy.peft.target_modules"])
     if trainium:
         per_layer += b * ql * s * s * (e + 4)
     recomputed_layers = (

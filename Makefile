@@ -52,6 +52,7 @@ bench: venv
 	$(PY) bench/train_bench.py
 	$(PY) bench/train_bench.py --packing
 	$(PY) bench/train_bench.py --profile
+	$(PY) bench/train_bench.py --dora
 	$(PY) bench/train_bench.py --compile --models smollm2 --seq 256,512
 	$(PY) bench/convert_bench.py
 

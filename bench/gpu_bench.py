@@ -195,6 +195,8 @@ def main():
         peft + "lora_dropout": 0.05,
         peft + "lora_bias": "none",
         peft + "lora_verbose": False,
+        peft + "use_rslora": False,
+        peft + "use_dora": False,
         "precision.type": "autocast",
         "data.micro_batch_size": 1,
         "data.seq_length": args.seq,

@@ -15,7 +15,8 @@ Each runs in its own process, so each peak resident memory is its own. The table
 ours / faster peft variant, MFU against a large fp32 matmul timed in the same run (model FLOPs as 05 counts
 them: 4 x weights per token, the output layer at supervised positions, attention over each document's keys),
 peak RSS, and the first loss of each (computed without dropout; equal losses show the comparison is fair).
---profile prints where our step's time goes (torch.profiler, top operators); --packing compares supervised
+--profile prints where our step's time goes (torch.profiler, top operators); --dora compares ours with DoRA
+against plain LoRA (step time and peak memory); --packing compares supervised
 tokens/s of ours with packing and with one record per row (padding); --compile compares ours (block
 attention, trailing padding cut: 05's CPU default) with ours over the whole row with the masked attention, eager
 and with trainer.compile's torch.compile'd decoder layers (the first steps compile; timed steps follow them).
@@ -160,6 +161,8 @@ def ours(model_dir, rows, train, profile, variant="ours"):
         peft + "lora_dropout": 0.05,
         peft + "lora_bias": "none",
         peft + "lora_verbose": False,
+        peft + "use_rslora": False,
+        peft + "use_dora": variant == "ours-dora",
     }
     modules, params = train.add_lora(model, c, verbose=False)
     # As 05 chooses on the CPU: block attention (and trailing padding cut) eager; one static shape compiled.
@@ -362,6 +365,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="where our step's time goes (SmolLM2, seq 512)")
     ap.add_argument("--packing", action="store_true", help="ours with packing vs padding (SmolLM2, seq 512)")
     ap.add_argument("--compile", action="store_true", help="ours eager vs torch.compile'd layers (SmolLM2)")
+    ap.add_argument("--dora", action="store_true", help="ours with DoRA vs plain LoRA (SmolLM2, seq 512)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--seq-one", type=int, help=argparse.SUPPRESS)
@@ -392,6 +396,16 @@ def main():
             print(
                 f"| {label} | {args.steps * ROWS} | {got['supervised']:,} | "
                 f"{got['supervised'] / got['seconds']:,.0f} | {got['tokens'] / got['seconds']:,.0f} |"
+            )
+        return
+    if args.dora:
+        print("| ours, SmolLM2-135M, seq 512 | tokens/s | step time vs LoRA | peak RSS GiB | first loss |")
+        print("|---|---|---|---|---|")
+        results = {v: run_child(v, dirs["smollm2"], 512, args) for v in ("ours", "ours-dora")}
+        for v, r in results.items():
+            print(
+                f"| {'DoRA' if v == 'ours-dora' else 'LoRA'} | {r['tokens'] / r['seconds']:,.0f} | "
+                f"{r['seconds'] / results['ours']['seconds']:.2f}x | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |"
             )
         return
     if args.compile:

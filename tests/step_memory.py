@@ -34,8 +34,8 @@ def main():
     mb = windows.batch(rows)
     torch.manual_seed(0)
     baseline = resident("VmRSS")
-    model, _, params = train.build_model(c, arch, device, train.Parallel(train.layout_of(c, arch), device))
-    optimizer = train.make_optimizer(params, c, device)
+    model, modules, params = train.build_model(c, arch, device, train.Parallel(train.layout_of(c, arch), device))
+    optimizer = train.make_optimizer(modules, c, device)
     train.loss_sum(model, mb, device, autocast=False).backward()
     optimizer.step()
     print(

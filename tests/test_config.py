@@ -113,6 +113,7 @@ def test_config_yaml_has_the_tutorial_settings_and_one_sequence_length():
         "lora_dropout": 0.05,
         "lora_bias": "none",
         "use_rslora": False,  # the tutorial's plain LoRA
+        "use_dora": False,
         "lora_verbose": True,
         "target_modules": ["qkv_proj"],
     }

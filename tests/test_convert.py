@@ -200,30 +200,37 @@ def test_replicated_kv_copies_that_disagree_are_caught(tmp_path, hf_dir):
     assert proc.returncode == 1 and "replicated KV head 0" in proc.stderr
 
 
-def peft_adapter(hf_dir, out, targets):
-    """A PEFT adapter for the model in hf_dir with random (non-zero) B, saved the way PEFT saves it."""
+def peft_adapter(hf_dir, out, targets, **variant):
+    """A PEFT adapter for the model in hf_dir with random (non-zero) B (and DoRA magnitudes moved off their start),
+    saved the way PEFT saves it."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(3)
     model = get_peft_model(
         LlamaForCausalLM.from_pretrained(str(hf_dir)),
-        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, **variant),
     )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(str(out))
     return out
 
 
-def test_merged_model_gives_base_plus_adapter_logits(tmp_path, hf_dir):
+@pytest.mark.parametrize("variant", [{}, {"use_rslora": True}, {"use_dora": True}], ids=["lora", "rslora", "dora"])
+def test_merged_model_gives_base_plus_adapter_logits(tmp_path, hf_dir, variant):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     adapter = peft_adapter(
-        hf_dir, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        hf_dir,
+        tmp_path / "adapter",
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        **variant,
     )
     overlay = settings(tmp_path, 4, 2, 2)
     run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(overlay)])

@@ -28,11 +28,11 @@ def converted(tmp_path_factory, tokenizer_dir):
     return work, hf
 
 
-def lora_settings(train, work, targets, bias="none"):
+def lora_settings(train, work, targets, bias="none", *overrides):
     cfg = train.resolve(
         train.load_config(
             ["config.yaml", str(work / "overlay.yaml")],
-            [f"{PEFT}target_modules=[{','.join(targets)}]", f"{PEFT}lora_bias={bias}"],
+            [f"{PEFT}target_modules=[{','.join(targets)}]", f"{PEFT}lora_bias={bias}", *overrides],
         ),
         train.SCHEMA,
     )
@@ -40,7 +40,8 @@ def lora_settings(train, work, targets, bias="none"):
 
 
 def trained_looking_model(train, work, c):
-    """Our model with LoRA added and B randomized, as if trained (B = 0 would hide export mistakes)."""
+    """Our model with LoRA added and B (and DoRA's magnitudes) randomized, as if trained (B = 0 would hide export
+    mistakes)."""
     model = train.Llama(train.read_model_config(c["model.model_config"]))
     train.load_base_weights(model, c["exp_manager.resume_from_checkpoint"], False)
     torch.manual_seed(5)
@@ -49,6 +50,8 @@ def trained_looking_model(train, work, c):
         for _, m in train.lora_modules(model, train.LORA_TARGETS):
             if m.lora_B is not None:
                 m.lora_B.weight.normal_(0, 0.05)
+            if m.magnitude is not None:
+                m.magnitude.mul_(1 + 0.1 * torch.randn_like(m.magnitude))
     return model.eval()
 
 
@@ -58,15 +61,16 @@ def export(train, model, c, path):
     return train.export_peft_adapter(train.gather_lora(modules, model.par, model.arch), model.arch, c, path)
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
 @pytest.mark.parametrize("targets", TARGETS, ids=lambda t: "+".join(t))
-def test_exported_adapter_loads_in_peft_with_the_same_logits(converted, train_mod, targets):
+def test_exported_adapter_loads_in_peft_with_the_same_logits(converted, train_mod, targets, variant):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     work, _ = converted
-    c = lora_settings(train_mod, work, targets)
+    c = lora_settings(train_mod, work, targets, "none", f"{PEFT}use_dora={variant == 'dora'}")
     model = trained_looking_model(train_mod, work, c)
-    adapter = export(train_mod, model, c, work / f"adapter-{'-'.join(targets)}")
+    adapter = export(train_mod, model, c, work / f"adapter-{variant}-{'-'.join(targets)}")
     ids = torch.randint(0, 300, (2, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.logits(model(ids, torch.arange(50).expand(2, 50), train_mod.document_mask(torch.ones_like(ids))))
@@ -202,6 +206,35 @@ def test_an_adapter_trained_with_rslora_gives_in_peft_the_val_loss_05_reports(pi
     )
     adapter = work / "rslora" / "final" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["use_rslora"] is True
+    first, last = metrics[0]["val_loss"], metrics[-1]["val_loss"]
+    assert abs(last - first) > 1e-3, "the adapter must change the loss for this test to mean anything"
+    theirs = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24), adapter=adapter)
+    assert last == pytest.approx(theirs, rel=1e-4)
+
+
+def test_dora_starts_as_the_base_layer_with_each_row_s_norm_as_its_magnitude(train_mod):
+    torch.manual_seed(0)
+    layer = train_mod.LoRALinear((6, 8), torch.float32)
+    torch.nn.init.normal_(layer.weight)
+    layer.init_lora(rank=4, alpha=8.0, dropout=0.0, dora=True)
+    assert torch.allclose(layer.magnitude, layer.weight.norm(dim=1))
+    x = torch.randn(3, 8)
+    assert torch.allclose(layer(x), x @ layer.weight.T, atol=1e-6)
+
+
+def test_an_adapter_trained_with_dora_gives_in_peft_the_val_loss_05_reports(pipeline):
+    work, overlay = pipeline
+    metrics = train(
+        work,
+        overlay,
+        "dora",
+        f"{PEFT}use_dora=true",
+        f"{PEFT}target_modules=[qkv_proj,o_proj,gate_up_proj,down_proj]",
+        "trainer.max_steps=3",
+        "evaluation.generate.num_prompts=0",
+    )
+    adapter = work / "dora" / "final" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
     first, last = metrics[0]["val_loss"], metrics[-1]["val_loss"]
     assert abs(last - first) > 1e-3, "the adapter must change the loss for this test to mean anything"
     theirs = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24), adapter=adapter)

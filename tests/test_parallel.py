@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, load_stage, run_stage, train
+from conftest import ROOT, head, hf_masked_loss, load_stage, run_stage, train
 from safetensors.torch import load_file
 
 # Dropout off (its masks depend on how tensors are split). A small learning rate: near a zero gradient AdamW's
@@ -136,6 +136,38 @@ def test_parallel_run_equals_the_single_process_run(shards, reference, launch):
     for name, tensor in want_adapter.items():
         assert torch.allclose(got_adapter[name], tensor, atol=1e-5, rtol=0), name
     assert any(t.abs().max() > 1e-3 for n, t in want_adapter.items() if "lora_B" in n), "B must have trained"
+
+
+@pytest.fixture(scope="module")
+def dora_reference(shards):
+    work, overlay = shards
+    return run_metrics(train(work, overlay, "single-dora", *EXACT, DORA)), adapter(work / "single-dora")
+
+
+DORA = "model_alignment_strategy.peft.use_dora=true"
+
+
+@pytest.mark.parametrize("launch", ["tp2", "tp4-kv2", "tp2-activation-checkpointing"])
+def test_dora_under_tensor_parallelism_equals_the_single_process_run_and_loads_in_peft(shards, dora_reference, launch):
+    """A row-parallel layer's weight norm spans its ranks, and copies of a KV head sum their magnitude gradients:
+    the numbers and the adapter are the single process's, and peft computes the val_loss 05 reports with it."""
+    work, overlay = shards
+    nproc, overrides, ckpt = LAUNCHES[launch]
+    name = f"dora-{launch}"
+    torchrun(work, overlay, name, nproc, *EXACT, DORA, *overrides, f"exp_manager.resume_from_checkpoint={work / ckpt}")
+    want, want_adapter = dora_reference
+    got = read_metrics(work / name)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    got_adapter = adapter(work / name)
+    assert got_adapter.keys() == want_adapter.keys()
+    assert any("lora_magnitude_vector" in n for n in got_adapter)
+    for tensor_name, tensor in want_adapter.items():
+        assert torch.allclose(got_adapter[tensor_name], tensor, atol=1e-5, rtol=0), tensor_name
+    theirs = hf_masked_loss(
+        work, head(work / "data" / "validation.jsonl", 24), adapter=work / name / "final" / "adapter"
+    )
+    assert got["val"][-1] == pytest.approx(theirs, rel=1e-4)
 
 
 def test_activation_checkpointing_leaves_single_process_numbers_unchanged(shards, reference):

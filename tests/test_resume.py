@@ -135,14 +135,16 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_exactly_the_uninterrupted_lo
 
 
 VARIANTS = [
+    "model_alignment_strategy.peft.use_dora=true",
     "model_alignment_strategy.peft.use_rslora=true",
     "model.optim.loraplus_lr_ratio=4",
     "model_alignment_strategy.sft.neftune_noise_alpha=5",
 ]
 
 
-def test_a_run_with_rslora_loraplus_and_neftune_resumes_exactly(references):
-    """The noise NEFTune draws and the learning rates of LoRA+'s two groups are part of the resumed state."""
+def test_a_run_with_dora_rslora_loraplus_and_neftune_resumes_exactly(references):
+    """DoRA's magnitudes, the noise NEFTune draws and the learning rates of LoRA+'s two groups are part of the
+    resumed state."""
     work, overlay = references
     run_to_end(work, overlay, "ref-variants", 1, *VARIANTS)
     proc = start(work, overlay, "killed-variants", 1, *VARIANTS)

@@ -50,10 +50,10 @@ def autocast_setup(train_mod, work, overlay, precision):
     arch = train_mod.read_model_config(c["model.model_config"])
     device = torch.device("cpu")
     torch.manual_seed(0)
-    model, _, params = train_mod.build_model(c, arch, device, train_mod.Parallel(train_mod.Layout(arch), device))
+    model, modules, params = train_mod.build_model(c, arch, device, train_mod.Parallel(train_mod.Layout(arch), device))
     tok = AutoTokenizer.from_pretrained(c["data.tokenizer.type"])
     windows = train_mod.load_split(c["data.train_dir"], tok, c, "train", None)
-    return model, params, train_mod.make_optimizer(params, c, device), windows.batch([0, 1])
+    return model, params, train_mod.make_optimizer(modules, c, device), windows.batch([0, 1])
 
 
 def test_autocast_trains_lora_in_fp32_over_a_bf16_base(train_mod, pipeline):
@@ -235,7 +235,7 @@ def test_loraplus_steps_like_peft_s_loraplus_optimizer_on_the_same_gradients(tra
     )
     model = train_mod.Llama(train_mod.read_model_config(c["model.model_config"]))
     torch.manual_seed(0)
-    _, params = train_mod.add_lora(model, c, verbose=False)
+    modules, params = train_mod.add_lora(model, c, verbose=False)
     start = [p.detach().clone() for p in params]
     grads = [torch.randn_like(p) for p in params]
     opt = dict(lr=1e-2, betas=tuple(c["model.optim.betas"]), eps=c["model.optim.eps"])
@@ -253,12 +253,12 @@ def test_loraplus_steps_like_peft_s_loraplus_optimizer_on_the_same_gradients(tra
         return [p.detach().clone() for p in params]
 
     expected = stepped(theirs.step)
-    ours = train_mod.make_optimizer(params, c, torch.device("cpu"))
+    ours = train_mod.make_optimizer(modules, c, torch.device("cpu"))
     run = SimpleNamespace(c=dict(c, **{"trainer.gradient_clip_val": None}), params=params, optimizer=ours)
     got = stepped(lambda: train_mod.apply_update(run, 1e-2, None, torch.tensor(False)))
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     device_side = train_mod.DeviceAdamW(
-        train_mod.optimizer_groups(params, c), weight_decay=c["model.optim.weight_decay"], **opt
+        train_mod.optimizer_groups(modules, c), weight_decay=c["model.optim.weight_decay"], **opt
     )
     got = stepped(lambda: device_side.step(torch.tensor(1e-2), skip=torch.tensor(False)))
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, expected))

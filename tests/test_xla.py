@@ -363,15 +363,16 @@ def test_a_non_finite_step_stops_the_run_at_the_next_read_naming_its_step(pipeli
     assert not steps(records), "the read at step 3 stops the run before anything is logged"
 
 
-def test_rslora_loraplus_and_neftune_on_xla_hold_no_float64_and_compile_nothing_after_step_2(pipeline, tmp_path):
-    """LoRA+'s second learning rate and NEFTune's noise (drawn in each step's graph) add no graph after the second
-    step and no float64."""
+def test_dora_rslora_loraplus_and_neftune_on_xla_hold_no_float64_and_compile_nothing_after_step_2(pipeline, tmp_path):
+    """DoRA's weight norms, LoRA+'s second learning rate and NEFTune's noise (drawn in each step's graph) add no graph
+    after the second step and no float64."""
     work, overlay = pipeline
     proc, records = run(
         work,
         overlay,
         "xla-variants",
         "trainer.accelerator=xla",
+        "model_alignment_strategy.peft.use_dora=true",
         "model_alignment_strategy.peft.use_rslora=true",
         "model.optim.loraplus_lr_ratio=4",
         "model_alignment_strategy.sft.neftune_noise_alpha=5",
