@@ -16,7 +16,7 @@ ours / faster peft variant, MFU against a large fp32 matmul timed in the same ru
 them: 4 x weights per token, the output layer at supervised positions, attention over each document's keys),
 peak RSS, and the first loss of each (computed without dropout; equal losses show the comparison is fair).
 --profile prints where our step's time goes (torch.profiler, top operators); --dora compares ours with DoRA
-against plain LoRA (step time and peak memory); --packing compares supervised
+against plain LoRA, and peft's DoRA against its LoRA (step time and peak memory); --packing compares supervised
 tokens/s of ours with packing and with one record per row (padding); --compile compares ours (block
 attention, trailing padding cut: 05's CPU default) with ours over the whole row with the masked attention, eager
 and with trainer.compile's torch.compile'd decoder layers (the first steps compile; timed steps follow them).
@@ -198,15 +198,16 @@ def ours(model_dir, rows, train, profile, variant="ours"):
     return first, step, None
 
 
-def peft_model(model_dir):
+def peft_model(model_dir, dora=False):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(str(model_dir / "hf"), dtype=torch.float32, attn_implementation="sdpa")
-    return get_peft_model(
-        base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS_PEFT, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS_PEFT, task_type="CAUSAL_LM", use_dora=dora
     )
+    return get_peft_model(base, config)
 
 
 def first_peft_loss(model, rows, train):
@@ -219,10 +220,10 @@ def first_peft_loss(model, rows, train):
     return first
 
 
-def peft_loop(model_dir, rows, train):
+def peft_loop(model_dir, rows, train, dora=False):
     import torch
 
-    model = peft_model(model_dir)
+    model = peft_model(model_dir, dora)
     first = first_peft_loss(model, rows, train)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-6, weight_decay=0.01)
@@ -306,7 +307,7 @@ def child(args):
                 print(json.dumps(out))
                 return
         else:
-            first, step = peft_loop(model_dir, rows, train)
+            first, step = peft_loop(model_dir, rows, train, dora=args.variant == "peft-dora")
         out["first_loss"] = first
         for mb in rows[: args.warmup]:
             step(mb)
@@ -399,13 +400,15 @@ def main():
             )
         return
     if args.dora:
-        print("| ours, SmolLM2-135M, seq 512 | tokens/s | step time vs LoRA | peak RSS GiB | first loss |")
+        print("| SmolLM2-135M, seq 512 | tokens/s | step time vs ours LoRA | peak RSS GiB | first loss |")
         print("|---|---|---|---|---|")
-        results = {v: run_child(v, dirs["smollm2"], 512, args) for v in ("ours", "ours-dora")}
+        names = {"ours": "ours, LoRA", "ours-dora": "ours, DoRA", "peft": "peft, LoRA", "peft-dora": "peft, DoRA"}
+        results = {v: run_child(v, dirs["smollm2"], 512, args) for v in names}
         for v, r in results.items():
             print(
-                f"| {'DoRA' if v == 'ours-dora' else 'LoRA'} | {r['tokens'] / r['seconds']:,.0f} | "
-                f"{r['seconds'] / results['ours']['seconds']:.2f}x | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |"
+                f"| {names[v]} | {r['tokens'] / r['seconds']:,.0f} | "
+                f"{r['seconds'] / results['ours']['seconds']:.2f}x | {r['peak_rss_gib']:.2f} | {r['first_loss']:.5f} |",
+                flush=True,
             )
         return
     if args.compile:
