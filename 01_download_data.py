@@ -365,6 +365,15 @@ def local_path(uri):
     return Path(os.path.expanduser(uri[len("file://") :] if uri.startswith("file://") else uri))
 
 
+# Names the download directory as this stage's: only a directory holding it is written into (check_output).
+DOWNLOAD_MARKER = f".downloads-of-{STAGE}"
+
+
+def download_dir(dest):
+    """Where a split's remote objects are downloaded (and resumed) before its output is written."""
+    return dest.parent / f".{dest.name}.download"
+
+
 def fetch(uri, c, workdir):
     """Bring the source into workdir: [(label for messages, local file or dataset)] and what identifies each
     object. Local files and directories, and hf://datasets/... (through `datasets` and its cache), are read where
@@ -379,6 +388,7 @@ def fetch(uri, c, workdir):
             raise StageError(f"{uri}: local file not found")
         return [(uri, src)], [{"path": str(src)}]
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DOWNLOAD_MARKER).touch()  # before any download: the directory is recognisably this stage's
     if uri.startswith("s3://"):
         return fetch_s3(uri, c, workdir)
     return fetch_http(uri, workdir / (Path(urllib.parse.urlparse(uri).path).name or "download"))
@@ -452,6 +462,10 @@ def check_output(uri, dest, key):
         refuse_foreign(dest, key, f"no {manifest_of(dest).name} beside it")
     if manifest_of(dest).exists() and not written_here(dest):
         refuse_foreign(manifest_of(dest), key, "not a manifest of this stage")
+    work = download_dir(dest)
+    remote = uri.startswith(("s3://", "https://", "http://"))
+    if remote and work.exists() and any(work.iterdir()) and not (work / DOWNLOAD_MARKER).is_file():
+        refuse_foreign(work, key, "its download directory is named so, but holds no download of this stage")
     check_writable(dest, key)
 
 
@@ -508,7 +522,7 @@ def download_split(uri, dest, c):
     if up_to_date(uri, dest, identity, c):
         print(f"{dest}: up to date with {uri} (verified by checksum); nothing to do")
         return
-    files, objects = fetch(uri, c, dest.parent / f".{dest.name}.download")
+    files, objects = fetch(uri, c, download_dir(dest))
     records, rejected, counts = [], [], {"formats": {}, "rejected": {}}
     for (label, path), obj in zip(files, objects):
         obj["sha256"] = data_sha256(path) if Path(path).exists() else None

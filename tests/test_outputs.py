@@ -102,6 +102,25 @@ def test_01_into_a_new_directory_tree_creates_it_only_when_it_succeeds(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "o.yaml"]
 
 
+def test_01_never_downloads_into_a_directory_it_did_not_make(tmp_path):
+    """Partial downloads live in .<output name>.download/, which 01 marks as its own; a directory of that name
+    that is not 01's is refused before anything is fetched (the address below is never contacted)."""
+    theirs = tmp_path / ".train.jsonl.download"
+    theirs.mkdir()
+    (theirs / "data.jsonl").write_text("mine\n")
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "data.download.train_uri": "https://127.0.0.1:9/data.jsonl",
+            "data.download.val_uri": None,
+            "data.train_dir": str(tmp_path / "train.jsonl"),
+        },
+    )
+    proc = stage("01_download_data.py", overlay, check=False)
+    assert proc.returncode == 1 and f"{theirs} exists and was not written by 01_download_data.py" in proc.stderr
+    assert [p.name for p in theirs.iterdir()] == ["data.jsonl"] and (theirs / "data.jsonl").read_text() == "mine\n"
+
+
 def test_03_to_hf_replaces_its_own_export_with_overwrite_only(pipeline):
     work, overlay = pipeline
     stage("03_convert_checkpoint.py", overlay, "--to-hf", str(work / "export"))
