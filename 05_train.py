@@ -56,7 +56,7 @@ Features, their keys, and the functions that implement them
   non-finite steps: stop or skip         trainer.nonfinite                         LogInterval, DeviceAdamW
   evaluation, baseline only              trainer.val_check_interval, max_steps=0   evaluate, run_evaluation
   greedy generation, exact match         evaluation.generate.* (not on XLA)        generate, generation_eval
-  precision fp32 | autocast (bf16)       precision.type                            build_model, loss_sum
+  precision fp32 | autocast (bf16)       precision.type                            new_model, loss_sum
   device auto|neuron|cuda|xla|cpu        trainer.accelerator, xla.neuron.*         pick_device (devices section)
   compiled decoder layers                trainer.compile                           compile_layers
   attention for packed rows              model.attention                           attention_mode, attention_spans
@@ -64,6 +64,8 @@ Features, their keys, and the functions that implement them
   run checkpoints, resume, SIGTERM       exp_manager.*                             write_run_checkpoint, resume_point
   inspect the label mask                 --inspect-data N                          inspect_data
   pre-flight checks + memory plan        --dry-run                                 dry_run, memory_estimate
+  smoke run: the device path, tiny model --smoke [overrides]                       smoke, smoke_run, smoke_checks
+  device self-check before weights load  (every launch)                            self_check, fallback_ops
   config check only (keys, ranges)       --check-config                            resolve, check_settings
   Neuron launch variables                --neuron-env                              neuron_environment
   Models: Llama 3 / 3.1, and Mistral without a sliding window below data.seq_length (the same model).
@@ -80,11 +82,15 @@ Commands
                   distributed_strategy.kv_replicator=1 distributed_strategy.hw_backend=trn2 \
                   model.activations_checkpoint=true             (trn2.48xlarge, TorchNeuron; convert with TP 4)
   Plan first: python 05_train.py --config config.yaml --dry-run
+  New device: python 05_train.py --smoke trainer.accelerator=xla precision.type=autocast   (no config file needed;
+              torchrun --nproc_per_node 32 05_train.py --smoke ... checks the collectives too; minutes, exit 1 on a
+              failed check)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -97,6 +103,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -439,9 +446,11 @@ class LoRALinear(nn.Module):
         dropped = self.dropout(x)
         a = self.lora_A(dropped)
         a = self.par.exit_tp_region(a) if row else a if self.par is None else self.par.enter_tp_region(a)
-        scale = (self.magnitude / self.dora_norm()).to(y.dtype)
-        update = (F.linear(a, self.lora_B.weight) * self.scaling).to(y.dtype)
-        return y + (scale - 1) * (y if dropped is x else base(dropped)) + scale * update
+        # m / ||W'|| stays fp32 until the sum is cast back, as in PEFT: in bf16 a magnitude change under 0.4% of a row
+        # would round away
+        scale = self.magnitude / self.dora_norm()
+        update = F.linear(a, self.lora_B.weight)
+        return (y + ((scale - 1) * (y if dropped is x else base(dropped)) + scale * update * self.scaling)).to(y.dtype)
 
     def dropout(self, x):
         """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
@@ -567,13 +576,14 @@ class Llama(nn.Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids, position_ids, mask, caches=None, spans=None):
+    def forward(self, input_ids, position_ids, mask, caches=None, spans=None, lengths=None):
         """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend), or None
         for plain causal attention (model.attention=causal);
-        `spans` (optional, see attention_spans) limits each block of queries to the keys it can see."""
+        `spans` (optional, see attention_spans) limits each block of queries to the keys it can see; `lengths` [b]:
+        each row's real (unpadded) positions, which scale NEFTune's noise."""
         x = self.model.embed_tokens(input_ids)
         if self.neftune_alpha and self.training:
-            x = neftune(x, self.neftune_alpha)
+            x = neftune(x, self.neftune_alpha, lengths)
         freqs = position_ids[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -595,11 +605,15 @@ class Llama(nn.Module):
         return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
 
 
-def neftune(x, alpha):
-    """NEFTune: the input embeddings x [b, L, d] plus uniform noise in [-m, m], m = alpha / sqrt(L x d), as
-    transformers' NEFTune hook adds it (training only: the model applies it in train mode). Drawn from the device
-    generator, which the tensor-parallel ranks of a replica share, so they add the same noise."""
-    magnitude = alpha / math.sqrt(x.shape[1] * x.shape[2])
+def neftune(x, alpha, lengths=None):
+    """NEFTune: the input embeddings x [b, s, d] plus uniform noise in [-m, m], m = alpha / sqrt(L x d) with L a row's
+    real positions (`lengths`, or all s), as transformers' NEFTune hook adds it to that row unpadded (training only:
+    the model applies it in train mode). L never counts padding, so the noise is the same whether a device trims it
+    (CPU, CUDA) or keeps every row at seq_length (Trainium). Drawn from the device generator, which the
+    tensor-parallel ranks of a replica share, so they add the same noise."""
+    if lengths is None:
+        lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+    magnitude = alpha / (lengths.float() * x.shape[2]).sqrt()[:, None, None]
     return x + ((torch.rand_like(x, dtype=torch.float32) * 2 - 1) * magnitude).to(x.dtype)
 
 
@@ -1493,8 +1507,9 @@ def loss_sum(model, mb, device, autocast):
     targets = targets.to(device)
     spans = attention_spans(mb["segment_ids"], max(64, ids.shape[1] // 8)) if model.attention == "blocks" else None
     mask = None if model.attention == "causal" else document_mask(seg)
+    lengths = (seg > 0).sum(1) if model.neftune_alpha else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = model(ids, pos, mask, spans=spans).flatten(0, 1)
+        hidden = model(ids, pos, mask, spans=spans, lengths=lengths).flatten(0, 1)
         logits = model.logits(hidden if index is None else hidden[index]).float()
     if model.par.tp == 1:
         return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
@@ -2014,6 +2029,12 @@ def parse_args(argv):
         '(for the launch: eval "$(python 05_train.py ... --neuron-env)"), then exit',
     )
     ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="run the device path on a tiny random model against the CPU in fp32 and print the checks (no config file "
+        "needed; overrides such as trainer.accelerator=xla precision.type=autocast apply), then exit: 1 if any fails",
+    )
+    ap.add_argument(
         "--check-config",
         action="store_true",
         help="check the config's keys, types, ranges and cross-key rules (no files read), then exit",
@@ -2042,40 +2063,52 @@ def prepare_settings(c, args):
 
 def open_device(c, arch):
     """The device and the process group, before anything else: on Neuron the group must precede any device
-    tensor, and a missing backend then fails before any output is written."""
+    tensor, and a missing backend then fails before any output is written; then the device's self-check."""
     device = pick_device(c)
-    return device, Parallel(layout_of(c, arch), device)
+    par = Parallel(layout_of(c, arch), device)
+    self_check(device, par)
+    return device, par
 
 
 def build_model(c, arch, device, par):
-    """The rank's shard of the base model from the converted checkpoint, with LoRA added, dropout seeded, the
-    attention chosen and, with trainer.compile, the layers compiled. Returns (model, LoRA modules, params)."""
-    autocast = c["precision.type"] == "autocast"
-    base_dtype = torch.bfloat16 if autocast else torch.float32
-    recomputed_layers = (
-        (arch.layers if c["model.activations_checkpoint_layers"] is None else c["model.activations_checkpoint_layers"])
-        if c["model.activations_checkpoint"]
-        else 0
-    )
-    with torch.device(device):
-        model = Llama(arch, base_dtype, par, recompute_layers=recomputed_layers)
-    tp = par.tp
+    """The rank's shard of the base model from the converted checkpoint, made ready to train (adapt_model).
+    Returns (model, LoRA modules, params)."""
+    model = new_model(c, arch, device, par)
     shard_path, _ = load_base_weights(
         model,
         c["exp_manager.resume_from_checkpoint"],
         c["model.fuse_qkv"],
         {
-            "tensor_model_parallel_size": tp,
+            "tensor_model_parallel_size": par.tp,
             "kv_replicator": c["distributed_strategy.kv_replicator"],
             "hw_backend": c["distributed_strategy.hw_backend"],
         },
     )
     sync_device(device)  # on XLA: the copies into the fused q/k/v slices run now, not inside a later graph
     print(
-        f"loaded {shard_path.parent} ({tp} tensor-parallel shard(s), {base_dtype}) on {device}; {par.world} "
-        f"process(es): TP {tp} x DP {par.dp}"
-        + (f"; activation checkpointing on {recomputed_layers} layer(s)" if recomputed_layers else "")
+        f"loaded {shard_path.parent} ({par.tp} tensor-parallel shard(s), {model.model.norm.weight.dtype}) on "
+        f"{device}; {par.world} process(es): TP {par.tp} x DP {par.dp}"
+        + (f"; activation checkpointing on {model.recompute_layers} layer(s)" if model.recompute_layers else "")
     )
+    return adapt_model(model, c, device, par)
+
+
+def new_model(c, arch, device, par):
+    """The rank's shard of the base model, its weights not yet filled: bf16 under autocast, else fp32; the layers
+    that model.activations_checkpoint asks for recompute their activations in the backward pass."""
+    recomputed_layers = (
+        (arch.layers if c["model.activations_checkpoint_layers"] is None else c["model.activations_checkpoint_layers"])
+        if c["model.activations_checkpoint"]
+        else 0
+    )
+    dtype = torch.bfloat16 if c["precision.type"] == "autocast" else torch.float32
+    with torch.device(device):
+        return Llama(arch, dtype, par, recompute_layers=recomputed_layers)
+
+
+def adapt_model(model, c, device, par):
+    """A loaded base model made ready to train: LoRA added, dropout seeded, the attention chosen, NEFTune set and,
+    with trainer.compile, the layers compiled. Returns (model, LoRA modules, params)."""
     modules, params = add_lora(model, c)
     seed_dropout(c["seed"], par, device)
     model.attention = attention_mode(c, device)
@@ -2088,6 +2121,7 @@ def build_model(c, arch, device, par):
         + ("; decoder layers compiled with torch.compile" if c["trainer.compile"] else "")
     )
     model.train()
+    sync_device(device)  # on XLA: LoRA's tensors made now, so that a resumed run's first graph is a fresh run's too
     return model, modules, params
 
 
@@ -2239,7 +2273,7 @@ def finish(run, args, interval):
     fallbacks = cpu_fallback_ops(run.device)
     if fallbacks:
         print(
-            f"warning: torch-xla ran these operations on the CPU (slow on Trainium): {', '.join(fallbacks)}",
+            f"warning: {run.device.type} ran these operations on the CPU (slow on Trainium): {', '.join(fallbacks)}",
             file=sys.stderr,
         )
     print(f"adapter (PEFT format): {adapter}")
@@ -2253,6 +2287,8 @@ def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
         sys.stdout = open(os.devnull, "w")
+    if args.smoke:
+        return smoke(args)
     paths = args.config or ["config.yaml"]
     c = resolve(load_config(paths, args.overrides), SCHEMA)
     if args.neuron_env:
@@ -2687,8 +2723,11 @@ def neuron_environment(c):
     flat gradient itself, so it would do nothing)."""
     n = "xla.neuron."
     flags = c[n + "compiler_flags"]
-    if c["precision.type"] == "autocast":  # bf16 comes from autocast, so the compiler must not cast on its own
-        flags += " --enable-mixed-precision-accumulation --auto-cast none"
+    # The compiler casts fp32 matrix products to bf16 unless told not to: --auto-cast none keeps fp32 fp32, and with
+    # autocast leaves bf16 to autocast (accumulating in fp32)
+    if c["precision.type"] == "autocast":
+        flags += " --enable-mixed-precision-accumulation"
+    flags += " --auto-cast none"
     inherited = os.environ.get("NEURON_CC_FLAGS", "")
     env = {
         "NEURON_CC_FLAGS": inherited if flags in inherited else f"{inherited} {flags}".strip(),
@@ -2815,6 +2854,106 @@ def start_process_group(device):
         else:
             dist.init_process_group(dist.get_default_backend_for_device(device))
     return xla
+
+
+# The aten operators of a training step that a device must run with kernels of its own, each as the chain of calls
+# that reaches it ("mm>mm.out": mm's device-generic kernel calls mm.out, which a device must have unless it has a
+# kernel for mm itself); allocation, strided views and reading a value to the host, without which nothing runs at
+# all, are left out. tests/test_accelerator.py traces a real step (TP 1 and 2, fp32 and autocast, every feature,
+# attention through SDPA's math path, which every device can take) and fails when this list is stale.
+STEP_OPS = """
+_log_softmax>_log_softmax.out _log_softmax_backward_data>_log_softmax_backward_data.out
+_safe_softmax>all.dim>all.out _safe_softmax>isneginf>isneginf.out _safe_softmax>where.self_out
+_softmax_backward_data>_softmax_backward_data.out add.Tensor>add.out add_.Tensor>add.out any>any.all_out
+bitwise_and.Tensor>bitwise_and.Tensor_out bitwise_not>bitwise_not.out bitwise_or.Tensor>bitwise_or.Tensor_out
+bmm>bmm.out cat>cat.out clamp>clamp.out cos>cos.out div.Scalar>div.Tensor>div.out div.Tensor>div.out
+div_.Tensor>div.out embedding>index_select embedding>view eq.Scalar>eq.Scalar_out eq.Tensor>eq.Tensor_out
+exp>exp.out gather>gather.out ge.Scalar>ge.Scalar_out ge.Tensor>ge.Tensor_out gt.Scalar>gt.Scalar_out
+lerp.Scalar>lerp.Scalar_out log>log.out lt.Scalar>lt.Scalar_out masked_fill.Scalar>masked_fill_.Scalar
+max.dim>max.dim_max mean.dim>mean.out mm>mm.out mul.Scalar>mul.Tensor>mul.out mul.Tensor>mul.out mul_.Tensor>mul.out
+ne.Scalar>ne.Scalar_out ne.Tensor>ne.Tensor_out neg>neg.out nll_loss_backward>nll_loss_backward.grad_input
+nll_loss_forward>nll_loss_forward.output ones>fill_.Scalar ones_like>fill_.Scalar pow.Scalar>pow.Scalar_out
+pow.Tensor_Scalar>pow.Tensor_Scalar_out rand>uniform_ rand_like>uniform_ reciprocal>reciprocal.out rsqrt>rsqrt.out
+rsub.Scalar>sub.Tensor>sub.out scatter_add_>scatter_add.out silu>silu.out silu_backward>silu_backward.grad_input
+sin>sin.out sqrt>sqrt.out stack>cat>cat.out stack>view sub.Tensor>sub.out sum.dim_IntList>sum.IntList_out
+sum>sum.dim_IntList>sum.IntList_out tril>tril.out view where.self zeros>zero_ zeros_like>zero_
+""".split()
+
+
+def self_check(device, par):
+    """Before any weights load: what the run needs of the device and its software, each probed once, so that a
+    missing piece fails in seconds naming itself rather than after a compile or at step 10: a kernel of the device's
+    own for every operator of the step (none left to the backend's CPU fallback), the RNG states that checkpoints
+    save and restore, the memory statistics of the metrics, a pinned non_blocking copy (the prefetching loader's),
+    and a 1-element all-reduce and all-gather over every rank. (The CPU has every kernel and nothing to pin.)"""
+    key = "PrivateUse1" if device.type == torch._C._get_privateuse1_backend_name() else device.type.upper()
+    missing = [] if device.type == "cpu" else fallback_ops(key)
+    if missing and len(missing) == len(STEP_OPS):  # a backend that registers no kernels per operator: untellable
+        print(f"self-check: {device.type} registers no kernel per operator; its CPU fallbacks are reported as they run")
+        missing = []
+    ranks = torch.arange(1.0, par.world + 1)
+    probes = {
+        f"operators of the step without a {key} kernel (they would run on the CPU)": lambda: ", ".join(missing),
+        "RNG state get/set": lambda: set_rng_states(rng_states(device), device),
+        "memory statistics": lambda: peak_memory_gib(device) and None,
+        "pinned non_blocking copy": lambda: pinned_copy_problem(device),
+        "all_reduce and all_gather over every rank": lambda: collectives_problem(par, device, ranks),
+    }
+    for what, probe in probes.items():
+        try:
+            problem = probe()
+        except Exception as e:
+            problem = f"{type(e).__name__}: {e}".splitlines()[0]
+        if problem:
+            raise StageError(f"device self-check on {device}: {what}: {problem}; found {sdk_versions()}")
+
+
+def fallback_ops(key, ops=STEP_OPS):
+    """The operators among `ops` that dispatch key `key` would run through its backend fallback (on the CPU) or not
+    at all. An entry "A>B" is an operator B that the device-generic kernel of A calls: needed only where no operator
+    before it in the chain has a kernel of the device's own."""
+
+    def kernel(name):  # how the dispatcher runs `name` for the key, as its dispatch table says
+        for line in torch._C._dispatch_dump_table(name).splitlines():
+            if line.startswith(f"{key}:"):
+                return line.rsplit("[", 1)[-1].rstrip("]")
+        return None
+
+    missing = []
+    for entry in ops:
+        *callers, name = (f"aten::{op}" for op in entry.split(">"))
+        if not any(kernel(caller) == "kernel" for caller in callers) and kernel(name) in (None, "backend fallback"):
+            missing.append(entry)
+    return missing
+
+
+def pinned_copy_problem(device):
+    """Where the loader pins (prefetched): a pinned host tensor copied without blocking comes back unchanged."""
+    if device.type in ("cpu", "xla") or not torch.accelerator.is_available():
+        return None
+    host = torch.arange(8.0).pin_memory()
+    back = host.to(device, non_blocking=True).cpu()
+    return None if torch.equal(back, host) else f"came back as {back.tolist()}"
+
+
+def collectives_problem(par, device, ranks):
+    """Each rank contributes its rank + 1 (uploaded as one element, so every rank runs the same graph on XLA)."""
+    mine = ranks[par.rank : par.rank + 1].to(device)
+    total, gathered = par.all_reduce(mine, "world").cpu(), torch.cat(par.all_gather(mine, "world")).cpu()
+    if extracting_graphs() or (total.item() == ranks.sum().item() and torch.equal(gathered, ranks)):
+        return None
+    return f"sum {total.tolist()}, gathered {gathered.tolist()}; expected {ranks.sum().item()} and {ranks.tolist()}"
+
+
+def sdk_versions():
+    """The versions of the software the device runs on, for the self-check's message."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "libneuronxla"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{dist} {metadata.version(dist)}")
+    return ", ".join(found + ([f"CUDA {torch.version.cuda}"] if torch.version.cuda else []))
 
 
 def device_all_reduce(x, groups, handle, op):
@@ -2947,10 +3086,23 @@ def device_loader(batches, device):
 
 def prefetched(batches, device, pin):
     """The batches on the device, each copy issued one batch ahead of its use so that it overlaps the step before
-    it; from pinned host memory with non_blocking copies (the host does not wait for them)."""
+    it; from pinned host memory (where an accelerator can pin it) with non_blocking copies, which the host does not
+    wait for. A copy reads its host batch after the call has returned, and not every device's allocator keeps pinned
+    memory alive for a pending copy as CUDA's does, so each host batch is held until an event recorded after its copy
+    has passed (looked at without waiting), or, where the device has no events, for the next few batches."""
+    pin = pin and torch.accelerator.is_available()
+    held = collections.deque()  # (event after the copy or None, its host batch), oldest first
 
     def moved(batch):
-        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
+        host = {k: v.pin_memory() if pin else v for k, v in batch.items()}
+        out = {k: v.to(device, non_blocking=True) for k, v in host.items()}
+        if device.type != "cpu":  # a copy to the CPU is done when it returns
+            held.append((copy_event(device), host))
+            while held and (len(held) > HELD_BATCHES or (held[0][0] is not None and held[0][0].query())):
+                event, _ = held.popleft()
+                if event is not None:
+                    event.synchronize()
+        return out
 
     ahead = None
     for batch in batches:
@@ -2959,6 +3111,35 @@ def prefetched(batches, device, pin):
             yield current
     if ahead is not None:
         yield ahead
+
+
+HELD_BATCHES = 4  # host batches held at most while their copies may still be reading them
+
+
+def copy_event(device):
+    """An event recorded on the device's current stream, or None where the device has no events."""
+    try:
+        event = torch.Event(device=device)
+        event.record()
+        return event
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def upload_optimizer_state(optimizer, device):
+    """On XLA, the restored AdamW state as a fresh run holds it, so that the update graph is the one the fresh run
+    (and 04) compiled: each tensor a device buffer of its own, made in the fresh run's order (a graph's outputs are
+    ordered by when their tensors were made). torch-xla uploads a 0-d tensor only when a graph first reads it,
+    keeping one buffer per value (and making 0 and 1 constants), so equal step counts, or a count equal to another
+    scalar such as the LoRA+ ratio, would otherwise reach the update as one merged input."""
+    if device.type != "xla":
+        return
+    import torch_xla.core.xla_model as xm
+
+    states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"] if p in optimizer.state]
+    uploaded = iter(xm.send_cpu_data_to_device([t.cpu() for s in states for t in s.values()], device))
+    for state in states:
+        state.update((key, next(uploaded)) for key in list(state))
 
 
 def to_cpu(obj, device):
@@ -3070,12 +3251,19 @@ def xla_counts():
             ("xla_reads", "TransferFromDeviceTime"),
         )
     }
-    return {name: int(data[0]) if data else 0 for name, data in counts.items()}
+    compile_time = met.metric_data("CompileTime")
+    return {name: int(data[0]) if data else 0 for name, data in counts.items()} | {
+        "xla_compile_s": compile_time[1] / 1e9 if compile_time else 0.0
+    }
 
 
 def cpu_fallback_ops(device):
-    """Operations torch-xla ran on the CPU instead of the device (slow on Trainium), host reads left out; none
-    elsewhere."""
+    """Operations the device's backend ran on the CPU instead of the device (slow on Trainium), as torch-xla and
+    TorchNeuron count them, host reads left out; none elsewhere."""
+    if device.type == "neuron":
+        import torch_neuronx
+
+        return sorted(set(getattr(torch_neuronx, "get_fallback_ops", list)()))
     if device.type != "xla":
         return []
     import torch_xla.debug.metrics as met
@@ -3291,6 +3479,7 @@ def load_run_checkpoint(path, par, params, optimizer, device):
         for p, saved in zip(params, own["lora"], strict=True):
             p.copy_(saved)
     optimizer.load_state_dict(own["optimizer"])
+    upload_optimizer_state(optimizer, device)
     set_rng_states(own["rng"], device)
     return state
 
@@ -3572,9 +3761,14 @@ def dry_run(c, arch, where):
     )
     print(f"  device memory                      {limit:8.2f} GiB ({source})")
     print_plan(c, arch, supervised_per_row, trainium, limit)
-    warn_chip_span(tp, trainium)
+    warn_tp_span(tp, trainium)
     for item in skipped:
         print(f"skipped: {item}")
+    print(
+        f"the estimate assumes no sequence parallelism (every rank keeps the activations of all positions) and "
+        f"{'no fused attention (the attention scores are kept)' if trainium else 'SDPA as PyTorch runs it'}; its "
+        f"{ESTIMATE_ERROR:.0%} margin comes from steps measured on the CPU (tests/test_dry_run.py), not on a device"
+    )
     need = checkpointed_gib if c["model.activations_checkpoint"] else plain
     if need > limit:
         hint = (
@@ -3635,18 +3829,242 @@ def print_plan(c, arch, supervised_per_row, trainium, limit):
         print(f"  {tp:4d}  {kv:13d}  {plain:9.2f} {mark(plain):<11}  {checkpointed:8.2f} {mark(checkpointed):<5}{this}")
 
 
-def warn_chip_span(tp, trainium):
-    """On trn2/trn3 a tensor-parallel group should stay within one chip: its all-reduces run every layer."""
-    if trainium not in ("trn2", "trn3"):
+def warn_tp_span(tp, trainium):
+    """A tensor-parallel group's all-reduces, several per layer, should stay within one instance (between instances
+    they cross EFA) and, on trn2/trn3, within one chip (NeuronLink otherwise)."""
+    if trainium is None:
         return
-    per_chip = 8 // logical_cores_per_core(trainium)  # 8 physical NeuronCores per chip
-    if tp > per_chip:
+    per_chip = 2 if trainium == "trn1" else 8 // logical_cores_per_core(trainium)  # 8 physical cores on trn2/trn3
+    per_instance = per_chip * INSTANCE_CHIPS.get(trainium, 0)
+    if per_instance and tp > per_instance:
+        print(
+            f"warning: TP {tp} spans {-(-tp // per_instance)} {trainium} instances ({per_instance} cores each): its "
+            f"all-reduces, several per layer, cross EFA between them; keep TP <= {per_instance} and use the other "
+            f"instances for data parallel",
+            file=sys.stderr,
+        )
+    elif trainium != "trn1" and tp > per_chip:
         print(
             f"warning: TP {tp} spans {-(-tp // per_chip)} {trainium} chips ({per_chip} logical cores per chip at "
             f"LNC {logical_cores_per_core(trainium)}): its all-reduces, several per layer, leave the chip; keep "
             f"TP <= {per_chip} where the model fits",
             file=sys.stderr,
         )
+
+
+INSTANCE_CHIPS = {"trn1": 16, "trn2": 16}  # trn1.32xlarge, trn2.48xlarge
+
+
+# ------------------------------------------------------------------------------------------------ smoke run
+# `--smoke`: the whole device path of a run on a tiny random Llama built in memory, against the same run on the CPU in
+# fp32, so a new platform is judged in minutes, before a long compile of the real model. The runs go through main's
+# own functions; only the weights are drawn instead of loaded, and the data is random documents. Its settings, which
+# overrides may change (the layout is chosen from the launched world size: DP 2 from 4 even ranks, the rest TP, each
+# KV head on two ranks):
+SMOKE_SETTINGS = """\
+name: smoke
+seed: 1234
+trainer: {accelerator: auto, compile: false, max_steps: 4, log_every_n_steps: 1, val_check_interval: 2,
+  gradient_clip_val: 0.5, nonfinite: stop, peak_tflops: null, device_memory_gib: null}
+exp_manager: {exp_dir: ., explicit_log_dir: null, resume_from_checkpoint: ., create_tensorboard_logger: false,
+  resume_if_exists: true, checkpoint_callback_params: {every_n_train_steps: 2, save_top_k: 2}}
+distributed_strategy: {tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1, kv_replicator: 1,
+  hw_backend: trn1}
+data: {train_dir: ., val_dir: ., dev_choose_samples: null, seq_length: 64, micro_batch_size: 1, global_batch_size: 2,
+  format: auto, rename_fields: [], prompt_format: raw, truncation: truncate, cache_dir: null, tokenizer: {type: .}}
+model: {model_config: ., hf_weights_dir: ., fuse_qkv: false, weight_init_only: true, activations_checkpoint: false,
+  activations_checkpoint_layers: null, attention: auto, optim: {lr: 0.01, weight_decay: 0.01, betas: [0.9, 0.999],
+  eps: 1.0e-6, loraplus_lr_ratio: 4, sched: {name: linear, warmup_steps: 1, max_steps: null, min_lr: 0.0}}}
+precision: {type: fp32}
+model_alignment_strategy: {sft: {packing: true, neftune_noise_alpha: null}, peft: {lora_rank: 4, lora_alpha: 8,
+  lora_dropout: 0.0, lora_bias: none, use_rslora: false, use_dora: true, lora_verbose: false,
+  target_modules: [qkv_proj, o_proj, gate_up_proj, down_proj]}}
+evaluation: {generate: {num_prompts: 0, max_new_tokens: 1, batch_size: 1, show: 0}}
+xla: {cache_dir: null, neuron: {compiler_flags: --model-type transformer, compiler_cache_url: ~/neuron_cache,
+  fuse_softmax: true, async_exec_max_inflight_requests: 5, rt_exec_timeout: 100, experimental_compress_rg: false}}
+"""
+# How far the device may be from the CPU's fp32 run, relatively (|device - cpu| / |cpu|; for the adapter the largest
+# ||device - cpu|| / ||cpu|| over its tensors), per precision; a resumed run repeats the uninterrupted one. fp32: 10x
+# and more above what XLA's CPU device and TP 2 x DP 2 under gloo give (1e-7 .. 1e-5). bf16 autocast: about 5 to 10x
+# the largest that the CPU's own bf16 gives over seeds and layouts (loss 5e-4, grad_norm 8e-3, adapter 0.16; Adam's
+# first steps move a weight by about the learning rate whatever its gradient's size, so a gradient that bf16 rounds
+# to the other sign moves its weight the other way), far below what a wrong layout or reduction gives (about 1).
+SMOKE_TOLERANCE = {
+    "fp32": {"loss": 1e-4, "grad_norm": 1e-3, "val_loss": 1e-4, "adapter": 1e-3},
+    "autocast": {"loss": 5e-3, "grad_norm": 5e-2, "val_loss": 5e-3, "adapter": 5e-1},
+    "resume": {"loss": 1e-6, "grad_norm": 1e-5, "val_loss": 1e-6, "adapter": 1e-6},
+}
+
+
+def smoke(args):
+    """Two runs on the device (4 steps with validations and checkpoints, then, in this process, a resume from its
+    step 2) and the same run on the CPU in fp32; prints the table of checks and the time of each part, and fails if
+    a check does."""
+    if args.config or args.dry_run or args.inspect_data or args.neuron_env or args.check_config:
+        raise StageError("--smoke builds its own model and settings: give it overrides only, no --config or mode")
+    c, arch = smoke_settings(args.overrides)
+    started = time.perf_counter()
+    device, par = open_device(c, arch)
+    times = {"start: device, process group, self-check": time.perf_counter() - started}
+    scratch = Path(par.broadcast_text(tempfile.mkdtemp(prefix="smoke_") if par.rank == 0 else ""))
+    data = smoke_windows(arch, c, 48, 1), smoke_windows(arch, c, 8, 2)
+    cpu = dict(c, **{"trainer.accelerator": "cpu", "precision.type": "fp32", "trainer.compile": False})
+    cpu.update({"distributed_strategy.tensor_model_parallel_size": 1, "distributed_strategy.kv_replicator": 1})
+    one = Parallel(layout_of(cpu, arch), torch.device("cpu"), world=1)
+    print(
+        f"smoke run on {device} ({c['precision.type']}, TP {par.tp} x DP {par.dp}): a random Llama of "
+        f"{arch.layers} layers, hidden {arch.hidden}, {arch.heads} Q / {arch.kv_heads} KV heads, LoRA with DoRA and "
+        f"LoRA+, against the CPU in fp32; log: {scratch / 'smoke.log'}"
+    )
+    runs = {}
+    plan = [
+        ("device run: 4 steps, 3 validations, 2 checkpoints, export", c, device, par, None),
+        ("resumed from its step 2 checkpoint: 2 steps, export", c, device, par, "checkpoints/step_0000002"),
+        ("the same run on the CPU in fp32, one process", cpu, torch.device("cpu"), one, None),
+    ]
+    with open(scratch / "smoke.log", "a") as log, contextlib.redirect_stdout(log):
+        for i, (part, settings, where, layout, checkpoint) in enumerate(plan[: 3 if par.rank == 0 else 2]):
+            started = time.perf_counter()
+            resume_from = scratch / "run0" / checkpoint if checkpoint else None
+            runs[i] = smoke_run(settings, arch, where, layout, data, scratch / f"run{i}", resume_from)
+            times[part] = time.perf_counter() - started
+    failed = 0
+    if par.rank == 0:
+        rows = smoke_checks(c, runs[0], runs[1], runs[2]) + device_rows(c, device, runs[0], runs[1])
+        failed = print_smoke(rows, times, runs[0][0], data[0], c)
+    if par.any_rank(failed):
+        print(f"smoke run: {scratch} keeps the runs and smoke.log")
+        raise StageError(f"smoke run: {failed or 'some'} check(s) failed (marked FAIL above)")
+    par.barrier()
+    if par.rank == 0:
+        shutil.rmtree(scratch)
+
+
+def smoke_settings(overrides):
+    """SMOKE_SETTINGS with the overrides, laid out for the launched world size: data parallel 2 from 4 even ranks,
+    the rest tensor parallel, with 2 Q heads per rank and each KV head on two ranks; and the model that fits."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = 2 if world >= 4 and world % 2 == 0 else 1
+    tp = world // dp
+    arch = Arch(vocab=96 * tp, hidden=64, inter=32 * tp, layers=2, heads=2 * tp, kv_heads=max(1, tp // 2), head_dim=16)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "smoke.yaml").write_text(SMOKE_SETTINGS)
+        c = resolve(load_config([Path(d) / "smoke.yaml"], overrides), SCHEMA)
+    c["distributed_strategy.tensor_model_parallel_size"] = tp
+    c["distributed_strategy.kv_replicator"] = tp // arch.kv_heads
+    c["data.global_batch_size"] = 2 * dp * c["data.micro_batch_size"]
+    return c, arch
+
+
+def smoke_windows(arch, c, n, seed):
+    """Windows of n random documents of 4 to seq_length / 2 tokens, the first third of each a prompt."""
+    g = np.random.default_rng(seed)
+    docs = []
+    for length in g.integers(4, max(5, c["data.seq_length"] // 2), n).tolist():
+        ids = g.integers(1, arch.vocab, length).tolist()
+        docs.append((ids, [-100] * (length // 3) + ids[length // 3 :]))
+    return Windows.from_docs(docs, c["data.seq_length"], c["model_alignment_strategy.sft.packing"], 0)
+
+
+def smoke_weights(model, seed):
+    """Random base weights, each tensor drawn at full size from a generator of its own and cut as this rank's layout
+    holds it, so that every rank and the CPU's single process hold one model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                full = torch.randn(m.full, generator=g) / math.sqrt(m.full[1])
+                m.weight.copy_(full[m.index] if m.parallel == "column" else full[:, m.index])
+            elif isinstance(m, VocabEmbedding):
+                full = torch.randn(model.arch.vocab, model.arch.hidden, generator=g)
+                m.weight.copy_(full[m.par.tp_rank * m.rows : (m.par.tp_rank + 1) * m.rows])
+            elif isinstance(m, RMSNorm):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+
+
+def smoke_run(c, arch, device, par, data, run_dir, checkpoint=None):
+    """One run as main runs it (evaluation, steps, checkpoints, the final evaluation and export), or its resume from
+    `checkpoint`. Returns rank 0's metrics records and exported adapter tensors (nothing on other ranks)."""
+    torch.manual_seed(c["seed"])  # LoRA's A, drawn alike by every run
+    model = new_model(c, arch, device, par)
+    smoke_weights(model, c["seed"])
+    sync_device(device)
+    model, modules, params = adapt_model(model, c, device, par)
+    autocast = c["precision.type"] == "autocast"
+    run = Run(c, arch, device, par, model, modules, params, autocast, None, *data, [], False, {}, run_dir)
+    open_run(run, ResumePoint(dir=run_dir, checkpoint=checkpoint, changed={}, restart=False))
+    if checkpoint is None:
+        run_evaluation(run, 0, gen=False)
+    interval, _ = train_loop(run, [])
+    finish(run, argparse.Namespace(config=None), interval)
+    if par.rank != 0:
+        return [], {}
+    from safetensors.torch import load_file
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records, load_file(run_dir / "final" / "adapter" / "adapter_model.safetensors")
+
+
+def smoke_checks(c, whole, resumed, reference):
+    """(check, device value, expected value, relative difference, tolerance) rows: the device's run against the CPU's
+    fp32 run, and the resumed run against the uninterrupted one."""
+    rows = []
+    for prefix, (records, adapter), (expected, expected_adapter), tolerance in (
+        ("", whole, reference, SMOKE_TOLERANCE[c["precision.type"]]),
+        ("resumed: ", resumed, whole, SMOKE_TOLERANCE["resume"]),
+    ):
+        want = {(r["step"], k): r[k] for r in expected for k in tolerance if k in r}
+        for r in records:
+            for k in tolerance:
+                if (r["step"], k) in want and k in r:
+                    rows.append(relative(f"{prefix}{k}, step {r['step']}", r[k], want[r["step"], k], tolerance[k]))
+        worst = max(float((adapter[n] - t).norm() / t.norm().clamp(min=1e-30)) for n, t in expected_adapter.items())
+        rows.append((f"{prefix}adapter, {len(adapter)} tensors", "", "", worst, tolerance["adapter"]))
+    return rows
+
+
+def relative(check, got, want, tolerance):
+    diff = abs(got - want) / max(abs(want), 1e-30) if got is not None and want is not None else math.inf
+    return check, got, want, diff, tolerance
+
+
+def device_rows(c, device, whole, resumed):
+    """Rows of what must stay at zero: graphs the resumed run compiled anew (XLA, trainer.compile), and operators
+    torch-xla ran on the CPU."""
+    key = "xla_compiles" if device.type == "xla" else "compiled_graphs" if c["trainer.compile"] else None
+    rows = []
+    if key:
+        new = resumed[0][-1][key] - whole[0][-1][key]
+        rows.append(("resumed: graphs compiled anew", new, 0, float(new), 0.0))
+    if device.type in ("xla", "neuron"):
+        fallbacks = cpu_fallback_ops(device)
+        rows.append(("operators run on the CPU", ", ".join(fallbacks) or "none", "none", len(fallbacks), 0.0))
+    return rows
+
+
+def print_smoke(rows, times, records, train, c):
+    """The table of checks, then the time of each part, the device run's first step (which compiles) apart from a
+    later one; returns the number of failed checks."""
+    print(f"{'check':<32} {'device':>12} {'expected':>12} {'difference':>10} {'tolerance':>9}  result")
+    failed = 0
+    for check, got, want, diff, tolerance in rows:
+        failed += diff > tolerance
+        got, want = (f"{v:.6g}" if isinstance(v, float) else str(v) for v in (got, want))
+        ok = "ok" if diff <= tolerance else "FAIL"
+        print(f"{check:<32} {got:>12} {want:>12} {diff:>10.1e} {tolerance:>9.0e}  {ok}")
+    gbs, steps = c["data.global_batch_size"], [r for r in records if "loss" in r]
+    seconds = [
+        float(train.n_tokens[step_indices(r["step"] - 1, len(train), gbs, c["seed"])].sum()) / r["tokens_per_s"]
+        for r in steps
+    ]
+    parts = list(times.items())
+    parts[2:2] = [("  its first step, which compiles what it runs", seconds[0]), ("  a later step", min(seconds[1:]))]
+    if "xla_compile_s" in records[-1]:
+        parts[4:4] = [("  compilation, as torch-xla measured it (this process)", records[-1]["xla_compile_s"])]
+    for part, t in parts:
+        print(f"{part:<60} {t:8.2f} s")
+    print(f"smoke run: {len(rows) - failed} of {len(rows)} checks passed")
+    return failed
 
 
 # ------------------------------------------------------------------------------------------------ throughput

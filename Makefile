@@ -1,5 +1,7 @@
 # make demo   set up .venv if missing, then run stages 01-05 on the embedded demo (SmolLM2-135M-Instruct, CPU)
 # make test   set up .venv if missing, then check formatting and lint (ruff), then run the test suite
+# make smoke  set up .venv if missing, then run 05's smoke run on the CPU (a tiny random model through the whole
+#             device path, against the same run on the CPU in fp32; on a new device: see the README)
 # make bench  run the CPU benchmarks under bench/: 05's step vs transformers + peft, and stage 03's conversion
 # make clean  remove the demo's outputs (work/demo, runs/demo)
 # make test-xla  build .venv-xla (torch 2.9.0 + torch-xla 2.9.0, about 7.6 GB, ~2 min from a fast mirror) and run
@@ -11,7 +13,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO := --config config.yaml --config demo.yaml
 
-.PHONY: demo test test-xla bench clean venv venv-xla
+.PHONY: demo test smoke test-xla bench clean venv venv-xla
 
 venv: $(VENV)/.installed
 
@@ -36,6 +38,9 @@ test: venv
 	$(PY) -m ruff format --check --quiet .
 	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
+
+smoke: venv
+	$(PY) 05_train.py --smoke
 
 venv-xla: .venv-xla/.installed
 

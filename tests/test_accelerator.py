@@ -1,9 +1,10 @@
-"""Device selection and compiled layers.
+"""Device selection, the start-up self-check and compiled layers.
 
 Only the detection of Neuron hosts is faked (a device directory with a `neuron0` file); everything that trains
 runs for real on this CPU."""
 
 import pytest
+import torch
 from conftest import run_stage, train
 
 NO_GEN = ["evaluation.generate.num_prompts=0"]
@@ -93,3 +94,64 @@ def test_a_compiled_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_one(
     assert losses(resumed) == losses(whole) and len(losses(whole)) == 4
     assert losses(resumed, "grad_norm") == losses(whole, "grad_norm")
     assert losses(resumed, "val_loss")[-1] == losses(whole, "val_loss")[-1]
+
+
+# What a device must implement and what every device has: allocation, strided views, a read to the host.
+EVERY_DEVICE = {"empty.memory_format", "empty_strided", "as_strided", "_local_scalar_dense"}
+
+
+def test_step_ops_is_what_a_traced_step_needs_of_a_device_that_registers_nothing(train_mod):
+    """Regenerated from real steps (TP 1 in fp32 and autocast here, TP 2 under torchrun): the operators that a
+    PrivateUse1 device with no kernels of its own would leave to its fallback are exactly 05's STEP_OPS."""
+    import json
+    import textwrap
+
+    import step_ops
+    from conftest import load_stage
+
+    chains = step_ops.traced_step_ops(load_stage("05_train.py"), "fp32")
+    chains |= step_ops.traced_step_ops(load_stage("05_train.py"), "autocast")
+    proc = run_stage(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/step_ops.py", "autocast"]
+    )
+    chains |= set(json.loads(proc.stdout.splitlines()[-1]))
+    short = [">".join(op.removeprefix("aten::") for op in chain.split(" > ")) for chain in chains]
+    needed = sorted(e for e in train_mod.fallback_ops("PrivateUse1", short) if e.split(">")[-1] not in EVERY_DEVICE)
+    regenerated = "\n".join(textwrap.wrap(" ".join(needed), 116))
+    assert needed == train_mod.STEP_OPS, f"05's STEP_OPS is stale; the traced step needs:\n{regenerated}"
+
+
+SELF_CHECK = """
+import sys, torch
+sys.path.insert(0, "tests")
+from conftest import load_stage
+train = load_stage("05_train.py")
+torch.library.Library("_", "IMPL").fallback(lambda *a, **k: None, dispatch_key="PrivateUse1")  # a CPU fallback
+kernels = torch.library.Library("aten", "IMPL")
+for name in sys.argv[1:]:
+    kernels.impl(name, lambda *a, **k: None, "PrivateUse1")
+print(train.fallback_ops("PrivateUse1", ["mm>mm.out", "mul.Tensor>mul.out", "bmm>bmm.out", "view", "where.self"]))
+device = torch.device(torch._C._get_privateuse1_backend_name())
+arch = train.Arch(vocab=1, hidden=1, inter=1, layers=1, heads=1, kv_heads=1, head_dim=1)
+try:
+    train.self_check(device, train.Parallel(train.Layout(arch), device, world=1))
+except train.StageError as e:
+    print(f"error: {e}")
+"""
+
+
+def test_the_self_check_names_the_operators_a_device_would_run_on_the_cpu_and_the_sdk_found():
+    """A PrivateUse1 backend made here (a CPU fallback and kernels for mm, mul.out and view): mm's own kernel and the
+    out= form that mul's generic kernel calls count; bmm and where fall back. (In a fresh process: a registration
+    cannot be undone.)"""
+    proc = run_stage(["-c", SELF_CHECK, "mm", "mul.out", "view"])
+    found, error = proc.stdout.strip().splitlines()[-2:]
+    assert found == "['bmm>bmm.out', 'where.self']"
+    assert error.startswith("error: device self-check on privateuseone: operators of the step without a PrivateUse1")
+    assert "bmm>bmm.out" in error and "mm>mm.out" not in error and error.endswith(f"found torch {torch.__version__}")
+
+
+def test_a_backend_without_operator_kernels_is_left_to_its_runtime_count_and_the_next_probe_runs():
+    proc = run_stage(["-c", SELF_CHECK])
+    assert "registers no kernel per operator" in proc.stdout
+    assert "error: device self-check on privateuseone: RNG state get/set:" in proc.stdout

@@ -47,3 +47,17 @@ def test_autocast_on_cuda_trains_and_stays_close_to_fp32(pipeline):
     )
     assert bf16[0]["val_loss"] == pytest.approx(fp32[0]["val_loss"], rel=0.05)
     assert bf16[-1]["val_loss"] < bf16[0]["val_loss"]
+
+
+def test_pinned_batches_reach_the_gpu_unchanged_one_ahead_of_their_use(train_mod):
+    """From pinned memory, each copy issued while the batch before it is used (the events of the held host batches
+    are recorded on the GPU's stream)."""
+    sent = []
+
+    def batches():
+        for i in range(6):
+            sent.append(i)
+            yield {"x": torch.full((1 << 20,), float(i))}
+
+    for i, batch in enumerate(train_mod.prefetched(batches(), torch.device("cuda", 0), pin=True)):
+        assert batch["x"].is_cuda and int(batch["x"][0]) == i and len(sent) == min(i + 2, 6)

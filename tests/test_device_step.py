@@ -107,3 +107,47 @@ def test_the_next_batch_is_copied_before_the_current_one_is_used(train):
     for batch in train.prefetched(batches(), torch.device("cpu"), pin=False):
         got.append((int(batch["x"]), list(drawn)))
     assert got == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+
+
+def watched_batches(n, refs):
+    """n batches of fresh host tensors; `refs` receives a weak reference to each, telling whether it still exists."""
+    import weakref
+
+    for i in range(n):
+        batch = {"x": torch.full((4,), float(i))}
+        refs.append(weakref.ref(batch["x"]))
+        yield batch
+
+
+def test_with_pinning_asked_for_on_the_cpu_the_batches_arrive_unchanged_and_in_order(train):
+    """There is nothing to pin memory for on the CPU (no accelerator): the same batches, one ahead."""
+    got = [int(b["x"][0]) for b in train.prefetched(watched_batches(6, []), torch.device("cpu"), pin=True)]
+    assert got == list(range(6))
+
+
+def test_a_host_batch_outlives_its_copy_on_a_device_without_events(train):
+    """A non_blocking copy reads its host batch after the call returns: where the device has no events to say when
+    it is done (the meta device here), each host batch is held until HELD_BATCHES later ones have been issued."""
+    refs = []
+    for batch in train.prefetched(watched_batches(6, refs), torch.device("meta"), pin=False):
+        assert batch["x"].device.type == "meta"
+        issued = len(refs)
+        assert [r() is not None for r in refs] == [k >= issued - train.HELD_BATCHES for k in range(issued)]
+
+
+def test_a_host_batch_is_let_go_once_the_event_after_its_copy_has_passed(train, monkeypatch):
+    """Where the device has events (CUDA, TorchNeuron) an event is recorded after each copy and its host batch held
+    until it has passed; here every event has passed when it is first looked at."""
+
+    class Passed:  # stands in for torch.Event on the meta device, which has none
+        def query(self):
+            return True
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(train, "copy_event", lambda device: Passed())
+    refs = []
+    for _ in train.prefetched(watched_batches(6, refs), torch.device("meta"), pin=False):
+        alive = [r() is not None for r in refs]
+        assert alive == [False] * (len(refs) - 1) + [True]  # the newest is the loader's current batch

@@ -239,3 +239,40 @@ def test_an_adapter_trained_with_dora_gives_in_peft_the_val_loss_05_reports(pipe
     assert abs(last - first) > 1e-3, "the adapter must change the loss for this test to mean anything"
     theirs = hf_masked_loss(work, head(work / "data" / "validation.jsonl", 24), adapter=adapter)
     assert last == pytest.approx(theirs, rel=1e-4)
+
+
+def test_a_tenth_of_a_percent_on_a_dora_magnitude_moves_the_bf16_output_exactly_as_in_peft(train_mod):
+    """Under bf16 autocast m / ||W'|| stays fp32 until the sum, as in PEFT: a change below bf16's resolution (0.4%)
+    still moves the outputs that it moves in PEFT, by as much."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Module()
+    base.proj = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    ours = train_mod.LoRALinear((48, 64), torch.bfloat16)
+    with torch.no_grad():
+        ours.weight.copy_(base.proj.weight)
+    ours.init_lora(rank=4, alpha=8.0, dropout=0.0, dora=True)
+    theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True)).base_model
+    layer = theirs.model.proj
+    with torch.no_grad():
+        ours.lora_B.weight.normal_(0, 0.1)
+        magnitude = ours.dora_norm() * (1 + 0.05 * torch.randn(48))
+        ours.magnitude.copy_(magnitude)
+        for name, value in (("lora_A", ours.lora_A.weight), ("lora_B", ours.lora_B.weight)):
+            getattr(layer, name)["default"].weight.copy_(value)
+        layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
+    x = torch.randn(32, 64)
+
+    def outputs():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return ours(x).float(), layer(x).float()
+
+    before = outputs()
+    with torch.no_grad():
+        ours.magnitude.mul_(1.001)
+        layer.lora_magnitude_vector["default"].weight.mul_(1.001)
+    after = outputs()
+    moved = [a != b for a, b in zip(after, before)]
+    assert moved[1].float().mean() > 0.1  # in PEFT a fifth of the outputs change
+    assert torch.equal(moved[0], moved[1]) and torch.equal(after[0], after[1])

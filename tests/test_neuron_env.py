@@ -54,14 +54,21 @@ def test_variables_already_set_win_and_compiler_flags_are_extended(clean_env):
     clean_env.setenv("NEURON_CC_FLAGS", "--retry_failed_compilation")
     train.neuron_environment(settings(train, "precision.type=fp32"))
     assert os.environ["NEURON_COMPILE_CACHE_URL"] == "s3://bucket/cache"
-    assert os.environ["NEURON_CC_FLAGS"] == "--retry_failed_compilation --model-type transformer"
+    assert os.environ["NEURON_CC_FLAGS"] == "--retry_failed_compilation --model-type transformer --auto-cast none"
 
 
 def test_compiler_flags_already_exported_by_the_launcher_are_not_added_twice(clean_env):
     train = load_stage("05_train.py")
-    clean_env.setenv("NEURON_CC_FLAGS", "--retry_failed_compilation --model-type transformer")
+    clean_env.setenv("NEURON_CC_FLAGS", "--retry_failed_compilation --model-type transformer --auto-cast none")
     train.neuron_environment(settings(train, "precision.type=fp32"))
-    assert os.environ["NEURON_CC_FLAGS"] == "--retry_failed_compilation --model-type transformer"
+    assert os.environ["NEURON_CC_FLAGS"] == "--retry_failed_compilation --model-type transformer --auto-cast none"
+
+
+def test_fp32_keeps_the_compilers_matrix_products_in_fp32(clean_env):
+    """neuronx-cc casts fp32 matrix products to bf16 by default; precision.type=fp32 must mean fp32 on Trainium too."""
+    train = load_stage("05_train.py")
+    train.neuron_environment(settings(train, "precision.type=fp32"))
+    assert os.environ["NEURON_CC_FLAGS"].split()[-2:] == ["--auto-cast", "none"]
 
 
 def test_an_inherited_disable_functionalization_is_overridden(clean_env, capsys):

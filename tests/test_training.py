@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import head, hf_masked_loss, train
@@ -278,6 +279,48 @@ def test_neftune_noise_is_transformers_neftune_noise_on_the_same_embeddings_and_
     ours = train_mod.neftune(embeddings, 5.0)
     assert (ours - embeddings).abs().max() <= 5.0 / (7 * 16) ** 0.5
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_each_row_s_neftune_noise_is_transformers_hook_s_on_that_row_without_its_padding(train_mod):
+    """The scale alpha / sqrt(L x d) takes L, per row, as the real positions: row 0, 4 real positions in 7, gets
+    transformers' noise for a 4-position sequence, the same uniform draws scaled by sqrt(7 / 4)."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    embeddings = torch.randn(2, 7, 16)
+    module = torch.nn.Module()
+    module.neftune_noise_alpha = 5.0
+    torch.manual_seed(3)
+    whole_rows = neftune_post_forward_hook(module, None, embeddings) - embeddings
+    torch.manual_seed(3)
+    ours = train_mod.neftune(embeddings, 5.0, torch.tensor([4, 7])) - embeddings
+    assert torch.allclose(ours[0], whole_rows[0] * (7 / 4) ** 0.5, rtol=0, atol=1e-6)
+    assert torch.allclose(ours[1], whole_rows[1], rtol=0, atol=1e-6)
+
+
+def test_neftune_counts_the_same_positions_whether_a_device_cuts_the_padding_or_keeps_whole_rows(
+    train_mod, pipeline, monkeypatch
+):
+    work, overlay = pipeline
+    model, _, _, _ = autocast_setup(train_mod, work, overlay, "fp32")
+    windows = train_mod.load_split(
+        str(work / "data" / "training.jsonl"),
+        AutoTokenizer.from_pretrained(str(work / "tokenizer")),
+        train_mod.resolve(train_mod.load_config(["config.yaml", str(overlay)], []), train_mod.SCHEMA),
+        "train",
+        None,
+    )
+    padded = [int(w) for w in np.argsort(windows.n_tokens)[:2]]  # the two shortest windows: padding at their ends
+    mb, seen, neftune = windows.batch(padded), [], train_mod.neftune
+    monkeypatch.setattr(
+        train_mod, "neftune", lambda x, a, lengths: seen.append((x.shape[1], lengths)) or neftune(x, a, lengths)
+    )
+    model.neftune_alpha = 5.0
+    for fixed in (False, True):  # CPU and CUDA cut the trailing padding; Trainium and compiled layers keep it
+        model.fixed_shapes = fixed
+        train_mod.loss_sum(model, mb, torch.device("cpu"), autocast=False)
+    (cut, counted_cut), (whole, counted_whole) = seen
+    assert cut < whole == windows.seq_len
+    assert counted_cut.tolist() == counted_whole.tolist() == windows.n_tokens[padded].tolist()
 
 
 def test_neftune_adds_noise_in_training_only_never_in_evaluation(pipeline):

@@ -383,3 +383,47 @@ def test_dora_rslora_loraplus_and_neftune_on_xla_hold_no_float64_and_compile_not
     compiles = [r["xla_compiles"] for r in steps(records)]
     assert compiles[1:] == [compiles[1]] * 4, f"graphs compiled per step: {compiles}"
     assert "ran these operations on the CPU" not in proc.stderr
+
+
+def test_the_smoke_run_on_xla_passes_compiling_nothing_anew_for_its_resume():
+    """The resumed run of the smoke test reuses every graph of the uninterrupted one, and torch-xla runs no operator
+    on the CPU."""
+    proc = run_stage(["05_train.py", "--smoke", "trainer.accelerator=xla"], env=dict(os.environ, PJRT_DEVICE="CPU"))
+    checks = {
+        line[:32].strip(): line.split()[-1] for line in proc.stdout.splitlines() if line.endswith((" ok", " FAIL"))
+    }
+    assert len(checks) == 20 and set(checks.values()) == {"ok"}, proc.stdout
+    assert "resumed: graphs compiled anew" in checks and "operators run on the CPU" in checks
+    assert "compilation, as torch-xla measured it" in proc.stdout
+
+
+def test_the_self_check_finds_a_torch_xla_kernel_for_every_step_operator_and_names_one_without(train_mod):
+    assert train_mod.fallback_ops("XLA") == []
+    assert train_mod.fallback_ops("XLA", ["histc", "mm>mm.out"]) == ["histc"]  # histc: torch-xla's CPU fallback
+
+
+def test_a_run_and_its_resume_compile_no_graph_that_04_did_not(pipeline, tmp_path):
+    """04 fills the persistent cache from a fresh run's steps, validations and export; the real run, stopped off its
+    log interval after a mid-run validation and a checkpoint, and its resume with LoRA+ to the final evaluation and
+    export, find every graph there and add none to the cache."""
+    work, overlay = pipeline
+    cache = tmp_path / "cache"
+    same = [f"xla.cache_dir={cache}", "model.optim.loraplus_lr_ratio=4", "trainer.val_check_interval=2"]
+    env = dict(os.environ, PJRT_DEVICE="CPU", NPROC_PER_NODE="1", PRECOMPILE_STEPS="4", PYTHON=sys.executable)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    run_stage(
+        ["bash", "04_precompile.sh", "--config", "config.yaml", "--config", str(overlay), *STEADY, *same], env=env
+    )
+    compiled_by_04 = sorted(p.name for p in cache.iterdir())
+    assert compiled_by_04
+    common = ["trainer.accelerator=xla", "model.optim.sched.max_steps=5", "trainer.log_every_n_steps=2", *same]
+    every = "exp_manager.checkpoint_callback_params.every_n_train_steps"
+    _, first = run(work, overlay, "xla-graphs", *common, "trainer.max_steps=3", f"{every}=3")
+    proc, resumed = run(work, overlay, "xla-graphs", *common, "trainer.max_steps=5", f"{every}=0")
+    assert "resuming from" in proc.stdout and any("val_loss" in r for r in first)
+    assert sorted(p.name for p in cache.iterdir()) == compiled_by_04  # no graph compiled that 04 had not
+    # xla_compiles counts each graph a process compiles or loads from the cache: the fresh run loads 04's graphs,
+    # every one of them once; the resumed run a part of them, nothing more.
+    assert first[-1]["xla_compiles"] == len(compiled_by_04) >= resumed[-1]["xla_compiles"]
