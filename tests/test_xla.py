@@ -104,36 +104,6 @@ def test_autocast_on_xla_trains_fp32_lora_over_a_bf16_base_like_eager_autocast(p
     assert list((work / "xla-cache").iterdir()), "the persistent XLA cache stayed empty"
 
 
-def test_04_fills_the_xla_cache_with_the_training_steps(pipeline, tmp_path):
-    work, overlay = pipeline
-    with socket.socket() as s:  # a free port for the launch's rendezvous, not a fixed one
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(
-        os.environ,
-        PJRT_DEVICE="CPU",
-        NPROC_PER_NODE="1",
-        PRECOMPILE_STEPS="2",
-        MASTER_PORT=str(port),
-        PYTHON=sys.executable,
-    )
-    proc = run_stage(
-        [
-            "bash",
-            "04_precompile.sh",
-            "--config",
-            "config.yaml",
-            "--config",
-            str(overlay),
-            f"xla.cache_dir={tmp_path / 'cache'}",
-        ],
-        env=env,
-    )
-    assert "fill the persistent XLA cache" in proc.stdout
-    assert int(proc.stdout.rsplit("graphs compiled:", 1)[1].split()[0]) > 0
-    assert list((tmp_path / "cache").iterdir())
-
-
 def test_checkpoints_on_xla_compile_once_and_resume_exactly(pipeline):
     work, overlay = pipeline
     # Dropout on: the resumed run must restore torch-xla's generator to draw the uninterrupted run's masks.
@@ -402,7 +372,7 @@ def test_the_self_check_finds_a_torch_xla_kernel_for_every_step_operator_and_nam
     assert train_mod.fallback_ops("XLA", ["histc", "mm>mm.out"]) == ["histc"]  # histc: torch-xla's CPU fallback
 
 
-def test_a_run_and_its_resume_compile_no_graph_that_04_did_not(pipeline, tmp_path):
+def test_04_fills_the_xla_cache_and_a_run_and_its_resume_compile_no_graph_it_did_not(pipeline, tmp_path):
     """04 fills the persistent cache from a fresh run's steps, validations and export; the real run, stopped off its
     log interval after a mid-run validation and a checkpoint, and its resume with LoRA+ to the final evaluation and
     export, find every graph there and add none to the cache."""
@@ -410,14 +380,15 @@ def test_a_run_and_its_resume_compile_no_graph_that_04_did_not(pipeline, tmp_pat
     cache = tmp_path / "cache"
     same = [f"xla.cache_dir={cache}", "model.optim.loraplus_lr_ratio=4", "trainer.val_check_interval=2"]
     env = dict(os.environ, PJRT_DEVICE="CPU", NPROC_PER_NODE="1", PRECOMPILE_STEPS="4", PYTHON=sys.executable)
-    with socket.socket() as s:
+    with socket.socket() as s:  # a free port for the launch's rendezvous, not a fixed one
         s.bind(("127.0.0.1", 0))
         env["MASTER_PORT"] = str(s.getsockname()[1])
-    run_stage(
+    proc = run_stage(
         ["bash", "04_precompile.sh", "--config", "config.yaml", "--config", str(overlay), *STEADY, *same], env=env
     )
+    assert "fill the persistent XLA cache" in proc.stdout
     compiled_by_04 = sorted(p.name for p in cache.iterdir())
-    assert compiled_by_04
+    assert int(proc.stdout.rsplit("graphs compiled:", 1)[1].split()[0]) > 0 and compiled_by_04
     common = ["trainer.accelerator=xla", "model.optim.sched.max_steps=5", "trainer.log_every_n_steps=2", *same]
     every = "exp_manager.checkpoint_callback_params.every_n_train_steps"
     _, first = run(work, overlay, "xla-graphs", *common, "trainer.max_steps=3", f"{every}=3")
