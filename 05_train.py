@@ -411,8 +411,11 @@ class LoRALinear(nn.Module):
         ranks' squares), detached as in the DoRA paper and PEFT."""
         if self.weight.is_meta:  # a memory plan: nothing to compute
             return torch.empty(self.weight.shape[0], device="meta")
+        # detached, so that autocast does not cache its bf16 cast of B or A made here without a gradient: torch 2.9
+        # (trn1's) would reuse that cast in the forward pass, and B would get no gradient
+        b, a = self.lora_B.weight.detach(), self.lora_A.weight.detach()
         with torch.no_grad():
-            squares = (self.weight.float() + self.scaling * (self.lora_B.weight @ self.lora_A.weight)).square().sum(1)
+            squares = (self.weight.float() + self.scaling * (b @ a)).square().sum(1)
             return (self.par.all_reduce(squares, "tp") if self.parallel == "row" else squares).sqrt()
 
     def forward(self, x):

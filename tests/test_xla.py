@@ -355,10 +355,13 @@ def test_dora_rslora_loraplus_and_neftune_on_xla_hold_no_float64_and_compile_not
     assert "ran these operations on the CPU" not in proc.stderr
 
 
-def test_the_smoke_run_on_xla_passes_compiling_nothing_anew_for_its_resume():
-    """The resumed run of the smoke test reuses every graph of the uninterrupted one, and torch-xla runs no operator
-    on the CPU."""
-    proc = run_stage(["05_train.py", "--smoke", "trainer.accelerator=xla"], env=dict(os.environ, PJRT_DEVICE="CPU"))
+def test_the_smoke_run_on_xla_in_bf16_passes_compiling_nothing_anew_for_its_resume():
+    """As trn1 trains (bf16 autocast): every figure within its tolerance of the CPU's fp32 run, the resumed run
+    reusing every graph of the uninterrupted one, and no operator run on the CPU."""
+    proc = run_stage(
+        ["05_train.py", "--smoke", "trainer.accelerator=xla", "precision.type=autocast"],
+        env=dict(os.environ, PJRT_DEVICE="CPU"),
+    )
     checks = {
         line[:32].strip(): line.split()[-1] for line in proc.stdout.splitlines() if line.endswith((" ok", " FAIL"))
     }
@@ -398,3 +401,19 @@ def test_04_fills_the_xla_cache_and_a_run_and_its_resume_compile_no_graph_it_did
     # xla_compiles counts each graph a process compiles or loads from the cache: the fresh run loads 04's graphs,
     # every one of them once; the resumed run a part of them, nothing more.
     assert first[-1]["xla_compiles"] == len(compiled_by_04) >= resumed[-1]["xla_compiles"]
+
+
+def test_dora_under_autocast_on_xla_gives_every_lora_weight_its_gradient(train_mod):
+    """torch 2.9's autocast caches the bf16 cast of a weight even when made without a gradient (DoRA's norm), and
+    the forward pass then reused it: B trained nothing. (torch 2.13 does not; the smoke run on XLA found it.)"""
+    import torch
+    import torch_xla
+
+    torch.manual_seed(0)
+    with torch.device(torch_xla.device()):
+        layer = train_mod.LoRALinear((16, 32), torch.bfloat16)
+        x = torch.randn(8, 32)
+    layer.init_lora(4, 8.0, 0.0, dora=True)
+    with torch.autocast("xla", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert all(p.grad is not None for p in train_mod.lora_parameters(layer))
