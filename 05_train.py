@@ -3428,8 +3428,9 @@ def write_run_checkpoint(root, state, par, params, optimizer, write_adapter, dev
         shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of the same step, from before a resume
         os.replace(tmp, final)
         fsync_path(root)
-        complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp")  # names sort by step
-        for old in complete[:-keep] + [p for p in root.glob("step_*.tmp")]:  # and unfinished writes of killed runs
+        own = own_checkpoints(root)
+        complete = [p for p in own if p.suffix != ".tmp" and (p / "trainer_state.json").is_file()]
+        for old in complete[:-keep] + [p for p in own if p.suffix == ".tmp"]:  # and unfinished writes of killed runs
             shutil.rmtree(old, ignore_errors=True)
     par.barrier()
     return final
@@ -3454,9 +3455,17 @@ def checkpoint_problem(path):
     return None
 
 
+def own_checkpoints(root):
+    """The checkpoint directories this stage writes under `root`, oldest first: step_<digits>, and step_<digits>.tmp
+    while one is written. Anything else there (a copy of yours, step_0000100_best say) is never rotated, resumed from
+    or removed."""
+    found = [(int(m[1]), p) for p in Path(root).glob("step_*") if (m := re.fullmatch(r"step_(\d+)(\.tmp)?", p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def newest_checkpoint(run_dir):
     """The newest complete, intact checkpoint of a run directory; broken ones are named in a warning."""
-    for path in sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True):
+    for path in reversed(own_checkpoints(Path(run_dir) / "checkpoints")):
         problem = "an unfinished write (.tmp)" if path.name.endswith(".tmp") else checkpoint_problem(path)
         if problem is None:
             return path
@@ -3500,9 +3509,9 @@ def resume_point(c, par):
         resume = c["exp_manager.resume_if_exists"]
         if run_dir is None and resume:  # the newest unfinished run of this experiment that has a checkpoint
             runs = [
-                p.parents[1]
-                for p in sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob("*/checkpoints/step_*"))
-                if not (p.parents[1] / "final" / "adapter").exists()
+                d
+                for d in sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob("*"))
+                if own_checkpoints(d / "checkpoints") and not (d / "final" / "adapter").exists()
             ]
             run_dir = runs[-1] if runs else None
         if run_dir is None:

@@ -210,6 +210,26 @@ def test_an_in_process_run_gives_the_sigterm_handler_back(pipeline):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_rotation_and_resume_touch_only_this_run_s_checkpoints_never_copies_of_yours(pipeline):
+    """step_<digits> directories with their trainer_state.json are the run's; a copy named otherwise, a directory
+    named step_best, a file of notes: rotation keeps them and a resume steps around them."""
+    work, overlay = pipeline
+    every = ["exp_manager.checkpoint_callback_params.every_n_train_steps=1", "evaluation.generate.num_prompts=0"]
+    train(work, overlay, "own", "trainer.max_steps=2", "model.optim.sched.max_steps=4", *every)
+    checkpoints = work / "own" / "checkpoints"
+    shutil.copytree(checkpoints / "step_0000002", checkpoints / "step_0000002_best")
+    (checkpoints / "step_best").mkdir()
+    (checkpoints / "notes.txt").write_text("the best one so far\n")
+    records = train(work, overlay, "own", "trainer.max_steps=4", "model.optim.sched.max_steps=4", *every)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "notes.txt",
+        "step_0000002_best",
+        "step_0000004",
+        "step_best",
+    ]
+
+
 def test_a_checkpoint_holds_the_adapter_optimizer_and_rng_but_no_base_weights(references):
     from safetensors.torch import load_file
 
