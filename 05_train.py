@@ -1892,22 +1892,32 @@ def checkpoint_every(c):
 
 @contextlib.contextmanager
 def stop_requests():
-    """SIGTERM (a scheduler's preemption; torchrun passing one on) is recorded in the yielded list instead of
-    ending the process, so the loop can finish its step and checkpoint; the previous handler returns after."""
+    """SIGTERM (a scheduler's preemption; torchrun passing one on) and Ctrl-C (SIGINT) are recorded in the yielded
+    list instead of ending the process, so the loop can finish its step and checkpoint; a second Ctrl-C stops at
+    once (exit 1, no traceback). The previous handlers return after."""
     requests = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requests.append(signum))
+
+    def request(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in requests:
+            raise SystemExit("stopped by a second Ctrl-C, without a checkpoint of this step")
+        requests.append(signum)
+        if signum == signal.SIGINT:
+            print("Ctrl-C: finishing this step and writing a checkpoint (press it again to stop at once)")
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield requests
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train_loop(run, stop):
     """Steps start..max_steps with logging, validation and run checkpoints. Device values are read only at log
     intervals, before a checkpoint and at the end (LogInterval); a non-finite step is skipped on the device and,
     with trainer.nonfinite=stop, stops the run at the next read. A stop request (`stop`, filled by stop_requests on
-    SIGTERM) on any rank ends the run after the current step with a checkpoint. Returns (the log interval with the
-    run's totals, the step the run stopped after or None)."""
+    SIGTERM or Ctrl-C) on any rank ends the run after the current step with a checkpoint. Returns (the log interval
+    with the run's totals, the step the run stopped after or None)."""
     c, par = run.c, run.par
     max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
     peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
@@ -2367,8 +2377,9 @@ def main(argv=None):
         raise
     if stopped_after is not None:
         run.metrics.close()
+        cause = signal.Signals(stop[0]).name if stop else "another rank's stop request"
         print(
-            f"stopped by SIGTERM after step {stopped_after}; resume with exp_manager.resume_if_exists=true "
+            f"stopped by {cause} after step {stopped_after}; resume with exp_manager.resume_if_exists=true "
             f"(checkpoint {run.last_checkpoint})"
         )
         return
@@ -4759,3 +4770,5 @@ if __name__ == "__main__":
         main()
     except StageError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # outside the training steps (there, Ctrl-C finishes the step and checkpoints)
+        sys.exit("stopped by Ctrl-C; every output is written whole or not at all")

@@ -186,6 +186,30 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(references):
     same_run(work / "term", work / "ref-packing-True")
 
 
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_0_like_sigterm(references):
+    work, overlay = references
+    proc = start(work, overlay, "sigint")
+    wait_until_step(proc, work / "sigint", 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    stopped = int(out.split("stopped by SIGINT after step ")[1].split(";")[0])
+    assert (work / "sigint" / "checkpoints" / f"step_{stopped:07d}" / "trainer_state.json").exists()
+    run_to_end(work, overlay, "sigint")
+    same_run(work / "sigint", work / "ref-packing-True")
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(train_mod):
+    """SystemExit with a message: Python prints the line, no traceback, exit status 1."""
+    before = signal.getsignal(signal.SIGINT)
+    with train_mod.stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop == [signal.SIGINT]
+        with pytest.raises(SystemExit, match="^stopped by a second Ctrl-C, without a checkpoint of this step$"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_sigterm_to_torchrun_stops_every_worker_after_the_same_step_with_a_checkpoint(references):
     """torchrun passes SIGTERM on to every worker and gives them --shutdown-timeout seconds (30 by default) before
     SIGKILL; the workers agree on the step to stop after, write one checkpoint and exit 0; torchrun itself then
