@@ -835,7 +835,7 @@ def load_config(paths, overrides):
     cfg = None
     for path in paths:
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
         except FileNotFoundError:
             raise StageError(f"{path}: config file not found") from None
         except IsADirectoryError:
@@ -857,6 +857,20 @@ def load_config(paths, overrides):
             value = {part: value}
         overlay(cfg, value, "command line")
     return cfg
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML would keep the last one silently:
+    a second `trainer:` section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' written twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def yaml_error_place(e):
@@ -958,7 +972,10 @@ def resolve(cfg, schema):
 
 
 def within(x, bounds):
-    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end."""
+    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end; never an
+    infinity or NaN."""
+    if not -float("inf") < x < float("inf"):
+        return False
     if bounds.startswith(">"):
         op, limit = bounds.split()
         return x >= float(limit) if op == ">=" else x > float(limit)

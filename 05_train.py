@@ -249,6 +249,12 @@ def check_settings(c, launched=True):
             f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
             f"choose among {list(LORA_TARGETS)}"
         )
+    sched_end, warmup = c["model.optim.sched.max_steps"], c["model.optim.sched.warmup_steps"]
+    if sched_end is not None and sched_end < warmup:
+        problems.append(
+            f"'model.optim.sched.max_steps' ({sched_end}) must be >= 'model.optim.sched.warmup_steps' ({warmup}), or "
+            f"null (the decay then ends at trainer.max_steps); below it the learning rate would rise to the end"
+        )
     if c["model.attention"] == "causal" and c["model_alignment_strategy.sft.packing"]:
         problems.append(
             "'model.attention: causal' would let packed documents attend to each other; use it only "
@@ -2027,7 +2033,6 @@ def parse_args(argv):
         "--inspect-data",
         type=int,
         metavar="N",
-        default=0,
         help="print N training windows with the trained tokens marked [[like this]], then exit",
     )
     ap.add_argument(
@@ -2053,6 +2058,16 @@ def parse_args(argv):
         help="check the config's keys, types, ranges and cross-key rules (no files read), then exit",
     )
     return ap.parse_intermixed_args(argv)
+
+
+def check_modes(args):
+    """--inspect-data N (N >= 1), --dry-run, --neuron-env, --check-config and --smoke are each a mode of its own."""
+    if args.inspect_data is not None and args.inspect_data < 1:
+        raise StageError(f"--inspect-data {args.inspect_data}: the number of windows to show must be >= 1")
+    modes = ("inspect_data", "dry_run", "neuron_env", "check_config", "smoke")
+    given = [f"--{m.replace('_', '-')}" for m in modes if getattr(args, m) not in (None, False)]
+    if len(given) > 1:
+        raise StageError(f"{' and '.join(given)} cannot be combined: each is a mode of its own; give one")
 
 
 def prepare_settings(c, args):
@@ -2300,6 +2315,7 @@ def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
         sys.stdout = open(os.devnull, "w")
+    check_modes(args)
     if args.smoke:
         return smoke(args)
     paths = args.config or ["config.yaml"]
@@ -3923,8 +3939,8 @@ def smoke(args):
     """Two runs on the device (4 steps with validations and checkpoints, then, in this process, a resume from its
     step 2) and the same run on the CPU in fp32; prints the table of checks and the time of each part, and fails if
     a check does."""
-    if args.config or args.dry_run or args.inspect_data or args.neuron_env or args.check_config:
-        raise StageError("--smoke builds its own model and settings: give it overrides only, no --config or mode")
+    if args.config:
+        raise StageError("--smoke builds its own model and settings: give it overrides only, no --config")
     c, arch = smoke_settings(args.overrides)
     started = time.perf_counter()
     device, par = open_device(c, arch)
@@ -4436,7 +4452,7 @@ def load_config(paths, overrides):
     cfg = None
     for path in paths:
         try:
-            data = yaml.safe_load(Path(path).read_text())
+            data = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
         except FileNotFoundError:
             raise StageError(f"{path}: config file not found") from None
         except IsADirectoryError:
@@ -4458,6 +4474,20 @@ def load_config(paths, overrides):
             value = {part: value}
         overlay(cfg, value, "command line")
     return cfg
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML would keep the last one silently:
+    a second `trainer:` section would drop the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' written twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def yaml_error_place(e):
@@ -4559,7 +4589,10 @@ def resolve(cfg, schema):
 
 
 def within(x, bounds):
-    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end."""
+    """x satisfies a range of the schema: '>= a', '> a' or 'in [a, b)' with either bracket at either end; never an
+    infinity or NaN."""
+    if not -float("inf") < x < float("inf"):
+        return False
     if bounds.startswith(">"):
         op, limit = bounds.split()
         return x >= float(limit) if op == ">=" else x > float(limit)

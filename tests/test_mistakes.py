@@ -82,6 +82,10 @@ def prepared_is_a_file(home, world):
     (home / "t.jsonl.prepared").write_text("a file of the user's\n")
 
 
+def section_twice(home):
+    (home / "twice.yaml").write_text("trainer:\n  max_steps: 3\ntrainer:\n  log_every_n_steps: 1\n")
+
+
 @dataclass
 class Case:
     id: str
@@ -176,6 +180,41 @@ CASES = [
         "'data.download.part_size_mb' must be >= 1",
     ),
     Case("missing-config-file", "05_train.py", ["--config", "{h}/none.yaml"], "{h}/none.yaml: config file not found"),
+    Case(
+        "section-written-twice",
+        "05_train.py",
+        ["--config", "{h}/twice.yaml"],
+        "{h}/twice.yaml:3:1: not valid YAML (key 'trainer' written twice)",
+        setup=lambda h, w: section_twice(h),
+    ),
+    Case(
+        "01-section-written-twice",
+        "01_download_data.py",
+        ["--config", "{h}/twice.yaml"],
+        "{h}/twice.yaml:3:1: not valid YAML (key 'trainer' written twice)",
+        setup=lambda h, w: section_twice(h),
+    ),
+    Case("infinite-lr", "05_train.py", ["model.optim.lr=.inf"], "'model.optim.lr' must be > 0, got inf"),
+    Case(
+        "infinite-neftune",
+        "05_train.py",
+        ["model_alignment_strategy.sft.neftune_noise_alpha=.inf"],
+        "'model_alignment_strategy.sft.neftune_noise_alpha' must be > 0, got inf",
+    ),
+    Case(
+        "decay-ends-before-warmup",
+        "05_train.py",
+        ["model.optim.sched.max_steps=3", "model.optim.sched.warmup_steps=5"],
+        "'model.optim.sched.max_steps' (3) must be >= 'model.optim.sched.warmup_steps' (5)",
+    ),
+    Case("inspect-zero", "05_train.py", ["--inspect-data", "0"], "--inspect-data 0: the number of windows to show"),
+    Case("inspect-negative", "05_train.py", ["--inspect-data", "-1"], "--inspect-data -1: the number of windows"),
+    Case(
+        "dry-run-and-inspect",
+        "05_train.py",
+        ["--dry-run", "--inspect-data", "1"],
+        "--inspect-data and --dry-run cannot be combined",
+    ),
     Case("misspelt-option", "05_train.py", ["--dry_run"], "did you mean '--dry-run'"),
     Case("laptop-first-run", "05_train.py", [], "make demo", plain=True),
     Case("04-typo", "04_precompile.sh", ["trainer.max_step=3"], "did you mean 'trainer.max_steps'?"),
