@@ -27,14 +27,21 @@
 #   the active environment, e.g. the Neuron DLAMI's - and .venv/bin/python that has torch-xla).
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")"
+# Paths given on the command line (--config, overrides) are the caller's, as for the Python stages: 04 stays in the
+# caller's directory and finds 05 (and the project's .venv) next to itself.
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+STAGE05="$HERE/05_train.py"
 
 for arg in "$@"; do
   if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then  # the header above, without its comment marks
-    sed -n '2,/^set -euo/p' "$(basename "${BASH_SOURCE[0]}")" | sed '$d' | sed -E 's/^# ?//'
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed -E 's/^# ?//'
     exit 0
   fi
 done
+if [ ! -f "$STAGE05" ]; then
+  echo "error: 04 runs 05_train.py, which is not next to it ($HERE); copy the two stages together" >&2
+  exit 1
+fi
 
 has_module() { "$1" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$2') is None)" 2>/dev/null; }
 
@@ -44,11 +51,11 @@ if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
 else
   PY=""
-  for cand in "$(command -v python3 || true)" "$(command -v python || true)" .venv/bin/python; do
+  for cand in "$(command -v python3 || true)" "$(command -v python || true)" "$HERE/.venv/bin/python"; do
     if [ -n "$cand" ] && [ -x "$cand" ] && has_module "$cand" torch_xla; then PY=$cand; break; fi
   done
   if [ -z "$PY" ]; then
-    PY=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
+    PY=$( [ -x "$HERE/.venv/bin/python" ] && echo "$HERE/.venv/bin/python" || echo python3 )
   fi
 fi
 STEPS=${PRECOMPILE_STEPS:-10}
@@ -62,13 +69,13 @@ STEP_ARGS=("trainer.max_steps=${STEPS}" "exp_manager.create_tensorboard_logger=f
            "exp_manager.checkpoint_callback_params.every_n_train_steps=0" "trainer.accelerator=xla")
 
 # The config, validated as 05 validates it (05 prints the one-line error), before anything is launched.
-"$PY" 05_train.py "$@" --check-config || exit 1
+"$PY" "$STAGE05" "$@" --check-config || exit 1
 
 # The config's Neuron variables, exported here: neuron_parallel_compile compiles into NEURON_COMPILE_CACHE_URL
 # itself, so the workers alone having it is not enough; MALLOC_ARENA_MAX takes effect only from a process's start.
 export_neuron_environment() {
   local lines
-  lines=$("$PY" 05_train.py "$@" --neuron-env)
+  lines=$("$PY" "$STAGE05" "$@" --neuron-env)
   eval "$lines"
   echo "04: Neuron compiler cache: ${NEURON_COMPILE_CACHE_URL}; NEURON_CC_FLAGS: ${NEURON_CC_FLAGS}"
 }
@@ -81,7 +88,7 @@ if command -v neuron_parallel_compile >/dev/null 2>&1; then
   fi
   export_neuron_environment "$@"
   echo "04: Neuron compiler found: extracting graphs from ${STEPS} training steps with $PY, then compiling them in parallel"
-  neuron_parallel_compile "${TORCHRUN[@]}" 05_train.py "$@" "${STEP_ARGS[@]}" 2>&1 | tee "${SCRATCH}/compile.log"
+  neuron_parallel_compile "${TORCHRUN[@]}" "$STAGE05" "$@" "${STEP_ARGS[@]}" 2>&1 | tee "${SCRATCH}/compile.log"
   # A warm cache: every extracted graph is compiled already, and the tool returns before its totals.
   if grep -q "No todo hlos found" "${SCRATCH}/compile.log" && ! grep -q "Total graphs" "${SCRATCH}/compile.log"; then
     echo "04: every graph of these steps is in the Neuron cache (${NEURON_COMPILE_CACHE_URL}) already:" \
@@ -106,7 +113,7 @@ fi
 if has_module "$PY" torch_xla; then
   export_neuron_environment "$@"
   echo "04: torch-xla found (no Neuron compiler): running ${STEPS} steps with $PY to fill the persistent XLA cache (xla.cache_dir)"
-  "${TORCHRUN[@]}" 05_train.py "$@" "${STEP_ARGS[@]}"
+  "${TORCHRUN[@]}" "$STAGE05" "$@" "${STEP_ARGS[@]}"
   compiled=$(grep -oE '"xla_compiles": [0-9]+' "${SCRATCH}/run/metrics.jsonl" | tail -n 1 | grep -oE "[0-9]+$" || true)
   echo "04: graphs compiled: ${compiled}"
   if [ "${compiled:-0}" -eq 0 ]; then
@@ -118,4 +125,4 @@ fi
 
 echo "04: no Trainium compiler and no torch-xla here: 05 runs eagerly on CPU/CUDA, so there is nothing to"
 echo "    compile ahead of time. Nothing done. On a trn1 host with the Neuron SDK this stage would run:"
-echo "    neuron_parallel_compile ${TORCHRUN[*]} 05_train.py $* ${STEP_ARGS[*]}"
+echo "    neuron_parallel_compile ${TORCHRUN[*]} $STAGE05 $* ${STEP_ARGS[*]}"

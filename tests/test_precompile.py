@@ -4,7 +4,7 @@ import os
 import stat
 import sys
 
-from conftest import run_stage
+from conftest import ROOT, run_stage
 
 # Stands in for the Neuron SDK's neuron_parallel_compile, which only Trainium hosts have: it records the command
 # it was given and the environment it was given it in, and prints the summary lines that the real tool prints
@@ -78,12 +78,13 @@ def recorded(tmp_path):
 def test_on_trainium_the_training_launch_runs_under_neuron_parallel_compile(tmp_path):
     proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml", "seed=7"], env=with_tool(tmp_path))
     argv, _ = recorded(tmp_path)
-    launch = argv[: argv.index("05_train.py")]
+    stage = argv.index(str(ROOT / "05_train.py"))  # the 05 next to 04, whatever the caller's directory
+    launch = argv[:stage]
     assert launch[1:3] == ["-m", "torch.distributed.run"]
     assert " ".join(launch[3:]) == (
         "--nproc_per_node 32 --nnodes 2 --node_rank 1 --master_addr node0 --master_port 41000"
     )
-    args = argv[argv.index("05_train.py") + 1 :]
+    args = argv[stage + 1 :]
     assert args[:3] == ["--config", "config.yaml", "seed=7"]
     assert "trainer.max_steps=10" in args and "trainer.accelerator=xla" in args
     assert "Total graphs: 22" in proc.stdout and "Total failed compilations: 0" in proc.stdout
@@ -151,3 +152,21 @@ def test_trainium_without_a_torch_xla_interpreter_is_refused(tmp_path):
 def test_without_xla_there_is_nothing_to_compile(tmp_path):
     proc = run_stage(["bash", "04_precompile.sh", "--config", "config.yaml"])
     assert proc.returncode == 0 and "nothing to" in proc.stdout
+
+
+def test_config_paths_are_the_callers_as_for_the_python_stages(tmp_path):
+    """From a project of the user's, --config my.yaml is the user's file (a typo in it is found), not the repository's
+    config.yaml."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "my.yaml").write_text("trainer:\n  max_step: 3\n")
+    command = ["bash", str(ROOT / "04_precompile.sh"), "--config", str(ROOT / "config.yaml"), "--config", "my.yaml"]
+    proc = run_stage(command, cwd=project, check=False)
+    assert proc.returncode == 1 and "my.yaml: unknown key 'trainer.max_step'" in proc.stderr
+
+
+def test_04_copied_without_05_says_so_in_one_line(tmp_path):
+    (tmp_path / "04_precompile.sh").write_text((ROOT / "04_precompile.sh").read_text())
+    proc = run_stage(["bash", str(tmp_path / "04_precompile.sh"), "--config", "config.yaml"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert "04 runs 05_train.py, which is not next to it" in proc.stderr
