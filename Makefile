@@ -3,7 +3,7 @@
 # make smoke  set up .venv if missing, then run 05's smoke run on the CPU (a tiny random model through the whole
 #             device path, against the same run on the CPU in fp32; on a new device: see the README)
 # make bench  run the CPU benchmarks under bench/: 05's step vs transformers + peft, and stage 03's conversion
-# make clean  remove the demo's outputs (work/demo, runs/demo)
+# make clean  delete the demo's directories, work/demo and runs/demo, with anything trained there (it says so)
 # make test-xla  build .venv-xla (torch 2.9.0 + torch-xla 2.9.0, about 7.6 GB, ~2 min from a fast mirror) and run
 #                the tests marked xla on XLA's CPU device; fails if torch-xla cannot be imported or no test runs
 #                (CI runs it after `make test`)
@@ -29,7 +29,6 @@ demo: venv
 	DEMO_GGUF=$$DEMO_GGUF $(PY) 02_download_model.py $(DEMO) && \
 	$(PY) 03_convert_checkpoint.py $(DEMO) --overwrite && \
 	bash 04_precompile.sh $(DEMO) && \
-	rm -rf runs/demo && \
 	$(PY) 05_train.py $(DEMO)
 
 # The formatter and linter first (settings in pyproject.toml; `.venv/bin/ruff format .` fixes the layout), then
@@ -62,4 +61,5 @@ bench: venv
 	$(PY) bench/convert_bench.py
 
 clean:
+	@echo "make clean: deleting work/demo (the demo's data, weights and checkpoint) and runs/demo (its run, and any run trained there with demo.yaml)"
 	rm -rf work/demo runs/demo

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import DEMO_DATA, load_stage, make_hf_model, run_stage, write_overlay
+from conftest import DEMO_DATA, ROOT, load_stage, make_hf_model, run_stage, write_overlay
 
 
 def stage(name, overlay, *args, check=True):
@@ -174,3 +174,14 @@ def test_05_a_failed_data_preparation_leaves_no_directory(pipeline, tmp_path):
     assert proc.returncode == 1 and f"{data}:2: not valid JSON" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
     assert [p.name for p in data.parent.iterdir()] == ["train.jsonl"]
+
+
+def test_no_make_target_but_clean_deletes_anything_and_clean_says_what_it_deletes():
+    """make demo used to `rm -rf runs/demo`, a run trained there with demo.yaml included; now 05 resumes or refuses."""
+    import re
+
+    recipes = re.findall(r"^([\w-]+):[^\n]*\n((?:\t[^\n]*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    deleting = {target for target, body in recipes if re.search(r"\brm\b", body)}
+    assert deleting == {"clean"}
+    clean = dict(recipes)["clean"]
+    assert clean.index("@echo") < clean.index("rm -rf") and "runs/demo" in clean.split("rm -rf")[0]
