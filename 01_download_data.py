@@ -842,6 +842,8 @@ def format_mismatch(row, present, fmt):
         if missing and not unused
         else f"field '{sorted(unused)[0]}' is not used by the {name} format"
         if unused and not missing
+        else f"its fields do not fit the {fmt} format that data.format asks for"
+        if fmt != "auto"
         else "its fields fit no record format"
     )
     return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"

@@ -2329,12 +2329,11 @@ def main(argv=None):
         print("config: keys, types, ranges and cross-key rules OK")
         return
     arch = prepare_settings(c, args)
-    device, par = (None, None) if args.dry_run or args.inspect_data else open_device(c, arch)
+    if args.dry_run:
+        return dry_run(c, arch)
+    device, par = (None, None) if args.inspect_data else open_device(c, arch)
     # The run directory, and whether this launch continues its run, before any data is prepared or model loaded.
     where = None if args.inspect_data else resume_point(c, par)
-    if args.dry_run:
-        dry_run(c, arch, where)
-        return
 
     # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
     tokenizer = load_tokenizer(c)
@@ -3551,9 +3550,12 @@ def resume_point(c, par):
         run_checkpoint = newest_checkpoint(run_dir) if resume else None
         reached = int(run_checkpoint.name.removeprefix("step_")) if run_checkpoint else 0
         if (run_dir / "final" / "adapter").exists() and (run_checkpoint is None or reached >= c["trainer.max_steps"]):
+            on = (
+                "raise trainer.max_steps to train it on" if resume else "set exp_manager.resume_if_exists=true to go on"
+            )
             raise StageError(
                 f"run directory {run_dir} holds a finished run (final/adapter); remove it, choose "
-                f"another exp_manager.explicit_log_dir, or raise trainer.max_steps to train it on"
+                f"another exp_manager.explicit_log_dir, or {on}"
             )
         if (run_dir / "metrics.jsonl").exists() and not resume:
             raise StageError(
@@ -3750,26 +3752,18 @@ def memory_estimate(arch, c, tp, supervised_per_row, trainium):
     }
 
 
-def dry_run(c, arch, where):
+def dry_run(c, arch):
     """The plan of a run, and every check its inputs allow now; StageError on the first problem. It needs only
     model.model_config: the tokenizer and data, and the converted checkpoint, are checked where they exist and
     named as skipped where they do not (memory is then planned with every position supervised). It plans for the
     configured device from any host, opening none: trn1 with trainer.accelerator=xla (the checkpoint's
-    hw_backend), trn2/trn3 with neuron, with their datasheet memory."""
-    skipped, supervised_per_row = [], c["data.seq_length"]
-    data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
-    if (tok_dir / "tokenizer.json").is_file() and (str(data).startswith("hf://") or Path(data).exists()):
-        tokenizer = load_tokenizer(c)
-        train = load_split(data, tokenizer, c, "train", None)
-        val = load_split(c["data.val_dir"], tokenizer, c, "val", None) if c["data.val_dir"] else None
-        supervised_per_row = int(train.supervised.max())
-        if where.checkpoint:
-            same_inputs(where.checkpoint, run_inputs(c, train, val))
-    else:
-        skipped.append(
-            f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every "
-            f"position supervised"
-        )
+    hw_backend), trn2/trn3 with neuron, with their datasheet memory. A run directory that a launch would refuse
+    (a finished run, say) is reported after the plan."""
+    try:
+        where, refusal = resume_point(c, None), None
+    except StageError as e:
+        where, refusal = None, e
+    supervised_per_row, skipped = planned_data(c, where)
     base_dir, tp = Path(c["exp_manager.resume_from_checkpoint"]), c["distributed_strategy.tensor_model_parallel_size"]
     if any((base_dir / "model").glob("*.pt")):
         _, dtype = check_shards(
@@ -3833,7 +3827,25 @@ def dry_run(c, arch, where):
         f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
         f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained"
     )
+    if refusal is not None:
+        raise StageError(f"the plan fits, but a launch would stop at its run directory: {refusal}")
     print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
+
+
+def planned_data(c, where):
+    """(the most supervised positions of a training window, what was skipped) for the plan: the tokenizer where its
+    directory exists (one that is broken is refused as a real run refuses it), and the data, prepared, where both
+    exist."""
+    data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
+    tokenizer = load_tokenizer(c) if tok_dir.exists() else None
+    if tokenizer is None or not (str(data).startswith("hf://") or Path(data).exists()):
+        why = f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every position"
+        return c["data.seq_length"], [why + " supervised"]
+    train = load_split(data, tokenizer, c, "train", None)
+    val = load_split(c["data.val_dir"], tokenizer, c, "val", None) if c["data.val_dir"] else None
+    if where is not None and where.checkpoint:
+        same_inputs(where.checkpoint, run_inputs(c, train, val))
+    return int(train.supervised.max()), []
 
 
 def totals_gib(est):
@@ -4369,6 +4381,8 @@ def format_mismatch(row, present, fmt):
         if missing and not unused
         else f"field '{sorted(unused)[0]}' is not used by the {name} format"
         if unused and not missing
+        else f"its fields do not fit the {fmt} format that data.format asks for"
+        if fmt != "auto"
         else "its fields fit no record format"
     )
     return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"

@@ -114,6 +114,11 @@ def test_a_forced_format_refuses_the_fields_it_would_not_use(train_mod):
         train_mod.normalize({"instruction": "I", "input": "Q", "output": "A"}, "input_output")
 
 
+def test_a_record_that_does_not_fit_the_forced_format_is_named_so(train_mod):
+    with pytest.raises(train_mod.BadRecord, match="its fields do not fit the alpaca format that data.format asks for"):
+        train_mod.normalize({"instruction": "I", "response": "R"}, "alpaca")  # a dolly record
+
+
 def test_renamed_fields_are_recognised(train_mod):
     assert train_mod.normalize(
         {"question": "Q", "answer": "A"}, renames=[("question", "input"), ("answer", "output")]

@@ -374,6 +374,13 @@ CASES = [
         "data.tokenizer.type: {h}/tok has no tokenizer.json",
         setup=tokenizer_without_json,
     ),
+    Case(
+        "05-dry-run-tokenizer-without-json",
+        "05_train.py",
+        ["data.tokenizer.type={h}/tok", "--dry-run"],
+        "data.tokenizer.type: {h}/tok has no tokenizer.json",
+        setup=tokenizer_without_json,
+    ),
     Case("05-missing-data", "05_train.py", ["data.train_dir={h}/none.jsonl"], "data file {h}/none.jsonl not found"),
     Case(
         "05-invalid-json-line",
@@ -463,8 +470,15 @@ CASES = [
     Case(
         "05-fresh-start-refused",
         "05_train.py",
-        ["exp_manager.explicit_log_dir={w}/run", "exp_manager.resume_if_exists=false"],
-        "holds a finished run",
+        ["exp_manager.explicit_log_dir={w}/run", "exp_manager.resume_if_exists=false", "trainer.max_steps=9"],
+        "holds a finished run (final/adapter); remove it, choose another exp_manager.explicit_log_dir, or set "
+        "exp_manager.resume_if_exists=true to go on",
+    ),
+    Case(
+        "05-dry-run-on-a-finished-run",
+        "05_train.py",
+        ["exp_manager.explicit_log_dir={w}/run", "--dry-run"],
+        "the plan fits, but a launch would stop at its run directory: run directory {w}/run holds a finished run",
     ),
     Case(
         "05-resume-other-settings",
