@@ -72,8 +72,8 @@ Features, their keys, and the functions that implement them
 
 Commands
   CPU:        python 05_train.py --config config.yaml --config demo.yaml
-  CPU, TP 2:  torchrun --standalone --nproc_per_node 2 05_train.py --config config.yaml --config demo.yaml \
-                  distributed_strategy.tensor_model_parallel_size=2   (checkpoint converted by 03 with TP 2)
+  CPU, TP 3:  torchrun --standalone --nproc_per_node 3 05_train.py --config config.yaml --config demo.yaml \
+                  distributed_strategy.tensor_model_parallel_size=3   (the demo's 9 heads; converted by 03 with TP 3)
   CUDA:       torchrun --standalone --nproc_per_node 8 05_train.py --config config.yaml trainer.accelerator=cuda \
                   distributed_strategy.tensor_model_parallel_size=8 distributed_strategy.kv_replicator=1
   trn1:       torchrun --nproc_per_node 32 05_train.py --config config.yaml     (trn1.32xlarge: TP 32, XLA)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_hf_model, run_stage, tiny_settings, write_overlay
+from conftest import ROOT, load_stage, make_hf_model, run_stage, tiny_settings, write_overlay
 
 LLAMA3_8B = dict(
     vocab=128256,
@@ -309,3 +309,53 @@ def test_one_physical_core_per_process_halves_memory_and_peak(train_mod, pipelin
     assert train_mod.device_memory(c) == (12, "trn2 NeuronCore datasheet, per logical core at LNC 1")
     assert train_mod.neuron_datasheet("trn2") == (166.75 / 2, 45.25 / 2, 12)
     assert train_mod.neuron_datasheet("trn1") == (95, 23.75, 16)  # trn1 has no logical cores
+
+
+# SmolLM2-135M-Instruct's config.json (the demo's model): 9 Q heads over 3 KV heads.
+SMOLLM2 = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    torch_dtype="bfloat16",
+)
+
+
+def documented_demo_launches():
+    """The arguments of every documented command that trains the demo with 05 (README, 05's --help)."""
+    import re
+
+    texts = [(ROOT / "README.md").read_text(), load_stage("05_train.py").__doc__]
+    for text in texts:
+        for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+            if "05_train.py --config config.yaml --config demo.yaml" in line:
+                yield line.split("05_train.py", 1)[1].split("(")[0].split("#")[0].split()
+
+
+def test_every_documented_demo_launch_plans_on_the_demo_model(tmp_path):
+    """Each documented way to train the demo gets through --dry-run on SmolLM2-135M's shapes (a TP of 2, which 9
+    heads do not split into, did not)."""
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    launches = list(documented_demo_launches())
+    assert len(launches) >= 3 and any("distributed_strategy.tensor_model_parallel_size=3" in a for a in launches)
+    for args in launches:
+        proc = run_stage(
+            [
+                "05_train.py",
+                *args,
+                f"model.model_config={tmp_path / 'config.json'}",
+                f"exp_manager.resume_from_checkpoint={tmp_path / 'not-converted'}",
+                f"data.tokenizer.type={tmp_path / 'no-tokenizer'}",
+                f"exp_manager.explicit_log_dir={tmp_path / 'run'}",
+                "--dry-run",
+            ],
+            check=False,
+        )
+        assert proc.returncode == 0, f"{args}: {proc.stderr[-1000:]}"
