@@ -41,8 +41,9 @@ Outputs
                                   with its reason, duplicates, token length statistics (when
                                   data.tokenizer.type exists already), resolved config
   A re-run whose source and output are unchanged (checked by ETag or checksum) does nothing and says so; a
-  changed source replaces the earlier output. An existing path that 01 did not write (no manifest beside it: a
-  directory, the source itself, a file of yours) is refused before anything is downloaded, and left as it is.
+  changed source replaces the earlier output, unless that output was edited since 01 wrote it (its sha256 is not
+  the manifest's): then only --overwrite replaces it. An existing path that 01 did not write (no manifest beside
+  it: a directory, the source itself, a file of yours) is refused before anything is downloaded, and left as it is.
 
 Main keys
   data.download.train_uri, data.download.val_uri   sources
@@ -445,10 +446,10 @@ def written_here(dest):
     return isinstance(manifest, dict) and "output_sha256" in manifest
 
 
-def check_output(uri, dest, key):
+def check_output(uri, dest, key, overwrite=False):
     """Pre-flight for one split, before anything is downloaded: the destination is a file path that can be
     written, and what is there already is an earlier output of this stage (never the source, a directory or
-    a file of the user's)."""
+    a file of the user's) as 01 wrote it: one edited since is replaced with `overwrite` only."""
     if not uri.startswith(("s3://", "https://", "http://", "hf://")) and local_path(uri).resolve() == dest.resolve():
         raise StageError(
             f"{key}: {dest} is also the split's source ({uri}); 01 never replaces its source: point {key} at a new file"
@@ -462,6 +463,13 @@ def check_output(uri, dest, key):
         refuse_foreign(dest, key, f"no {manifest_of(dest).name} beside it")
     if manifest_of(dest).exists() and not written_here(dest):
         refuse_foreign(manifest_of(dest), key, "not a manifest of this stage")
+    if dest.exists() and not overwrite:
+        if json.loads(manifest_of(dest).read_text())["output_sha256"] != file_sha256(dest):
+            raise StageError(
+                f"{key}: {dest} was changed since 01 wrote it (its sha256 is not the one in "
+                f"{manifest_of(dest).name}), so it is left as it is: move it away, choose another path, or add "
+                f"--overwrite to replace it"
+            )
     work = download_dir(dest)
     remote = uri.startswith(("s3://", "https://", "http://"))
     if remote and work.exists() and any(work.iterdir()) and not (work / DOWNLOAD_MARKER).is_file():
@@ -578,7 +586,9 @@ def download_split(uri, dest, c):
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
-    args = config_arg_parser(__doc__).parse_intermixed_args(argv)
+    ap = config_arg_parser(__doc__)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of 01 that was edited since")
+    args = ap.parse_intermixed_args(argv)
     paths = args.config or ["config.yaml"]
     c = resolve(load_config(paths, args.overrides), SCHEMA)
     show_settings(c, paths, args.overrides, SCHEMA)
@@ -590,7 +600,7 @@ def main(argv=None):
     if len(splits) == 2 and Path(splits[0][1]).absolute() == Path(splits[1][1]).absolute():
         raise StageError(f"data.train_dir and data.val_dir are the same file {splits[0][1]}; give each split its own")
     for uri, dest, key in splits:  # every output checked before anything is downloaded
-        check_output(uri, Path(dest), key)
+        check_output(uri, Path(dest), key, args.overwrite)
     for uri, dest, _ in splits:
         download_split(uri, Path(dest), c)
 

@@ -86,6 +86,14 @@ def section_twice(home):
     (home / "twice.yaml").write_text("trainer:\n  max_steps: 3\ntrainer:\n  log_every_n_steps: 1\n")
 
 
+def edited_output(home, world):
+    """An earlier output of 01, edited by hand since (its manifest's sha256 no longer matches)."""
+    for name in ("training.jsonl", "training.jsonl.manifest.json"):
+        shutil.copy(world / "data" / name, home / name)
+    with open(home / "training.jsonl", "a") as f:
+        f.write('{"input": "my own", "output": "example"}\n')
+
+
 @dataclass
 class Case:
     id: str
@@ -252,6 +260,13 @@ CASES = [
         ["data.train_dir={h}/mine.jsonl/t.jsonl"],
         "data.train_dir: cannot write",
         setup=lambda h, w: user_file(h),
+    ),
+    Case(
+        "01-over-an-edited-output",
+        "01_download_data.py",
+        ["data.train_dir={h}/training.jsonl"],
+        "data.train_dir: {h}/training.jsonl was changed since 01 wrote it",
+        setup=edited_output,
     ),
     Case(
         "01-missing-source",

@@ -86,6 +86,26 @@ def test_01_replaces_its_earlier_output_when_the_source_changes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.jsonl", "train.jsonl.manifest.json"]
 
 
+def test_01_replaces_an_output_edited_since_it_wrote_it_only_with_overwrite(tmp_path):
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "data.download.train_uri": str(DEMO_DATA / "val.jsonl"),
+            "data.download.val_uri": None,
+            "data.train_dir": str(tmp_path / "train.jsonl"),
+            "data.tokenizer.type": str(tmp_path / "none"),
+        },
+    )
+    stage("01_download_data.py", overlay)
+    edited = (tmp_path / "train.jsonl").read_text() + '{"input": "mine", "output": "kept"}\n'
+    (tmp_path / "train.jsonl").write_text(edited)
+    proc = stage("01_download_data.py", overlay, check=False)
+    assert proc.returncode == 1 and "was changed since 01 wrote it" in proc.stderr and "--overwrite" in proc.stderr
+    assert (tmp_path / "train.jsonl").read_text() == edited
+    assert "200 records" in stage("01_download_data.py", overlay, "--overwrite").stdout
+    assert (tmp_path / "train.jsonl").read_text() != edited
+
+
 def test_01_into_a_new_directory_tree_creates_it_only_when_it_succeeds(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a"}\n')
