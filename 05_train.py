@@ -1305,7 +1305,7 @@ def prepared_location(path, tokenizer_dir, c):
 
     text, tokenizer_dir = str(path), Path(tokenizer_dir)
     hub = text.startswith("hf://datasets/")
-    if not hub and not Path(path).exists():
+    if not hub and not split_of(path)[0].exists():
         raise StageError(f"data file {path} not found (stage 01 writes it)")
     if hub and not c["data.cache_dir"]:
         raise StageError(
@@ -4167,14 +4167,15 @@ def data_rows(path):
     """(where, item) for every record of a data file or dataset, in order: `where` is a line number (JSON lines) or
     'record N' / 'row N'; `item` is the raw line (bytes, parsed by parse_row) or the record itself. Reads JSON lines
     (UTF-8, a BOM and CRLF tolerated, gzip-compressed when the file is), a file holding one JSON array, parquet,
-    arrow, a `datasets` save_to_disk directory, and hf://datasets/<owner>/<name>[:split] (default split: train)."""
+    arrow, a `datasets` save_to_disk directory (<dir>:<split> for one split of a DatasetDict), and
+    hf://datasets/<owner>/<name>[:split] (default split: train)."""
     text = str(path)
     if text.startswith("hf://datasets/"):
         yield from table_rows(hf_dataset(text))
         return
-    path = Path(path)
+    path, split = split_of(path)
     if path.is_dir():
-        yield from table_rows(saved_dataset(path))
+        yield from table_rows(saved_dataset(path, split))
     elif not path.is_file():
         raise StageError(f"data file {path} not found")
     elif path.suffix == ".parquet":
@@ -4239,8 +4240,16 @@ def arrow_dataset(path):
         raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: {first_line(e)})") from None
 
 
-def saved_dataset(path):
-    """A `datasets` save_to_disk directory (a DatasetDict must hold a 'train' split)."""
+def split_of(path):
+    """(directory, split name or None) of a `datasets` save_to_disk directory given as <dir> or <dir>:<split>."""
+    head, colon, split = str(path).rpartition(":")
+    if colon and not Path(path).exists() and Path(head).is_dir():
+        return Path(head), split
+    return Path(path), None
+
+
+def saved_dataset(path, split=None):
+    """A `datasets` save_to_disk directory; of a DatasetDict, the named split, or its only one."""
     import datasets
 
     try:
@@ -4249,11 +4258,15 @@ def saved_dataset(path):
         raise StageError(
             f"{path}: a directory, but not one that datasets' save_to_disk wrote ({type(e).__name__}: {first_line(e)})"
         ) from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise StageError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); save one split")
-        ds = ds["train"]
-    return ds
+    if not isinstance(ds, datasets.DatasetDict):
+        if split is not None:
+            raise StageError(f"{path}: one dataset, not a DatasetDict of splits; name the directory without ':{split}'")
+        return ds
+    if split is None and len(ds) > 1:
+        raise StageError(f"{path}: a DatasetDict of splits {sorted(ds)}; name the one to read: {path}:<split>")
+    if split is not None and split not in ds:
+        raise StageError(f"{path}: no split '{split}' in this DatasetDict (splits: {sorted(ds)})")
+    return ds[split or next(iter(ds))]
 
 
 def hf_dataset(uri):
@@ -4280,12 +4293,12 @@ def data_sha256(path):
     contents, in order), or for hf://datasets/... the fingerprint `datasets` gives the cached dataset."""
     if str(path).startswith("hf://datasets/"):
         return hf_dataset(str(path))._fingerprint
-    path = Path(path)
+    path, split = split_of(path)
     if path.is_file():
         return file_sha256(path)
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"{split}\0".encode() if split else b"")
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
     return h.hexdigest()

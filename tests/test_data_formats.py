@@ -189,6 +189,24 @@ def test_01_reads_every_file_kind_and_writes_normalized_records(tmp_path, kind):
     assert sum(manifest["formats"].values()) == len(expected_for(kind)) and manifest["formats"]["alpaca"] == 3
 
 
+def test_a_datasetdict_directory_is_read_by_the_split_it_names_and_never_by_a_guess(train_mod, tmp_path):
+    """<dir>:<split> names a split; a DatasetDict of one split needs no name; of several, a name is required (the
+    validation source used to be read as the train split)."""
+    import datasets
+
+    def table(prefix):
+        return datasets.Dataset.from_dict({"input": [f"{prefix}-q"], "output": [f"{prefix}-a"]})
+
+    datasets.DatasetDict({"train": table("t"), "validation": table("v")}).save_to_disk(str(tmp_path / "both"))
+    datasets.DatasetDict({"validation": table("v")}).save_to_disk(str(tmp_path / "one"))
+    assert train_mod.read_records(f"{tmp_path / 'both'}:validation", None) == [("v-q", "v-a")]
+    assert train_mod.read_records(tmp_path / "one", None) == [("v-q", "v-a")]
+    with pytest.raises(train_mod.StageError, match=r"a DatasetDict of splits \['train', 'validation'\]; name the one"):
+        train_mod.read_records(tmp_path / "both", None)
+    with pytest.raises(train_mod.StageError, match=r"no split 'test' in this DatasetDict \(splits: \['train', 'valid"):
+        train_mod.read_records(f"{tmp_path / 'both'}:test", None)
+
+
 def test_conversations_in_a_parquet_file_are_read_with_their_turns(train_mod, tmp_path):
     import datasets
 

@@ -94,6 +94,13 @@ def edited_output(home, world):
         f.write('{"input": "my own", "output": "example"}\n')
 
 
+def two_splits(home):
+    import datasets
+
+    split = datasets.Dataset.from_dict({"input": ["q"], "output": ["a"]})
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(home / "dd"))
+
+
 @dataclass
 class Case:
     id: str
@@ -267,6 +274,20 @@ CASES = [
         ["data.train_dir={h}/training.jsonl"],
         "data.train_dir: {h}/training.jsonl was changed since 01 wrote it",
         setup=edited_output,
+    ),
+    Case(
+        "01-datasetdict-without-its-split",
+        "01_download_data.py",
+        ["data.download.val_uri={h}/dd", "data.val_dir={h}/v.jsonl"],
+        "{h}/dd: a DatasetDict of splits ['train', 'validation']; name the one to read: {h}/dd:<split>",
+        setup=lambda h, w: two_splits(h),
+    ),
+    Case(
+        "01-datasetdict-split-missing",
+        "01_download_data.py",
+        ["data.download.val_uri={h}/dd:valid", "data.val_dir={h}/v.jsonl"],
+        "{h}/dd: no split 'valid' in this DatasetDict (splits: ['train', 'validation'])",
+        setup=lambda h, w: two_splits(h),
     ),
     Case(
         "01-missing-source",
