@@ -1136,9 +1136,10 @@ def show_settings(c, paths, overrides, schema):
         print(line.rstrip())
 
 
-def save_config(c, path):
+def save_config(c, path, files=()):
     """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
-    names the stage, which is how a stage recognises an output as its own (written_by_this_stage)."""
+    names the stage, which is how a stage recognises an output as its own (written_by_this_stage); `files`, the
+    files the output consists of, are listed as files_written, so that a later run replaces those only."""
     nested = {}
     for key, value in redacted(c).items():
         *parents, leaf = key.split(".")
@@ -1146,8 +1147,12 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    listed = yaml.safe_dump({"files_written": sorted(files)}) if files else ""
     write_atomically(
-        path, f"# written by {STAGE}: the resolved config of this output\n" + yaml.safe_dump(nested, sort_keys=False)
+        path,
+        f"# written by {STAGE}: the resolved config of this output\n"
+        + yaml.safe_dump(nested, sort_keys=False)
+        + listed,
     )
 
 

@@ -21,8 +21,9 @@ Outputs (config keys)
 Each output is written under a temporary name and renamed when complete and verified (architecture is
 LlamaForCausalLM or MistralForCausalLM without a sliding window below the training length, no bias tensors,
 every shard the index names exists, tensor shapes agree with config.json). An earlier output of this stage is
-replaced; an existing path that this stage did not write (no resolved_config.yaml of 02 in it, or a
-model_config file that differs from the weights' config.json) is refused before anything is fetched.
+replaced, unless it holds files beside those its resolved_config.yaml lists as written (a note or a folder of
+yours: the run is refused naming them); an existing path that this stage did not write (no resolved_config.yaml of
+02 in it, or a model_config file that differs from the weights' config.json) is refused before anything is fetched.
 
 Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
   python 02_download_model.py --config config.yaml
@@ -346,6 +347,32 @@ def earlier_output(weights_dir):
     return old if written_by_this_stage(saved) or legacy else None
 
 
+def files_of(out):
+    """The files under a directory, as paths relative to it: what an output of this stage consists of."""
+    return [str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()]
+
+
+def unrecorded(out):
+    """What an earlier output directory of this stage holds beside the files its resolved_config.yaml lists as
+    written (a note, a model card or an evaluation folder of yours); nothing for an output of a version that kept no
+    list."""
+    try:
+        saved = yaml.safe_load((Path(out) / "resolved_config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    written = set(saved.get("files_written") or []) if isinstance(saved, dict) else set()
+    if not written:
+        return []
+    written.add("resolved_config.yaml")
+    extra = []
+    for p in sorted(Path(out).rglob("*")):
+        rel = p.relative_to(out)
+        theirs = str(rel) not in written and not (p.is_dir() and any(w.startswith(f"{rel}/") for w in written))
+        if theirs and not any(rel.is_relative_to(e) for e in extra):  # a folder of yours is named, not its files
+            extra.append(rel)
+    return [f"{e}/" if (Path(out) / e).is_dir() else str(e) for e in extra]
+
+
 def inside(a, b):
     return a.absolute() != b.absolute() and b.absolute() in a.absolute().parents
 
@@ -376,6 +403,11 @@ def check_outputs(weights_dir, tok_dir, config_path):
             own = written_by_this_stage(d / "resolved_config.yaml") or earlier_tok.get("type") == str(d)
         if d.is_dir() and any(d.iterdir()) and not own:
             refuse_foreign(d, key, "no resolved_config.yaml of this stage in it")
+        if own and unrecorded(d):
+            raise StageError(
+                f"{key}: {d} holds {', '.join(unrecorded(d))} beside what 02 wrote there; replacing its output would "
+                f"delete them, so nothing is done: move them out of it, or choose another directory"
+            )
         check_writable(d, key)
     if not config_in_weights:
         if config_path.is_dir():
@@ -447,7 +479,7 @@ def main(argv=None):
         count, size = verify_weights(weights_tmp, c["model.download.source"])
         tokenizer = finish_tokenizer(tok_tmp)
         for tmp in {weights_tmp, tok_tmp}:
-            save_config(c, tmp / "resolved_config.yaml")
+            save_config(c, tmp / "resolved_config.yaml", files_of(tmp))
         if config_tmp is not None:
             shutil.copy2(weights_tmp / "config.json", config_tmp / config_path.name)
         publish(weights_tmp, weights_dir)
@@ -664,9 +696,10 @@ def show_settings(c, paths, overrides, schema):
         print(line.rstrip())
 
 
-def save_config(c, path):
+def save_config(c, path, files=()):
     """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
-    names the stage, which is how a stage recognises an output as its own (written_by_this_stage)."""
+    names the stage, which is how a stage recognises an output as its own (written_by_this_stage); `files`, the
+    files the output consists of, are listed as files_written, so that a later run replaces those only."""
     nested = {}
     for key, value in redacted(c).items():
         *parents, leaf = key.split(".")
@@ -674,8 +707,12 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    listed = yaml.safe_dump({"files_written": sorted(files)}) if files else ""
     write_atomically(
-        path, f"# written by {STAGE}: the resolved config of this output\n" + yaml.safe_dump(nested, sort_keys=False)
+        path,
+        f"# written by {STAGE}: the resolved config of this output\n"
+        + yaml.safe_dump(nested, sort_keys=False)
+        + listed,
     )
 
 

@@ -24,10 +24,10 @@ model.model_config, the distributed_strategy keys; --tp, --pp, --kv-replicator, 
 --fuse-qkv / --no-fuse-qkv override them (real booleans: there is no string that means true by accident).
 Tensors are read slice by slice from the safetensors files with positioned reads (no memory map), one output shard
 at a time, so peak memory stays near the largest output shard. Every output is written to a temporary directory and
-renamed when complete; an
-existing non-empty output is replaced only when it is an earlier output of this stage (a manifest.json, or for
---to-hf a resolved_config.yaml, of this stage in it) and --overwrite is given; a directory this stage did not
-write is refused, whatever the flags, before any work.
+renamed when complete; an existing non-empty output is replaced only when it is an earlier output of this stage (a
+manifest.json, or for --to-hf a resolved_config.yaml, of this stage in it), holds nothing but the files that its
+resolved_config.yaml lists as written, and --overwrite is given; a directory this stage did not write is refused,
+whatever the flags, before any work.
 
 Commands (the same on CPU, CUDA and Trainium hosts; this stage needs no accelerator)
   python 03_convert_checkpoint.py --config config.yaml                      # TP 32, kv_replicator 4, trn1
@@ -482,7 +482,38 @@ def check_output(out, key, marker, overwrite):
             refuse_foreign(out, key, "no manifest.json or resolved_config.yaml of this stage in it")
         if not overwrite:
             raise StageError(f"{key}: {out} holds an earlier output of this stage; pass --overwrite to replace it")
+        if unrecorded(out):
+            raise StageError(
+                f"{key}: {out} holds {', '.join(unrecorded(out))} beside what 03 wrote there; replacing its output "
+                f"would delete them, so nothing is done: move them out of it, or choose another directory"
+            )
     check_writable(out, key)
+
+
+def files_of(out):
+    """The files under a directory, as paths relative to it: what an output of this stage consists of."""
+    return [str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()]
+
+
+def unrecorded(out):
+    """What an earlier output directory of this stage holds beside the files its resolved_config.yaml lists as
+    written (a note, a model card or an evaluation folder of yours); nothing for an output of a version that kept no
+    list."""
+    try:
+        saved = yaml.safe_load((Path(out) / "resolved_config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    written = set(saved.get("files_written") or []) if isinstance(saved, dict) else set()
+    if not written:
+        return []
+    written.add("resolved_config.yaml")
+    extra = []
+    for p in sorted(Path(out).rglob("*")):
+        rel = p.relative_to(out)
+        theirs = str(rel) not in written and not (p.is_dir() and any(w.startswith(f"{rel}/") for w in written))
+        if theirs and not any(rel.is_relative_to(e) for e in extra):  # a folder of yours is named, not its files
+            extra.append(rel)
+    return [f"{e}/" if (Path(out) / e).is_dir() else str(e) for e in extra]
 
 
 def converted_here(ckpt):
@@ -651,7 +682,7 @@ def convert(c, config, layout, stages, ckpt):
                 del shard
         manifest = {"source": str(weights_dir), "settings": settings_of(c), "files": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        save_config(c, tmp / "resolved_config.yaml")
+        save_config(c, tmp / "resolved_config.yaml", files_of(tmp))
         publish(tmp, ckpt)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -675,7 +706,7 @@ def to_hf(c, config, layout, stages, ckpt, out, adapter):
         for f in sorted(tokenizer.glob("*")) if tokenizer.is_dir() else []:
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-        save_config(c, tmp / "resolved_config.yaml")
+        save_config(c, tmp / "resolved_config.yaml", files_of(tmp))
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1021,9 +1052,10 @@ def show_settings(c, paths, overrides, schema):
         print(line.rstrip())
 
 
-def save_config(c, path):
+def save_config(c, path, files=()):
     """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
-    names the stage, which is how a stage recognises an output as its own (written_by_this_stage)."""
+    names the stage, which is how a stage recognises an output as its own (written_by_this_stage); `files`, the
+    files the output consists of, are listed as files_written, so that a later run replaces those only."""
     nested = {}
     for key, value in redacted(c).items():
         *parents, leaf = key.split(".")
@@ -1031,8 +1063,12 @@ def save_config(c, path):
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
+    listed = yaml.safe_dump({"files_written": sorted(files)}) if files else ""
     write_atomically(
-        path, f"# written by {STAGE}: the resolved config of this output\n" + yaml.safe_dump(nested, sort_keys=False)
+        path,
+        f"# written by {STAGE}: the resolved config of this output\n"
+        + yaml.safe_dump(nested, sort_keys=False)
+        + listed,
     )
 
 

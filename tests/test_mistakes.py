@@ -101,6 +101,17 @@ def two_splits(home):
     datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(home / "dd"))
 
 
+def notes_in_02s_weights(home, world):
+    shutil.copytree(world / "hf_weights", home / "w")
+    (home / "w" / "NOTES.md").write_text("what I found\n")
+
+
+def card_in_03s_export(home, world):
+    run_stage(["03_convert_checkpoint.py", "--config", "config.yaml", "--config", str(world / "overlay.yaml"),
+               "--to-hf", str(home / "export")])  # fmt: skip
+    (home / "export" / "MODEL_CARD.md").write_text("# my merged model\n")
+
+
 @dataclass
 class Case:
     id: str
@@ -296,6 +307,20 @@ CASES = [
         "{h}/nothing.jsonl: local file not found",
     ),
     # 02
+    Case(
+        "02-own-weights-holding-your-notes",
+        "02_download_model.py",
+        ["model.hf_weights_dir={h}/w"],
+        "model.hf_weights_dir: {h}/w holds NOTES.md beside what 02 wrote there",
+        setup=notes_in_02s_weights,
+    ),
+    Case(
+        "03-own-export-holding-your-card",
+        "03_convert_checkpoint.py",
+        ["--to-hf", "{h}/export", "--overwrite"],
+        "--to-hf: {h}/export holds MODEL_CARD.md beside what 03 wrote there",
+        setup=card_in_03s_export,
+    ),
     Case(
         "02-weights-over-user-dir",
         "02_download_model.py",

@@ -47,6 +47,22 @@ def test_02_writes_tokenizer_and_weights_into_one_directory_as_on_the_hub(tmp_pa
         assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny"]  # no .old, no .tmp
 
 
+def test_02_replaces_only_what_it_wrote_and_refuses_when_a_file_of_yours_would_go(tmp_path, tokenizer_dir):
+    """A note and a folder of yours in 02's own weights directory: the re-run (make demo's, say) is refused naming
+    them, and they and the output stay as they were; once they are moved out, the re-run replaces the output."""
+    overlay = model_downloaded(tmp_path, tokenizer_dir)
+    assert "files_written:" in (tmp_path / "w" / "resolved_config.yaml").read_text()
+    (tmp_path / "w" / "NOTES.md").write_text("what I found\n")
+    (tmp_path / "w" / "my_eval").mkdir()
+    before = sorted(p.name for p in (tmp_path / "w").iterdir())
+    proc = stage("02_download_model.py", overlay, check=False)
+    assert proc.returncode == 1 and "holds NOTES.md, my_eval/ beside what 02 wrote there" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == before
+    (tmp_path / "w" / "NOTES.md").unlink()
+    (tmp_path / "w" / "my_eval").rmdir()
+    stage("02_download_model.py", overlay)
+
+
 def test_02_recognises_its_outputs_from_before_they_named_their_stage(tmp_path, tokenizer_dir):
     overlay = model_downloaded(tmp_path, tokenizer_dir)
     saved = tmp_path / "w" / "resolved_config.yaml"
@@ -148,6 +164,23 @@ def test_03_to_hf_replaces_its_own_export_with_overwrite_only(pipeline):
     assert proc.returncode == 1 and "holds an earlier output of this stage; pass --overwrite" in proc.stderr
     stage("03_convert_checkpoint.py", overlay, "--to-hf", str(work / "export"), "--overwrite")
     assert not (work / "export.old").exists() and not (work / "export.tmp").exists()
+    (work / "export" / "MODEL_CARD.md").write_text("# my merged model\n")
+    proc = stage("03_convert_checkpoint.py", overlay, "--to-hf", str(work / "export"), "--overwrite", check=False)
+    assert proc.returncode == 1 and "holds MODEL_CARD.md beside what 03 wrote there" in proc.stderr
+    assert (work / "export" / "MODEL_CARD.md").read_text() == "# my merged model\n"
+
+
+def test_03_overwrite_keeps_a_file_of_yours_in_the_converted_checkpoint_by_refusing(pipeline):
+    work, overlay = pipeline
+    (work / "ckpt" / "model" / "notes.txt").write_text("converted for TP 1\n")
+    try:
+        proc = stage("03_convert_checkpoint.py", overlay, "--overwrite", check=False)
+        assert (
+            proc.returncode == 1 and f"{work / 'ckpt'} holds model/notes.txt beside what 03 wrote there" in proc.stderr
+        )
+        assert (work / "ckpt" / "model" / "notes.txt").exists()
+    finally:
+        (work / "ckpt" / "model" / "notes.txt").unlink()
 
 
 def test_05_trains_into_an_empty_directory_the_user_made(pipeline):
