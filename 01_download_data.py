@@ -606,9 +606,9 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ records
-# The record reader, repeated identically in stages 01 and 05 (tests/test_data_formats.py keeps the two copies
-# the same), so that 05 reads and judges every file exactly as 01 does. It reads the file kinds below and
-# recognises each record's format by its fields, converting it to one of two normalized forms:
+# The record reader: it reads the file kinds below and recognises each record's format by its fields, converting
+# it to one of two normalized forms, the only ones stage 05 reads (05 carries parse_row and check_conversation,
+# the same text, tests/test_config.py):
 #   single-turn   {"input": prompt, "output": response, ...}
 #   conversation  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], ...}
 # Fields that no format uses (ids, categories, ...) are kept as they are; a field that some other format uses is
@@ -938,9 +938,9 @@ def check_conversation(messages):
 
 
 # ------------------------------------------------------------------------------------------------ shared
-# These helpers are repeated, identical, at the end of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
-# name) is defined by each stage in its settings section.
+# Helpers repeated at the end of every stage so that each stage can be copied alone: each stage carries those it
+# calls, and tests/test_config.py keeps every copy of one identical, by name. STAGE (the stage's file name) is
+# defined by each stage in its settings section.
 class StageError(Exception):
     """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
 
@@ -1136,35 +1136,6 @@ def show_settings(c, paths, overrides, schema):
         print(line.rstrip())
 
 
-def save_config(c, path, files=()):
-    """Write the resolved config (nested YAML, secrets masked) next to an output, atomically. Its first line
-    names the stage, which is how a stage recognises an output as its own (written_by_this_stage); `files`, the
-    files the output consists of, are listed as files_written, so that a later run replaces those only."""
-    nested = {}
-    for key, value in redacted(c).items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    listed = yaml.safe_dump({"files_written": sorted(files)}) if files else ""
-    write_atomically(
-        path,
-        f"# written by {STAGE}: the resolved config of this output\n"
-        + yaml.safe_dump(nested, sort_keys=False)
-        + listed,
-    )
-
-
-def written_by_this_stage(config_path):
-    """True when `config_path` is a resolved config that this stage saved (see save_config)."""
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            return f.readline().startswith(f"# written by {STAGE}:")
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one-line StageErrors (exit status 1) that suggest the closest option."""
 
@@ -1260,44 +1231,6 @@ def publish(tmp, final):
         os.replace(old, final)
         raise
     shutil.rmtree(old)
-
-
-def load_torch_file(path, mmap=True):
-    """A file written by torch.save, loaded as plain tensors and containers only (weights_only: no code runs)."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:
-        raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-
-
-def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
-    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.contiguous()
-        size += n
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    write_atomically(
-        out_dir / "model.safetensors.index.json",
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n",
-    )
 
 
 # ------------------------------------------------------------------------------------------------ entry point

@@ -498,9 +498,9 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ shared
-# These helpers are repeated, identical, at the end of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
-# name) is defined by each stage in its settings section.
+# Helpers repeated at the end of every stage so that each stage can be copied alone: each stage carries those it
+# calls, and tests/test_config.py keeps every copy of one identical, by name. STAGE (the stage's file name) is
+# defined by each stage in its settings section.
 class StageError(Exception):
     """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
 
@@ -768,17 +768,6 @@ def refuse_foreign(path, key, reason):
         f"{key}: {path} exists and was not written by {STAGE} ({reason}); it is left as it is: move "
         f"it away or choose another path"
     )
-
-
-def file_sha256(path):
-    """Hex sha256 of a file, read in 16 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_atomically(path, text):

@@ -748,9 +748,9 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ layout
-# The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated identically in stages 03 and
-# 05 (tests/test_parallel.py keeps the two copies the same): 03 writes each rank's shard by this layout, 05 builds
-# each rank's model from it and reassembles the adapter with it, so no index ever travels between ranks.
+# The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated in stages 03 and 05 (the
+# same text, tests/test_config.py): 03 writes each rank's shard by this layout, 05 builds each rank's model from it
+# and reassembles the adapter with it, so no index ever travels between ranks.
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """A Llama-family architecture, from an HF config.json (arch_of)."""
@@ -854,9 +854,9 @@ class Layout:
 
 
 # ------------------------------------------------------------------------------------------------ shared
-# These helpers are repeated, identical, at the end of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
-# name) is defined by each stage in its settings section.
+# Helpers repeated at the end of every stage so that each stage can be copied alone: each stage carries those it
+# calls, and tests/test_config.py keeps every copy of one identical, by name. STAGE (the stage's file name) is
+# defined by each stage in its settings section.
 class StageError(Exception):
     """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
 

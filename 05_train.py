@@ -11,10 +11,9 @@ Inputs (config keys)
                                        tensor-parallel rank (each rank loads only its own)
   model.model_config                   HF config.json of the base model
   data.tokenizer.type                  tokenizer directory
-  data.train_dir, data.val_dir         records as stage 01 writes them, or as you hold them: JSON lines (.gz),
-                                       a JSON array, parquet, arrow, a datasets directory, hf://datasets/...;
-                                       formats input/output, dolly, Alpaca, prompt/completion, messages,
-                                       ShareGPT (the record reader is 01's, the same code)
+  data.train_dir, data.val_dir         JSON lines as stage 01 writes them: {input, output} or {messages} records
+                                       (01 reads every other file kind and record format; 05 refuses them with
+                                       the 01 command that converts them)
 
 Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>/<timestamp>), from rank 0
   config.yaml              the resolved config of the run (written when it starts, kept as it is on resume)
@@ -41,7 +40,7 @@ Features, their keys, and the functions that implement them
   PEFT adapter export                                                              gather_lora, export_peft_adapter
   packing with document isolation        model_alignment_strategy.sft.packing      pack, Windows.batch
   data prepared once, memory-mapped      data.cache_dir                            prepare_split, load_split
-  record formats, field renames          data.format, data.rename_fields           normalize (records block)
+  01's records only, checked per line    data.train_dir, data.val_dir              check_data_file, training_record
   prompt format raw | chat_template      data.prompt_format                        tokenize, encode_batch
   conversations, assistant turns only    messages / ShareGPT / TRL records         encode_conversations
   long records truncated or dropped      data.truncation                           tokenize, truncated
@@ -70,21 +69,20 @@ Features, their keys, and the functions that implement them
   Neuron launch variables                --neuron-env                              neuron_environment
   Models: Llama 3 / 3.1, and Mistral without a sliding window below data.seq_length (the same model).
 
-Commands
+Commands (each runs as printed; what follows # is a comment)
   CPU:        python 05_train.py --config config.yaml --config demo.yaml
   CPU, TP 3:  torchrun --standalone --nproc_per_node 3 05_train.py --config config.yaml --config demo.yaml \
-                  distributed_strategy.tensor_model_parallel_size=3   (the demo's 9 heads; converted by 03 with TP 3)
+                  distributed_strategy.tensor_model_parallel_size=3   # the demo's 9 heads; converted by 03 with TP 3
   CUDA:       torchrun --standalone --nproc_per_node 8 05_train.py --config config.yaml trainer.accelerator=cuda \
                   distributed_strategy.tensor_model_parallel_size=8 distributed_strategy.kv_replicator=1
-  trn1:       torchrun --nproc_per_node 32 05_train.py --config config.yaml     (trn1.32xlarge: TP 32, XLA)
+  trn1:       torchrun --nproc_per_node 32 05_train.py --config config.yaml     # trn1.32xlarge: TP 32, XLA
   trn2:       torchrun --nproc_per_node 64 05_train.py --config config.yaml trainer.accelerator=neuron \
                   trainer.compile=true distributed_strategy.tensor_model_parallel_size=4 \
                   distributed_strategy.kv_replicator=1 distributed_strategy.hw_backend=trn2 \
-                  model.activations_checkpoint=true             (trn2.48xlarge, TorchNeuron; convert with TP 4)
+                  model.activations_checkpoint=true             # trn2.48xlarge, TorchNeuron; convert with TP 4
   Plan first: python 05_train.py --config config.yaml --dry-run
-  New device: python 05_train.py --smoke trainer.accelerator=xla precision.type=autocast   (no config file needed;
-              torchrun --nproc_per_node 32 05_train.py --smoke ... checks the collectives too; minutes, exit 1 on a
-              failed check)
+  New device: python 05_train.py --smoke trainer.accelerator=xla precision.type=autocast   # no config file
+  All ranks:  torchrun --nproc_per_node 32 05_train.py --smoke trainer.accelerator=xla   # minutes; 1 on a failure
 """
 
 from __future__ import annotations
@@ -147,8 +145,6 @@ SCHEMA = {
     "data.seq_length": "int >= 2",
     "data.micro_batch_size": "int >= 1",
     "data.global_batch_size": "int >= 1",
-    "data.format": "auto|input_output|dolly|alpaca|prompt_completion|messages|sharegpt",
-    "data.rename_fields": "list[str]",
     "data.prompt_format": "raw|chat_template",
     "data.truncation": "truncate|drop",
     "data.cache_dir": "path?",
@@ -989,28 +985,75 @@ def load_tokenizer(c):
     return tokenizer
 
 
-def record_chunks(path, limit, fmt="auto", renames=(), tally=None, size=CHUNK_RECORDS):
-    """Lists of up to `size` (where, record) pairs streamed from a data file (any kind data_rows reads), the first
-    `limit` records when set. A record is (prompt, response) when single-turn and a list of messages when a
-    conversation. A bad record stops the stage naming its file and line. `tally` receives the records read and
-    the records in the file (the rest are counted, not parsed)."""
+# The fields of the record formats that stage 01 converts from: beside 01's {input, output} they mean the record was
+# not normalized (an Alpaca record holds instruction, input and output), so 05 refuses it rather than guess.
+UNNORMALIZED_FIELDS = {"instruction", "context", "response", "prompt", "completion", "conversations"}
+
+
+def check_data_file(path, name):
+    """Refuse, before any work, a data file that is not the JSON lines stage 01 writes, with the command that
+    writes it: 05 trains on 01's normalized records only, so every file kind and format is read in one place."""
+    path, kind = Path(path), None
+    if not path.exists():
+        kind = "a remote source" if "://" in str(path) else None
+        if kind is None:
+            raise StageError(f"data file {path} not found (stage 01 writes it)")
+    elif path.is_dir():
+        kind = "a directory"
+    else:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        gzipped = head[:2] == b"\x1f\x8b"
+        kind = {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix, "gzip-compressed" if gzipped else None)
+        kind = kind or ("a JSON array" if head.startswith(b"[") else None)
+    if kind is not None:
+        raise StageError(f"{path}: {kind}, not JSON lines; {normalize_with_01(path, name)}")
+
+
+def normalize_with_01(path, name):
+    """The advice for data that 05 does not read: the stage 01 command that writes it as 05 reads it."""
+    out = Path(path).parent / f"{Path(path).name.split('.')[0]}.normalized.jsonl"
+    return (
+        f"05 trains on the JSON lines of {{input, output}} or {{messages}} records that stage 01 writes, so "
+        f"normalize the data with it first: python 01_download_data.py --config config.yaml "
+        f"data.download.{name}_uri={path} data.{name}_dir={out}, then data.{name}_dir={out} here"
+    )
+
+
+def training_record(row):
+    """(prompt, response) of an {input, output} record, or the checked messages of a {messages} record: the two
+    shapes 01 writes (other fields, kept by 01, are ignored). BadRecord for anything else."""
+    shape = {"input", "output", "messages"} & set(row)
+    if shape == {"messages"} and not UNNORMALIZED_FIELDS & set(row):
+        return check_conversation(row["messages"])
+    if shape == {"input", "output"} and not UNNORMALIZED_FIELDS & set(row):
+        prompt, response = row["input"], row["output"]
+        if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
+            return prompt, response
+        raise BadRecord("bad record", "'input' and 'output' must be non-empty strings")
+    raise BadRecord("not normalized", f"fields {sorted(row)} are neither {{input, output}} nor {{messages}}")
+
+
+def record_chunks(path, name, limit, tally=None, size=CHUNK_RECORDS):
+    """Lists of up to `size` (line number, record) pairs streamed from a JSON lines file of normalized records
+    (training_record), the first `limit` records when set. A bad line stops the stage naming its file and line.
+    `tally` receives the records read and the records in the file (the rest are counted, not parsed)."""
     chunk, n, total = [], 0, 0
-    for where, item in data_rows(path):
-        total += 1
-        if limit is not None and n >= limit:
-            continue
-        try:
-            record, _ = normalize(parse_row(item), fmt, renames)
-        except BadRecord as bad:
-            raise StageError(
-                f"{path}:{where}: {bad.reason} (stage 01 reports every bad record, and with "
-                f"data.download.bad_lines=skip writes the file without them)"
-            ) from None
-        chunk.append((where, (record["input"], record["output"]) if "input" in record else record["messages"]))
-        n += 1
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            total += 1
+            if limit is not None and n >= limit:
+                continue
+            try:
+                chunk.append((lineno, training_record(parse_row(line))))
+            except BadRecord as bad:
+                raise StageError(f"{path}:{lineno}: {bad.reason}; {normalize_with_01(path, name)}") from None
+            n += 1
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
     if chunk:
         yield chunk
     if n == 0:
@@ -1019,9 +1062,9 @@ def record_chunks(path, limit, fmt="auto", renames=(), tally=None, size=CHUNK_RE
         tally.update(read=n, in_file=total)
 
 
-def read_records(path, limit, fmt="auto", renames=()):
+def read_records(path, name, limit):
     """The records of a data file, as a list (generation prompts take the first few)."""
-    return [record for chunk in record_chunks(path, limit, fmt, renames) for _, record in chunk]
+    return [record for chunk in record_chunks(path, name, limit) for _, record in chunk]
 
 
 def prompt_ids(tokenizer, fmt, prompts):
@@ -1299,29 +1342,16 @@ class Windows:
 def prepared_location(path, tokenizer_dir, c):
     """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
     data file's directory>/<file name>.prepared/<hash of the data's content, the tokenizer's files, the format
-    version and every setting that changes the windows>. Data read through hf://datasets/... is prepared under
-    data.cache_dir."""
-    import hashlib
-
-    text, tokenizer_dir = str(path), Path(tokenizer_dir)
-    hub = text.startswith("hf://datasets/")
-    if not hub and not split_of(path)[0].exists():
-        raise StageError(f"data file {path} not found (stage 01 writes it)")
-    if hub and not c["data.cache_dir"]:
-        raise StageError(
-            f"{text}: data read from the Hub is prepared under data.cache_dir; set it (or write the "
-            f"records to a file with stage 01)"
-        )
+    version and every setting that changes the windows>."""
+    tokenizer_dir = Path(tokenizer_dir)
     inputs = {
         "format": PREPARED_FORMAT,
-        "data_sha256": data_sha256(path),
+        "data_sha256": file_sha256(path),
         "tokenizer_sha256": {
             p.name: file_sha256(p)
             for p in sorted(tokenizer_dir.iterdir())
             if p.is_file() and TOKENIZER_FILE.fullmatch(p.name)
         },
-        "record_format": c["data.format"],
-        "rename_fields": c["data.rename_fields"],
         "prompt_format": c["data.prompt_format"],
         "seq_length": c["data.seq_length"],
         "packing": c["model_alignment_strategy.sft.packing"],
@@ -1329,14 +1359,14 @@ def prepared_location(path, tokenizer_dir, c):
         "dev_choose_samples": c["data.dev_choose_samples"],
     }
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
-    name = text.removeprefix("hf://datasets/").replace("/", "_").replace(":", "_") if hub else Path(path).name
     root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else Path(path).parent
-    return root / f"{name}.prepared" / key, inputs
+    return root / f"{Path(path).name}.prepared" / key, inputs
 
 
 def prepare_split(path, tokenizer, c, name):
     """The prepared directory of a split: reused when one exists for these inputs, else made here, written
     under a temporary name and renamed when complete (a killed preparation is never taken for a finished one)."""
+    check_data_file(path, name)
     where, inputs = prepared_location(path, c["data.tokenizer.type"], c)
     root, key = where.parent, "data.cache_dir" if c["data.cache_dir"] else f"data.{name}_dir"
     if root.exists() and (not root.is_dir() or not all(PREPARED_NAME.fullmatch(p.name) for p in root.iterdir())):
@@ -1396,9 +1426,7 @@ def write_prepared(path, tokenizer, c, name, out):
     seq_len, stats, tally = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}, {}
     lengths, supervised = [], []
     bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
-    chunks = record_chunks(
-        path, c["data.dev_choose_samples"], c["data.format"], rename_pairs(c["data.rename_fields"]), tally
-    )
+    chunks = record_chunks(path, name, c["data.dev_choose_samples"], tally)
     with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
         for chunk in chunks:
             records, labels = [r for _, r in chunk], [f"{path}:{where}" for where, _ in chunk]
@@ -2346,11 +2374,7 @@ def main(argv=None):
     if where.checkpoint:
         same_inputs(where.checkpoint, inputs)
     n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
-    val_records = (
-        read_records(c["data.val_dir"], n_prompts, c["data.format"], rename_pairs(c["data.rename_fields"]))
-        if val is not None and n_prompts
-        else []
-    )
+    val_records = read_records(c["data.val_dir"], "val", n_prompts) if val is not None and n_prompts else []
 
     model, modules, params = build_model(c, arch, device, par)
     do_generation = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
@@ -2409,9 +2433,9 @@ def main(argv=None):
 
 
 # ------------------------------------------------------------------------------------------------ layout
-# The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated identically in stages 03 and
-# 05 (tests/test_parallel.py keeps the two copies the same): 03 writes each rank's shard by this layout, 05 builds
-# each rank's model from it and reassembles the adapter with it, so no index ever travels between ranks.
+# The model's architecture and how NxD lays it out over tensor-parallel ranks, repeated in stages 03 and 05 (the
+# same text, tests/test_config.py): 03 writes each rank's shard by this layout, 05 builds each rank's model from it
+# and reassembles the adapter with it, so no index ever travels between ranks.
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """A Llama-family architecture, from an HF config.json (arch_of)."""
@@ -3838,7 +3862,7 @@ def planned_data(c, where):
     exist."""
     data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
     tokenizer = load_tokenizer(c) if tok_dir.exists() else None
-    if tokenizer is None or not (str(data).startswith("hf://") or Path(data).exists()):
+    if tokenizer is None or not Path(data).exists():
         why = f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every position"
         return c["data.seq_length"], [why + " supervised"]
     train = load_split(data, tokenizer, c, "train", None)
@@ -3922,7 +3946,7 @@ exp_manager: {exp_dir: ., explicit_log_dir: null, resume_from_checkpoint: ., cre
 distributed_strategy: {tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1, kv_replicator: 1,
   hw_backend: trn1}
 data: {train_dir: ., val_dir: ., dev_choose_samples: null, seq_length: 64, micro_batch_size: 1, global_batch_size: 2,
-  format: auto, rename_fields: [], prompt_format: raw, truncation: truncate, cache_dir: null, tokenizer: {type: .}}
+  prompt_format: raw, truncation: truncate, cache_dir: null, tokenizer: {type: .}}
 model: {model_config: ., hf_weights_dir: ., fuse_qkv: false, weight_init_only: true, activations_checkpoint: false,
   activations_checkpoint_layers: null, attention: auto, optim: {lr: 0.01, weight_decay: 0.01, betas: [0.9, 0.999],
   eps: 1.0e-6, loraplus_lr_ratio: 4, sched: {name: linear, warmup_steps: 1, max_steps: null, min_lr: 0.0}}}
@@ -4135,25 +4159,7 @@ def window_flops(windows, arch):
 
 
 # ------------------------------------------------------------------------------------------------ records
-# The record reader, repeated identically in stages 01 and 05 (tests/test_data_formats.py keeps the two copies
-# the same), so that 05 reads and judges every file exactly as 01 does. It reads the file kinds below and
-# recognises each record's format by its fields, converting it to one of two normalized forms:
-#   single-turn   {"input": prompt, "output": response, ...}
-#   conversation  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], ...}
-# Fields that no format uses (ids, categories, ...) are kept as they are; a field that some other format uses is
-# an error, never dropped.
-RECORD_FORMATS = {  # name: (required fields, optional fields)
-    "input_output": ({"input", "output"}, set()),  # the tutorial's
-    "dolly": ({"instruction", "response"}, {"context"}),  # databricks-dolly: input = instruction + blank line + context
-    "alpaca": ({"instruction", "output"}, {"input"}),  # input = instruction + blank line + input (as dolly's context)
-    "prompt_completion": ({"prompt", "completion"}, set()),  # TRL: strings, or lists of messages (conversational)
-    "messages": ({"messages"}, set()),  # OpenAI / HF chat: [{role, content}]
-    "sharegpt": ({"conversations"}, set()),  # [{from: system | human | gpt, value}]
-}
-CONTENT_FIELDS = set().union(*(required | optional for required, optional in RECORD_FORMATS.values()))
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
+# The parts of stage 01's record reader that 05 uses on the records 01 wrote (the same text, tests/test_config.py).
 class BadRecord(Exception):
     """A record that cannot be trained on: `kind` is a short category (counted in 01's manifest), `reason` the
     whole explanation."""
@@ -4161,147 +4167,6 @@ class BadRecord(Exception):
     def __init__(self, kind, reason):
         super().__init__(reason)
         self.kind, self.reason = kind, reason
-
-
-def data_rows(path):
-    """(where, item) for every record of a data file or dataset, in order: `where` is a line number (JSON lines) or
-    'record N' / 'row N'; `item` is the raw line (bytes, parsed by parse_row) or the record itself. Reads JSON lines
-    (UTF-8, a BOM and CRLF tolerated, gzip-compressed when the file is), a file holding one JSON array, parquet,
-    arrow, a `datasets` save_to_disk directory (<dir>:<split> for one split of a DatasetDict), and
-    hf://datasets/<owner>/<name>[:split] (default split: train)."""
-    text = str(path)
-    if text.startswith("hf://datasets/"):
-        yield from table_rows(hf_dataset(text))
-        return
-    path, split = split_of(path)
-    if path.is_dir():
-        yield from table_rows(saved_dataset(path, split))
-    elif not path.is_file():
-        raise StageError(f"data file {path} not found")
-    elif path.suffix == ".parquet":
-        yield from parquet_rows(path)
-    elif path.suffix == ".arrow":
-        yield from table_rows(arrow_dataset(path))
-    else:
-        yield from json_rows(path)
-
-
-def json_rows(path):
-    """JSON lines, or one JSON array (read whole: use JSON lines for big sets); gzip when the file starts so. A
-    .jsonl (.ndjson) file is always lines; another holding an array from its first character is an array."""
-    import gzip
-
-    with open(path, "rb") as probe:
-        zipped = probe.read(2) == b"\x1f\x8b"
-    opener = gzip.open if zipped else open
-    lines_only = path.name.removesuffix(".gz").endswith((".jsonl", ".ndjson"))
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
-        if head.startswith(b"[") and not lines_only:
-            with opener(path, "rb") as f:
-                try:
-                    rows = json.loads(f.read().decode("utf-8-sig"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-                    raise StageError(f"{path}{where}: not a valid JSON array file ({e})") from None
-            yield from ((f"record {i}", row) for i, row in enumerate(rows, start=1))
-            return
-        with opener(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if lineno == 1:
-                    line = line.removeprefix(b"\xef\xbb\xbf")
-                if line.strip():
-                    yield lineno, line
-    except (OSError, EOFError) as e:
-        raise StageError(f"{path}: cannot be read ({e})") from None
-
-
-def parquet_rows(path):
-    import pyarrow.parquet as pq
-
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=2048)
-    except Exception as e:
-        raise StageError(f"{path}: cannot be read as parquet ({type(e).__name__}: {first_line(e)})") from None
-    row = 0
-    for batch in batches:
-        for record in batch.to_pylist():
-            row += 1
-            yield f"row {row}", record
-
-
-def arrow_dataset(path):
-    import datasets
-
-    try:
-        return datasets.Dataset.from_file(str(path))
-    except Exception as e:
-        raise StageError(f"{path}: cannot be read as arrow ({type(e).__name__}: {first_line(e)})") from None
-
-
-def split_of(path):
-    """(directory, split name or None) of a `datasets` save_to_disk directory given as <dir> or <dir>:<split>."""
-    head, colon, split = str(path).rpartition(":")
-    if colon and not Path(path).exists() and Path(head).is_dir():
-        return Path(head), split
-    return Path(path), None
-
-
-def saved_dataset(path, split=None):
-    """A `datasets` save_to_disk directory; of a DatasetDict, the named split, or its only one."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:
-        raise StageError(
-            f"{path}: a directory, but not one that datasets' save_to_disk wrote ({type(e).__name__}: {first_line(e)})"
-        ) from None
-    if not isinstance(ds, datasets.DatasetDict):
-        if split is not None:
-            raise StageError(f"{path}: one dataset, not a DatasetDict of splits; name the directory without ':{split}'")
-        return ds
-    if split is None and len(ds) > 1:
-        raise StageError(f"{path}: a DatasetDict of splits {sorted(ds)}; name the one to read: {path}:<split>")
-    if split is not None and split not in ds:
-        raise StageError(f"{path}: no split '{split}' in this DatasetDict (splits: {sorted(ds)})")
-    return ds[split or next(iter(ds))]
-
-
-def hf_dataset(uri):
-    """hf://datasets/<owner>/<name>[:split] through `datasets` (its own cache and HF token handling)."""
-    import datasets
-
-    repo, _, split = uri[len("hf://datasets/") :].partition(":")
-    try:
-        return datasets.load_dataset(repo, split=split or "train")
-    except Exception as e:
-        raise StageError(f"{uri}: cannot be loaded with datasets ({type(e).__name__}: {first_line(e)})") from None
-
-
-def table_rows(ds):
-    row = 0
-    for batch in ds.iter(batch_size=2048):
-        for values in zip(*batch.values()):
-            row += 1
-            yield f"row {row}", dict(zip(batch, values))
-
-
-def data_sha256(path):
-    """What identifies a data source's content: the sha256 of a file, or of a directory's files (names and
-    contents, in order), or for hf://datasets/... the fingerprint `datasets` gives the cached dataset."""
-    if str(path).startswith("hf://datasets/"):
-        return hf_dataset(str(path))._fingerprint
-    path, split = split_of(path)
-    if path.is_file():
-        return file_sha256(path)
-    import hashlib
-
-    h = hashlib.sha256(f"{split}\0".encode() if split else b"")
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\0".encode())
-    return h.hexdigest()
 
 
 def first_line(e):
@@ -4324,107 +4189,6 @@ def parse_row(item):
     if not isinstance(item, dict):
         raise BadRecord("not an object", f"expected a JSON object, got {type(item).__name__}")
     return item
-
-
-def rename_pairs(entries):
-    """data.rename_fields ["from=to", ...] as (from, to) pairs."""
-    pairs = [tuple(e.split("=")) for e in entries]
-    bad = [e for e, p in zip(entries, pairs) if len(p) != 2 or not all(p)]
-    if bad:
-        raise StageError(f"config: 'data.rename_fields' entries must be 'from=to', got {bad[0]!r}")
-    return pairs
-
-
-def normalize(row, fmt="auto", renames=()):
-    """(normalized record, format name) of one record: its format recognised by its content fields (or `fmt`),
-    converted as the comments of RECORD_FORMATS say; BadRecord when it fits no format or would train nothing.
-    `renames` are (from, to) field names applied first (data.rename_fields)."""
-    row = {k: v for k, v in row.items() if v is not None}  # columnar files hold null for a field a record lacks
-    for old, new in renames:
-        if old in row:
-            if new in row:
-                raise BadRecord("field clash", f"field '{old}' would be renamed to '{new}', which is there too")
-            row[new] = row.pop(old)
-    present = CONTENT_FIELDS & set(row)
-    matches = [
-        name for name, (req, opt) in RECORD_FORMATS.items() if fmt in ("auto", name) and req <= present <= req | opt
-    ]
-    if not matches:  # the field sets are disjoint, so at most one format matches
-        raise BadRecord("no format", format_mismatch(row, present, fmt))
-    name, rest = matches[0], {k: v for k, v in row.items() if k not in CONTENT_FIELDS}
-    if name == "prompt_completion" and isinstance(row["prompt"], list):
-        return {"messages": conversational_prompt_completion(row["prompt"], row["completion"]), **rest}, name
-    if name in ("messages", "sharegpt"):
-        turns = row[name if name == "messages" else "conversations"]
-        return {"messages": check_conversation(turns if name == "messages" else from_sharegpt(turns)), **rest}, name
-    fields = {k: row[k] for k in present}
-    for key, value in fields.items():
-        if not isinstance(value, str):
-            raise BadRecord("not a string", f"field '{key}' must be a string, got {type(value).__name__}")
-    if name == "input_output":
-        prompt, output = fields["input"], fields["output"]
-    elif name == "prompt_completion":
-        prompt, output = fields["prompt"], fields["completion"]
-    else:  # dolly and alpaca: the instruction, then its context / input after a blank line when there is one
-        extra = fields.get("context" if name == "dolly" else "input", "").strip()
-        prompt = fields["instruction"] + (f"\n\n{extra}" if extra else "")
-        output = fields["response" if name == "dolly" else "output"]
-    if not prompt.strip():
-        raise BadRecord("empty prompt", f"empty prompt ({name} record): nothing to answer")
-    if not output.strip():
-        raise BadRecord("empty output", f"empty output ({name} record): nothing to train on")
-    return {"input": prompt, "output": output, **rest}, name
-
-
-def format_mismatch(row, present, fmt):
-    """Why no format takes these fields: the nearest format's missing or unused field, the fields found, and the
-    formats known."""
-    known = "; ".join(
-        f"{name} ({', '.join(sorted(req) + [f'[{o}]' for o in sorted(opt)])})"
-        for name, (req, opt) in RECORD_FORMATS.items()
-    )
-    tried = [
-        (len(req - present) + len(present - req - opt), name, req - present, present - req - opt)
-        for name, (req, opt) in RECORD_FORMATS.items()
-        if fmt in ("auto", name)
-    ]
-    _, name, missing, unused = min(tried, key=lambda t: t[0])
-    why = (
-        f"missing field '{sorted(missing)[0]}'"
-        if missing and not unused
-        else f"field '{sorted(unused)[0]}' is not used by the {name} format"
-        if unused and not missing
-        else f"its fields do not fit the {fmt} format that data.format asks for"
-        if fmt != "auto"
-        else "its fields fit no record format"
-    )
-    return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"
-
-
-def from_sharegpt(turns):
-    if not isinstance(turns, list):
-        raise BadRecord("bad conversation", f"'conversations' must be a list of turns, got {type(turns).__name__}")
-    out = []
-    for i, turn in enumerate(turns, start=1):
-        turn = {k: v for k, v in turn.items() if v is not None} if isinstance(turn, dict) else turn
-        if not isinstance(turn, dict) or set(turn) != {"from", "value"}:
-            found = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
-            raise BadRecord("bad conversation", f"turn {i} must have exactly 'from' and 'value', got {found}")
-        if turn["from"] not in SHAREGPT_ROLES:
-            raise BadRecord(
-                "bad conversation", f"turn {i}: unknown 'from' {turn['from']!r} (known: {sorted(SHAREGPT_ROLES)})"
-            )
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return out
-
-
-def conversational_prompt_completion(prompt, completion):
-    """TRL's conversational prompt/completion as one conversation in which only the completion's assistant turns
-    train, as TRL trains them: an assistant turn of the prompt is marked "train": false."""
-    if not isinstance(completion, list):
-        raise BadRecord("bad conversation", "'prompt' is a list of messages, so 'completion' must be one too")
-    context = [dict(m, train=False) if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
-    return check_conversation(context + completion)
 
 
 def check_conversation(messages):
@@ -4467,9 +4231,9 @@ def check_conversation(messages):
 
 
 # ------------------------------------------------------------------------------------------------ shared
-# These helpers are repeated, identical, at the end of every stage so that each stage can be copied alone
-# (tests/test_config.py keeps them identical); a stage may carry some it does not call. STAGE (the stage's file
-# name) is defined by each stage in its settings section.
+# Helpers repeated at the end of every stage so that each stage can be copied alone: each stage carries those it
+# calls, and tests/test_config.py keeps every copy of one identical, by name. STAGE (the stage's file name) is
+# defined by each stage in its settings section.
 class StageError(Exception):
     """Bad input: reported as one line on stderr with exit status 1; no partial output is left behind."""
 
@@ -4799,34 +4563,6 @@ def load_torch_file(path, mmap=True):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise StageError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-
-
-def save_sharded(state, out_dir, max_shard_bytes=5 * 2**30):
-    """Write tensors as safetensors shards of at most max_shard_bytes, with an index when there are several."""
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.contiguous()
-        size += n
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    write_atomically(
-        out_dir / "model.safetensors.index.json",
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n",
-    )
 
 
 # ------------------------------------------------------------------------------------------------ entry point

@@ -1,5 +1,6 @@
 """The config contract shared by every stage: overlays, overrides, strict keys and types."""
 
+import ast
 import os
 import re
 
@@ -10,14 +11,45 @@ from conftest import ROOT, load_stage, run_stage
 STAGES = ["01_download_data.py", "02_download_model.py", "03_convert_checkpoint.py", "05_train.py"]
 
 
-def config_block(filename):
+REPEATED_BLOCKS = ("shared", "records", "layout")  # the sections a stage repeats from another, to be copied alone
+
+
+def definitions(filename):
+    """{name: (source text, section)} of every top-level function, class and constant of a stage."""
     text = (ROOT / filename).read_text()
-    return re.search(r"# -+ shared\n.*?(?=\n# -+ )", text, re.S).group(0)
+    lines, section, out = text.splitlines(), None, {}
+    rules = {i: m.group(1) for i, line in enumerate(lines, 1) if (m := re.match(r"# -+ (.+)$", line))}
+    for node in ast.parse(text).body:
+        names = (
+            [node.name] if hasattr(node, "name") else [t.id for t in getattr(node, "targets", []) if hasattr(t, "id")]
+        )
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        section = next((rules[i] for i in sorted(rules, reverse=True) if i < first), None)
+        for name in names:
+            out[name] = ("\n".join(lines[first - 1 : node.end_lineno]), section)
+    return out
 
 
-def test_every_stage_carries_the_same_config_helpers():
-    blocks = {f: config_block(f) for f in STAGES}
-    assert len(set(blocks.values())) == 1, "the config section must be identical in every stage"
+def test_a_helper_that_stages_repeat_is_the_same_text_in_each():
+    """Every function, class or constant of a repeated section (shared, records, layout) is identical, by name,
+    in every stage that carries it: each stage carries the subset it calls, never a diverging copy."""
+    defs = {f: definitions(f) for f in STAGES}
+    repeated = {name for d in defs.values() for name, (_, section) in d.items() if section in REPEATED_BLOCKS}
+    for name in sorted(repeated - {"STAGE"}):
+        copies = {f: d[name][0] for f, d in defs.items() if name in d}
+        assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"
+    assert {f for f, d in defs.items() if "load_config" in d} == set(STAGES)
+
+
+def test_no_stage_carries_a_definition_it_never_uses():
+    for f in STAGES:
+        body = ast.parse((ROOT / f).read_text()).body
+        for node in body:
+            names = (
+                [node.name] if hasattr(node, "name") else [getattr(t, "id", None) for t in getattr(node, "targets", [])]
+            )
+            used = {n.id for other in body if other is not node for n in ast.walk(other) if isinstance(n, ast.Name)}
+            assert not {n for n in names if n} - used - {"__doc__"}, f"{f}: {names} defined but never used"
 
 
 def test_stages_import_no_other_file_of_the_project():
@@ -299,3 +331,27 @@ def test_on_a_host_without_trainium_config_yaml_points_to_the_demo():
     line = proc.stderr.strip()
     assert "trn1.32xlarge" in line and "make demo" in line and "--config demo.yaml" in line
     assert "distributed_strategy.tensor_model_parallel_size=1" in line
+
+
+def documented_commands(doc):
+    """The commands of a stage's --help "Commands" section: one per label, with its continuation lines."""
+    import shlex
+
+    section = doc.split("\nCommands", 1)[1].split("\n", 1)[1]
+    joined = re.sub(r"\\\n\s*", " ", section)
+    for line in joined.splitlines():
+        label, _, command = line.partition(": ")
+        if label.strip() and command.strip():
+            yield shlex.split(command, comments=True)
+
+
+def test_every_command_of_05_help_runs_as_printed():
+    """Each example of 05's --help is one shell command whose arguments 05 accepts: run through --check-config
+    in place of its mode (a comment is a shell comment, never an argument)."""
+    commands = list(documented_commands(load_stage("05_train.py").__doc__))
+    assert len(commands) >= 8
+    for words in commands:
+        assert words[0] in ("python", "torchrun") and "05_train.py" in words, words
+        args = [w for w in words[words.index("05_train.py") + 1 :] if w not in ("--dry-run", "--smoke")]
+        proc = run_stage(["05_train.py", *args, "--check-config"], check=False)
+        assert proc.returncode == 0, f"{' '.join(words)}: {proc.stderr[-800:]}"

@@ -126,28 +126,26 @@ def test_long_records_can_be_dropped_and_counted(train_mod, tok):
 def test_dev_choose_samples_takes_the_head_of_the_file(train_mod, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(10)))
-    assert train_mod.read_records(path, 3) == [("q0", "a0"), ("q1", "a1"), ("q2", "a2")]
-    assert len(train_mod.read_records(path, None)) == 10
+    assert train_mod.read_records(path, "train", 3) == [("q0", "a0"), ("q1", "a1"), ("q2", "a2")]
+    assert len(train_mod.read_records(path, "train", None)) == 10
 
 
-def test_arrow_files_are_read_like_jsonl(train_mod, tmp_path):
-    import datasets
-
-    ds = datasets.Dataset.from_dict({"input": ["q0", "q1"], "output": ["a0", "a1"], "category": ["x", "y"]})
-    ds.save_to_disk(str(tmp_path / "ds"))
-    arrow = next((tmp_path / "ds").glob("*.arrow"))
-    assert train_mod.read_records(arrow, None) == [("q0", "a0"), ("q1", "a1")]
-
-
-def test_a_record_of_no_known_format_is_refused_naming_its_fields_and_the_formats(train_mod, tmp_path):
+def test_a_last_line_without_a_newline_is_read(train_mod, tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    path.write_text('{"input": "q0", "output": "a0"}\n{"input": "q1", "output": "a1"}')
+    assert train_mod.read_records(path, "train", None) == [("q0", "a0"), ("q1", "a1")]
+
+
+def test_a_record_01_did_not_write_is_refused_with_the_01_command(train_mod, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "q", "input": "", "output": "a"}) + "\n")
     with pytest.raises(
         train_mod.StageError,
-        match=r"d.jsonl:1: .*fields found: \['answer', 'question'\]; formats "
-        r"known \(data.format\): input_output \(input, output\)",
+        match=r"d.jsonl:1: fields \['input', 'instruction', 'output'\] are neither \{input, output\} nor "
+        r"\{messages\}; 05 trains on .* python 01_download_data.py --config config.yaml "
+        r"data.download.val_uri=\S+d.jsonl data.val_dir=\S+d.normalized.jsonl",
     ):
-        train_mod.read_records(path, None)
+        train_mod.read_records(path, "val", None)
 
 
 def test_data_order_is_a_pure_function_of_seed_and_step_and_covers_every_window(train_mod):

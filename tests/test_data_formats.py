@@ -3,7 +3,6 @@ their assistant turns and nothing else."""
 
 import gzip
 import json
-import re
 import shutil
 
 import pytest
@@ -82,45 +81,47 @@ BAD = [
 ]
 
 
-def stage_module(name):
-    return load_stage(name)
+@pytest.fixture(scope="module")
+def data_mod():
+    return load_stage("01_download_data.py")
 
 
-# ------------------------------------------------------------------ one reader
-def records_block(filename):
-    return re.search(r"# -+ records\n.*?(?=\n# -+ )", (ROOT / filename).read_text(), re.S).group(0)
+def read_01(data_mod, source):
+    """The normalized records of a source as 01 reads and writes them."""
+    return [data_mod.normalize(data_mod.parse_row(item))[0] for _, item in data_mod.data_rows(source)]
 
 
-def test_01_and_05_carry_the_same_record_reader():
-    assert records_block("01_download_data.py") == records_block("05_train.py")
+def as_05_reads(normalized):
+    return [(n["input"], n["output"]) if "input" in n else n["messages"] for n in normalized]
 
 
+# ------------------------------------------------------------------ one reader: 01's
 @pytest.mark.parametrize("fmt,record,normalized", FORMATS, ids=[f"{f[0]}-{i}" for i, f in enumerate(FORMATS)])
-def test_each_format_is_recognised_by_its_fields_and_normalized(train_mod, fmt, record, normalized):
-    assert train_mod.normalize(record) == (normalized, fmt)
-    assert train_mod.normalize(record, fmt) == (normalized, fmt)  # data.format forcing the same one
+def test_each_format_is_recognised_by_its_fields_and_normalized(data_mod, fmt, record, normalized):
+    assert data_mod.normalize(record) == (normalized, fmt)
+    assert data_mod.normalize(record, fmt) == (normalized, fmt)  # data.format forcing the same one
 
 
 @pytest.mark.parametrize("record,reason", BAD, ids=[r for _, r in BAD])
-def test_a_record_that_cannot_train_is_a_bad_record_with_its_reason(train_mod, record, reason):
-    with pytest.raises(train_mod.BadRecord) as bad:
-        train_mod.normalize(record)
+def test_a_record_that_cannot_train_is_a_bad_record_with_its_reason(data_mod, record, reason):
+    with pytest.raises(data_mod.BadRecord) as bad:
+        data_mod.normalize(record)
     assert reason in bad.value.reason
 
 
-def test_a_forced_format_refuses_the_fields_it_would_not_use(train_mod):
+def test_a_forced_format_refuses_the_fields_it_would_not_use(data_mod):
     """An Alpaca record read as input/output would drop its instruction: an error, never a silent drop."""
-    with pytest.raises(train_mod.BadRecord, match="field 'instruction' is not used by the input_output format"):
-        train_mod.normalize({"instruction": "I", "input": "Q", "output": "A"}, "input_output")
+    with pytest.raises(data_mod.BadRecord, match="field 'instruction' is not used by the input_output format"):
+        data_mod.normalize({"instruction": "I", "input": "Q", "output": "A"}, "input_output")
 
 
-def test_a_record_that_does_not_fit_the_forced_format_is_named_so(train_mod):
-    with pytest.raises(train_mod.BadRecord, match="its fields do not fit the alpaca format that data.format asks for"):
-        train_mod.normalize({"instruction": "I", "response": "R"}, "alpaca")  # a dolly record
+def test_a_record_that_does_not_fit_the_forced_format_is_named_so(data_mod):
+    with pytest.raises(data_mod.BadRecord, match="its fields do not fit the alpaca format that data.format asks for"):
+        data_mod.normalize({"instruction": "I", "response": "R"}, "alpaca")  # a dolly record
 
 
-def test_renamed_fields_are_recognised(train_mod):
-    assert train_mod.normalize(
+def test_renamed_fields_are_recognised(data_mod):
+    assert data_mod.normalize(
         {"question": "Q", "answer": "A"}, renames=[("question", "input"), ("answer", "output")]
     ) == ({"input": "Q", "output": "A"}, "input_output")
 
@@ -168,15 +169,7 @@ KINDS = ["jsonl-bom-crlf", "jsonl.gz", "json-array", "parquet", "arrow", "save_t
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_05_reads_every_file_kind(train_mod, tmp_path, kind):
-    source = write_kind(tmp_path, kind)
-    got = train_mod.read_records(source, None)
-    want = [(n["input"], n["output"]) if "input" in n else n["messages"] for n in expected_for(kind)]
-    assert got == want
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_01_reads_every_file_kind_and_writes_normalized_records(tmp_path, kind):
+def test_01_reads_every_file_kind_and_writes_normalized_records_that_05_reads(train_mod, tmp_path, kind):
     source = write_kind(tmp_path, kind)
     out = tmp_path / "out" / "train.jsonl"
     overlay = write_overlay(
@@ -187,9 +180,10 @@ def test_01_reads_every_file_kind_and_writes_normalized_records(tmp_path, kind):
     assert [json.loads(line) for line in out.read_text().splitlines()] == expected_for(kind)
     manifest = json.loads((tmp_path / "out" / "train.jsonl.manifest.json").read_text())
     assert sum(manifest["formats"].values()) == len(expected_for(kind)) and manifest["formats"]["alpaca"] == 3
+    assert train_mod.read_records(out, "train", None) == as_05_reads(expected_for(kind))
 
 
-def test_a_datasetdict_directory_is_read_by_the_split_it_names_and_never_by_a_guess(train_mod, tmp_path):
+def test_a_datasetdict_directory_is_read_by_the_split_it_names_and_never_by_a_guess(data_mod, tmp_path):
     """<dir>:<split> names a split; a DatasetDict of one split needs no name; of several, a name is required (the
     validation source used to be read as the train split)."""
     import datasets
@@ -199,20 +193,20 @@ def test_a_datasetdict_directory_is_read_by_the_split_it_names_and_never_by_a_gu
 
     datasets.DatasetDict({"train": table("t"), "validation": table("v")}).save_to_disk(str(tmp_path / "both"))
     datasets.DatasetDict({"validation": table("v")}).save_to_disk(str(tmp_path / "one"))
-    assert train_mod.read_records(f"{tmp_path / 'both'}:validation", None) == [("v-q", "v-a")]
-    assert train_mod.read_records(tmp_path / "one", None) == [("v-q", "v-a")]
-    with pytest.raises(train_mod.StageError, match=r"a DatasetDict of splits \['train', 'validation'\]; name the one"):
-        train_mod.read_records(tmp_path / "both", None)
-    with pytest.raises(train_mod.StageError, match=r"no split 'test' in this DatasetDict \(splits: \['train', 'valid"):
-        train_mod.read_records(f"{tmp_path / 'both'}:test", None)
+    assert read_01(data_mod, f"{tmp_path / 'both'}:validation") == [{"input": "v-q", "output": "v-a"}]
+    assert read_01(data_mod, tmp_path / "one") == [{"input": "v-q", "output": "v-a"}]
+    with pytest.raises(data_mod.StageError, match=r"a DatasetDict of splits \['train', 'validation'\]; name the one"):
+        read_01(data_mod, tmp_path / "both")
+    with pytest.raises(data_mod.StageError, match=r"no split 'test' in this DatasetDict \(splits: \['train', 'valid"):
+        read_01(data_mod, f"{tmp_path / 'both'}:test")
 
 
-def test_conversations_in_a_parquet_file_are_read_with_their_turns(train_mod, tmp_path):
+def test_conversations_in_a_parquet_file_are_read_with_their_turns(data_mod, tmp_path):
     import datasets
 
     marked = CHAT[:2] + [dict(CHAT[2], train=False)] + CHAT[3:]
     datasets.Dataset.from_dict({"messages": [CHAT, marked]}).to_parquet(str(tmp_path / "chat.parquet"))
-    assert train_mod.read_records(tmp_path / "chat.parquet", None) == [CHAT, marked]
+    assert read_01(data_mod, tmp_path / "chat.parquet") == [{"messages": CHAT}, {"messages": marked}]
 
 
 def test_a_non_utf8_line_is_a_bad_line_named_in_both_stages(train_mod, tmp_path):
@@ -225,7 +219,7 @@ def test_a_non_utf8_line_is_a_bad_line_named_in_both_stages(train_mod, tmp_path)
         + b"\n"
     )
     with pytest.raises(train_mod.StageError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9"):
-        train_mod.read_records(source, None)
+        train_mod.read_records(source, "train", None)
     out = tmp_path / "out.jsonl"
     base = [
         "01_download_data.py",
@@ -362,42 +356,30 @@ def test_a_conversation_whose_first_answer_does_not_fit_is_cut_prompt_first(trai
 
 
 # ------------------------------------------------------------------ 05 on users' files
-def test_05_prepares_an_alpaca_file_as_01_normalizes_it(train_mod, tokenizer_dir, tmp_path):
-    from conftest import make_hf_model
-
-    make_hf_model(tmp_path / "hf", tokenizer_dir)
-    alpaca = tmp_path / "alpaca.json"
-    alpaca.write_text(
-        json.dumps([{"instruction": f"Repeat {i}.", "input": "x" * (i % 3), "output": f"{i}"} for i in range(40)])
+@pytest.mark.parametrize("kind,fmt", [("json-array", "raw"), ("jsonl.gz", "chat_template"), ("parquet", "raw")])
+def test_every_format_01_writes_trains_in_05_as_its_normalized_records(
+    train_mod, llama3_style, tokenizer_dir, tmp_path, kind, fmt
+):
+    """Each record format and file kind, through 01 then prepared by 05, gives exactly the windows of the
+    normalized records (the forms FORMATS asserts) tokenized in memory."""
+    out = tmp_path / "normalized.jsonl"
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        {
+            "data.download.train_uri": str(write_kind(tmp_path, kind)),
+            "data.download.val_uri": None,
+            "data.train_dir": str(out),
+        },
     )
-    run_stage(
-        [
-            "01_download_data.py",
-            "--config",
-            "config.yaml",
-            f"data.download.train_uri={alpaca}",
-            "data.download.val_uri=null",
-            f"data.train_dir={tmp_path / 'normalized.jsonl'}",
-        ]
-    )
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    batches = []
-    for data in (alpaca, tmp_path / "normalized.jsonl"):
-        c = train_mod.resolve(
-            train_mod.load_config(
-                [ROOT / "config.yaml"],
-                [
-                    f"data.train_dir={data}",
-                    f"data.tokenizer.type={tokenizer_dir}",
-                    "data.dev_choose_samples=null",
-                    "data.seq_length=64",
-                ],
-            ),
-            train_mod.SCHEMA,
-        )
-        windows = train_mod.load_split(data, tok, c, "train", None)
-        batches.append(windows.batch(range(len(windows))))
-    assert all((batches[0][k] == batches[1][k]).all() for k in batches[0])
+    run_stage(["01_download_data.py", "--config", "config.yaml", "--config", str(overlay)])
+    keys = [f"data.train_dir={out}", f"data.tokenizer.type={tokenizer_dir}", "data.dev_choose_samples=null"]
+    keys += ["data.seq_length=64", f"data.prompt_format={fmt}"]
+    c = train_mod.resolve(train_mod.load_config([ROOT / "config.yaml"], keys), train_mod.SCHEMA)
+    windows = train_mod.load_split(out, llama3_style, c, "train", None)
+    docs, _ = train_mod.tokenize(as_05_reads(expected_for(kind)), llama3_style, fmt, 64, "truncate")
+    expected = train_mod.Windows.from_docs(docs, 64, True, llama3_style.pad_token_id)
+    got, want = windows.batch(range(len(windows))), expected.batch(range(len(expected)))
+    assert all((got[k] == want[k]).all() for k in want) and len(windows) == len(expected)
 
 
 def test_the_preparation_line_says_how_many_records_of_the_file_it_took(train_mod, tokenizer_dir, tmp_path, capsys):

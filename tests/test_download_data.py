@@ -130,3 +130,37 @@ def test_manifest_has_token_length_statistics_when_the_tokenizer_exists(tmp_path
         len(tok.encode(t, add_special_tokens=False)) for t in ("What is 4 + 2?\n6", "Convert 7 km to meters.\n7000 m")
     )
     assert (stats["min"], stats["max"], stats["mean"]) == (lengths[0], lengths[1], sum(lengths) / 2)
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.jsonl.gz"])
+def test_a_last_line_without_a_newline_is_a_record(tmp_path, name):
+    import gzip
+
+    text = json.dumps({"input": "a", "output": "b"}) + "\n" + json.dumps({"input": "c", "output": "d"})
+    src = tmp_path / name
+    src.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    run_stage(["01_download_data.py", *settings(tmp_path, src)])
+    out = (tmp_path / "out" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["input"] for line in out] == ["a", "c"]
+
+
+@pytest.mark.parametrize(
+    "change,effect",
+    [
+        ("data.rename_fields=[instruction=note]", "rewritten"),
+        ("data.format=dolly", "its fields do not fit the dolly format"),
+    ],
+)
+def test_a_rerun_with_other_reading_settings_reads_the_source_again(tmp_path, change, effect):
+    """data.format and data.rename_fields decide what 01 writes from a source: a re-run that changes either is not
+    'up to date'."""
+    src = write_lines(tmp_path / "in.jsonl", [json.dumps({"instruction": "I", "input": "x", "output": "y"})])
+    run_stage(["01_download_data.py", *settings(tmp_path, src)])
+    out = tmp_path / "out" / "train.jsonl"
+    assert json.loads(out.read_text()) == {"input": "I\n\nx", "output": "y"}
+    proc = run_stage(["01_download_data.py", *settings(tmp_path, src), change], check=False)
+    assert "nothing to do" not in proc.stdout
+    if effect == "rewritten":
+        assert proc.returncode == 0 and json.loads(out.read_text()) == {"input": "x", "output": "y", "note": "I"}
+    else:
+        assert proc.returncode == 1 and effect in proc.stderr

@@ -276,3 +276,69 @@ def test_a_tenth_of_a_percent_on_a_dora_magnitude_moves_the_bf16_output_exactly_
     moved = [a != b for a, b in zip(after, before)]
     assert moved[1].float().mean() > 0.1  # in PEFT a fifth of the outputs change
     assert torch.equal(moved[0], moved[1]) and torch.equal(after[0], after[1])
+
+
+def paired_layers(train_mod, dora, dropout=0.0, dtype=torch.float32):
+    """Our LoRALinear and PEFT's LoRA layer over the same base weight, with the same (trained-looking) A, B and
+    DoRA magnitude."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Module()
+    base.proj = torch.nn.Linear(64, 48, bias=False).to(dtype)
+    ours = train_mod.LoRALinear((48, 64), dtype)
+    with torch.no_grad():
+        ours.weight.copy_(base.proj.weight)
+    ours.init_lora(rank=4, alpha=8.0, dropout=dropout, dora=dora)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["proj"], use_dora=dora)
+    theirs = get_peft_model(base, config).base_model.model.proj
+    with torch.no_grad():
+        ours.lora_B.weight.normal_(0, 0.1)
+        for name in ("lora_A", "lora_B"):
+            getattr(theirs, name)["default"].weight.copy_(getattr(ours, name).weight)
+        if dora:
+            ours.magnitude.copy_(ours.dora_norm() * (1 + 0.05 * torch.randn(48)))
+            theirs.lora_magnitude_vector["default"].weight.copy_(ours.magnitude)
+    return ours, theirs
+
+
+def trainable_grads(ours, theirs):
+    mine = [ours.lora_A.weight.grad, ours.lora_B.weight.grad]
+    peft = [theirs.lora_A["default"].weight.grad, theirs.lora_B["default"].weight.grad]
+    if ours.magnitude is not None:
+        mine.append(ours.magnitude.grad)
+        peft.append(theirs.lora_magnitude_vector["default"].weight.grad)
+    return mine, peft
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_dropout_acts_on_the_input_of_A_as_in_peft_under_one_fixed_mask(train_mod, dora):
+    """With one dropout mask given to both layers, the outputs and the gradients of A, B (and the magnitude) are
+    PEFT's: the mask applies to x before A (and, with DoRA, to the base term's input), nowhere else."""
+    ours, theirs = paired_layers(train_mod, dora, dropout=0.3)
+    ours.train(), theirs.train()
+    mask = (torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) >= 0.3) / 0.7
+    ours.dropout = lambda x: x * mask
+    theirs.lora_dropout["default"] = type("FixedMask", (torch.nn.Module,), {"forward": lambda self, x: x * mask})()
+    x = torch.randn(32, 64)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert (y_ours - x @ ours.weight.T).abs().max() > 1e-2, "the adapter must act for this test to mean anything"
+    assert torch.allclose(y_ours, y_theirs, atol=1e-5)
+    (y_ours.square().sum()).backward()
+    (y_theirs.square().sum()).backward()
+    for mine, peft in zip(*trainable_grads(ours, theirs)):
+        assert torch.allclose(mine, peft, rtol=1e-4, atol=1e-5)
+
+
+def test_one_dora_backward_gives_peft_s_gradients_of_a_b_and_the_magnitude(train_mod):
+    """DoRA's weight norm is a constant of the backward pass (detached, as in the paper and PEFT): the gradients of
+    A, B and the magnitude equal PEFT's."""
+    ours, theirs = paired_layers(train_mod, dora=True)
+    x = torch.randn(32, 64)
+    target = torch.randn(32, 48)
+    for layer in (ours, theirs):
+        (layer(x) - target).square().sum().backward()
+    mine, peft = trainable_grads(ours, theirs)
+    assert all(g.abs().max() > 1e-3 for g in mine), "every trained tensor must get a gradient"
+    for a, b in zip(mine, peft):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)

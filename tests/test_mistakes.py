@@ -453,13 +453,13 @@ CASES = [
         "05-record-without-output",
         "05_train.py",
         ["data.train_dir={w}/no_output.jsonl"],
-        "{w}/no_output.jsonl:2: missing field 'output'",
+        "{w}/no_output.jsonl:2: fields ['input'] are neither {{input, output}} nor {{messages}}; 05 trains on",
     ),
     Case(
-        "05-truncated-gz",
+        "05-gz-not-from-01",
         "05_train.py",
         ["data.train_dir={w}/truncated.jsonl.gz"],
-        "{w}/truncated.jsonl.gz: cannot be read",
+        "{w}/truncated.jsonl.gz: gzip-compressed, not JSON lines; 05 trains on",
     ),
     Case(
         "01-truncated-gz",

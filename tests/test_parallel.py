@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -138,6 +137,31 @@ def test_parallel_run_equals_the_single_process_run(shards, reference, launch):
     assert any(t.abs().max() > 1e-3 for n, t in want_adapter.items() if "lora_B" in n), "B must have trained"
 
 
+def test_a_gradient_clip_that_acts_gives_the_single_process_numbers_under_tp_and_dp(shards, reference):
+    """The clip scales by the norm of the whole gradient, reduced over every rank first: a clip below every step's
+    norm changes the training, and TP 2 x DP 2 still gives the single process's losses and adapter."""
+    work, overlay = shards
+    clip = f"trainer.gradient_clip_val={min(reference[0]['grad_norm']) / 4}"
+    want = run_metrics(train(work, overlay, "single-clip", *EXACT, clip))
+    assert want["loss"][2] != pytest.approx(reference[0]["loss"][2], abs=1e-4), "the clip must act"
+    nproc, overrides, ckpt = LAUNCHES["tp2xdp2"]
+    torchrun(
+        work,
+        overlay,
+        "clip-tp2xdp2",
+        nproc,
+        *EXACT,
+        clip,
+        *overrides,
+        f"exp_manager.resume_from_checkpoint={work / ckpt}",
+    )
+    got = read_metrics(work / "clip-tp2xdp2")
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    for name, tensor in adapter(work / "single-clip").items():
+        assert torch.allclose(adapter(work / "clip-tp2xdp2")[name], tensor, atol=1e-5, rtol=0), name
+
+
 @pytest.fixture(scope="module")
 def dora_reference(shards):
     work, overlay = shards
@@ -236,13 +260,6 @@ def test_a_head_layout_that_training_cannot_use_is_refused_with_the_reason(train
         train_mod.Layout(arch, 2, 2, "trn1").check()
     with pytest.raises(train_mod.StageError, match="each rank would hold 2 Q heads and 4 KV heads"):
         train_mod.Layout(arch, 2, 4, "trn2").check().check_trainable()
-
-
-def test_03_and_05_carry_the_same_layout_block():
-    def block(filename):
-        return re.search(r"# -+ layout\n.*?(?=\n# -+ )", (ROOT / filename).read_text(), re.S).group(0)
-
-    assert block("03_convert_checkpoint.py") == block("05_train.py")
 
 
 def test_every_layout_05_trains_is_one_03_writes_with_each_q_head_beside_its_kv_head(train_mod):

@@ -1,6 +1,7 @@
 """Prepared data: each split is tokenized, masked and packed once per set of inputs, then memory-mapped by every
 launch; the windows are exactly those of the plain one-record-at-a-time construction."""
 
+import gzip
 import json
 import os
 import signal
@@ -136,7 +137,9 @@ def test_prepared_windows_equal_the_one_record_at_a_time_reference_on_the_demo_d
         f"data.truncation={truncation}",
     )
     windows = train_mod.load_split(data, tok, c, "train", None)
-    expected, stats = reference_windows(train_mod.read_records(data, None), tok, fmt, seq_len, packing, truncation)
+    expected, stats = reference_windows(
+        train_mod.read_records(data, "train", None), tok, fmt, seq_len, packing, truncation
+    )
     got = windows.batch(range(len(windows)))
     assert got.keys() == expected.keys()
     for key in expected:
@@ -263,10 +266,25 @@ def test_an_invalid_json_line_is_named_with_its_line_number(train_mod, tmp_path)
     data = tmp_path / "d.jsonl"
     data.write_text('{"input": "a", "output": "b"}\n\n{"input": "c", "output": \n')
     with pytest.raises(train_mod.StageError, match=r"d.jsonl:3: not valid JSON"):
-        train_mod.read_records(data, None)
+        train_mod.read_records(data, "train", None)
 
 
-def test_a_json_array_file_is_read_like_jsonl(train_mod, tmp_path):
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps([{"input": "q0", "output": "a0"}, {"input": "q1", "output": "a1"}]))
-    assert train_mod.read_records(data, None) == [("q0", "a0"), ("q1", "a1")]
+@pytest.mark.parametrize(
+    "name,content,kind",
+    [
+        ("d.json", b'[{"input": "q0", "output": "a0"}]', "a JSON array"),
+        ("d.jsonl.gz", gzip.compress(b'{"input": "q0", "output": "a0"}\n'), "gzip-compressed"),
+        ("d.parquet", b"PAR1", "parquet"),
+        ("d.arrow", b"\xff\xff\xff\xff", "arrow"),
+        ("d", None, "a directory"),
+    ],
+)
+def test_05_refuses_a_file_01_did_not_write_before_any_work(
+    train_mod, tok, tokenizer_dir, model_config, tmp_path, name, content, kind
+):
+    data = tmp_path / name
+    data.mkdir() if content is None else data.write_bytes(content)
+    c, _ = settings(train_mod, tokenizer_dir, model_config, data)
+    with pytest.raises(train_mod.StageError, match=rf"{name}: {kind}, not JSON lines; .* 01_download_data.py"):
+        train_mod.load_split(data, tok, c, "train", None)
+    assert not list(tmp_path.glob("*.prepared"))
