@@ -780,7 +780,7 @@ def first_line(e):
 
 
 def parse_row(item):
-    """The record of one item of data_rows: a JSON line decoded and parsed, or the record itself."""
+    """The record of one item of a data file: a JSON line (bytes) decoded and parsed, or a table's record itself."""
     if isinstance(item, bytes):
         try:
             text = item.decode("utf-8")

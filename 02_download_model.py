@@ -332,47 +332,6 @@ def verify_weights(weights_dir, source):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def earlier_output(weights_dir):
-    """The resolved config that an earlier run of this stage saved in weights_dir (nested), or None when
-    weights_dir holds no output of this stage. Outputs of versions whose saved config did not yet name its
-    stage are recognised by model.download.source, a key that no other stage reads."""
-    saved = weights_dir / "resolved_config.yaml"
-    try:
-        old = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(old, dict):
-        return None
-    legacy = "source" in ((old.get("model") or {}).get("download") or {})
-    return old if written_by_this_stage(saved) or legacy else None
-
-
-def files_of(out):
-    """The files under a directory, as paths relative to it: what an output of this stage consists of."""
-    return [str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()]
-
-
-def unrecorded(out):
-    """What an earlier output directory of this stage holds beside the files its resolved_config.yaml lists as
-    written (a note, a model card or an evaluation folder of yours); nothing for an output of a version that kept no
-    list."""
-    try:
-        saved = yaml.safe_load((Path(out) / "resolved_config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    written = set(saved.get("files_written") or []) if isinstance(saved, dict) else set()
-    if not written:
-        return []
-    written.add("resolved_config.yaml")
-    extra = []
-    for p in sorted(Path(out).rglob("*")):
-        rel = p.relative_to(out)
-        theirs = str(rel) not in written and not (p.is_dir() and any(w.startswith(f"{rel}/") for w in written))
-        if theirs and not any(rel.is_relative_to(e) for e in extra):  # a folder of yours is named, not its files
-            extra.append(rel)
-    return [f"{e}/" if (Path(out) / e).is_dir() else str(e) for e in extra]
-
-
 def inside(a, b):
     return a.absolute() != b.absolute() and b.absolute() in a.absolute().parents
 
@@ -392,15 +351,10 @@ def check_outputs(weights_dir, tok_dir, config_path):
             f"model.model_config: {config_path} lies inside an output directory of this stage; use "
             f"{weights_dir / 'config.json'} or a path outside it"
         )
-    earlier = earlier_output(weights_dir)
-    earlier_tok = ((earlier or {}).get("data") or {}).get("tokenizer") or {}
     for key, d in (("model.hf_weights_dir", weights_dir), ("data.tokenizer.type", tok_dir)):
         if d.exists() and not d.is_dir():
             raise StageError(f"{key}: {d} is a file; this key names a directory")
-        if d.absolute() == weights_dir.absolute():
-            own = earlier is not None
-        else:  # a tokenizer directory of older versions holds no config: the weights directory's config names it
-            own = written_by_this_stage(d / "resolved_config.yaml") or earlier_tok.get("type") == str(d)
+        own = written_by_this_stage(d / "resolved_config.yaml")
         if d.is_dir() and any(d.iterdir()) and not own:
             refuse_foreign(d, key, "no resolved_config.yaml of this stage in it")
         if own and unrecorded(d):
@@ -414,7 +368,7 @@ def check_outputs(weights_dir, tok_dir, config_path):
             raise StageError(f"model.model_config: {config_path} is a directory; this key names a config.json file")
         ours = weights_dir / "config.json"
         same = (
-            earlier is not None
+            written_by_this_stage(weights_dir / "resolved_config.yaml")
             and ours.is_file()
             and config_path.is_file()
             and config_path.read_bytes() == ours.read_bytes()
@@ -723,6 +677,24 @@ def written_by_this_stage(config_path):
             return f.readline().startswith(f"# written by {STAGE}:")
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def files_of(out):
+    """The files under a directory, as paths relative to it: what an output of this stage consists of."""
+    return [str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()]
+
+
+def unrecorded(out):
+    """What an output directory of this stage holds beside the files its resolved_config.yaml lists as written (a
+    note, a model card or an evaluation folder of yours)."""
+    saved = yaml.safe_load((Path(out) / "resolved_config.yaml").read_text())
+    written, extra = {*saved["files_written"], "resolved_config.yaml"}, []
+    for p in sorted(Path(out).rglob("*")):
+        rel = p.relative_to(out)
+        theirs = str(rel) not in written and not (p.is_dir() and any(w.startswith(f"{rel}/") for w in written))
+        if theirs and not any(rel.is_relative_to(e) for e in extra):  # a folder of yours is named, not its files
+            extra.append(rel)
+    return [f"{e}/" if (Path(out) / e).is_dir() else str(e) for e in extra]
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -472,14 +472,14 @@ def merge_adapter(state, adapter_dir):
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-def check_output(out, key, marker, overwrite):
+def check_output(out, key, overwrite):
     """Pre-flight for an output directory: it can be written; an existing non-empty one is replaced only when it
-    is an earlier output of this stage (`marker` inside it says so) and --overwrite is given."""
+    is an earlier output of this stage (its resolved_config.yaml says so) and --overwrite is given."""
     if out.exists() and not out.is_dir():
         raise StageError(f"{key}: {out} is a file; this stage writes a directory there")
     if out.is_dir() and any(out.iterdir()):
-        if not marker(out):
-            refuse_foreign(out, key, "no manifest.json or resolved_config.yaml of this stage in it")
+        if not written_by_this_stage(out / "resolved_config.yaml"):
+            refuse_foreign(out, key, "no resolved_config.yaml of this stage in it")
         if not overwrite:
             raise StageError(f"{key}: {out} holds an earlier output of this stage; pass --overwrite to replace it")
         if unrecorded(out):
@@ -488,54 +488,6 @@ def check_output(out, key, marker, overwrite):
                 f"would delete them, so nothing is done: move them out of it, or choose another directory"
             )
     check_writable(out, key)
-
-
-def files_of(out):
-    """The files under a directory, as paths relative to it: what an output of this stage consists of."""
-    return [str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()]
-
-
-def unrecorded(out):
-    """What an earlier output directory of this stage holds beside the files its resolved_config.yaml lists as
-    written (a note, a model card or an evaluation folder of yours); nothing for an output of a version that kept no
-    list."""
-    try:
-        saved = yaml.safe_load((Path(out) / "resolved_config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    written = set(saved.get("files_written") or []) if isinstance(saved, dict) else set()
-    if not written:
-        return []
-    written.add("resolved_config.yaml")
-    extra = []
-    for p in sorted(Path(out).rglob("*")):
-        rel = p.relative_to(out)
-        theirs = str(rel) not in written and not (p.is_dir() and any(w.startswith(f"{rel}/") for w in written))
-        if theirs and not any(rel.is_relative_to(e) for e in extra):  # a folder of yours is named, not its files
-            extra.append(rel)
-    return [f"{e}/" if (Path(out) / e).is_dir() else str(e) for e in extra]
-
-
-def converted_here(ckpt):
-    """A checkpoint this stage converted: its manifest.json lists the layout settings and the files."""
-    try:
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and {"settings", "files"} <= set(manifest)
-
-
-def exported_here(out):
-    """An HF directory this stage wrote with --to-hf (versions before the saved config named its stage are
-    recognised by exp_manager.resume_from_checkpoint in it, a key stage 02 does not save)."""
-    saved = out / "resolved_config.yaml"
-    if written_by_this_stage(saved):
-        return True
-    try:
-        old = yaml.safe_load(saved.read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(old, dict) and "resume_from_checkpoint" in (old.get("exp_manager") or {})
 
 
 # ------------------------------------------------------------------------------------------------ manifest
@@ -740,10 +692,10 @@ def main(argv=None):
                 f"--merge-adapter: {args.merge_adapter} holds no adapter_config.json (a PEFT adapter "
                 f"directory, e.g. <run dir>/final/adapter)"
             )
-        check_output(out, "--to-hf", exported_here, args.overwrite)
+        check_output(out, "--to-hf", args.overwrite)
         to_hf(c, config, layout, stages, ckpt, out, args.merge_adapter)
     else:
-        check_output(ckpt, "exp_manager.resume_from_checkpoint", converted_here, args.overwrite)
+        check_output(ckpt, "exp_manager.resume_from_checkpoint", args.overwrite)
         convert(c, config, layout, stages, ckpt)
 
 
@@ -1079,6 +1031,24 @@ def written_by_this_stage(config_path):
             return f.readline().startswith(f"# written by {STAGE}:")
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def files_of(out):
+    """The files under a directory, as paths relative to it: what an output of this stage consists of."""
+    return [str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file()]
+
+
+def unrecorded(out):
+    """What an output directory of this stage holds beside the files its resolved_config.yaml lists as written (a
+    note, a model card or an evaluation folder of yours)."""
+    saved = yaml.safe_load((Path(out) / "resolved_config.yaml").read_text())
+    written, extra = {*saved["files_written"], "resolved_config.yaml"}, []
+    for p in sorted(Path(out).rglob("*")):
+        rel = p.relative_to(out)
+        theirs = str(rel) not in written and not (p.is_dir() and any(w.startswith(f"{rel}/") for w in written))
+        if theirs and not any(rel.is_relative_to(e) for e in extra):  # a folder of yours is named, not its files
+            extra.append(rel)
+    return [f"{e}/" if (Path(out) / e).is_dir() else str(e) for e in extra]
 
 
 class ArgumentParser(argparse.ArgumentParser):

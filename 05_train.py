@@ -643,40 +643,27 @@ def document_mask(segment_ids):
 
 # ------------------------------------------------------------------------------------------------ base weights
 def base_weight_slots(model, fuse_qkv):
-    """{NxDT tensor name: the model tensor (or row slice of it) that the checkpoint tensor fills}."""
-    slots = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
-    if model.lm_head is not None:
-        slots["lm_head.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        attn = layer.self_attn
-        qkv = attn.qkv_proj.weight
-        if fuse_qkv:
-            slots[p + "self_attn.qkv_proj.weight_qkv"] = qkv
+    """{NxDT tensor name: the model tensor (or row slice of it) that the checkpoint tensor fills}, before LoRA is
+    added: the module names are the checkpoint's, the fused q|k|v weight stored whole (fuse_qkv) or in three parts."""
+    slots = {}
+    for name, weight in model.named_parameters():
+        if name.endswith(".qkv_proj.weight"):
+            sizes = model.get_submodule(name.removesuffix(".qkv_proj.weight")).sizes
+            parts = {"qkv": weight} if fuse_qkv else dict(zip("qkv", weight.split(sizes, dim=0)))
+            slots.update({f"{name}_{k}": t for k, t in parts.items()})
         else:
-            q, k, v = qkv.split(attn.sizes, dim=0)
-            slots.update(
-                {
-                    p + "self_attn.qkv_proj.weight_q": q,
-                    p + "self_attn.qkv_proj.weight_k": k,
-                    p + "self_attn.qkv_proj.weight_v": v,
-                }
-            )
-        slots.update(
-            {
-                p + "self_attn.o_proj.weight": attn.o_proj.weight,
-                p + "mlp.gate_up_proj.weight": layer.mlp.gate_up_proj.weight,
-                p + "mlp.down_proj.weight": layer.mlp.down_proj.weight,
-                p + "input_layernorm.weight": layer.input_layernorm.weight,
-                p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
-            }
-        )
+            slots[name] = weight
     return slots
 
 
 def shard_file(base_dir, tp_rank):
     """This tensor-parallel rank's shard of a converted checkpoint (NxD's file name, pipeline stage 0)."""
     return Path(base_dir) / "model" / f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_00.pt"
+
+
+def shard_layout(c):
+    """The layout settings that 03's manifest must show for this run's shards."""
+    return {k: c[f"distributed_strategy.{k}"] for k in ("tensor_model_parallel_size", "kv_replicator", "hw_backend")}
 
 
 def check_manifest(base_dir, wanted):
@@ -686,7 +673,7 @@ def check_manifest(base_dir, wanted):
         return {}
     m = json.loads(manifest.read_text())
     for key, value in wanted.items():
-        if m["settings"].get(key, value) != value:
+        if m["settings"][key] != value:
             raise StageError(
                 f"{base_dir}: converted with {key} = {m['settings'][key]}, this run needs "
                 f"{value}; convert again with stage 03"
@@ -704,7 +691,8 @@ def load_base_weights(model, base_dir, fuse_qkv, wanted=None):
             f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it with "
             f"tensor_model_parallel_size {wanted['tensor_model_parallel_size']})"
         )
-    expected = check_manifest(base_dir, wanted).get(f"model/{path.name}", {}).get("bytes")
+    files = check_manifest(base_dir, wanted)  # empty without a manifest (NxD's converter writes none)
+    expected = files[f"model/{path.name}"]["bytes"] if files else None
     if expected is not None and path.stat().st_size != expected:
         raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
     state = load_torch_file(path)
@@ -836,7 +824,7 @@ def clip_gradients(params, norm, max_norm):
         p.grad.mul_(coef)
 
 
-def gather_lora(modules, par, arch):
+def gather_lora(modules, par):
     """{module name: (A, B, DoRA magnitude or None)} at full size, from every tensor-parallel rank's shard: all LoRA
     tensors travel as one flat float32 vector in one gather and one transfer to the host, the same graph on every
     rank."""
@@ -851,7 +839,7 @@ def gather_lora(modules, par, arch):
 
 def assemble_lora(modules, everyone, rows):
     """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n], given the rows each rank
-    holds (Layout.rows; known on the host, so no index travels). Copies of replicated tensors (A of
+    holds (layout_rows; known on the host, so no index travels). Copies of replicated tensors (A of
     column-parallel layers, B of row-parallel ones, replicated K/V rows) must be identical on every rank that
     holds them; a difference is an error naming its size, never averaged away."""
     tensors = [t for _, m in modules for t in lora_factors(m)]
@@ -1470,7 +1458,7 @@ def load_split(path, tokenizer, c, name, par):
         par.barrier(timeout_s=PREPARE_TIMEOUT_S)
         where = Path(par.broadcast_text(str(where) if par.rank == 0 else ""))
     stats = json.loads((where / "prepared.json").read_text())["stats"]
-    total = stats.get("records_in_file", stats["records"])
+    total = stats["records_in_file"]
     read = f"{stats['records']} of {total}" if total != stats["records"] else f"{stats['records']}"
     print(
         f"{name}: {read} records -> {stats['windows']} windows of {c['data.seq_length']} "
@@ -1782,21 +1770,24 @@ def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
             yield dict(train.batch(mine[first : first + mbs]), scale=scale)
 
 
+# What a step adds to the running totals kept on the device, in the order of their device vector (one vector, so that
+# a read is one transfer): the loss sum over finite steps, the finite steps, the last loss and gradient norm, the
+# skipped steps, the first non-finite step (0: none yet) and the steps done. A read gives them back by name.
+Totals = collections.namedtuple("Totals", "loss_sum finite loss grad_norm skipped first_bad done")
+
+
 class LogInterval:
-    """What happened since the last read of the device: step losses, the last gradient norm, and the non-finite
-    steps (how many, and the first), kept as running device values that every step updates in the same graph
-    (nothing is read, nothing changes shape); real and supervised tokens and model FLOPs summed on the host from
-    per-row counts computed once. `read` fetches the device values in one transfer, at log intervals, before a
-    checkpoint and at the end."""
+    """What happened since the last read of the device: the Totals, kept as running device values that every step
+    updates in the same graph (nothing is read, nothing changes shape); real and supervised tokens and model FLOPs
+    summed on the host from per-row counts computed once. `read` fetches the Totals in one transfer, at log
+    intervals, before a checkpoint and at the end."""
 
     def __init__(self, train, arch, seed, gbs, device, start, skipped):
         self.train, self.flops_per_window = train, window_flops(train, arch)
         self.n_rows, self.seed, self.gbs = len(train), seed, gbs
         self.total_tokens, self.started = 0, time.perf_counter()
-        # loss sum over finite steps, finite steps, last loss, last gradient norm, skipped steps, first bad step (0:
-        # none yet), steps done: one device vector, so that a read is one transfer
-        self.values = torch.tensor([0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)], device=device)
-        self.last_read = [0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start)]
+        self.last_read = Totals(0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start))
+        self.values = torch.tensor(self.last_read, device=device)
         self.reset()
 
     def reset(self):
@@ -1809,62 +1800,57 @@ class LogInterval:
         self.supervised += int(self.train.supervised[idx].sum())
         self.flops += float(self.flops_per_window[idx].sum())
         self.steps += 1
-        loss_sum, finite, _, _, skipped, first_bad, done = self.values.unbind()
-        good = (~bad).float()
-        done = done + 1
-        self.values = torch.stack(
-            [
-                loss_sum + torch.where(bad, 0.0, step_loss),
-                finite + good,
-                step_loss,
-                grad_norm,
-                skipped + bad.float(),
-                torch.where(bad & (first_bad == 0), done, first_bad),
-                done,
-            ]
+        t = Totals(*self.values.unbind())
+        done = t.done + 1
+        totals = Totals(
+            loss_sum=t.loss_sum + torch.where(bad, 0.0, step_loss),
+            finite=t.finite + (~bad).float(),
+            loss=step_loss,
+            grad_norm=grad_norm,
+            skipped=t.skipped + bad.float(),
+            first_bad=torch.where(bad & (t.first_bad == 0), done, t.first_bad),
+            done=done,
         )
+        self.values = torch.stack(totals)
 
     def read(self):
-        """(loss sum, finite steps, last loss, last gradient norm, skipped, first non-finite step or 0, steps done),
-        cumulative, from the device in one transfer; zeros while extracting graphs say nothing and are not used."""
-        values = self.values.cpu().tolist()
+        """The Totals, cumulative, from the device in one transfer; zeros while extracting graphs say nothing and
+        are not used."""
         if extracting_graphs():
-            values = [*self.last_read[:5], 0.0, self.last_read[6] + self.steps]
-        return values
+            return self.last_read._replace(first_bad=0.0, done=self.last_read.done + self.steps)
+        return Totals(*self.values.cpu().tolist())
 
-    def check(self, values, policy, last_checkpoint, skipped_before):
+    def check(self, totals, policy, last_checkpoint, skipped_before):
         """Stop (nonfinite: stop) naming the first non-finite step, or warn about newly skipped ones."""
-        _, _, loss, norm, skipped, first_bad, _ = values
-        if first_bad and policy == "stop":
+        if totals.first_bad and policy == "stop":
             raise StageError(
-                f"step {int(first_bad)}: the loss or the gradient norm is not finite (its update was "
+                f"step {int(totals.first_bad)}: the loss or the gradient norm is not finite (its update was "
                 f"not applied); last good checkpoint: {last_checkpoint or 'none written yet'}. Lower "
                 f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps"
             )
-        if skipped > skipped_before:
+        if totals.skipped > skipped_before:
             print(
-                f"warning: {int(skipped - skipped_before)} step(s) with a non-finite loss or gradient norm skipped "
-                f"(skipped_steps: {int(skipped)})",
+                f"warning: {int(totals.skipped - skipped_before)} step(s) with a non-finite loss or gradient norm "
+                f"skipped (skipped_steps: {int(totals.skipped)})",
                 file=sys.stderr,
             )
 
     def record(self, done, lr, peak, run):
         """The metrics record of this interval (the host read of a log interval), then a fresh interval."""
-        values = self.read()
-        self.check(values, run.c["trainer.nonfinite"], run.last_checkpoint, self.last_read[4])
-        loss_sum, finite, loss, norm, skipped, _, _ = values
-        mean = (loss_sum - self.last_read[0]) / max(1.0, finite - self.last_read[1])
+        t = self.read()
+        self.check(t, run.c["trainer.nonfinite"], run.last_checkpoint, self.last_read.skipped)
+        mean = (t.loss_sum - self.last_read.loss_sum) / max(1.0, t.finite - self.last_read.finite)
         elapsed = time.perf_counter() - self.since
         record = {
             "step": done,
-            "loss": loss if math.isfinite(loss) else None,
+            "loss": t.loss if math.isfinite(t.loss) else None,
             "lr": lr,
-            "grad_norm": norm if math.isfinite(norm) else None,
+            "grad_norm": t.grad_norm if math.isfinite(t.grad_norm) else None,
             "tokens_per_s": self.tokens / elapsed,
             "supervised_tokens_per_s": self.supervised / elapsed,
             "consumed_samples": done * self.gbs,
             "epoch": done * self.gbs // self.n_rows,
-            "skipped_steps": int(skipped),
+            "skipped_steps": int(t.skipped),
         }
         memory = peak_memory_gib(run.device)
         if memory is not None:
@@ -1873,7 +1859,7 @@ class LogInterval:
             record["mfu"] = self.flops / elapsed / (peak * run.par.world)
         record.update(compile_counts(run.device, run.c["trainer.compile"]))
         self.total_tokens += self.tokens
-        self.last_read = values
+        self.last_read = t
         self.reset()
         return record, mean
 
@@ -1989,9 +1975,9 @@ def train_loop(run, stop):
             bar.clear()
             run_evaluation(run, done, gen=False)
         if (every and done % every == 0) or (stopping and not extracting_graphs()):
-            values = interval.read()  # a checkpoint holds only steps that were finite, under nonfinite=stop
-            interval.check(values, c["trainer.nonfinite"], run.last_checkpoint, values[4])
-            run.last_checkpoint = save_run_checkpoint(run, done, int(values[4]))
+            totals = interval.read()  # a checkpoint holds only steps that were finite, under nonfinite=stop
+            interval.check(totals, c["trainer.nonfinite"], run.last_checkpoint, totals.skipped)
+            run.last_checkpoint = save_run_checkpoint(run, done, int(totals.skipped))
         if stopping:
             bar.close()
             return interval, done
@@ -2131,14 +2117,7 @@ def build_model(c, arch, device, par):
     Returns (model, LoRA modules, params)."""
     model = new_model(c, arch, device, par)
     shard_path, _ = load_base_weights(
-        model,
-        c["exp_manager.resume_from_checkpoint"],
-        c["model.fuse_qkv"],
-        {
-            "tensor_model_parallel_size": par.tp,
-            "kv_replicator": c["distributed_strategy.kv_replicator"],
-            "hw_backend": c["distributed_strategy.hw_backend"],
-        },
+        model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], shard_layout(c)
     )
     sync_device(device)  # on XLA: the copies into the fused q/k/v slices run now, not inside a later graph
     print(
@@ -2152,14 +2131,16 @@ def build_model(c, arch, device, par):
 def new_model(c, arch, device, par):
     """The rank's shard of the base model, its weights not yet filled: bf16 under autocast, else fp32; the layers
     that model.activations_checkpoint asks for recompute their activations in the backward pass."""
-    recomputed_layers = (
-        (arch.layers if c["model.activations_checkpoint_layers"] is None else c["model.activations_checkpoint_layers"])
-        if c["model.activations_checkpoint"]
-        else 0
-    )
+    recomputed = checkpointed_layers(c, arch) if c["model.activations_checkpoint"] else 0
     dtype = torch.bfloat16 if c["precision.type"] == "autocast" else torch.float32
     with torch.device(device):
-        return Llama(arch, dtype, par, recompute_layers=recomputed_layers)
+        return Llama(arch, dtype, par, recompute_layers=recomputed)
+
+
+def checkpointed_layers(c, arch):
+    """How many decoder layers, from the first, recompute their activations when activation checkpointing is on."""
+    n = c["model.activations_checkpoint_layers"]
+    return arch.layers if n is None else min(arch.layers, n)
 
 
 def adapt_model(model, c, device, par):
@@ -2289,7 +2270,7 @@ def save_run_checkpoint(run, done, skipped):
         "metrics_lines": run.metrics.lines,
         "inputs": run.inputs,
     }
-    lora = gather_lora(run.modules, par, run.arch)
+    lora = gather_lora(run.modules, par)
     path = write_run_checkpoint(
         run.dir / "checkpoints",
         state,
@@ -2308,7 +2289,7 @@ def finish(run, args, interval):
     """The final validation and generation, the adapter export, and the run summary."""
     c = run.c
     final = run_evaluation(run, c["trainer.max_steps"], gen=True)
-    lora = gather_lora(run.modules, run.par, run.arch)  # a collective: every rank takes part
+    lora = gather_lora(run.modules, run.par)  # a collective: every rank takes part
     if run.par.rank != 0:
         return
     adapter = export_peft_adapter(lora, run.arch, c, run.dir / "final" / "adapter")
@@ -2359,23 +2340,29 @@ def main(argv=None):
     arch = prepare_settings(c, args)
     if args.dry_run:
         return dry_run(c, arch)
-    device, par = (None, None) if args.inspect_data else open_device(c, arch)
-    # The run directory, and whether this launch continues its run, before any data is prepared or model loaded.
-    where = None if args.inspect_data else resume_point(c, par)
-
-    # Tokenizer and data first: the most common source of mistakes, and prepared once for every later launch.
-    tokenizer = load_tokenizer(c)
-    train = load_split(c["data.train_dir"], tokenizer, c, "train", par)
     if args.inspect_data:
+        tokenizer = load_tokenizer(c)
+        train = load_split(c["data.train_dir"], tokenizer, c, "train", None)
         inspect_data(train.batch(range(min(args.inspect_data, len(train)))), tokenizer, args.inspect_data)
         return
+    run, where = start_run(c, arch)
+    train_run(run, where, args)
+
+
+def start_run(c, arch):
+    """Everything a run needs before its first step, in the order that fails fastest: the device and process group,
+    the run directory (and whether this launch continues its run), the tokenizer and data (the most common source
+    of mistakes, prepared once for every later launch), then the model. Returns (the Run, its ResumePoint)."""
+    device, par = open_device(c, arch)
+    where = resume_point(c, par)
+    tokenizer = load_tokenizer(c)
+    train = load_split(c["data.train_dir"], tokenizer, c, "train", par)
     val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
     inputs = run_inputs(c, train, val)
     if where.checkpoint:
         same_inputs(where.checkpoint, inputs)
     n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
     val_records = read_records(c["data.val_dir"], "val", n_prompts) if val is not None and n_prompts else []
-
     model, modules, params = build_model(c, arch, device, par)
     do_generation = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
     if c["evaluation.generate.num_prompts"] > 0 and not do_generation:
@@ -2383,23 +2370,15 @@ def main(argv=None):
             f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
             "generate from the merged model instead"
         )
-    run = Run(
-        c=c,
-        arch=arch,
-        device=device,
-        par=par,
-        model=model,
-        modules=modules,
-        params=params,
-        autocast=c["precision.type"] == "autocast",
-        tokenizer=tokenizer,
-        train=train,
-        val=val,
-        val_records=val_records,
-        do_generation=do_generation,
-        inputs=inputs,
-        dir=where.dir,
-    )
+    autocast = c["precision.type"] == "autocast"
+    parts = (model, modules, params, autocast, tokenizer, train, val, val_records, do_generation, inputs, where.dir)
+    return Run(c, arch, device, par, *parts), where
+
+
+def train_run(run, where, args):
+    """The run in its directory: the baseline evaluation of a new run, the steps, and the export, or the line that
+    tells how to resume after a stop request. A failure before the first step removes the directory it made."""
+    c = run.c
     try:
         open_run(run, where)
         if not where.checkpoint:
@@ -2411,7 +2390,7 @@ def main(argv=None):
         with stop_requests() as stop:
             interval, stopped_after = train_loop(run, stop)
     except BaseException:
-        if par.rank == 0:
+        if run.par.rank == 0:
             remove_failed_start(run)
         raise
     if stopped_after is not None:
@@ -3494,7 +3473,7 @@ def checkpoint_problem(path):
         return "no trainer_state.json (incomplete)"
     except json.JSONDecodeError:
         return "trainer_state.json is not valid JSON"
-    for rel, entry in state.get("files", {}).items():
+    for rel, entry in state["files"].items():
         f = path / rel
         if not f.is_file():
             return f"{rel} is missing"
@@ -3568,7 +3547,7 @@ def resume_point(c, par):
             run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
         if run_dir.exists() and not run_dir.is_dir():
             raise StageError(f"{key}: {run_dir} is a file; the run directory must be a directory")
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not written_by_this_stage(run_dir / "config.yaml"):
             refuse_foreign(run_dir, key, "no config.yaml of this stage in it")
         check_writable(run_dir / "config.yaml", key)
         run_checkpoint = newest_checkpoint(run_dir) if resume else None
@@ -3615,16 +3594,6 @@ class ResumePoint:
     restart: bool  # the directory holds a run without a complete checkpoint, started again from step 0
 
 
-def is_run_dir(path):
-    """A run directory of this stage: its config.yaml names this stage (runs of versions before it did are
-    recognised by their metrics.jsonl or checkpoints/)."""
-    return (
-        written_by_this_stage(path / "config.yaml")
-        or (path / "metrics.jsonl").exists()
-        or (path / "checkpoints").is_dir()
-    )
-
-
 def run_inputs(c, train, val):
     """What a run trains on beyond its config values, by content: the data files, the tokenizer and the base
     model (03's manifest.json lists every shard's sha256; a checkpoint without one, from NxD's own converter,
@@ -3647,12 +3616,7 @@ def run_inputs(c, train, val):
 def same_run_changes(run_dir, c):
     """The resumable keys whose values differ from the run's saved config.yaml, as {key: [saved, now]}. A change
     to any other key is refused, each one listed with its saved and its new value."""
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        saved = {}
-    flat = {}
-    stack = [("", saved)]
+    flat, stack = {}, [("", yaml.safe_load((run_dir / "config.yaml").read_text()))]
     while stack:
         prefix, node = stack.pop()
         for k, v in node.items():
@@ -3674,8 +3638,8 @@ def same_run_changes(run_dir, c):
 
 def same_inputs(checkpoint, inputs):
     """A resumed run trains on the same content: the data, tokenizer and base checkpoint checksums that its
-    checkpoint recorded must be today's (checkpoints of versions that recorded none are not checked)."""
-    trained_on = json.loads((checkpoint / "trainer_state.json").read_text()).get("inputs") or {}
+    checkpoint recorded must be today's."""
+    trained_on = json.loads((checkpoint / "trainer_state.json").read_text())["inputs"]
     refused = [
         f"content of {k}: sha256 {str(old)[:12]}... -> {str(inputs.get(k))[:12]}..."
         for k, old in trained_on.items()
@@ -3708,16 +3672,18 @@ NEURON_RUNTIME_RESERVE_GIB = 1.0
 ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak (the dry run warns within it)
 
 
-def check_shards(c, arch, par_cfg):
+def check_shards(c, arch):
     """Every tensor-parallel shard: tensor names and shapes against config.json (on a meta-device model, so
     nothing is allocated), one floating dtype throughout, and that dtype against config.json's."""
-    tp = par_cfg["tensor_model_parallel_size"]
+    tp = c["distributed_strategy.tensor_model_parallel_size"]
     dtypes, layout = set(), layout_of(c, arch)
     for r in range(tp):
         par = Parallel(layout, torch.device("meta"), world=tp, rank=r, connect=False)
         with torch.device("meta"):
             model = Llama(arch, par=par)
-        dtypes |= load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], par_cfg)[1]
+        dtypes |= load_base_weights(
+            model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], shard_layout(c)
+        )[1]
     raw = json.loads(Path(c["model.model_config"]).read_text())
     declared = raw.get("torch_dtype") or raw.get("dtype")
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
@@ -3758,11 +3724,7 @@ def memory_estimate(arch, c, tp, supervised_per_row, trainium):
         per_layer += 2 * b * s * e * sum(outputs[t] for t in c["model_alignment_strategy.peft.target_modules"])
     if trainium:
         per_layer += b * ql * s * s * (e + 4)
-    recomputed_layers = (
-        arch.layers
-        if c["model.activations_checkpoint_layers"] is None
-        else min(arch.layers, c["model.activations_checkpoint_layers"])
-    )
+    recomputed_layers = checkpointed_layers(c, arch)
     positions = b * s if trainium else b * supervised_per_row
     shared = b * s * s + positions * (arch.vocab // tp) * 4 * 3
     return {
@@ -3790,32 +3752,13 @@ def dry_run(c, arch):
     supervised_per_row, skipped = planned_data(c, where)
     base_dir, tp = Path(c["exp_manager.resume_from_checkpoint"]), c["distributed_strategy.tensor_model_parallel_size"]
     if any((base_dir / "model").glob("*.pt")):
-        _, dtype = check_shards(
-            c,
-            arch,
-            {
-                "tensor_model_parallel_size": tp,
-                "kv_replicator": c["distributed_strategy.kv_replicator"],
-                "hw_backend": c["distributed_strategy.hw_backend"],
-            },
-        )
+        _, dtype = check_shards(c, arch)
         print(f"checkpoint: {tp} shard(s) in {base_dir}/model, every tensor present with the expected shape, {dtype}")
     else:
         skipped.append(f"checkpoint shards ({base_dir}/model): not converted yet (stage 03 writes them)")
     trainium = planned_trainium(c)
     limit, source = device_memory(c)
-    est = memory_estimate(arch, c, tp, supervised_per_row, trainium is not None)
-    print(
-        f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
-        f"{c['data.seq_length']}, {c['precision.type']}):"
-    )
-    for k, v in est.items():
-        print(f"  {k:<34} {v / 2**30:8.2f} GiB")
-    plain, checkpointed_gib = totals_gib(est)
-    print(
-        f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n"
-        f"  {'total with checkpointing':<34} {checkpointed_gib:8.2f} GiB"
-    )
+    plain, checkpointed_gib = print_memory(c, arch, supervised_per_row, trainium is not None)
     print(f"  device memory                      {limit:8.2f} GiB ({source})")
     print_plan(c, arch, supervised_per_row, trainium, limit)
     warn_tp_span(tp, trainium)
@@ -3826,11 +3769,21 @@ def dry_run(c, arch):
         f"{'no fused attention (the attention scores are kept)' if trainium else 'SDPA as PyTorch runs it'}; its "
         f"{ESTIMATE_ERROR:.0%} margin comes from steps measured on the CPU (tests/test_dry_run.py), not on a device"
     )
-    need = checkpointed_gib if c["model.activations_checkpoint"] else plain
+    fits(c, plain, checkpointed_gib, limit)
+    if refusal is not None:
+        raise StageError(f"the plan fits, but a launch would stop at its run directory: {refusal}")
+    print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
+
+
+def fits(c, plain, checkpointed, limit):
+    """The verdict of the plan: an error when the configured run needs more than the device's memory, a warning
+    when it is within the estimate's error of it."""
+    on = c["model.activations_checkpoint"]
+    need = checkpointed if on else plain
     if need > limit:
         hint = (
-            " ; model.activations_checkpoint=true would bring it to {:.2f} GiB".format(checkpointed_gib)
-            if not c["model.activations_checkpoint"] and checkpointed_gib <= limit
+            f"; model.activations_checkpoint=true would bring it to {checkpointed:.2f} GiB"
+            if not on and checkpointed <= limit
             else "; raise distributed_strategy.tensor_model_parallel_size or lower data.micro_batch_size / seq_length"
         )
         raise StageError(
@@ -3840,20 +3793,13 @@ def dry_run(c, arch):
         print(
             f"warning: {need:.2f} GiB is within the estimate's {ESTIMATE_ERROR:.0%} error of the device's "
             f"{limit:.2f} GiB"
-            + (
-                "; model.activations_checkpoint=true would need {:.2f} GiB".format(checkpointed_gib)
-                if not c["model.activations_checkpoint"]
-                else ""
-            ),
+            + (f"; model.activations_checkpoint=true would need {checkpointed:.2f} GiB" if not on else ""),
             file=sys.stderr,
         )
     print(
         f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
-        f"{'on' if c['model.activations_checkpoint'] else 'off'}); nothing was trained"
+        f"{'on' if on else 'off'}); nothing was trained"
     )
-    if refusal is not None:
-        raise StageError(f"the plan fits, but a launch would stop at its run directory: {refusal}")
-    print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
 
 
 def planned_data(c, where):
@@ -3870,6 +3816,25 @@ def planned_data(c, where):
     if where is not None and where.checkpoint:
         same_inputs(where.checkpoint, run_inputs(c, train, val))
     return int(train.supervised.max()), []
+
+
+def print_memory(c, arch, supervised_per_row, trainium):
+    """The memory estimate of this config per component, and its totals; returns (GiB without activation
+    checkpointing, GiB with it)."""
+    tp = c["distributed_strategy.tensor_model_parallel_size"]
+    est = memory_estimate(arch, c, tp, supervised_per_row, trainium)
+    print(
+        f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
+        f"{c['data.seq_length']}, {c['precision.type']}):"
+    )
+    for k, v in est.items():
+        print(f"  {k:<34} {v / 2**30:8.2f} GiB")
+    plain, checkpointed = totals_gib(est)
+    print(
+        f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n"
+        f"  {'total with checkpointing':<34} {checkpointed:8.2f} GiB"
+    )
+    return plain, checkpointed
 
 
 def totals_gib(est):
@@ -4174,7 +4139,7 @@ def first_line(e):
 
 
 def parse_row(item):
-    """The record of one item of data_rows: a JSON line decoded and parsed, or the record itself."""
+    """The record of one item of a data file: a JSON line (bytes) decoded and parsed, or a table's record itself."""
     if isinstance(item, bytes):
         try:
             text = item.decode("utf-8")

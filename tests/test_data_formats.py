@@ -291,6 +291,22 @@ def test_conversation_trains_exactly_what_transformers_marks_as_assistant_tokens
         assert [int(label != -100) for label in labels] == list(theirs["assistant_masks"])
 
 
+def test_conversations_render_through_transformers_compiled_template_as_apply_chat_template_does(
+    train_mod, llama3_style, monkeypatch
+):
+    """render_chats renders with transformers' private _compile_jinja_template (apply_chat_template's per-message
+    conversions cost more than the rendering): this fails loudly when a transformers release moves or changes it,
+    instead of the slower public path being taken without a word."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template  # noqa: F401
+
+    public, calls = llama3_style.apply_chat_template, []
+    monkeypatch.setattr(llama3_style, "apply_chat_template", lambda b, **kw: calls.append(len(b)) or public(b, **kw))
+    conversations = [CHAT, CHAT[1:3], CHAT[:3]]
+    texts = train_mod.render_chats(llama3_style, conversations, generation_prompt=False)
+    assert calls == [1]  # the public path renders only the first conversation, the check of the fast one
+    assert texts == [public(c, tokenize=False) for c in conversations]
+
+
 def test_an_assistant_turn_marked_train_false_is_context_only(train_mod, llama3_style):
     conv = CHAT[:2] + [dict(CHAT[2], train=False)] + CHAT[3:]
     ((ids, labels),) = train_mod.tokenize([conv], llama3_style, "raw", 512, "truncate")[0]

@@ -58,7 +58,7 @@ def trained_looking_model(train, work, c):
 def export(train, model, c, path):
     """What 05 does at the end of a run: gather the LoRA weights (one rank here) and write the PEFT adapter."""
     modules = [(n, m) for n, m in train.lora_modules(model, train.LORA_TARGETS) if m.lora_A is not None]
-    return train.export_peft_adapter(train.gather_lora(modules, model.par, model.arch), model.arch, c, path)
+    return train.export_peft_adapter(train.gather_lora(modules, model.par), model.arch, c, path)
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])

@@ -63,15 +63,6 @@ def test_02_replaces_only_what_it_wrote_and_refuses_when_a_file_of_yours_would_g
     stage("02_download_model.py", overlay)
 
 
-def test_02_recognises_its_outputs_from_before_they_named_their_stage(tmp_path, tokenizer_dir):
-    overlay = model_downloaded(tmp_path, tokenizer_dir)
-    saved = tmp_path / "w" / "resolved_config.yaml"
-    saved.write_text(saved.read_text().split("\n", 1)[1])  # an older version: no first line naming the stage
-    (tmp_path / "t" / "resolved_config.yaml").unlink()  # and no config in the tokenizer directory
-    stage("02_download_model.py", overlay)
-    assert (tmp_path / "t" / "resolved_config.yaml").read_text().startswith("# written by 02_download_model.py")
-
-
 def test_02_refuses_to_replace_an_edited_model_config(tmp_path, tokenizer_dir):
     overlay = model_downloaded(tmp_path, tokenizer_dir)
     edited = json.loads((tmp_path / "c.json").read_text()) | {"my_note": "edited by hand"}
