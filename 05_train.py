@@ -731,13 +731,7 @@ def add_lora(model, c, verbose=True):
     peft = "model_alignment_strategy.peft."
     modules = lora_modules(model, c[peft + "target_modules"])
     for _, m in modules:
-        m.init_lora(
-            c[peft + "lora_rank"],
-            c[peft + "lora_alpha"],
-            c[peft + "lora_dropout"],
-            c[peft + "use_rslora"],
-            c[peft + "use_dora"],
-        )
+        m.init_lora(*(c[peft + k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora")))
     params = [p for _, m in modules for p in lora_parameters(m)]
     if not verbose:
         return modules, params
@@ -765,9 +759,7 @@ def add_lora(model, c, verbose=True):
 
 def lora_parameters(m):
     """What trains in one adapted layer, in a fixed order: A, B, and with DoRA its magnitude."""
-    return (
-        (m.lora_A.weight, m.lora_B.weight) if m.magnitude is None else (m.lora_A.weight, m.lora_B.weight, m.magnitude)
-    )
+    return (m.lora_A.weight, m.lora_B.weight, *([] if m.magnitude is None else [m.magnitude]))
 
 
 def lora_factors(m):
@@ -1610,27 +1602,14 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast)
 
 def generation_eval(model, records, tokenizer, c, device, autocast):
     """Exact-match accuracy of greedy answers (stripped) on the first N validation prompts."""
-    n = min(c["evaluation.generate.num_prompts"], len(records))
-    stop_ids = {tokenizer.eos_token_id}
-    samples, hits = [], 0
-    bs = c["evaluation.generate.batch_size"]
+    n, bs = min(c["evaluation.generate.num_prompts"], len(records)), c["evaluation.generate.batch_size"]
+    samples, hits, budget = [], 0, c["evaluation.generate.max_new_tokens"]
+    stops, pad = {tokenizer.eos_token_id}, tokenizer.pad_token_id
     for start in range(0, n, bs):
         chunk = records[start : min(start + bs, n)]
         prompts, shown, expected = generation_prompts(tokenizer, c["data.prompt_format"], chunk)
         prompts = [p[-c["data.seq_length"] :] for p in prompts]
-        for prompt, want, new in zip(
-            shown,
-            expected,
-            generate(
-                model,
-                prompts,
-                c["evaluation.generate.max_new_tokens"],
-                stop_ids,
-                tokenizer.pad_token_id,
-                device,
-                autocast,
-            ),
-        ):
+        for prompt, want, new in zip(shown, expected, generate(model, prompts, budget, stops, pad, device, autocast)):
             answer = tokenizer.decode(new, skip_special_tokens=True).strip()
             hits += answer == want.strip()
             samples.append({"prompt": prompt, "expected": want, "answer": answer})
@@ -1677,7 +1656,7 @@ class DeviceAdamW(torch.optim.AdamW):
         scheduled = lr
         for group in self.param_groups:
             wd, eps, (beta1, beta2) = group["weight_decay"], group["eps"], group["betas"]
-            lr = scheduled if group.get("lr_scale", 1.0) == 1.0 else scheduled * group["lr_scale"]
+            lr = scheduled if group["lr_scale"] == 1.0 else scheduled * group["lr_scale"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -1895,7 +1874,7 @@ def apply_update(run, lr, grad_norm, bad):
         run.optimizer.step(torch.tensor([lr], dtype=torch.float32, device=run.device).reshape(()), skip=bad)
     elif not bool(bad):
         for group in run.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group["lr_scale"]
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
 
@@ -2520,12 +2499,7 @@ class Layout:
 # ------------------------------------------------------------------------------------------------ tensor parallel
 def layout_of(c, arch):
     """The Layout that the config's distributed_strategy.* asks for."""
-    return Layout(
-        arch,
-        c["distributed_strategy.tensor_model_parallel_size"],
-        c["distributed_strategy.kv_replicator"],
-        c["distributed_strategy.hw_backend"],
-    )
+    return Layout(arch, *shard_layout(c).values())
 
 
 def layout_rows(layout, r):
