@@ -273,11 +273,12 @@ def test_an_invalid_json_line_is_named_with_its_line_number(train_mod, tmp_path)
     "name,content,kind",
     [
         ("d.json", b'[{"input": "q0", "output": "a0"}]', "a JSON array"),
-        ("d.jsonl.gz", gzip.compress(b'{"input": "q0", "output": "a0"}\n'), "gzip-compressed"),
+        ("d.jsonl.gz", gzip.compress(b'{"input": "q0", "output": "a0"}\n', mtime=0), "gzip-compressed"),
         ("d.parquet", b"PAR1", "parquet"),
         ("d.arrow", b"\xff\xff\xff\xff", "arrow"),
         ("d", None, "a directory"),
     ],
+    ids=["json-array", "gzip", "parquet", "arrow", "directory"],
 )
 def test_05_refuses_a_file_01_did_not_write_before_any_work(
     train_mod, tok, tokenizer_dir, model_config, tmp_path, name, content, kind
