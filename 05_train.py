@@ -1656,7 +1656,7 @@ class DeviceAdamW(torch.optim.AdamW):
         scheduled = lr
         for group in self.param_groups:
             wd, eps, (beta1, beta2) = group["weight_decay"], group["eps"], group["betas"]
-            lr = scheduled if group["lr_scale"] == 1.0 else scheduled * group["lr_scale"]
+            lr = scheduled if group.get("lr_scale", 1.0) == 1.0 else scheduled * group["lr_scale"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -1874,7 +1874,7 @@ def apply_update(run, lr, grad_norm, bad):
         run.optimizer.step(torch.tensor([lr], dtype=torch.float32, device=run.device).reshape(()), skip=bad)
     elif not bool(bad):
         for group in run.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
 
