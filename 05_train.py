@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stage 05: LoRA supervised fine-tuning of a Llama model, in one plain PyTorch loop.
+r"""Stage 05: LoRA supervised fine-tuning of a Llama model, in one plain PyTorch loop.
 
 What it does
   Loads the base model from the NxDT checkpoint that stage 03 wrote, wraps the configured projections with
@@ -256,10 +256,7 @@ def check_settings(c, launched=True):
             "'model.attention: causal' would let packed documents attend to each other; use it only "
             "with model_alignment_strategy.sft.packing=false (or use masked / auto)"
         )
-    tp, pp = (
-        c["distributed_strategy.tensor_model_parallel_size"],
-        c["distributed_strategy.pipeline_model_parallel_size"],
-    )
+    tp, pp = (c[f"distributed_strategy.{k}_model_parallel_size"] for k in ("tensor", "pipeline"))
     if pp != 1:
         problems.append(
             f"'distributed_strategy.pipeline_model_parallel_size' is {pp}: 05 trains with tensor and data "
@@ -973,19 +970,15 @@ UNNORMALIZED_FIELDS = {"instruction", "context", "response", "prompt", "completi
 def check_data_file(path, name):
     """Refuse, before any work, a data file that is not the JSON lines stage 01 writes, with the command that
     writes it: 05 trains on 01's normalized records only, so every file kind and format is read in one place."""
-    path, kind = Path(path), None
-    if not path.exists():
-        kind = "a remote source" if "://" in str(path) else None
-        if kind is None:
-            raise StageError(f"data file {path} not found (stage 01 writes it)")
-    elif path.is_dir():
-        kind = "a directory"
-    else:
+    path = Path(path)
+    if not path.exists() and "://" not in str(path):
+        raise StageError(f"data file {path} not found (stage 01 writes it)")
+    kind = "a directory" if path.is_dir() else None if path.is_file() else "a remote source"
+    if path.is_file():
         with open(path, "rb") as f:
             head = f.read(64).lstrip()
-        gzipped = head[:2] == b"\x1f\x8b"
-        kind = {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix, "gzip-compressed" if gzipped else None)
-        kind = kind or ("a JSON array" if head.startswith(b"[") else None)
+        kind = {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
+        kind = kind or ("gzip-compressed" if head[:2] == b"\x1f\x8b" else "a JSON array" if head[:1] == b"[" else None)
     if kind is not None:
         raise StageError(f"{path}: {kind}, not JSON lines; {normalize_with_01(path, name)}")
 
@@ -1272,15 +1265,11 @@ class Windows:
     def open(cls, where, pad_id):
         """Prepared on disk: the token arrays memory-mapped, so every rank shares one copy in the page cache."""
         meta = json.loads((where / "prepared.json").read_text())
-        windows = cls(
-            np.memmap(where / "tokens.bin", dtype=np.int32, mode="r"),
-            np.memmap(where / "trained.bin", dtype=np.uint8, mode="r"),
-            np.load(where / "doc_starts.npy"),
-            np.load(where / "doc_supervised.npy"),
-            np.load(where / "window_starts.npy"),
-            meta["inputs"]["seq_length"],
-            pad_id,
+        tokens, trained = (
+            np.memmap(where / f, dtype=t, mode="r") for f, t in (("tokens.bin", np.int32), ("trained.bin", np.uint8))
         )
+        counts = [np.load(where / f"{name}.npy") for name in ("doc_starts", "doc_supervised", "window_starts")]
+        windows = cls(tokens, trained, *counts, meta["inputs"]["seq_length"], pad_id)
         windows.inputs = meta["inputs"]  # the data and tokenizer checksums, which a resumed run compares
         return windows
 
@@ -2020,6 +2009,17 @@ def progress_bar(total, initial=0, shown=True):
 
 
 # ------------------------------------------------------------------------------------------------ main
+# The modes besides training, each of its own (check_modes): what each does before it exits.
+MODES = {
+    "--dry-run": "check config, tokenizer, checkpoint shards and data, estimate memory per rank",
+    "--neuron-env": "print the Neuron compiler/runtime variables of this config as shell export lines (for the "
+    'launch: eval "$(python 05_train.py ... --neuron-env)")',
+    "--smoke": "run the device path on a tiny random model against the CPU in fp32 and print the checks (no config "
+    "file needed; overrides such as trainer.accelerator=xla precision.type=autocast apply; exit 1 if any fails)",
+    "--check-config": "check the config's keys, types, ranges and cross-key rules (no files read)",
+}
+
+
 def parse_args(argv):
     ap = config_arg_parser(__doc__)
     ap.add_argument(
@@ -2028,28 +2028,8 @@ def parse_args(argv):
         metavar="N",
         help="print N training windows with the trained tokens marked [[like this]], then exit",
     )
-    ap.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check config, tokenizer, checkpoint shards and data, estimate memory per rank, then exit",
-    )
-    ap.add_argument(
-        "--neuron-env",
-        action="store_true",
-        help="print the Neuron compiler/runtime variables of this config as shell export lines "
-        '(for the launch: eval "$(python 05_train.py ... --neuron-env)"), then exit',
-    )
-    ap.add_argument(
-        "--smoke",
-        action="store_true",
-        help="run the device path on a tiny random model against the CPU in fp32 and print the checks (no config file "
-        "needed; overrides such as trainer.accelerator=xla precision.type=autocast apply), then exit: 1 if any fails",
-    )
-    ap.add_argument(
-        "--check-config",
-        action="store_true",
-        help="check the config's keys, types, ranges and cross-key rules (no files read), then exit",
-    )
+    for flag, does in MODES.items():
+        ap.add_argument(flag, action="store_true", help=f"{does}, then exit")
     return ap.parse_intermixed_args(argv)
 
 
@@ -2057,8 +2037,8 @@ def check_modes(args):
     """--inspect-data N (N >= 1), --dry-run, --neuron-env, --check-config and --smoke are each a mode of its own."""
     if args.inspect_data is not None and args.inspect_data < 1:
         raise StageError(f"--inspect-data {args.inspect_data}: the number of windows to show must be >= 1")
-    modes = ("inspect_data", "dry_run", "neuron_env", "check_config", "smoke")
-    given = [f"--{m.replace('_', '-')}" for m in modes if getattr(args, m) not in (None, False)]
+    modes = ["--inspect-data", *MODES]
+    given = [m for m in modes if getattr(args, m[2:].replace("-", "_")) not in (None, False)]
     if len(given) > 1:
         raise StageError(f"{' and '.join(given)} cannot be combined: each is a mode of its own; give one")
 
@@ -2160,18 +2140,9 @@ def open_run(run, where):
         run.start_step, run.skipped_steps, run.last_checkpoint = state["step"], state["skipped_steps"], resume_from
         if par.rank == 0:
             keep_metrics_lines(run.dir, state["metrics_lines"])
+            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": resume_from.name}
             with open(run.dir / "resumes.jsonl", "a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                            "checkpoint": resume_from.name,
-                            "step": run.start_step,
-                            "changed": where.changed,
-                        }
-                    )
-                    + "\n"
-                )
+                f.write(json.dumps(dict(entry, step=run.start_step, changed=where.changed)) + "\n")
         print(
             f"resuming from {resume_from}: step {run.start_step}, {state['consumed_samples']} samples consumed"
             + "".join(f"; {k}: {old} -> {new}" for k, (old, new) in where.changed.items())
@@ -2249,17 +2220,9 @@ def save_run_checkpoint(run, done, skipped):
         "metrics_lines": run.metrics.lines,
         "inputs": run.inputs,
     }
-    lora = gather_lora(run.modules, par)
-    path = write_run_checkpoint(
-        run.dir / "checkpoints",
-        state,
-        par,
-        run.params,
-        run.optimizer,
-        lambda out: export_peft_adapter(lora, run.arch, c, out),
-        run.device,
-        c["exp_manager.checkpoint_callback_params.save_top_k"],
-    )
+    write_adapter = functools.partial(export_peft_adapter, gather_lora(run.modules, par), run.arch, c)
+    keep, root = c["exp_manager.checkpoint_callback_params.save_top_k"], run.dir / "checkpoints"
+    path = write_run_checkpoint(root, state, par, run.params, run.optimizer, write_adapter, run.device, keep)
     print(f"checkpoint: {path}")
     return path
 
@@ -3066,15 +3029,9 @@ def recomputed(layer, x, cos, sin, mask, spans):
 
 def make_optimizer(modules, c, device):
     """torch's AdamW on the CPU, DeviceAdamW (the same update, decided on the device) elsewhere."""
-    beta1, beta2 = c["model.optim.betas"]
     kind = torch.optim.AdamW if device.type == "cpu" else DeviceAdamW
-    return kind(
-        optimizer_groups(modules, c),
-        lr=c["model.optim.lr"],
-        betas=(beta1, beta2),
-        eps=c["model.optim.eps"],
-        weight_decay=c["model.optim.weight_decay"],
-    )
+    settings = {k: c[f"model.optim.{k}"] for k in ("lr", "eps", "weight_decay")}
+    return kind(optimizer_groups(modules, c), betas=tuple(c["model.optim.betas"]), **settings)
 
 
 def device_loader(batches, device):
@@ -3249,18 +3206,9 @@ def xla_counts():
     recompiling step, a step that runs more graphs than it should, or one that reads the device, shows."""
     import torch_xla.debug.metrics as met
 
-    counts = {
-        name: met.metric_data(metric)
-        for name, metric in (
-            ("xla_compiles", "CompileTime"),
-            ("xla_executions", "ExecuteTime"),
-            ("xla_reads", "TransferFromDeviceTime"),
-        )
-    }
-    compile_time = met.metric_data("CompileTime")
-    return {name: int(data[0]) if data else 0 for name, data in counts.items()} | {
-        "xla_compile_s": compile_time[1] / 1e9 if compile_time else 0.0
-    }
+    metrics = {"xla_compiles": "CompileTime", "xla_executions": "ExecuteTime", "xla_reads": "TransferFromDeviceTime"}
+    data = {name: met.metric_data(metric) or (0, 0.0) for name, metric in metrics.items()}  # (count, total ns, ...)
+    return {name: int(d[0]) for name, d in data.items()} | {"xla_compile_s": data["xla_compiles"][1] / 1e9}
 
 
 def cpu_fallback_ops(device):
@@ -3321,20 +3269,18 @@ def peak_flops(device, autocast, configured):
     large fp32 matrix product timed here (CPU)."""
     if configured:
         return configured * 1e12, "trainer.peak_tflops"
+    kind, column = ("bf16", 0) if autocast else ("fp32", 1)  # the datasheets' (bf16, fp32) columns
     if device.type == "neuron" or (device.type == "xla" and os.environ.get("PJRT_DEVICE") == "NEURON"):
         gen = neuron_generation()
-        bf16, fp32, _ = neuron_datasheet(gen)
         lnc = f", LNC {logical_cores_per_core(gen)}" if gen != "trn1" else ""
-        return (
-            bf16 if autocast else fp32
-        ) * 1e12, f"{gen} datasheet per NeuronCore{lnc}, {'bf16' if autocast else 'fp32'}"
+        return neuron_datasheet(gen)[column] * 1e12, f"{gen} datasheet per NeuronCore{lnc}, {kind}"
     if device.type == "xla":
         return None, "XLA device without a datasheet figure; set trainer.peak_tflops"
     if device.type != "cpu":  # CUDA, XPU, ...: the device's own module names it
         name = torch.get_device_module(device).get_device_name(device)
-        for key, (bf16, fp32) in DATASHEET_TFLOPS.items():
+        for key, tflops in DATASHEET_TFLOPS.items():
             if key in name:
-                return (bf16 if autocast else fp32) * 1e12, f"{name} datasheet, {'bf16' if autocast else 'fp32'}"
+                return tflops[column] * 1e12, f"{name} datasheet, {kind}"
         return None, f"{name}: no datasheet figure; set trainer.peak_tflops"
     a = b = torch.rand(2048, 2048, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     a @ b
@@ -3550,12 +3496,8 @@ def resume_point(c, par):
             }
         )
     where = json.loads(par.broadcast_text(choice) if par is not None else choice)
-    return ResumePoint(
-        dir=Path(where["dir"]),
-        changed=where["changed"],
-        restart=where["restart"],
-        checkpoint=Path(where["checkpoint"]) if where["checkpoint"] else None,
-    )
+    where.update(dir=Path(where["dir"]), checkpoint=Path(where["checkpoint"]) if where["checkpoint"] else None)
+    return ResumePoint(**where)
 
 
 @dataclasses.dataclass(frozen=True)
