@@ -1300,12 +1300,8 @@ class Windows:
             nxt = self.tokens[first + 1 : end]
             keep = (self.trained[first + 1 : end] != 0) & (seg[1:] == seg[:-1])
             targets[i, : used - 1] = np.where(keep, nxt, -100)
-        return {
-            "input_ids": torch.from_numpy(ids),
-            "targets": torch.from_numpy(targets),
-            "position_ids": torch.from_numpy(positions),
-            "segment_ids": torch.from_numpy(segments),
-        }
+        arrays = {"input_ids": ids, "targets": targets, "position_ids": positions, "segment_ids": segments}
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def prepared_location(path, tokenizer_dir, c):
@@ -1393,15 +1389,13 @@ def write_prepared(path, tokenizer, c, name, out):
     from tqdm import tqdm
 
     seq_len, stats, tally = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}, {}
-    lengths, supervised = [], []
+    lengths, supervised, fmt, cut = [], [], c["data.prompt_format"], c["data.truncation"]
     bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
     chunks = record_chunks(path, name, c["data.dev_choose_samples"], tally)
     with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
         for chunk in chunks:
             records, labels = [r for _, r in chunk], [f"{path}:{where}" for where, _ in chunk]
-            docs, chunk_stats = tokenize(
-                records, tokenizer, c["data.prompt_format"], seq_len, c["data.truncation"], labels
-            )
+            docs, chunk_stats = tokenize(records, tokenizer, fmt, seq_len, cut, labels)
             for k in stats:
                 stats[k] += chunk_stats[k]
             bar.update(len(records))
@@ -1420,12 +1414,8 @@ def write_prepared(path, tokenizer, c, name, out):
     np.save(out / "doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)]))
     np.save(out / "doc_supervised.npy", supervised)
     np.save(out / "window_starts.npy", starts)
-    stats.update(
-        windows=len(starts) - 1,
-        tokens=int(lengths.sum()),
-        supervised=int(supervised.sum()),
-        records_in_file=tally["in_file"],
-    )
+    tokens, trained = int(lengths.sum()), int(supervised.sum())
+    stats.update(windows=len(starts) - 1, tokens=tokens, supervised=trained, records_in_file=tally["in_file"])
     stats["fill"] = stats["tokens"] / (stats["windows"] * seq_len)
     return stats
 
@@ -1783,10 +1773,11 @@ class LogInterval:
 
     def read(self):
         """The Totals, cumulative, from the device in one transfer; zeros while extracting graphs say nothing and
-        are not used."""
+        are not used, but are read all the same, so that extraction runs the graphs a real run runs."""
+        totals = Totals(*self.values.cpu().tolist())
         if extracting_graphs():
             return self.last_read._replace(first_bad=0.0, done=self.last_read.done + self.steps)
-        return Totals(*self.values.cpu().tolist())
+        return totals
 
     def check(self, totals, policy, last_checkpoint, skipped_before):
         """Stop (nonfinite: stop) naming the first non-finite step, or warn about newly skipped ones."""
