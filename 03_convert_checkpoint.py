@@ -1016,12 +1016,8 @@ def save_config(c, path, files=()):
             node = node.setdefault(p, {})
         node[leaf] = value
     listed = yaml.safe_dump({"files_written": sorted(files)}) if files else ""
-    write_atomically(
-        path,
-        f"# written by {STAGE}: the resolved config of this output\n"
-        + yaml.safe_dump(nested, sort_keys=False)
-        + listed,
-    )
+    header = f"# written by {STAGE}: the resolved config of this output\n"
+    write_atomically(path, header + yaml.safe_dump(nested, sort_keys=False) + listed)
 
 
 def written_by_this_stage(config_path):

@@ -34,7 +34,7 @@ Features, their keys, and the functions that implement them
   LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*           LoRALinear, add_lora
     q|k|v and gate|up share one A (NxD)                                            peft_tensors (export)
   rsLoRA: scale alpha / sqrt(r)          model_alignment_strategy.peft.use_rslora  LoRALinear.init_lora
-  DoRA: trained magnitude per row        model_alignment_strategy.peft.use_dora    LoRALinear.dora_forward, dora_norm
+  DoRA: trained magnitude per row        model_alignment_strategy.peft.use_dora    LoRALinear.forward, dora_norm
   LoRA+: B at ratio x learning rate      model.optim.loraplus_lr_ratio             optimizer_groups
   NEFTune: noisy input embeddings        model_alignment_strategy.sft.*            neftune, Llama.forward
   PEFT adapter export                                                              gather_lora, export_peft_adapter
@@ -51,7 +51,7 @@ Features, their keys, and the functions that implement them
   activation checkpointing per layer     model.activations_checkpoint[_layers]     Llama.forward, recomputed
   warmup + linear/cosine decay           model.optim.sched.*                       lr_at
   AdamW (device-side on accelerators)    model.optim.*                             make_optimizer, DeviceAdamW
-  gradient clipping (global norm)        trainer.gradient_clip_val                 global_grad_norm, clip_gradients
+  gradient clipping (global norm)        trainer.gradient_clip_val                 global_grad_norm, apply_update
   non-finite steps: stop or skip         trainer.nonfinite                         LogInterval, DeviceAdamW
   evaluation, baseline only              trainer.val_check_interval, max_steps=0   evaluate, run_evaluation
   greedy generation, exact match         evaluation.generate.* (not on XLA)        generate, generation_eval
@@ -60,7 +60,7 @@ Features, their keys, and the functions that implement them
   compiled decoder layers                trainer.compile                           compile_layers
   attention for packed rows              model.attention                           attention_mode, attention_spans
   metrics, TensorBoard, MFU              trainer.log_every_n_steps, peak_tflops    LogInterval, Metrics, window_flops
-  run checkpoints, resume, SIGTERM       exp_manager.*                             write_run_checkpoint, resume_point
+  run checkpoints, resume, SIGTERM       exp_manager.*                             save_run_checkpoint, resume_point
   inspect the label mask                 --inspect-data N                          inspect_data
   pre-flight checks + memory plan        --dry-run                                 dry_run, memory_estimate
   smoke run: the device path, tiny model --smoke [overrides]                       smoke, smoke_run, smoke_checks
@@ -91,13 +91,17 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import datetime
 import functools
 import hashlib
+import importlib.util
+import itertools
 import json
 import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -107,9 +111,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 # ------------------------------------------------------------------------------------------------ settings
 STAGE = "05_train.py"
@@ -223,17 +230,20 @@ RESUMABLE = {
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def warn(message):
+    """A warning: one line on stderr, which every rank keeps (only rank 0 prints to stdout)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def check_settings(c, launched=True):
     """Cross-key checks that types and ranges alone cannot express, before anything heavy is loaded. `launched`:
     also check the settings against this launch's process count (not for --dry-run, which plans one)."""
     problems = []
     if len(c["model.optim.betas"]) != 2:
         problems.append(f"'model.optim.betas' must be two numbers, got {c['model.optim.betas']}")
-    if c["model.optim.sched.min_lr"] > c["model.optim.lr"]:
-        problems.append(
-            f"'model.optim.sched.min_lr' ({c['model.optim.sched.min_lr']}) must be <= 'model.optim.lr' "
-            f"({c['model.optim.lr']})"
-        )
+    lr, floor = c["model.optim.lr"], c["model.optim.sched.min_lr"]
+    if floor > lr:
+        problems.append(f"'model.optim.sched.min_lr' ({floor}) must be <= 'model.optim.lr' ({lr})")
     if not c["model.weight_init_only"]:
         problems.append(
             "'model.weight_init_only: false' (optimizer state from resume_from_checkpoint) is not "
@@ -259,9 +269,8 @@ def check_settings(c, launched=True):
     tp, pp = (c[f"distributed_strategy.{k}_model_parallel_size"] for k in ("tensor", "pipeline"))
     if pp != 1:
         problems.append(
-            f"'distributed_strategy.pipeline_model_parallel_size' is {pp}: 05 trains with tensor and data "
-            f"parallelism only (a LoRA run of Llama 3 8B fits with TP alone); set it to 1 and convert "
-            f"the checkpoint with PP 1"
+            f"'distributed_strategy.pipeline_model_parallel_size' is {pp}: 05 trains with tensor and data parallelism "
+            f"only (a LoRA run of Llama 3 8B fits with TP alone); set it to 1 and convert the checkpoint with PP 1"
         )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched and world == 1 and tp > 1 and not neuron_devices_present():
@@ -418,41 +427,29 @@ class LoRALinear(nn.Module):
             return (self.par.all_reduce(squares, "tp") if self.parallel == "row" else squares).sqrt()
 
     def forward(self, x):
-        if self.magnitude is not None:
-            return self.dora_forward(x)
-        if self.parallel == "row":  # x holds this rank's input columns: partial products are summed over TP
-            y = self.par.exit_tp_region(F.linear(x, self.weight))
-            if self.lora_A is None:
-                return y
-            return lora_add(y, self.par.exit_tp_region(self.lora_A(self.dropout(x))), self.lora_B.weight, self.scaling)
-        y = F.linear(x if self.par is None else self.par.enter_tp_region(x), self.weight)
+        y = self.base(x)
         if self.lora_A is None:
             return y
-        # A sees the replicated input directly and its output enters the TP region, so the gradient of the
-        # replicated A is already the full one, identical on every rank.
-        a = self.lora_A(self.dropout(x))
-        return lora_add(y, a if self.par is None else self.par.enter_tp_region(a), self.lora_B.weight, self.scaling)
-
-    def dora_forward(self, x):
-        """DoRA, as PEFT computes it: y + (s - 1) x' W^T + s scaling B A x', s = magnitude / dora_norm() per output
-        row, x' = dropout(x) (x' W^T is y itself when nothing is dropped). Column-parallel layers hold their rows of
-        everything; row-parallel ones sum their partial products over the TP group, as forward does."""
-        row = self.parallel == "row"
-
-        def base(inputs):
-            if row:
-                return self.par.exit_tp_region(F.linear(inputs, self.weight))
-            return F.linear(inputs if self.par is None else self.par.enter_tp_region(inputs), self.weight)
-
-        y = base(x)
         dropped = self.dropout(x)
+        # Column-parallel, A sees the replicated input and its output enters the TP region, so the gradient of the
+        # replicated A is already the full one on every rank; row-parallel, A's partial products are summed over TP.
         a = self.lora_A(dropped)
-        a = self.par.exit_tp_region(a) if row else a if self.par is None else self.par.enter_tp_region(a)
-        # m / ||W'|| stays fp32 until the sum is cast back, as in PEFT: in bf16 a magnitude change under 0.4% of a row
-        # would round away
+        if self.par is not None:
+            a = self.par.exit_tp_region(a) if self.parallel == "row" else self.par.enter_tp_region(a)
+        if self.magnitude is None:
+            return lora_add(y, a, self.lora_B.weight, self.scaling)
+        # DoRA as PEFT computes it: y + (s - 1) x' W^T + s scaling B A x' with s = magnitude / dora_norm() per output
+        # row and x' = dropout(x) (x' W^T is y when nothing is dropped). s stays fp32 until the sum is cast back, as in
+        # PEFT: in bf16 a magnitude change under 0.4% of a row would round away.
         scale = self.magnitude / self.dora_norm()
-        update = F.linear(a, self.lora_B.weight)
-        return (y + ((scale - 1) * (y if dropped is x else base(dropped)) + scale * update * self.scaling)).to(y.dtype)
+        base = y if dropped is x else self.base(dropped)
+        return (y + ((scale - 1) * base + scale * F.linear(a, self.lora_B.weight) * self.scaling)).to(y.dtype)
+
+    def base(self, x):
+        """x W^T; a row-parallel layer (x: this rank's input columns) sums its partial products over the TP group."""
+        if self.parallel == "row":
+            return self.par.exit_tp_region(F.linear(x, self.weight))
+        return F.linear(x if self.par is None else self.par.enter_tp_region(x), self.weight)
 
     def dropout(self, x):
         """Inverted dropout with the keep mask drawn as uniform >= p: torch's dropout distribution at a
@@ -480,25 +477,21 @@ class Attention(nn.Module):
         q = rotate(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), cos, sin)
         k = rotate(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.append(k, v)
+        if cache is not None:  # generation: the keys and values of the positions before, then these
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache.update(k=k, v=v)
         gqa = self.heads != self.kv_heads
         if spans is None:  # no mask: plain causal attention (model.attention=causal, one document per row)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:  # each block of queries against only the keys its documents can reach
-            y = torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        q[:, :, q0:q1],
-                        k[:, :, k0:q1],
-                        v[:, :, k0:q1],
-                        attn_mask=mask[:, :, q0:q1, k0:q1],
-                        enable_gqa=gqa,
-                    )
-                    for q0, q1, k0 in spans
-                ],
-                dim=2,
-            )
+
+            def attend(i, j):  # the queries i against the keys j
+                return F.scaled_dot_product_attention(
+                    q[:, :, i], k[:, :, j], v[:, :, j], attn_mask=mask[:, :, i, j], enable_gqa=gqa
+                )
+
+            y = torch.cat([attend(slice(q0, q1), slice(k0, q1)) for q0, q1, k0 in spans], dim=2)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -549,14 +542,6 @@ class VocabEmbedding(nn.Module):
         return self.par.exit_tp_region(x)
 
 
-class Decoder(nn.Module):
-    def __init__(self, arch, dtype, par, rows):
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(arch, dtype, par)
-        self.layers = nn.ModuleList(Block(arch, dtype, par, rows) for _ in range(arch.layers))
-        self.norm = RMSNorm(arch.hidden, arch.eps, dtype)
-
-
 class Llama(nn.Module):
     """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused). With a
     Parallel of TP > 1 it holds one tensor-parallel rank's shard: column-parallel qkv/gate_up, row-parallel
@@ -569,14 +554,17 @@ class Llama(nn.Module):
         self.attention, self.fixed_shapes = "masked", False  # set for training by attention_mode, compiles_per_shape
         self.neftune_alpha = None  # set for training from model_alignment_strategy.sft.neftune_noise_alpha
         rows = layout_rows(self.par.layout, self.par.tp_rank)
-        self.model = Decoder(arch, dtype, self.par, rows)
+        self.model = nn.ModuleDict(  # the checkpoint's model.* names
+            dict(
+                embed_tokens=VocabEmbedding(arch, dtype, self.par),
+                layers=nn.ModuleList(Block(arch, dtype, self.par, rows) for _ in range(arch.layers)),
+                norm=RMSNorm(arch.hidden, arch.eps, dtype),
+            )
+        )
         self.lm_head = (
             None if arch.tie else LoRALinear((arch.vocab, arch.hidden), dtype, self.par, "column", rows["lm_head"])
         )
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
-
-    def output_weight(self):
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids, position_ids, mask, caches=None, spans=None, lengths=None):
         """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend), or None
@@ -600,11 +588,8 @@ class Llama(nn.Module):
 
     def logits(self, hidden):
         """This rank's vocabulary slice of the logits."""
-        return F.linear(self.par.enter_tp_region(hidden), self.output_weight())
-
-    def full_logits(self, hidden):
-        """Logits over the whole vocabulary (gathered over the TP group): for generation."""
-        return torch.cat(self.par.all_gather(self.logits(hidden), "tp"), dim=-1)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.par.enter_tp_region(hidden), weight)
 
 
 def neftune(x, alpha, lengths=None):
@@ -653,45 +638,33 @@ def base_weight_slots(model, fuse_qkv):
     return slots
 
 
-def shard_file(base_dir, tp_rank):
-    """This tensor-parallel rank's shard of a converted checkpoint (NxD's file name, pipeline stage 0)."""
-    return Path(base_dir) / "model" / f"dp_rank_00_tp_rank_{tp_rank:02d}_pp_rank_00.pt"
-
-
 def shard_layout(c):
     """The layout settings that 03's manifest must show for this run's shards."""
     return {k: c[f"distributed_strategy.{k}"] for k in ("tensor_model_parallel_size", "kv_replicator", "hw_backend")}
-
-
-def check_manifest(base_dir, wanted):
-    """Stage 03's manifest.json (NxD's own converter writes none) must show the layout this run needs."""
-    manifest = Path(base_dir) / "manifest.json"
-    if not manifest.exists():
-        return {}
-    m = json.loads(manifest.read_text())
-    for key, value in wanted.items():
-        if m["settings"][key] != value:
-            raise StageError(
-                f"{base_dir}: converted with {key} = {m['settings'][key]}, this run needs "
-                f"{value}; convert again with stage 03"
-            )
-    return m["files"]
 
 
 def load_base_weights(model, base_dir, fuse_qkv, wanted=None):
     """Fill every base tensor from this rank's NxDT shard; any missing, extra or misshapen tensor is an error.
     Returns the shard's path and the dtypes found in it."""
     wanted = dict(wanted or {"tensor_model_parallel_size": 1}, pipeline_model_parallel_size=1, fuse_qkv=fuse_qkv)
-    path = shard_file(base_dir, model.par.tp_rank)
+    path = Path(base_dir) / "model" / f"dp_rank_00_tp_rank_{model.par.tp_rank:02d}_pp_rank_00.pt"  # NxD's name, PP 0
     if not path.exists():
         raise StageError(
             f"exp_manager.resume_from_checkpoint: {path} not found (stage 03 writes it with "
             f"tensor_model_parallel_size {wanted['tensor_model_parallel_size']})"
         )
-    files = check_manifest(base_dir, wanted)  # empty without a manifest (NxD's converter writes none)
-    expected = files[f"model/{path.name}"]["bytes"] if files else None
-    if expected is not None and path.stat().st_size != expected:
-        raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
+    manifest = Path(base_dir) / "manifest.json"  # stage 03's (NxD's own converter writes none)
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        for key, value in wanted.items():
+            if m["settings"][key] != value:
+                raise StageError(
+                    f"{base_dir}: converted with {key} = {m['settings'][key]}, this run needs {value}; convert again "
+                    f"with stage 03"
+                )
+        expected = m["files"][f"model/{path.name}"]["bytes"]
+        if path.stat().st_size != expected:
+            raise StageError(f"{path}: {path.stat().st_size} bytes, manifest.json says {expected} (truncated?)")
     state = load_torch_file(path)
     slots = base_weight_slots(model, fuse_qkv)
     missing = [n for n in slots if n not in state]
@@ -717,11 +690,7 @@ def load_base_weights(model, base_dir, fuse_qkv, wanted=None):
 # ------------------------------------------------------------------------------------------------ LoRA
 def lora_modules(model, targets):
     """(qualified name, LoRALinear) for every projection whose name is a configured target."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] in targets
-    ]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear) and n.rsplit(".", 1)[-1] in targets]
 
 
 def add_lora(model, c, verbose=True):
@@ -738,17 +707,15 @@ def add_lora(model, c, verbose=True):
     dora = c[peft + "use_dora"]
     trainable = sum(m.lora_A.weight.shape[0] * (m.full[0] + m.full[1]) + dora * m.full[0] for _, m in modules)
     total = trainable + sum(m.full[0] * m.full[1] for m in model.modules() if isinstance(m, LoRALinear))
-    total += model.arch.vocab * model.arch.hidden + sum(
-        p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight")
-    )
+    norms = sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    total += model.arch.vocab * model.arch.hidden + norms
     if c[peft + "lora_verbose"]:
         print(f"  {'module':<44} {'A (full)':>14} {'B (full)':>14} {'params':>10}   split")
         for name, m in modules:
             r = m.lora_A.weight.shape[0]
             print(
-                f"  {name:<44} {str([r, m.full[1]]):>14} {str([m.full[0], r]):>14} "
-                f"{r * (m.full[0] + m.full[1]):>10,}   "
-                f"{'column (B split)' if m.parallel == 'column' else 'row (A split)'}"
+                f"  {name:<44} {str([r, m.full[1]]):>14} {str([m.full[0], r]):>14} {r * (m.full[0] + m.full[1]):>10,}"
+                f"   {'column (B split)' if m.parallel == 'column' else 'row (A split)'}"
             )
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return modules, params
@@ -805,25 +772,13 @@ def nonfinite(x):
     return (d != d).any()
 
 
-def clip_gradients(params, norm, max_norm):
-    """Scale the gradients so that their global norm is at most max_norm (as torch's clip_grad_norm_), on the
-    device, without a host synchronisation."""
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for p in params:
-        p.grad.mul_(coef)
-
-
 def gather_lora(modules, par):
-    """{module name: (A, B, DoRA magnitude or None)} at full size, from every tensor-parallel rank's shard: all LoRA
-    tensors travel as one flat float32 vector in one gather and one transfer to the host, the same graph on every
-    rank."""
+    """{module name: (A, B)} at full size (lora_factors: with DoRA, B's last column is the magnitude), from every
+    tensor-parallel rank's shard: all LoRA tensors travel as one flat float32 vector in one gather and one transfer
+    to the host, the same graph on every rank."""
     flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in lora_factors(m)])
     rows = [layout_rows(par.layout, r) for r in range(par.tp)]
-    full = assemble_lora(modules, par.gather_to_host(flat, "tp"), rows)
-    return {
-        name: (a, b, None) if m.magnitude is None else (a, b[:, :-1].contiguous(), b[:, -1].contiguous())
-        for (name, m), (a, b) in zip(modules, full.values())
-    }
+    return assemble_lora(modules, torch.stack(par.all_gather(flat, "tp")).cpu(), rows)
 
 
 def assemble_lora(modules, everyone, rows):
@@ -865,13 +820,12 @@ def check_copies(name, rank, copy, first):
         )
 
 
-def peft_tensors(lora, sizes):
-    """Our LoRA weights under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A; B's rows
-    and DoRA's magnitudes (one per output row) are split between them."""
+def peft_tensors(lora, sizes, dora):
+    """Our LoRA weights (gather_lora) under PEFT's names: fused q|k|v and gate|up become separate adapters sharing A;
+    B's rows, and with DoRA the magnitudes (B's last column), are split between them."""
     out = {}
-    for name, (a, b, magnitude) in lora.items():
+    for name, (a, rows) in lora.items():
         parent, leaf = name.rsplit(".", 1)
-        rows = b if magnitude is None else torch.cat([b, magnitude[:, None]], 1)
         if leaf == "qkv_proj":
             parts = dict(zip(("q_proj", "k_proj", "v_proj"), rows.split(sizes)))
         elif leaf == "gate_up_proj":
@@ -881,22 +835,18 @@ def peft_tensors(lora, sizes):
         for hf_leaf, part in parts.items():
             prefix = f"base_model.model.{parent}.{hf_leaf}"
             out[f"{prefix}.lora_A.weight"] = a.clone().contiguous()
-            if magnitude is None:
-                out[f"{prefix}.lora_B.weight"] = part.clone().contiguous()
-            else:
-                out[f"{prefix}.lora_B.weight"] = part[:, :-1].clone().contiguous()
+            out[f"{prefix}.lora_B.weight"] = (part[:, :-1] if dora else part).clone().contiguous()
+            if dora:
                 out[f"{prefix}.lora_magnitude_vector"] = part[:, -1].clone().contiguous()
     return out
 
 
 def export_peft_adapter(lora, arch, c, out_dir):
-    """Write adapter_config.json + adapter_model.safetensors to a temporary directory, then rename it."""
-    from safetensors.torch import save_file
-
-    kv = arch.kv_heads * arch.head_dim
-    tensors = peft_tensors(lora, [arch.heads * arch.head_dim, kv, kv])
+    """Write adapter_config.json + adapter_model.safetensors under <out_dir>.tmp, then rename it to out_dir, which is
+    therefore complete or absent (an earlier adapter of this run there is removed just before)."""
+    kv, peft = arch.kv_heads * arch.head_dim, "model_alignment_strategy.peft."
+    tensors = peft_tensors(lora, [arch.heads * arch.head_dim, kv, kv], c[peft + "use_dora"])
     hf_targets = sorted({k.split(".")[-3] for k in tensors if k.endswith(".lora_A.weight")})
-    peft = "model_alignment_strategy.peft."
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -911,11 +861,15 @@ def export_peft_adapter(lora, arch, c, out_dir):
         "inference_mode": True,
         "base_model_name_or_path": c["model.hf_weights_dir"],
     }
-    tmp = staging(out_dir)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    publish(tmp, out_dir)
-    return Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -952,8 +906,7 @@ def load_tokenizer(c):
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     except Exception as e:
         raise StageError(
-            f"data.tokenizer.type: {tok_dir} cannot be loaded ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''})"
+            f"data.tokenizer.type: {tok_dir} cannot be loaded ({type(e).__name__}: {first_line(e)})"
         ) from None
     if tokenizer.eos_token_id is None:
         raise StageError(f"data.tokenizer.type: {tok_dir} defines no EOS token, which ends every trained answer")
@@ -1044,16 +997,13 @@ def prompt_ids(tokenizer, fmt, prompts):
     """Token ids of each single-turn prompt as the model sees it before its answer, in one tokenizer call."""
     if fmt == "raw":
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        return [
-            bos + ids for ids in tokenizer(prompts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        ]
+        return [bos + ids for ids in as_ids(tokenizer(prompts, add_special_tokens=False, return_attention_mask=False))]
     users = [[{"role": "user", "content": p}] for p in prompts]
-    return [
-        list(ids) for ids in as_ids(tokenizer.apply_chat_template(users, add_generation_prompt=True, tokenize=True))
-    ]
+    return [list(x) for x in as_ids(tokenizer.apply_chat_template(users, add_generation_prompt=True, tokenize=True))]
 
 
 def as_ids(encoded):
+    """The token ids of a tokenizer's output (a BatchEncoding, or ids already)."""
     return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
 
 
@@ -1066,9 +1016,7 @@ def encode_batch(tokenizer, fmt, records, labels):
     raw = [i for i, r in enumerate(records) if isinstance(r, tuple) and fmt == "raw"]
     if raw:
         prompts = prompt_ids(tokenizer, "raw", [records[i][0] for i in raw])
-        answers = tokenizer([records[i][1] for i in raw], add_special_tokens=False, return_attention_mask=False)[
-            "input_ids"
-        ]
+        answers = as_ids(tokenizer([records[i][1] for i in raw], add_special_tokens=False, return_attention_mask=False))
         for i, p, r in zip(raw, prompts, answers):
             out[i] = (p + r + [tokenizer.eos_token_id], [(len(p), len(p) + len(r) + 1)])
     chats = [i for i in range(len(records)) if out[i] is None]
@@ -1215,12 +1163,10 @@ def doc_arrays(docs):
     """Documents as flat arrays: ids (int32), trained flags (a token is trained when it is the target of the one
     before it in its document, so never the first), and per document its length and trained tokens; through C
     loops rather than Python per token."""
-    from itertools import chain
-
     lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, count=len(docs))
     total, firsts = int(lengths.sum()), np.cumsum(lengths) - lengths
-    tokens = np.fromiter(chain.from_iterable(ids for ids, _ in docs), np.int32, count=total)
-    trained = np.fromiter(chain.from_iterable(labels for _, labels in docs), np.int32, count=total) != -100
+    tokens = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in docs), np.int32, count=total)
+    trained = np.fromiter(itertools.chain.from_iterable(labels for _, labels in docs), np.int32, count=total) != -100
     trained[firsts] = False
     return tokens, trained.astype(np.uint8), lengths, np.add.reduceat(trained, firsts, dtype=np.int64)
 
@@ -1265,9 +1211,8 @@ class Windows:
     def open(cls, where, pad_id):
         """Prepared on disk: the token arrays memory-mapped, so every rank shares one copy in the page cache."""
         meta = json.loads((where / "prepared.json").read_text())
-        tokens, trained = (
-            np.memmap(where / f, dtype=t, mode="r") for f, t in (("tokens.bin", np.int32), ("trained.bin", np.uint8))
-        )
+        tokens = np.memmap(where / "tokens.bin", dtype=np.int32, mode="r")
+        trained = np.memmap(where / "trained.bin", dtype=np.uint8, mode="r")
         counts = [np.load(where / f"{name}.npy") for name in ("doc_starts", "doc_supervised", "window_starts")]
         windows = cls(tokens, trained, *counts, meta["inputs"]["seq_length"], pad_id)
         windows.inputs = meta["inputs"]  # the data and tokenizer checksums, which a resumed run compares
@@ -1308,24 +1253,25 @@ def prepared_location(path, tokenizer_dir, c):
     """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
     data file's directory>/<file name>.prepared/<hash of the data's content, the tokenizer's files, the format
     version and every setting that changes the windows>."""
-    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer_files = [p for p in sorted(Path(tokenizer_dir).iterdir()) if TOKENIZER_FILE.fullmatch(p.name)]
     inputs = {
         "format": PREPARED_FORMAT,
         "data_sha256": file_sha256(path),
-        "tokenizer_sha256": {
-            p.name: file_sha256(p)
-            for p in sorted(tokenizer_dir.iterdir())
-            if p.is_file() and TOKENIZER_FILE.fullmatch(p.name)
-        },
+        "tokenizer_sha256": {p.name: file_sha256(p) for p in tokenizer_files if p.is_file()},
         "prompt_format": c["data.prompt_format"],
         "seq_length": c["data.seq_length"],
         "packing": c["model_alignment_strategy.sft.packing"],
         "truncation": c["data.truncation"],
         "dev_choose_samples": c["data.dev_choose_samples"],
     }
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    key = text_sha256(inputs)[:20]
     root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else Path(path).parent
     return root / f"{Path(path).name}.prepared" / key, inputs
+
+
+def text_sha256(value):
+    """Hex sha256 of a JSON value (keys sorted)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def prepare_split(path, tokenizer, c, name):
@@ -1352,9 +1298,8 @@ def prepare_split(path, tokenizer, c, name):
         ) from None
     try:
         stats = write_prepared(path, tokenizer, c, name, tmp)
-        (tmp / "prepared.json").write_text(
-            json.dumps({"inputs": inputs, "source": str(Path(path).resolve()), "stats": stats}, indent=1) + "\n"
-        )
+        meta = {"inputs": inputs, "source": str(Path(path).resolve()), "stats": stats}
+        (tmp / "prepared.json").write_text(json.dumps(meta, indent=1) + "\n")
         for f in tmp.iterdir():
             fsync_path(f)
         try:
@@ -1364,11 +1309,9 @@ def prepare_split(path, tokenizer, c, name):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in reversed(made):  # a failed preparation leaves no empty directories behind
-            try:
+        with contextlib.suppress(OSError):  # a failed preparation leaves no empty directories behind
+            for d in reversed(made):
                 d.rmdir()
-            except OSError:
-                break
     return where
 
 
@@ -1386,8 +1329,6 @@ def remove_abandoned(where):
 def write_prepared(path, tokenizer, c, name, out):
     """Tokenize, mask and pack a split into `out`, streaming: a chunk of records at a time is tokenized (one
     batched tokenizer call) and appended to the token files; only per-document lengths stay in memory."""
-    from tqdm import tqdm
-
     seq_len, stats, tally = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}, {}
     lengths, supervised, fmt, cut = [], [], c["data.prompt_format"], c["data.truncation"]
     bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
@@ -1427,7 +1368,7 @@ def load_split(path, tokenizer, c, name, par):
     where = prepare_split(path, tokenizer, c, name) if local_rank == 0 else None
     if par is not None and par.world > 1:
         par.barrier(timeout_s=PREPARE_TIMEOUT_S)
-        where = Path(par.broadcast_text(str(where) if par.rank == 0 else ""))
+        where = par.broadcast(where)
     stats = json.loads((where / "prepared.json").read_text())["stats"]
     total = stats["records_in_file"]
     read = f"{stats['records']} of {total}" if total != stats["records"] else f"{stats['records']}"
@@ -1460,23 +1401,12 @@ def inspect_data(batch, tokenizer, n):
     """Print n windows with the trained tokens marked: [[trained]] text, plain text is context only."""
     for w in range(min(n, batch["input_ids"].shape[0])):
         ids, targets, segs = batch["input_ids"][w], batch["targets"][w], batch["segment_ids"][w]
-        # A token is trained when the position before it has it as its target.
-        trained = torch.zeros_like(ids, dtype=torch.bool)
-        trained[1:] = targets[:-1] != -100
-        print(
-            f"--- window {w}: {int((segs > 0).sum())} tokens in {int(segs.max())} document(s), "
-            f"{int(trained.sum())} trained"
-        )
-        text, run, mode = [], [], None
-        for t in range(int((segs > 0).sum())):
-            if trained[t].item() != mode and run:
-                chunk = tokenizer.decode(run)
-                text.append(f"[[{chunk}]]" if mode else chunk)
-                run = []
-            mode = trained[t].item()
-            run.append(int(ids[t]))
-        if run:
-            chunk = tokenizer.decode(run)
+        used = int((segs > 0).sum())
+        trained = [False] + (targets[: used - 1] != -100).tolist()  # trained: the target of the position before it
+        print(f"--- window {w}: {used} tokens in {int(segs.max())} document(s), {sum(trained)} trained")
+        text = []
+        for mode, run in itertools.groupby(zip(ids[:used].tolist(), trained), key=lambda t: t[1]):
+            chunk = tokenizer.decode([i for i, _ in run])
             text.append(f"[[{chunk}]]" if mode else chunk)
         print("".join(text))
 
@@ -1485,12 +1415,11 @@ def inspect_data(batch, tokenizer, n):
 def loss_sum(model, mb, device, autocast):
     """Sum of token cross-entropies over the supervised positions of one micro-batch.
 
-    On CPU and CUDA trailing padding is cut off and only supervised positions go through the output layer
-    (prompts and padding never need logits); both are found on the host from the CPU tensors, so they cost
-    the device no synchronisation. Where each new shape compiles (Trainium; compiled layers) the decoder
-    sees the whole row, and on Trainium every position gets logits, the unsupervised ones counting zero.
-    Attention follows model.attention (see attention_mode). Under tensor parallelism the logits stay split
-    by vocabulary."""
+    On CPU and CUDA trailing padding is cut off and only supervised positions go through the output layer (prompts
+    and padding never need logits); both are found on the host from the CPU tensors, so they cost the device no
+    synchronisation. Where each new shape compiles (Trainium; compiled layers) the decoder sees the whole row, and on
+    Trainium every position gets logits, the unsupervised ones counting zero. Attention follows model.attention (see
+    attention_mode). Under tensor parallelism the logits stay split by vocabulary."""
     if not model.fixed_shapes:  # padding after every row's last token changes nothing before it: leave it out
         real = (mb["segment_ids"] > 0).any(0).nonzero()
         used = int(real.max()) + 1 if len(real) else 1
@@ -1534,16 +1463,6 @@ def evaluate(model, val, mbs, device, autocast):
 
 
 # ------------------------------------------------------------------------------------------------ generation
-class KVCache:
-    def __init__(self):
-        self.k = self.v = None
-
-    def append(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast):
     """Greedy decoding of a batch of prompts (left-padded), with a KV cache; returns new token ids per prompt."""
@@ -1559,12 +1478,13 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast)
     causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
     # Pad queries may see themselves, so no attention row is empty; real queries never see pads.
     mask = (causal & valid[:, None, None, :]) | torch.eye(longest, dtype=torch.bool, device=device)
-    caches = [KVCache() for _ in model.model.layers]
+    caches = [{} for _ in model.model.layers]  # each layer's keys and values so far
     out, finished = [[] for _ in range(b)], [False] * b
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = model(ids, pos, mask, caches)
         for _ in range(max_new_tokens):
-            nxt = model.full_logits(hidden[:, -1]).argmax(-1)
+            # the whole vocabulary's logits, gathered over the TP group
+            nxt = torch.cat(model.par.all_gather(model.logits(hidden[:, -1]), "tp"), dim=-1).argmax(-1)
             for i, token in enumerate(nxt.tolist()):  # one host sync per generated position
                 if not finished[i]:
                     finished[i] = token in stop_ids
@@ -1580,40 +1500,27 @@ def generate(model, prompts, max_new_tokens, stop_ids, pad_id, device, autocast)
 
 
 def generation_eval(model, records, tokenizer, c, device, autocast):
-    """Exact-match accuracy of greedy answers (stripped) on the first N validation prompts."""
-    n, bs = min(c["evaluation.generate.num_prompts"], len(records)), c["evaluation.generate.batch_size"]
-    samples, hits, budget = [], 0, c["evaluation.generate.max_new_tokens"]
-    stops, pad = {tokenizer.eos_token_id}, tokenizer.pad_token_id
-    for start in range(0, n, bs):
-        chunk = records[start : min(start + bs, n)]
-        prompts, shown, expected = generation_prompts(tokenizer, c["data.prompt_format"], chunk)
-        prompts = [p[-c["data.seq_length"] :] for p in prompts]
-        for prompt, want, new in zip(shown, expected, generate(model, prompts, budget, stops, pad, device, autocast)):
-            answer = tokenizer.decode(new, skip_special_tokens=True).strip()
-            hits += answer == want.strip()
-            samples.append({"prompt": prompt, "expected": want, "answer": answer})
-    return hits / max(n, 1), samples
-
-
-def generation_prompts(tokenizer, fmt, records):
-    """(prompt token ids, prompt text shown, expected answer) per record: a single-turn record's prompt as it
-    trains; a conversation up to its last assistant turn, with the chat template's generation prompt."""
-    single = [r for r in records if isinstance(r, tuple)]
-    ids = iter(prompt_ids(tokenizer, fmt, [p for p, _ in single]) if single else [])
-    prompts, shown, expected = [], [], []
+    """Exact-match accuracy of greedy answers (stripped) on the first N validation records, prompted as they train:
+    a single-turn record's prompt; a conversation up to its last assistant turn, with the generation prompt."""
+    records, seq_len = records[: c["evaluation.generate.num_prompts"]], c["data.seq_length"]
+    single = [r[0] for r in records if isinstance(r, tuple)]
+    ids, prompts = iter(prompt_ids(tokenizer, c["data.prompt_format"], single) if single else []), []
     for r in records:
         if isinstance(r, tuple):
-            prompts.append(next(ids))
-            shown.append(r[0])
-            expected.append(r[1])
+            prompts.append(next(ids)[-seq_len:])
         else:
             context = [{"role": m["role"], "content": m["content"]} for m in r[:-1]]
-            prompts.append(
-                list(as_ids(tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)))
-            )
-            shown.append(context[-1]["content"])
-            expected.append(r[-1]["content"])
-    return prompts, shown, expected
+            chat = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)
+            prompts.append(list(as_ids(chat))[-seq_len:])
+    bs, budget, samples = c["evaluation.generate.batch_size"], c["evaluation.generate.max_new_tokens"], []
+    for start in range(0, len(records), bs):
+        batch = prompts[start : start + bs]
+        answers = generate(model, batch, budget, {tokenizer.eos_token_id}, tokenizer.pad_token_id, device, autocast)
+        for r, new in zip(records[start : start + bs], answers):
+            prompt, want = r if isinstance(r, tuple) else (r[-2]["content"], r[-1]["content"])
+            answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+            samples.append({"prompt": prompt, "expected": want, "answer": answer})
+    return sum(s["answer"] == s["expected"].strip() for s in samples) / max(len(records), 1), samples
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -1640,12 +1547,9 @@ class DeviceAdamW(torch.optim.AdamW):
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state.update(
-                        step=torch.zeros((), device=p.device),
-                        exp_avg=torch.zeros_like(p),
-                        exp_avg_sq=torch.zeros_like(p),
-                    )
+                if not state:  # torch's AdamW state, the step count on the device (capturable)
+                    state.update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p))
+                    state["exp_avg_sq"] = torch.zeros_like(p)
                 grad = torch.where(skip, 0.0, p.grad)  # a non-finite gradient must not reach the moments
                 t = state["step"] + 1
                 exp_avg = state["exp_avg"].lerp(grad, 1 - beta1)
@@ -1706,7 +1610,7 @@ class Run:
     inputs: dict  # content checksums of data, tokenizer and base checkpoint (run_inputs)
     dir: Path  # the run directory
     optimizer: torch.optim.Optimizer | None = None
-    metrics: Metrics | NoMetrics | None = None  # rank 0 writes, the others hold a NoMetrics
+    metrics: Metrics | None = None  # rank 0 writes, the others hold one that writes nothing
     made_dirs: list = dataclasses.field(default_factory=list)  # made by this launch: removed if it fails early
     start_step: int = 0  # the first step of this launch (a resumed checkpoint's step)
     skipped_steps: int = 0  # non-finite steps skipped before this launch
@@ -1788,11 +1692,7 @@ class LogInterval:
                 f"model.optim.lr, or set trainer.nonfinite=skip to skip such steps"
             )
         if totals.skipped > skipped_before:
-            print(
-                f"warning: {int(totals.skipped - skipped_before)} step(s) with a non-finite loss or gradient norm "
-                f"skipped (skipped_steps: {int(totals.skipped)})",
-                file=sys.stderr,
-            )
+            warn(f"{int(totals.skipped - skipped_before)} non-finite step(s) skipped ({int(totals.skipped)} in all)")
 
     def record(self, done, lr, peak, run):
         """The metrics record of this interval (the host read of a log interval), then a fresh interval."""
@@ -1848,8 +1748,10 @@ def apply_update(run, lr, grad_norm, bad):
     the device (DeviceAdamW), so the host never waits for it; on the CPU, which has no device to wait for, the flag
     is read so that torch's own AdamW runs unchanged. Under graph extraction (every value zero) nothing is
     decided on the host either."""
-    if run.c["trainer.gradient_clip_val"]:
-        clip_gradients(run.params, grad_norm, run.c["trainer.gradient_clip_val"])
+    if run.c["trainer.gradient_clip_val"]:  # as torch's clip_grad_norm_, on the device: no host synchronisation
+        coef = torch.clamp(run.c["trainer.gradient_clip_val"] / (grad_norm + 1e-6), max=1.0)
+        for p in run.params:
+            p.grad.mul_(coef)
     if isinstance(run.optimizer, DeviceAdamW):  # lr as one element, not 0-d: see micro_batches
         run.optimizer.step(torch.tensor([lr], dtype=torch.float32, device=run.device).reshape(()), skip=bad)
     elif not bool(bad):
@@ -1857,16 +1759,6 @@ def apply_update(run, lr, grad_norm, bad):
             group["lr"] = lr * group.get("lr_scale", 1.0)
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-
-
-def checkpoint_every(c):
-    """Steps between run checkpoints (0 = none); none at all while extracting graphs, where every rank would
-    write zeros over the same step_N.tmp."""
-    every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
-    if extracting_graphs() and every:
-        print("NEURON_EXTRACT_GRAPHS_ONLY: graph extraction only, no run checkpoints are written")
-        return 0
-    return every
 
 
 @contextlib.contextmanager
@@ -1900,17 +1792,19 @@ def train_loop(run, stop):
     c, par = run.c, run.par
     max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
     peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
-    print(
-        f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world} ({peak_source})"
-        if peak
-        else f"MFU not reported: {peak_source}"
-    )
-    every = checkpoint_every(c)
+    mfu = f"MFU peak: {peak / 1e12:.2f} TFLOP/s per device x {par.world}" if peak else "MFU not reported"
+    print(f"{mfu} ({peak_source})")
+    every = c["exp_manager.checkpoint_callback_params.every_n_train_steps"]
+    if extracting_graphs() and every:  # every rank would write zeros over the same step_N.tmp
+        print("NEURON_EXTRACT_GRAPHS_ONLY: graph extraction only, no run checkpoints are written")
+        every = 0
     start = run.start_step
     interval = LogInterval(run.train, run.arch, c["seed"], gbs, run.device, start, run.skipped_steps)
     batches = micro_batches(run.train, start, max_steps, gbs, c["data.micro_batch_size"], c["seed"], par)
     loader = device_loader(batches, run.device)
-    bar = progress_bar(max_steps, start, shown=par.rank == 0)
+    bar = tqdm(
+        total=max_steps, initial=start, desc="Epoch 0", dynamic_ncols=True, file=sys.stdout, disable=par.rank != 0
+    )
     for step in range(start, max_steps):
         lr = lr_at(step, c)
         step_loss, grad_norm, bad = train_step(run, loader)
@@ -1945,12 +1839,15 @@ def train_loop(run, stop):
 
 
 class Metrics:
-    """metrics.jsonl (one object per line, flushed) and TensorBoard scalars."""
+    """metrics.jsonl (one object per line, flushed) and TensorBoard scalars, written by rank 0; with run_dir None (the
+    other ranks) nothing is written."""
 
     def __init__(self, run_dir, tensorboard, resume_step=None):
+        self.file, self.tb, self.lines = None, None, 0
+        if run_dir is None:
+            return
         self.file = open(run_dir / "metrics.jsonl", "a")
         self.lines = sum(1 for _ in open(run_dir / "metrics.jsonl"))
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -1958,6 +1855,8 @@ class Metrics:
             self.tb = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, record):
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         self.lines += 1
@@ -1968,39 +1867,13 @@ class Metrics:
             self.tb.flush()
 
     def close(self):
-        self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
-class NoMetrics:
-    """What ranks other than 0 log: nothing (rank 0 writes the run's records)."""
-
-    lines = 0
-
-    def log(self, record):
-        pass
-
-    def close(self):
-        pass
-
-
-def progress_bar(total, initial=0, shown=True):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc="Epoch 0",
-        dynamic_ncols=True,
-        file=sys.stdout,
-        disable=not shown,
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
-    )
+        for out in (self.file, self.tb):
+            if out is not None:
+                out.close()
 
 
 # ------------------------------------------------------------------------------------------------ main
-# The modes besides training, each of its own (check_modes): what each does before it exits.
+# The modes besides training, each of its own (parse_args): what each does before it exits.
 MODES = {
     "--dry-run": "check config, tokenizer, checkpoint shards and data, estimate memory per rank",
     "--neuron-env": "print the Neuron compiler/runtime variables of this config as shell export lines (for the "
@@ -2012,26 +1885,19 @@ MODES = {
 
 
 def parse_args(argv):
+    """The options, of which --inspect-data N (N >= 1) and each of MODES is a mode of its own."""
     ap = config_arg_parser(__doc__)
-    ap.add_argument(
-        "--inspect-data",
-        type=int,
-        metavar="N",
-        help="print N training windows with the trained tokens marked [[like this]], then exit",
-    )
+    shows = "print N training windows with the trained tokens marked [[like this]], then exit"
+    ap.add_argument("--inspect-data", type=int, metavar="N", help=shows)
     for flag, does in MODES.items():
         ap.add_argument(flag, action="store_true", help=f"{does}, then exit")
-    return ap.parse_intermixed_args(argv)
-
-
-def check_modes(args):
-    """--inspect-data N (N >= 1), --dry-run, --neuron-env, --check-config and --smoke are each a mode of its own."""
+    args = ap.parse_intermixed_args(argv)
     if args.inspect_data is not None and args.inspect_data < 1:
         raise StageError(f"--inspect-data {args.inspect_data}: the number of windows to show must be >= 1")
-    modes = ["--inspect-data", *MODES]
-    given = [m for m in modes if getattr(args, m[2:].replace("-", "_")) not in (None, False)]
+    given = [m for m in ["--inspect-data", *MODES] if getattr(args, m[2:].replace("-", "_")) not in (None, False)]
     if len(given) > 1:
         raise StageError(f"{' and '.join(given)} cannot be combined: each is a mode of its own; give one")
+    return args
 
 
 def prepare_settings(c, args):
@@ -2066,12 +1932,10 @@ def build_model(c, arch, device, par):
     """The rank's shard of the base model from the converted checkpoint, made ready to train (adapt_model).
     Returns (model, LoRA modules, params)."""
     model = new_model(c, arch, device, par)
-    shard_path, _ = load_base_weights(
-        model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], shard_layout(c)
-    )
+    shard, _ = load_base_weights(model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], shard_layout(c))
     sync_device(device)  # on XLA: the copies into the fused q/k/v slices run now, not inside a later graph
     print(
-        f"loaded {shard_path.parent} ({par.tp} tensor-parallel shard(s), {model.model.norm.weight.dtype}) on "
+        f"loaded {shard.parent} ({par.tp} tensor-parallel shard(s), {model.model.norm.weight.dtype}) on "
         f"{device}; {par.world} process(es): TP {par.tp} x DP {par.dp}"
         + (f"; activation checkpointing on {model.recompute_layers} layer(s)" if model.recompute_layers else "")
     )
@@ -2103,10 +1967,7 @@ def adapt_model(model, c, device, par):
     model.fixed_shapes = compiles_per_shape(device) or c["trainer.compile"]
     if c["trainer.compile"]:
         compile_layers(model, device)
-    print(
-        f"attention: {model.attention}"
-        + ("; decoder layers compiled with torch.compile" if c["trainer.compile"] else "")
-    )
+    print(f"attention: {model.attention}" + ("; decoder layers compiled" if c["trainer.compile"] else ""))
     model.train()
     sync_device(device)  # on XLA: LoRA's tensors made now, so that a resumed run's first graph is a fresh run's too
     return model, modules, params
@@ -2121,16 +1982,15 @@ def open_run(run, where):
     if par.rank == 0:
         run.made_dirs = make_dirs(run.dir)
         if where.restart:
-            print(
-                f"warning: {run.dir} holds a run but no complete checkpoint; starting it again from step 0",
-                file=sys.stderr,
-            )
+            warn(f"{run.dir} holds a run but no complete checkpoint; starting it again from step 0")
             (run.dir / "metrics.jsonl").unlink()
     if resume_from:
         state = load_run_checkpoint(resume_from, par, run.params, run.optimizer, run.device)
         run.start_step, run.skipped_steps, run.last_checkpoint = state["step"], state["skipped_steps"], resume_from
         if par.rank == 0:
-            keep_metrics_lines(run.dir, state["metrics_lines"])
+            metrics = run.dir / "metrics.jsonl"  # what a killed run logged after its checkpoint goes
+            kept = metrics.read_text().splitlines(keepends=True)[: state["metrics_lines"]] if metrics.exists() else []
+            write_atomically(metrics, "".join(kept))
             entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": resume_from.name}
             with open(run.dir / "resumes.jsonl", "a") as f:
                 f.write(json.dumps(dict(entry, step=run.start_step, changed=where.changed)) + "\n")
@@ -2142,11 +2002,8 @@ def open_run(run, where):
         if not resume_from:
             save_config(c, run.dir / "config.yaml")
         print(f"run directory: {run.dir}")
-        run.metrics = Metrics(
-            run.dir, c["exp_manager.create_tensorboard_logger"], run.start_step if resume_from else None
-        )
-    else:
-        run.metrics = NoMetrics()
+    resumed_at = run.start_step if resume_from else None
+    run.metrics = Metrics(run.dir if par.rank == 0 else None, c["exp_manager.create_tensorboard_logger"], resumed_at)
 
 
 def make_dirs(path):
@@ -2158,22 +2015,6 @@ def make_dirs(path):
     for d in reversed(missing):
         d.mkdir(exist_ok=True)
     return missing[::-1]
-
-
-def remove_failed_start(run):
-    """After a failure: a run directory that this launch made and in which no training step was completed
-    holds nothing worth keeping; it is removed, with the parents made for it."""
-    if not run.made_dirs or (run.dir / "checkpoints").exists():
-        return
-    metrics = run.dir / "metrics.jsonl"
-    if metrics.exists() and any("loss" in json.loads(line) for line in metrics.read_text().splitlines()):
-        return
-    shutil.rmtree(run.dir, ignore_errors=True)
-    for d in reversed(run.made_dirs[:-1]):
-        try:
-            d.rmdir()
-        except OSError:
-            break
 
 
 def run_evaluation(run, step, gen):
@@ -2197,28 +2038,7 @@ def run_evaluation(run, step, gen):
     return record
 
 
-def save_run_checkpoint(run, done, skipped):
-    """A run checkpoint after step `done` (a collective: every rank takes part)."""
-    c, par, gbs = run.c, run.par, run.c["data.global_batch_size"]
-    state = {
-        "step": done,
-        "consumed_samples": done * gbs,
-        "skipped_steps": skipped,
-        "data": {"seed": c["seed"], "next_step": done, "windows": len(run.train), "global_batch_size": gbs},
-        "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
-        "tensor_parallel": par.tp,
-        "data_parallel": par.dp,
-        "metrics_lines": run.metrics.lines,
-        "inputs": run.inputs,
-    }
-    write_adapter = functools.partial(export_peft_adapter, gather_lora(run.modules, par), run.arch, c)
-    keep, root = c["exp_manager.checkpoint_callback_params.save_top_k"], run.dir / "checkpoints"
-    path = write_run_checkpoint(root, state, par, run.params, run.optimizer, write_adapter, run.device, keep)
-    print(f"checkpoint: {path}")
-    return path
-
-
-def finish(run, args, interval):
+def finish(run, paths, interval):
     """The final validation and generation, the adapter export, and the run summary."""
     c = run.c
     final = run_evaluation(run, c["trainer.max_steps"], gen=True)
@@ -2242,28 +2062,23 @@ def finish(run, args, interval):
         )
     fallbacks = cpu_fallback_ops(run.device)
     if fallbacks:
-        print(
-            f"warning: {run.device.type} ran these operations on the CPU (slow on Trainium): {', '.join(fallbacks)}",
-            file=sys.stderr,
-        )
+        warn(f"{run.device.type} ran these operations on the CPU (slow on Trainium): {', '.join(fallbacks)}")
     print(f"adapter (PEFT format): {adapter}")
-    print(
-        f"merged HF model: python 03_convert_checkpoint.py "
-        f"{' '.join(f'--config {p}' for p in args.config or ['config.yaml'])} --to-hf <dir> --merge-adapter {adapter}"
-    )
+    configs = " ".join(f"--config {p}" for p in paths)
+    print(f"merged HF model: python 03_convert_checkpoint.py {configs} --to-hf <dir> --merge-adapter {adapter}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:  # one voice per run: rank 0 prints, the others only fail loudly
         sys.stdout = open(os.devnull, "w")
-    check_modes(args)
     if args.smoke:
         return smoke(args)
     paths = args.config or ["config.yaml"]
     c = resolve(load_config(paths, args.overrides), SCHEMA)
-    if args.neuron_env:
-        print_launch_environment(c)
+    if args.neuron_env:  # this config's Neuron variables and the start-up ones, as shell export lines
+        env = neuron_environment(c) | {k: os.environ.get(k, v) for k, v in LAUNCH_ENV.items()} | efa_environment()
+        print("".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items()), end="")
         return
     show_settings(c, paths, args.overrides, SCHEMA)
     if args.check_config:
@@ -2279,7 +2094,7 @@ def main(argv=None):
         inspect_data(train.batch(range(min(args.inspect_data, len(train)))), tokenizer, args.inspect_data)
         return
     run, where = start_run(c, arch)
-    train_run(run, where, args)
+    train_run(run, where, paths)
 
 
 def start_run(c, arch):
@@ -2288,27 +2103,31 @@ def start_run(c, arch):
     of mistakes, prepared once for every later launch), then the model. Returns (the Run, its ResumePoint)."""
     device, par = open_device(c, arch)
     where = resume_point(c, par)
-    tokenizer = load_tokenizer(c)
-    train = load_split(c["data.train_dir"], tokenizer, c, "train", par)
-    val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
-    inputs = run_inputs(c, train, val)
-    if where.checkpoint:
-        same_inputs(where.checkpoint, inputs)
+    tokenizer, train, val, inputs = load_data(c, par, where)
     n_prompts = min(c["evaluation.generate.num_prompts"], c["data.dev_choose_samples"] or math.inf)
     val_records = read_records(c["data.val_dir"], "val", n_prompts) if val is not None and n_prompts else []
     model, modules, params = build_model(c, arch, device, par)
     do_generation = c["evaluation.generate.num_prompts"] > 0 and not compiles_per_shape(device)
     if c["evaluation.generate.num_prompts"] > 0 and not do_generation:
-        print(
-            f"evaluation.generate: skipped on {device.type} (every generated length would compile anew); "
-            "generate from the merged model instead"
-        )
+        print(f"evaluation.generate: skipped on {device.type} (each new length compiles); use the merged model instead")
     autocast = c["precision.type"] == "autocast"
     parts = (model, modules, params, autocast, tokenizer, train, val, val_records, do_generation, inputs, where.dir)
     return Run(c, arch, device, par, *parts), where
 
 
-def train_run(run, where, args):
+def load_data(c, par, where):
+    """The tokenizer, the prepared train and val splits, and what the run trains on by content (run_inputs), which a
+    resumed run (where.checkpoint) must share with its checkpoint."""
+    tokenizer = load_tokenizer(c)
+    train = load_split(c["data.train_dir"], tokenizer, c, "train", par)
+    val = load_split(c["data.val_dir"], tokenizer, c, "val", par) if c["data.val_dir"] else None
+    inputs = run_inputs(c, train, val)
+    if where is not None and where.checkpoint:
+        same_inputs(where.checkpoint, inputs)
+    return tokenizer, train, val, inputs
+
+
+def train_run(run, where, paths):
     """The run in its directory: the baseline evaluation of a new run, the steps, and the export, or the line that
     tells how to resume after a stop request. A failure before the first step removes the directory it made."""
     c = run.c
@@ -2322,9 +2141,14 @@ def train_run(run, where, args):
             return
         with stop_requests() as stop:
             interval, stopped_after = train_loop(run, stop)
-    except BaseException:
-        if run.par.rank == 0:
-            remove_failed_start(run)
+    except BaseException:  # a run directory made by this launch, in which no step was completed, goes with its parents
+        metrics = run.dir / "metrics.jsonl"
+        if run.made_dirs and not (run.dir / "checkpoints").exists():  # made_dirs: rank 0 only
+            if not metrics.exists() or not any("loss" in json.loads(line) for line in metrics.read_text().splitlines()):
+                shutil.rmtree(run.dir, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    for d in reversed(run.made_dirs[:-1]):
+                        d.rmdir()
         raise
     if stopped_after is not None:
         run.metrics.close()
@@ -2334,7 +2158,7 @@ def train_run(run, where, args):
             f"(checkpoint {run.last_checkpoint})"
         )
         return
-    finish(run, args, interval)
+    finish(run, paths, interval)
 
 
 # ------------------------------------------------------------------------------------------------ appendix
@@ -2482,14 +2306,11 @@ def head_index(heads, hd, offset=0):
 class Parallel:
     """This process's place in the run and the collectives the model needs.
 
-    `layout` says which heads each tensor-parallel rank holds. Ranks form tensor-parallel groups of
-    consecutive ranks (as in Megatron and NxD); data-parallel groups join
-    the ranks with the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks that hold copies
-    of the same KV heads (kv_replicator > 1). The collectives are a thin shim: torch.distributed with the
-    device's default backend (gloo on CPU, nccl on CUDA, neuron on TorchNeuron) or, on XLA (trn1), torch-xla's
-    all-reduce and all-gather over replica groups, which is what NxD's parallel state uses (device_all_reduce,
-    device_all_gather). Host data (strings, barriers, stop requests) goes over a gloo group on the CPU in every case.
-    In a single process every collective is the identity."""
+    `layout` says which heads each tensor-parallel rank holds. Ranks form tensor-parallel groups of consecutive ranks
+    (as in Megatron and NxD); data-parallel groups join the ranks with the same tensor-parallel rank; 'kv' groups join
+    the tensor-parallel ranks that hold copies of the same KV heads (kv_replicator > 1). Device collectives go through
+    the process group's backend (start_process_group, device_all_reduce); host data (strings, barriers, stop requests)
+    over a gloo group on the CPU in every case. In a single process every collective is the identity."""
 
     def __init__(self, layout, device, world=None, rank=None, connect=True):
         self.layout, tp = layout, layout.tp
@@ -2510,17 +2331,12 @@ class Parallel:
         if not connect:  # layout only (the dry run's per-rank checks)
             return
         if self.world > 1:
-            import torch.distributed as dist
-
             groups_per_call = start_process_group(device)
             # Host data (the run directory, barriers, stop requests) travels over gloo on the CPU, never through
             # device collectives: NxD does the same, and under neuron_parallel_compile every device graph
             # returns zeros, so a device barrier would synchronise nothing and a payload would come back empty.
-            self.host = (
-                dist.group.WORLD
-                if dist.get_backend() == "gloo"
-                else dist.new_group(list(range(self.world)), backend="gloo")
-            )
+            gloo = dist.get_backend() == "gloo"
+            self.host = dist.group.WORLD if gloo else dist.new_group(list(range(self.world)), backend="gloo")
             if not groups_per_call:
                 for name, gs in self.groups.items():  # every rank creates every group, in the same order
                     for g in gs:
@@ -2533,49 +2349,34 @@ class Parallel:
 
     def all_reduce(self, x, name, op="sum"):
         """Sum (or max) of x over the group `name`; a new tensor, identical on every member."""
-        if self.size(name) == 1:
-            return x
-        return device_all_reduce(x, self.groups[name], self.handles.get(name), op)
+        return x if self.size(name) == 1 else device_all_reduce(x, self.groups[name], self.handles.get(name), op)
 
     def all_gather(self, x, name):
         """[x of each member of the group `name`], in group order."""
-        if self.size(name) == 1:
-            return [x]
-        return device_all_gather(x, self.groups[name], self.handles.get(name), self.size(name))
+        n = self.size(name)
+        return [x] if n == 1 else device_all_gather(x, self.groups[name], self.handles.get(name), n)
 
     def barrier(self, timeout_s=None):
         """Every rank waits here for all the others (file writes before, reads after); `timeout_s` for a wait
         that may outlast the group's timeout (a data preparation)."""
         if self.world > 1:
-            import datetime
-
-            import torch.distributed as dist
-
             if timeout_s:
                 dist.monitored_barrier(group=self.host, timeout=datetime.timedelta(seconds=timeout_s))
             else:
                 dist.barrier(group=self.host)
 
-    def broadcast_text(self, text):
-        """Rank 0's string, on every rank."""
+    def broadcast(self, obj):
+        """Rank 0's `obj` (plain Python values), on every rank."""
         if self.world == 1:
-            return text
-        import torch.distributed as dist
-
-        box = [text]
+            return obj
+        box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.host)
         return box[0]
-
-    def gather_to_host(self, x, name):
-        """[members of the group `name`, *x.shape] on the CPU: one gather and one transfer to the host."""
-        return torch.stack(self.all_gather(x, name)).cpu()
 
     def any_rank(self, flag):
         """True on every rank when `flag` (a host value) is true on any rank."""
         if self.world == 1:
             return bool(flag)
-        import torch.distributed as dist
-
         t = torch.tensor([int(bool(flag))])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host)
         return bool(t.item())
@@ -2707,20 +2508,9 @@ def neuron_environment(c):
     # Always 0, whatever is inherited (the tutorial's launch script sets 0 too): a 1 puts torch-xla on its legacy
     # path without functionalization, where in-place updates through views are known to give wrong results.
     if os.environ.get("XLA_DISABLE_FUNCTIONALIZATION", "0") != "0":
-        print("warning: XLA_DISABLE_FUNCTIONALIZATION=1 in the environment is overridden with 0", file=sys.stderr)
+        warn("XLA_DISABLE_FUNCTIONALIZATION=1 in the environment is overridden with 0")
     os.environ["XLA_DISABLE_FUNCTIONALIZATION"] = "0"
     return {key: os.environ[key] for key in [*env, "XLA_DISABLE_FUNCTIONALIZATION"]}
-
-
-def print_launch_environment(c):
-    """--neuron-env: the Neuron variables of this config, and the start-up ones, as shell export lines."""
-    import shlex
-
-    env = neuron_environment(c)
-    env.update({k: os.environ.get(k, v) for k, v in LAUNCH_ENV.items()})
-    env.update(efa_environment())
-    for key, value in env.items():
-        print(f"export {key}={shlex.quote(value)}")
 
 
 def neuron_devices_present():
@@ -2732,14 +2522,10 @@ def native_accelerator():
     registers its device when torch_neuronx is imported (the import fails on a host without Neuron devices).
     Where torch-xla is installed, torch_neuronx is the trn1 XLA package, whose `neuron` device is not a
     training backend: that host trains through XLA."""
-    import importlib.util
-
     xla = importlib.util.find_spec("torch_xla") is not None
     if importlib.util.find_spec("torch_neuronx") and not xla:
-        try:
+        with contextlib.suppress(Exception):
             import torch_neuronx  # noqa: F401  registers the `neuron` device
-        except Exception:
-            pass
     if not torch.accelerator.is_available():
         return None
     native = torch.accelerator.current_accelerator()
@@ -2752,8 +2538,6 @@ def pick_device(c):
     backend, which is refused. Under torchrun a CUDA process takes its LOCAL_RANK's GPU; TorchNeuron binds
     a process to its cores from LOCAL_RANK itself, so `neuron` is given without an index; XLA assigns its
     own device. Creates no tensor (the process group must come first on Neuron)."""
-    import importlib.util
-
     choice, native = c["trainer.accelerator"], native_accelerator()
     if choice == "auto":
         if native is not None:
@@ -2762,10 +2546,9 @@ def pick_device(c):
             choice = "xla"
         elif neuron_devices_present():
             raise StageError(
-                f"this host has Neuron devices ({NEURON_DEVICE_DIR}/neuron*) but no usable PyTorch "
-                f"backend for them: install torch-neuronx (TorchNeuron, trn2/trn3: "
-                f"requirements-trn2.txt) or torch-neuronx with torch-xla (trn1: "
-                f"requirements-neuron.txt); set trainer.accelerator=cpu to train on the CPU anyway"
+                f"this host has Neuron devices ({NEURON_DEVICE_DIR}/neuron*) but no usable PyTorch backend for them: "
+                f"install torch-neuronx (TorchNeuron, trn2/trn3: requirements-trn2.txt) or torch-neuronx with "
+                f"torch-xla (trn1: requirements-neuron.txt); set trainer.accelerator=cpu to train on the CPU anyway"
             )
         else:
             choice = "cpu"
@@ -2790,9 +2573,7 @@ def pick_device(c):
             "Neuron devices",
             "cuda": "a CUDA build of torch and a visible GPU",
         }.get(choice, choice)
-        raise StageError(
-            f"trainer.accelerator={choice} but PyTorch has no usable {choice} device here; this needs {need}"
-        )
+        raise StageError(f"trainer.accelerator={choice} but PyTorch has no {choice} device here; this needs {need}")
     if choice == "neuron":
         efa_environment()  # before the process group starts the runtime
         return torch.device("neuron")
@@ -2803,8 +2584,6 @@ def start_process_group(device):
     """The process group of this launch: torch-xla's "xla" backend on XLA, else the device's default backend (gloo on
     the CPU, nccl on CUDA, neuron on TorchNeuron). True where collectives take their replica groups per call
     (torch-xla), so that no torch.distributed subgroups are made."""
-    import torch.distributed as dist
-
     xla = device.type == "xla"
     if not dist.is_initialized():
         if xla:
@@ -2841,11 +2620,8 @@ sum>sum.dim_IntList>sum.IntList_out tril>tril.out view where.self zeros>zero_ ze
 
 
 def self_check(device, par):
-    """Before any weights load: what the run needs of the device and its software, each probed once, so that a
-    missing piece fails in seconds naming itself rather than after a compile or at step 10: a kernel of the device's
-    own for every operator of the step (none left to the backend's CPU fallback), the RNG states that checkpoints
-    save and restore, the memory statistics of the metrics, a pinned non_blocking copy (the prefetching loader's),
-    and a 1-element all-reduce and all-gather over every rank. (The CPU has every kernel and nothing to pin.)"""
+    """Before any weights load, each thing the run needs of the device and its software (the probes below) is tried
+    once, so that a missing piece fails in seconds naming itself rather than after a compile or at step 10."""
     key = "PrivateUse1" if device.type == torch._C._get_privateuse1_backend_name() else device.type.upper()
     missing = [] if device.type == "cpu" else fallback_ops(key)
     if missing and len(missing) == len(STEP_OPS):  # a backend that registers no kernels per operator: untellable
@@ -2879,12 +2655,11 @@ def fallback_ops(key, ops=STEP_OPS):
                 return line.rsplit("[", 1)[-1].rstrip("]")
         return None
 
-    missing = []
-    for entry in ops:
+    def missing(entry):
         *callers, name = (f"aten::{op}" for op in entry.split(">"))
-        if not any(kernel(caller) == "kernel" for caller in callers) and kernel(name) in (None, "backend fallback"):
-            missing.append(entry)
-    return missing
+        return not any(kernel(caller) == "kernel" for caller in callers) and kernel(name) in (None, "backend fallback")
+
+    return [entry for entry in ops if missing(entry)]
 
 
 def pinned_copy_problem(device):
@@ -2910,9 +2685,9 @@ def sdk_versions():
     from importlib import metadata
 
     found = []
-    for dist in ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "libneuronxla"):
+    for package in ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "libneuronxla"):
         with contextlib.suppress(metadata.PackageNotFoundError):
-            found.append(f"{dist} {metadata.version(dist)}")
+            found.append(f"{package} {metadata.version(package)}")
     return ", ".join(found + ([f"CUDA {torch.version.cuda}"] if torch.version.cuda else []))
 
 
@@ -2924,8 +2699,6 @@ def device_all_reduce(x, groups, handle, op):
         import torch_xla.core.xla_model as xm
 
         return xm.all_reduce(xm.REDUCE_SUM if op == "sum" else xm.REDUCE_MAX, x, groups=groups)
-    import torch.distributed as dist
-
     y = x.reshape(1).clone() if x.dim() == 0 else x.clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=handle)
     return y.reshape(x.shape)
@@ -2942,8 +2715,6 @@ def device_all_gather(x, groups, handle, size):
         return list(xm.all_gather(x.unsqueeze(0), dim=0, groups=groups, pin_layout=False).unbind(0))
     if x.dim() == 0:
         return [y.reshape(()) for y in device_all_gather(x.reshape(1), groups, handle, size)]
-    import torch.distributed as dist
-
     out = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(out, x.contiguous(), group=handle)
     return out
@@ -2987,8 +2758,7 @@ def attention_mode(c, device):
     if mode == "blocks" and fixed:
         raise StageError(
             f"model.attention=blocks changes shapes with every batch, which "
-            f"{'trainer.compile' if c['trainer.compile'] else device.type} recompiles each time; use "
-            f"masked (or auto)"
+            f"{'trainer.compile' if c['trainer.compile'] else device.type} recompiles each time; use masked (or auto)"
         )
     return mode
 
@@ -3033,9 +2803,7 @@ def device_loader(batches, device):
         import torch_xla.distributed.parallel_loader as pl
 
         return iter(pl.MpDeviceLoader(batches, device))
-    if device.type == "neuron":
-        return prefetched(batches, device, pin=True)
-    return iter(batches)
+    return prefetched(batches, device, pin=True) if device.type == "neuron" else iter(batches)
 
 
 def prefetched(batches, device, pin):
@@ -3115,17 +2883,8 @@ def to_cpu(obj, device):
 def rng_states(device):
     """Every random generator a step can touch, in types that torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": pos,
-            "has_gauss": has_gauss,
-            "cached": cached,
-        },
-    }
+    numpy = dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, cached=cached)
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": numpy}
     if device.type == "xla":
         import torch_xla.core.xla_model as xm
 
@@ -3181,25 +2940,20 @@ def compile_layers(model, device):
 
 
 def compile_counts(device, compiled):
-    """What has been compiled so far, for the metrics: torch-xla's graphs on XLA, torch.compile's graphs with
-    trainer.compile; a number that grows after the first steps is a recompilation."""
+    """What has been compiled so far, for the metrics: on XLA the graphs compiled, graph executions and device reads of
+    this process; with trainer.compile torch.compile's graphs. A count that grows after the first steps is a recompile
+    (or, on XLA, a step that runs more graphs than it should, or reads the device)."""
     if device.type == "xla":
-        return xla_counts()
+        import torch_xla.debug.metrics as met
+
+        names = {"xla_compiles": "CompileTime", "xla_executions": "ExecuteTime", "xla_reads": "TransferFromDeviceTime"}
+        data = {name: met.metric_data(metric) or (0, 0.0) for name, metric in names.items()}  # (count, total ns, ...)
+        return {name: int(d[0]) for name, d in data.items()} | {"xla_compile_s": data["xla_compiles"][1] / 1e9}
     if compiled:
         from torch._dynamo.utils import counters
 
         return {"compiled_graphs": int(counters["stats"]["unique_graphs"])}
     return {}
-
-
-def xla_counts():
-    """Graphs compiled, graph executions and device-to-host transfers so far in this process (on XLA): a
-    recompiling step, a step that runs more graphs than it should, or one that reads the device, shows."""
-    import torch_xla.debug.metrics as met
-
-    metrics = {"xla_compiles": "CompileTime", "xla_executions": "ExecuteTime", "xla_reads": "TransferFromDeviceTime"}
-    data = {name: met.metric_data(metric) or (0, 0.0) for name, metric in metrics.items()}  # (count, total ns, ...)
-    return {name: int(d[0]) for name, d in data.items()} | {"xla_compile_s": data["xla_compiles"][1] / 1e9}
 
 
 def cpu_fallback_ops(device):
@@ -3218,9 +2972,8 @@ def cpu_fallback_ops(device):
 
 # Per NeuronCore as a process sees it, from the chip datasheets: trn1, 2 NeuronCore-v2 per chip at 190 BF16 /
 # 47.5 FP32 TFLOPS and 32 GiB; trn2, 4 logical cores per chip (LNC 2, the default) at 667 / 181 and 96 GiB;
-# trn3, 4 logical cores per chip at 671 / 183 and 144 GiB. (bf16 TFLOPS, fp32 TFLOPS) and GiB per core.
-NEURONCORE_TFLOPS = {"trn1": (95, 23.75), "trn2": (166.75, 45.25), "trn3": (167.75, 45.75)}
-NEURONCORE_GIB = {"trn1": 16, "trn2": 24, "trn3": 36}
+# trn3, 4 logical cores per chip at 671 / 183 and 144 GiB. (bf16 TFLOPS, fp32 TFLOPS, GiB) per core.
+NEURONCORE = {"trn1": (95, 23.75, 16), "trn2": (166.75, 45.25, 24), "trn3": (167.75, 45.75, 36)}
 DATASHEET_TFLOPS = {
     "H200": (989, 67),
     "H100": (989, 67),
@@ -3241,17 +2994,14 @@ def neuron_datasheet(gen):
     """(bf16 TFLOPS, fp32 TFLOPS, GiB) of one process's NeuronCore: the table's LNC 2 figures scaled to the
     logical-core setting."""
     scale = logical_cores_per_core(gen) / (1 if gen == "trn1" else 2)
-    bf16, fp32 = NEURONCORE_TFLOPS[gen]
-    return bf16 * scale, fp32 * scale, NEURONCORE_GIB[gen] * scale
+    return tuple(figure * scale for figure in NEURONCORE[gen])
 
 
 def neuron_generation():
     """trn1, trn2 or trn3, from the instance type (trn1 when unknown)."""
     kind = os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE", "")
-    try:
+    with contextlib.suppress(OSError):
         kind = kind or Path("/sys/devices/virtual/dmi/id/product_name").read_text()
-    except OSError:
-        pass
     return next((g for g in ("trn3", "trn2") if g in kind), "trn1")
 
 
@@ -3302,8 +3052,6 @@ def peak_memory_gib(device):
 def planned_trainium(c):
     """The Trainium generation this config trains on, without starting a device (as pick_device decides): XLA
     takes the checkpoint's hw_backend, TorchNeuron runs on trn2 or trn3; None elsewhere."""
-    import importlib.util
-
     acc = c["trainer.accelerator"]
     if acc == "xla" or (acc == "auto" and importlib.util.find_spec("torch_xla") is not None):
         return c["distributed_strategy.hw_backend"]
@@ -3340,23 +3088,36 @@ def fsync_path(path):
         os.close(fd)
 
 
-def write_run_checkpoint(root, state, par, params, optimizer, write_adapter, device, keep):
-    """Write a checkpoint of `state` (step, consumed samples, ...) for every rank, atomically; keep the last
-    `keep` complete ones. Rank 0 writes the PEFT adapter with `write_adapter(dir)`."""
-    final = root / f"step_{state['step']:07d}"
+def save_run_checkpoint(run, done, skipped):
+    """A run checkpoint after step `done`, written by every rank (a collective) under step_N.tmp and renamed when
+    complete; the last save_top_k complete ones are kept. Rank 0 writes the PEFT adapter, then trainer_state.json."""
+    c, par, gbs = run.c, run.par, run.c["data.global_batch_size"]
+    state = {
+        "step": done,
+        "consumed_samples": done * gbs,
+        "skipped_steps": skipped,
+        "data": {"seed": c["seed"], "next_step": done, "windows": len(run.train), "global_batch_size": gbs},
+        "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
+        "tensor_parallel": par.tp,
+        "data_parallel": par.dp,
+        "metrics_lines": run.metrics.lines,
+        "inputs": run.inputs,
+    }
+    lora, root = gather_lora(run.modules, par), run.dir / "checkpoints"
+    final = root / f"step_{done:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if par.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     par.barrier()
     own = tmp / f"rank_{par.rank:05d}.pt"
-    held = to_cpu({"lora": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, device)
-    torch.save(dict(held, rng=rng_states(device)), f"{own}.part")
+    held = to_cpu({"lora": [p.detach() for p in run.params], "optimizer": run.optimizer.state_dict()}, run.device)
+    torch.save(dict(held, rng=rng_states(run.device)), f"{own}.part")
     fsync_path(f"{own}.part")
     os.replace(f"{own}.part", own)
     par.barrier()
     if par.rank == 0:
-        write_adapter(tmp / "adapter")
+        export_peft_adapter(lora, run.arch, c, tmp / "adapter")
         files = {
             str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
             for f in sorted(tmp.rglob("*"))
@@ -3370,9 +3131,11 @@ def write_run_checkpoint(root, state, par, params, optimizer, write_adapter, dev
         fsync_path(root)
         own = own_checkpoints(root)
         complete = [p for p in own if p.suffix != ".tmp" and (p / "trainer_state.json").is_file()]
+        keep = c["exp_manager.checkpoint_callback_params.save_top_k"]
         for old in complete[:-keep] + [p for p in own if p.suffix == ".tmp"]:  # and unfinished writes of killed runs
             shutil.rmtree(old, ignore_errors=True)
     par.barrier()
+    print(f"checkpoint: {final}")
     return final
 
 
@@ -3409,7 +3172,7 @@ def newest_checkpoint(run_dir):
         problem = "an unfinished write (.tmp)" if path.name.endswith(".tmp") else checkpoint_problem(path)
         if problem is None:
             return path
-        print(f"warning: skipping checkpoint {path}: {problem}", file=sys.stderr)
+        warn(f"skipping checkpoint {path}: {problem}")
     return None
 
 
@@ -3442,20 +3205,15 @@ def resume_point(c, par):
     that holds a checkpoint, else a new one), the checkpoint to resume from, and what the launch changes. Nothing
     is created here; a directory that is not a run of this stage, and a resume that would not continue the same
     run, are refused (the content of its files is compared later, once the data is prepared: same_inputs)."""
-    choice = ""
+    where = None
     if par is None or par.rank == 0:
         key = "exp_manager.explicit_log_dir" if c["exp_manager.explicit_log_dir"] else "exp_manager.exp_dir"
         run_dir = Path(c["exp_manager.explicit_log_dir"]) if c["exp_manager.explicit_log_dir"] else None
-        resume = c["exp_manager.resume_if_exists"]
+        resume, experiment = c["exp_manager.resume_if_exists"], Path(c["exp_manager.exp_dir"]) / c["name"]
         if run_dir is None and resume:  # the newest unfinished run of this experiment that has a checkpoint
-            runs = [
-                d
-                for d in sorted((Path(c["exp_manager.exp_dir"]) / c["name"]).glob("*"))
-                if own_checkpoints(d / "checkpoints") and not (d / "final" / "adapter").exists()
-            ]
-            run_dir = runs[-1] if runs else None
-        if run_dir is None:
-            run_dir = Path(c["exp_manager.exp_dir"]) / c["name"] / time.strftime("%Y-%m-%d_%H-%M-%S")
+            unfinished = [d for d in sorted(experiment.glob("*")) if not (d / "final" / "adapter").exists()]
+            run_dir = next((d for d in reversed(unfinished) if own_checkpoints(d / "checkpoints")), None)
+        run_dir = run_dir or experiment / time.strftime("%Y-%m-%d_%H-%M-%S")
         if run_dir.exists() and not run_dir.is_dir():
             raise StageError(f"{key}: {run_dir} is a file; the run directory must be a directory")
         if run_dir.is_dir() and any(run_dir.iterdir()) and not written_by_this_stage(run_dir / "config.yaml"):
@@ -3464,78 +3222,52 @@ def resume_point(c, par):
         run_checkpoint = newest_checkpoint(run_dir) if resume else None
         reached = int(run_checkpoint.name.removeprefix("step_")) if run_checkpoint else 0
         if (run_dir / "final" / "adapter").exists() and (run_checkpoint is None or reached >= c["trainer.max_steps"]):
-            on = (
-                "raise trainer.max_steps to train it on" if resume else "set exp_manager.resume_if_exists=true to go on"
-            )
+            on = "raise trainer.max_steps to go on" if resume else "set exp_manager.resume_if_exists=true to go on"
             raise StageError(
                 f"run directory {run_dir} holds a finished run (final/adapter); remove it, choose "
                 f"another exp_manager.explicit_log_dir, or {on}"
             )
         if (run_dir / "metrics.jsonl").exists() and not resume:
             raise StageError(
-                f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose "
-                f"another exp_manager.explicit_log_dir, or resume it with "
-                f"exp_manager.resume_if_exists=true"
+                f"run directory {run_dir} already holds a run (metrics.jsonl); remove it, choose another "
+                f"exp_manager.explicit_log_dir, or resume it with exp_manager.resume_if_exists=true"
             )
         changed = same_run_changes(run_dir, c) if run_checkpoint else {}
-        choice = json.dumps(
-            {
-                "dir": str(run_dir),
-                "checkpoint": str(run_checkpoint) if run_checkpoint else "",
-                "changed": changed,
-                "restart": run_checkpoint is None and (run_dir / "metrics.jsonl").exists(),
-            }
-        )
-    where = json.loads(par.broadcast_text(choice) if par is not None else choice)
-    where.update(dir=Path(where["dir"]), checkpoint=Path(where["checkpoint"]) if where["checkpoint"] else None)
-    return ResumePoint(**where)
+        where = (run_dir, run_checkpoint, changed, run_checkpoint is None and (run_dir / "metrics.jsonl").exists())
+    return ResumePoint(*(where if par is None else par.broadcast(where)))
 
 
-@dataclasses.dataclass(frozen=True)
-class ResumePoint:
-    """Where a launch runs (resume_point): its run directory and what it continues."""
-
-    dir: Path  # the run directory
-    checkpoint: Path | None  # the run checkpoint it resumes from, or None for a new run
-    changed: dict  # resumable keys this launch changes: {key: [saved, now]}
-    restart: bool  # the directory holds a run without a complete checkpoint, started again from step 0
+# Where a launch runs (resume_point): its run directory, the run checkpoint it resumes from (None: a new run), the
+# resumable keys it changes ({key: [saved, now]}) and whether it starts again from step 0 a run that has no complete
+# checkpoint.
+ResumePoint = collections.namedtuple("ResumePoint", "dir checkpoint changed restart")
 
 
 def run_inputs(c, train, val):
     """What a run trains on beyond its config values, by content: the data files, the tokenizer and the base
     model (03's manifest.json lists every shard's sha256; a checkpoint without one, from NxD's own converter,
     by its shard sizes). Keyed by the config key that names each; saved with every run checkpoint."""
-    base_dir, sha = (
-        Path(c["exp_manager.resume_from_checkpoint"]),
-        lambda text: hashlib.sha256(text.encode()).hexdigest(),
-    )
+    base_dir = Path(c["exp_manager.resume_from_checkpoint"])
     manifest = base_dir / "manifest.json"
     shards = {p.name: p.stat().st_size for p in sorted((base_dir / "model").glob("*.pt"))}
     return {
         "data.train_dir": train.inputs["data_sha256"],
         "data.val_dir": val.inputs["data_sha256"] if val is not None else None,
-        "data.tokenizer.type": sha(json.dumps(train.inputs["tokenizer_sha256"], sort_keys=True)),
+        "data.tokenizer.type": text_sha256(train.inputs["tokenizer_sha256"]),
         "model.model_config": file_sha256(c["model.model_config"]),
-        "exp_manager.resume_from_checkpoint": file_sha256(manifest) if manifest.exists() else sha(json.dumps(shards)),
+        "exp_manager.resume_from_checkpoint": file_sha256(manifest) if manifest.exists() else text_sha256(shards),
     }
 
 
 def same_run_changes(run_dir, c):
     """The resumable keys whose values differ from the run's saved config.yaml, as {key: [saved, now]}. A change
     to any other key is refused, each one listed with its saved and its new value."""
-    flat, stack = {}, [("", yaml.safe_load((run_dir / "config.yaml").read_text()))]
-    while stack:
-        prefix, node = stack.pop()
-        for k, v in node.items():
-            if isinstance(v, dict):
-                stack.append((f"{prefix}{k}.", v))
-            else:
-                flat[f"{prefix}{k}"] = v
-    changed = {k: [flat[k], v] for k, v in redacted(c).items() if k in flat and flat[k] != v}
+    flat = resolve(yaml.safe_load((run_dir / "config.yaml").read_text()), SCHEMA)
+    changed = {k: [flat[k], v] for k, v in redacted(c).items() if flat[k] != v}
     sched = "model.optim.sched.max_steps"  # null means trainer.max_steps: the same decay either way
     if sched in changed and None in changed[sched]:
         old, new = changed[sched]
-        if (flat.get("trainer.max_steps") if old is None else old) == (c["trainer.max_steps"] if new is None else new):
+        if (flat["trainer.max_steps"] if old is None else old) == (c["trainer.max_steps"] if new is None else new):
             del changed[sched]
     refused = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items() if k not in RESUMABLE]
     if refused:
@@ -3564,13 +3296,6 @@ def not_the_same_run(run_dir, changes):
     )
 
 
-def keep_metrics_lines(run_dir, n):
-    """Drop what a killed run logged after its checkpoint, so the resumed run's records follow on exactly."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    write_atomically(path, "".join(lines))
-
-
 # ------------------------------------------------------------------------------------------------ pre-flight
 # What the Neuron runtime holds on a NeuronCore besides the program's tensors: model code (with 96 MB of
 # micro-code per physical core), scratchpad, DMA rings and collective buffers (Neuron docs, "Neuron device
@@ -3582,25 +3307,21 @@ ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak
 def check_shards(c, arch):
     """Every tensor-parallel shard: tensor names and shapes against config.json (on a meta-device model, so
     nothing is allocated), one floating dtype throughout, and that dtype against config.json's."""
-    tp = c["distributed_strategy.tensor_model_parallel_size"]
+    tp, base = c["distributed_strategy.tensor_model_parallel_size"], c["exp_manager.resume_from_checkpoint"]
     dtypes, layout = set(), layout_of(c, arch)
     for r in range(tp):
         par = Parallel(layout, torch.device("meta"), world=tp, rank=r, connect=False)
         with torch.device("meta"):
             model = Llama(arch, par=par)
-        dtypes |= load_base_weights(
-            model, c["exp_manager.resume_from_checkpoint"], c["model.fuse_qkv"], shard_layout(c)
-        )[1]
+        dtypes |= load_base_weights(model, base, c["model.fuse_qkv"], shard_layout(c))[1]
     raw = json.loads(Path(c["model.model_config"]).read_text())
     declared = raw.get("torch_dtype") or raw.get("dtype")
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise StageError(f"{c['exp_manager.resume_from_checkpoint']}: tensors of mixed or non-float dtypes {dtypes}")
+        raise StageError(f"{base}: tensors of mixed or non-float dtypes {dtypes}")
     found = str(next(iter(dtypes))).removeprefix("torch.")
     if declared and declared != found:
-        raise StageError(
-            f"{c['exp_manager.resume_from_checkpoint']}: tensors are {found}, {c['model.model_config']} says {declared}"
-        )
-    return tp, found
+        raise StageError(f"{base}: tensors are {found}, {c['model.model_config']} says {declared}")
+    return found
 
 
 def memory_estimate(arch, c, tp, supervised_per_row, trainium):
@@ -3659,13 +3380,20 @@ def dry_run(c, arch):
     supervised_per_row, skipped = planned_data(c, where)
     base_dir, tp = Path(c["exp_manager.resume_from_checkpoint"]), c["distributed_strategy.tensor_model_parallel_size"]
     if any((base_dir / "model").glob("*.pt")):
-        _, dtype = check_shards(c, arch)
+        dtype = check_shards(c, arch)
         print(f"checkpoint: {tp} shard(s) in {base_dir}/model, every tensor present with the expected shape, {dtype}")
     else:
         skipped.append(f"checkpoint shards ({base_dir}/model): not converted yet (stage 03 writes them)")
     trainium = planned_trainium(c)
     limit, source = device_memory(c)
-    plain, checkpointed_gib = print_memory(c, arch, supervised_per_row, trainium is not None)
+    est = memory_estimate(arch, c, tp, supervised_per_row, trainium is not None)
+    plain, checkpointed = totals_gib(est)
+    batch = f"micro-batch {c['data.micro_batch_size']} x {c['data.seq_length']}"
+    print(f"memory per rank (estimate; TP {tp}, {batch}, {c['precision.type']}):")
+    for k, v in est.items():
+        print(f"  {k:<34} {v / 2**30:8.2f} GiB")
+    print(f"  {'total without checkpointing':<34} {plain:8.2f} GiB")
+    print(f"  {'total with checkpointing':<34} {checkpointed:8.2f} GiB")
     print(f"  device memory                      {limit:8.2f} GiB ({source})")
     print_plan(c, arch, supervised_per_row, trainium, limit)
     warn_tp_span(tp, trainium)
@@ -3676,7 +3404,7 @@ def dry_run(c, arch):
         f"{'no fused attention (the attention scores are kept)' if trainium else 'SDPA as PyTorch runs it'}; its "
         f"{ESTIMATE_ERROR:.0%} margin comes from steps measured on the CPU (tests/test_dry_run.py), not on a device"
     )
-    fits(c, plain, checkpointed_gib, limit)
+    fits(c, plain, checkpointed, limit)
     if refusal is not None:
         raise StageError(f"the plan fits, but a launch would stop at its run directory: {refusal}")
     print(f"run directory: {where.dir}" + (f" (resumes from {where.checkpoint})" if where.checkpoint else ""))
@@ -3693,15 +3421,11 @@ def fits(c, plain, checkpointed, limit):
             if not on and checkpointed <= limit
             else "; raise distributed_strategy.tensor_model_parallel_size or lower data.micro_batch_size / seq_length"
         )
-        raise StageError(
-            f"this configuration needs about {need:.2f} GiB per rank, the device has {limit:.2f} GiB{hint}"
-        )
+        raise StageError(f"this run needs about {need:.2f} GiB per rank, the device has {limit:.2f} GiB{hint}")
     if need * (1 + ESTIMATE_ERROR) > limit:
-        print(
-            f"warning: {need:.2f} GiB is within the estimate's {ESTIMATE_ERROR:.0%} error of the device's "
-            f"{limit:.2f} GiB"
-            + (f"; model.activations_checkpoint=true would need {checkpointed:.2f} GiB" if not on else ""),
-            file=sys.stderr,
+        warn(
+            f"{need:.2f} GiB is within the estimate's {ESTIMATE_ERROR:.0%} error of the device's {limit:.2f} GiB"
+            + (f"; model.activations_checkpoint=true would need {checkpointed:.2f} GiB" if not on else "")
         )
     print(
         f"dry run: fits ({need:.2f} of {limit:.2f} GiB per rank with activation checkpointing "
@@ -3714,34 +3438,12 @@ def planned_data(c, where):
     directory exists (one that is broken is refused as a real run refuses it), and the data, prepared, where both
     exist."""
     data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
-    tokenizer = load_tokenizer(c) if tok_dir.exists() else None
-    if tokenizer is None or not Path(data).exists():
-        why = f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every position"
-        return c["data.seq_length"], [why + " supervised"]
-    train = load_split(data, tokenizer, c, "train", None)
-    val = load_split(c["data.val_dir"], tokenizer, c, "val", None) if c["data.val_dir"] else None
-    if where is not None and where.checkpoint:
-        same_inputs(where.checkpoint, run_inputs(c, train, val))
-    return int(train.supervised.max()), []
-
-
-def print_memory(c, arch, supervised_per_row, trainium):
-    """The memory estimate of this config per component, and its totals; returns (GiB without activation
-    checkpointing, GiB with it)."""
-    tp = c["distributed_strategy.tensor_model_parallel_size"]
-    est = memory_estimate(arch, c, tp, supervised_per_row, trainium)
-    print(
-        f"memory per rank (estimate; TP {tp}, micro-batch {c['data.micro_batch_size']} x "
-        f"{c['data.seq_length']}, {c['precision.type']}):"
-    )
-    for k, v in est.items():
-        print(f"  {k:<34} {v / 2**30:8.2f} GiB")
-    plain, checkpointed = totals_gib(est)
-    print(
-        f"  {'total without checkpointing':<34} {plain:8.2f} GiB\n"
-        f"  {'total with checkpointing':<34} {checkpointed:8.2f} GiB"
-    )
-    return plain, checkpointed
+    if tok_dir.exists() and Path(data).exists():
+        return int(load_data(c, None, where)[1].supervised.max()), []
+    if tok_dir.exists():
+        load_tokenizer(c)
+    why = f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every position"
+    return c["data.seq_length"], [why + " supervised"]
 
 
 def totals_gib(est):
@@ -3761,12 +3463,10 @@ def print_plan(c, arch, supervised_per_row, trainium, limit):
     print("    TP  kv_replicator  without checkpointing  with checkpointing")
     mark = lambda gib: "fits" if gib * (1 + ESTIMATE_ERROR) <= limit else "tight" if gib <= limit else "no"  # noqa: E731
     for tp in range(1, arch.heads + 1):
-        kv = max(1, tp // arch.kv_heads)
-        planned = dict(
-            c, **{"distributed_strategy.tensor_model_parallel_size": tp, "distributed_strategy.kv_replicator": kv}
-        )
         if arch.heads % tp or tp & (tp - 1):
             continue
+        kv = max(1, tp // arch.kv_heads)
+        planned = {**c, "distributed_strategy.tensor_model_parallel_size": tp, "distributed_strategy.kv_replicator": kv}
         try:
             layout_of(planned, arch).check().check_trainable()
         except StageError:
@@ -3784,18 +3484,16 @@ def warn_tp_span(tp, trainium):
     per_chip = 2 if trainium == "trn1" else 8 // logical_cores_per_core(trainium)  # 8 physical cores on trn2/trn3
     per_instance = per_chip * INSTANCE_CHIPS.get(trainium, 0)
     if per_instance and tp > per_instance:
-        print(
-            f"warning: TP {tp} spans {-(-tp // per_instance)} {trainium} instances ({per_instance} cores each): its "
+        warn(
+            f"TP {tp} spans {-(-tp // per_instance)} {trainium} instances ({per_instance} cores each): its "
             f"all-reduces, several per layer, cross EFA between them; keep TP <= {per_instance} and use the other "
-            f"instances for data parallel",
-            file=sys.stderr,
+            f"instances for data parallel"
         )
     elif trainium != "trn1" and tp > per_chip:
-        print(
-            f"warning: TP {tp} spans {-(-tp // per_chip)} {trainium} chips ({per_chip} logical cores per chip at "
+        warn(
+            f"TP {tp} spans {-(-tp // per_chip)} {trainium} chips ({per_chip} logical cores per chip at "
             f"LNC {logical_cores_per_core(trainium)}): its all-reduces, several per layer, leave the chip; keep "
-            f"TP <= {per_chip} where the model fits",
-            file=sys.stderr,
+            f"TP <= {per_chip} where the model fits"
         )
 
 
@@ -3853,7 +3551,7 @@ def smoke(args):
     started = time.perf_counter()
     device, par = open_device(c, arch)
     times = {"start: device, process group, self-check": time.perf_counter() - started}
-    scratch = Path(par.broadcast_text(tempfile.mkdtemp(prefix="smoke_") if par.rank == 0 else ""))
+    scratch = Path(par.broadcast(tempfile.mkdtemp(prefix="smoke_") if par.rank == 0 else None))
     data = smoke_windows(arch, c, 48, 1), smoke_windows(arch, c, 8, 2)
     cpu = dict(c, **{"trainer.accelerator": "cpu", "precision.type": "fp32", "trainer.compile": False})
     cpu.update({"distributed_strategy.tensor_model_parallel_size": 1, "distributed_strategy.kv_replicator": 1})
@@ -3939,15 +3637,9 @@ def smoke_run(c, arch, device, par, data, run_dir, checkpoint=None):
     model, modules, params = adapt_model(model, c, device, par)
     autocast = c["precision.type"] == "autocast"
     run = Run(c, arch, device, par, model, modules, params, autocast, None, *data, [], False, {}, run_dir)
-    open_run(run, ResumePoint(dir=run_dir, checkpoint=checkpoint, changed={}, restart=False))
-    if checkpoint is None:
-        run_evaluation(run, 0, gen=False)
-    interval, _ = train_loop(run, [])
-    finish(run, argparse.Namespace(config=None), interval)
+    train_run(run, ResumePoint(dir=run_dir, checkpoint=checkpoint, changed={}, restart=False), ["config.yaml"])
     if par.rank != 0:
         return [], {}
-    from safetensors.torch import load_file
-
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return records, load_file(run_dir / "final" / "adapter" / "adapter_model.safetensors")
 
@@ -3964,15 +3656,12 @@ def smoke_checks(c, whole, resumed, reference):
         for r in records:
             for k in tolerance:
                 if (r["step"], k) in want and k in r:
-                    rows.append(relative(f"{prefix}{k}, step {r['step']}", r[k], want[r["step"], k], tolerance[k]))
+                    got, ref = r[k], want[r["step"], k]
+                    diff = math.inf if None in (got, ref) else abs(got - ref) / max(abs(ref), 1e-30)
+                    rows.append((f"{prefix}{k}, step {r['step']}", got, ref, diff, tolerance[k]))
         worst = max(float((adapter[n] - t).norm() / t.norm().clamp(min=1e-30)) for n, t in expected_adapter.items())
         rows.append((f"{prefix}adapter, {len(adapter)} tensors", "", "", worst, tolerance["adapter"]))
     return rows
-
-
-def relative(check, got, want, tolerance):
-    diff = abs(got - want) / max(abs(want), 1e-30) if got is not None and want is not None else math.inf
-    return check, got, want, diff, tolerance
 
 
 def device_rows(c, device, whole, resumed):
@@ -4017,10 +3706,9 @@ def print_smoke(rows, times, records, train, c):
 # ------------------------------------------------------------------------------------------------ throughput
 def window_flops(windows, arch):
     """Model FLOPs of training on each window, LoRA convention: 4 x weights per token (forward + input-gradient
-    backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output
-    layer only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV,
-    forward and backward) over the keys each token really attends to: its own document so far. Padding is
-    not counted."""
+    backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output layer
+    only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV, forward and
+    backward) over the keys each token really attends to: its own document so far. Padding is not counted."""
     h, hd, heads, kv = arch.hidden, arch.head_dim, arch.heads, arch.kv_heads
     body = arch.layers * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * arch.inter)
     return (
@@ -4313,12 +4001,8 @@ def save_config(c, path, files=()):
             node = node.setdefault(p, {})
         node[leaf] = value
     listed = yaml.safe_dump({"files_written": sorted(files)}) if files else ""
-    write_atomically(
-        path,
-        f"# written by {STAGE}: the resolved config of this output\n"
-        + yaml.safe_dump(nested, sort_keys=False)
-        + listed,
-    )
+    header = f"# written by {STAGE}: the resolved config of this output\n"
+    write_atomically(path, header + yaml.safe_dump(nested, sort_keys=False) + listed)
 
 
 def written_by_this_stage(config_path):
@@ -4391,40 +4075,6 @@ def write_atomically(path, text):
     tmp = Path(f"{path}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def staging(final):
-    """A fresh temporary directory on the filesystem of `final`, so that publishing it is a rename: beside
-    `final`, or in its nearest existing ancestor while the parents do not exist (publish makes them, so a stage
-    that fails leaves no empty directories behind)."""
-    final = Path(final)
-    home = final.parent
-    while not home.exists():
-        home = home.parent
-    tmp = home / (str(final.relative_to(home)).replace(os.sep, "_") + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def publish(tmp, final):
-    """Move a finished temporary file or directory into place, replacing an earlier output of the same stage;
-    an old directory is renamed aside first (and put back if the move fails), so `final` is never a mix of old
-    and new."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if not final.is_dir():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old)
 
 
 def load_torch_file(path, mmap=True):

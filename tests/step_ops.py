@@ -95,9 +95,8 @@ def traced_step_ops(train, precision):
         interval.add(0, step_loss, grad_norm, bad)
         train.evaluate(model, windows, mbs, device, run.autocast)
         # gather_lora's device part (it reassembles the tensors on the host)
-        par.gather_to_host(
-            torch.cat([t.detach().float().flatten() for _, m in modules for t in train.lora_factors(m)]), "tp"
-        )
+        flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in train.lora_factors(m)])
+        torch.stack(par.all_gather(flat, "tp"))
     return recorder.chains
 
 

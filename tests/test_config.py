@@ -52,6 +52,16 @@ def test_no_stage_carries_a_definition_it_never_uses():
             assert not {n for n in names if n} - used - {"__doc__"}, f"{f}: {names} defined but never used"
 
 
+def test_05_stays_within_its_size_budget_and_no_function_of_it_grows_past_70_lines():
+    """05 is at most 4,100 lines: a new feature pays for its lines by removing others. Each of its functions, main
+    included, is shorter than 70 lines."""
+    text = (ROOT / "05_train.py").read_text()
+    assert len(text.splitlines()) <= 4100
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef):
+            assert node.end_lineno - node.lineno + 1 < 70, f"{node.name}: {node.end_lineno - node.lineno + 1} lines"
+
+
 def test_stages_import_no_other_file_of_the_project():
     local = {p.stem for p in ROOT.glob("*.py")}
     for f in STAGES:

@@ -223,7 +223,7 @@ def test_the_default_activation_checkpointing_is_what_the_estimate_needs_on_trn1
     c = tutorial_settings(train_mod)
     est = train_mod.memory_estimate(train_mod.Arch(**LLAMA3_8B), c, 32, supervised_per_row=1024, trainium=True)
     plain = sum(v for k, v in est.items() if k != "activations, checkpointed") / 2**30
-    needed = plain * (1 + train_mod.ESTIMATE_ERROR) > train_mod.NEURONCORE_GIB["trn1"]
+    needed = plain * (1 + train_mod.ESTIMATE_ERROR) > train_mod.NEURONCORE["trn1"][2]
     assert c["model.activations_checkpoint"] == needed, f"estimate without checkpointing: {plain:.2f} GiB"
 
 
@@ -298,7 +298,7 @@ def test_the_dry_run_plans_a_trn2_logical_core(train_mod, pipeline, monkeypatch)
     c = settings(train_mod, overlay, "trainer.accelerator=neuron")
     monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
     assert train_mod.device_memory(c) == (24, "trn2 NeuronCore datasheet, per logical core at LNC 2")
-    assert json.dumps(train_mod.NEURONCORE_TFLOPS["trn2"]) == "[166.75, 45.25]"  # 667 / 181 TFLOPS over 4 cores
+    assert json.dumps(train_mod.NEURONCORE["trn2"][:2]) == "[166.75, 45.25]"  # 667 / 181 TFLOPS over 4 cores
 
 
 def test_one_physical_core_per_process_halves_memory_and_peak(train_mod, pipeline, monkeypatch):
