@@ -4091,6 +4091,8 @@ def load_torch_file(path, mmap=True):
 if __name__ == "__main__":
     try:
         main()
+        if dist.is_initialized():  # on success: Gloo's threads outliving the interpreter can abort the exit (SIGABRT)
+            dist.destroy_process_group()
     except StageError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # outside the training steps (there, Ctrl-C finishes the step and checkpoints)
