@@ -842,8 +842,8 @@ def peft_tensors(lora, sizes, dora):
 
 
 def export_peft_adapter(lora, arch, c, out_dir):
-    """Write adapter_config.json + adapter_model.safetensors under <out_dir>.tmp, then rename it to out_dir, which is
-    therefore complete or absent (an earlier adapter of this run there is removed just before)."""
+    """Write adapter_model.safetensors, then adapter_config.json, which marks the adapter complete (resume_point),
+    each under a temporary name and renamed: only these two files are ever replaced, anything else there stays."""
     kv, peft = arch.kv_heads * arch.head_dim, "model_alignment_strategy.peft."
     tensors = peft_tensors(lora, [arch.heads * arch.head_dim, kv, kv], c[peft + "use_dora"])
     hf_targets = sorted({k.split(".")[-3] for k in tensors if k.endswith(".lora_A.weight")})
@@ -861,15 +861,12 @@ def export_peft_adapter(lora, arch, c, out_dir):
         "inference_mode": True,
         "base_model_name_or_path": c["model.hf_weights_dir"],
     }
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+    weights = Path(out_dir) / "adapter_model.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, f"{weights}.tmp", metadata={"format": "pt"})
+    os.replace(f"{weights}.tmp", weights)
+    write_atomically(weights.parent / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    return weights.parent
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -1867,9 +1864,8 @@ class Metrics:
             self.tb.flush()
 
     def close(self):
-        for out in (self.file, self.tb):
-            if out is not None:
-                out.close()
+        for out in filter(None, (self.file, self.tb)):
+            out.close()
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -2141,9 +2137,10 @@ def train_run(run, where, paths):
             return
         with stop_requests() as stop:
             interval, stopped_after = train_loop(run, stop)
-    except BaseException:  # a run directory made by this launch, in which no step was completed, goes with its parents
+    except BaseException:  # a run directory made by this launch, holding only what it wrote and no step, goes
+        written = ("config.yaml", "metrics.jsonl", "events.out.tfevents.", "generations_step")  # before a checkpoint
         metrics = run.dir / "metrics.jsonl"
-        if run.made_dirs and not (run.dir / "checkpoints").exists():  # made_dirs: rank 0 only
+        if run.made_dirs and all(f.name.startswith(written) for f in run.dir.iterdir()):  # made_dirs: rank 0 only
             if not metrics.exists() or not any("loss" in json.loads(line) for line in metrics.read_text().splitlines()):
                 shutil.rmtree(run.dir, ignore_errors=True)
                 with contextlib.suppress(OSError):
@@ -3199,6 +3196,9 @@ def load_run_checkpoint(path, par, params, optimizer, device):
     return state
 
 
+FINISHED = "final/adapter/adapter_config.json"  # a finished run's last file (export_peft_adapter writes it last)
+
+
 def resume_point(c, par):
     """Where this launch runs, decided by rank 0 before the model loads and shared with every rank: the run
     directory (explicit_log_dir, or with exp_manager.resume_if_exists the newest unfinished run of this experiment
@@ -3211,7 +3211,7 @@ def resume_point(c, par):
         run_dir = Path(c["exp_manager.explicit_log_dir"]) if c["exp_manager.explicit_log_dir"] else None
         resume, experiment = c["exp_manager.resume_if_exists"], Path(c["exp_manager.exp_dir"]) / c["name"]
         if run_dir is None and resume:  # the newest unfinished run of this experiment that has a checkpoint
-            unfinished = [d for d in sorted(experiment.glob("*")) if not (d / "final" / "adapter").exists()]
+            unfinished = [d for d in sorted(experiment.glob("*")) if not (d / FINISHED).exists()]
             run_dir = next((d for d in reversed(unfinished) if own_checkpoints(d / "checkpoints")), None)
         run_dir = run_dir or experiment / time.strftime("%Y-%m-%d_%H-%M-%S")
         if run_dir.exists() and not run_dir.is_dir():
@@ -3221,7 +3221,7 @@ def resume_point(c, par):
         check_writable(run_dir / "config.yaml", key)
         run_checkpoint = newest_checkpoint(run_dir) if resume else None
         reached = int(run_checkpoint.name.removeprefix("step_")) if run_checkpoint else 0
-        if (run_dir / "final" / "adapter").exists() and (run_checkpoint is None or reached >= c["trainer.max_steps"]):
+        if (run_dir / FINISHED).exists() and (run_checkpoint is None or reached >= c["trainer.max_steps"]):
             on = "raise trainer.max_steps to go on" if resume else "set exp_manager.resume_if_exists=true to go on"
             raise StageError(
                 f"run directory {run_dir} holds a finished run (final/adapter); remove it, choose "
