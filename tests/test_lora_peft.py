@@ -98,6 +98,19 @@ def test_adapter_config_names_hf_modules_and_scaling(converted, train_mod):
     assert config["target_modules"] == ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
 
 
+def test_a_new_export_replaces_the_adapter_files_only_and_keeps_anything_else_there(converted, train_mod):
+    work, _ = converted
+    c = lora_settings(train_mod, work, ["qkv_proj"])
+    out = work / "adapter-kept" / "adapter"
+    export(train_mod, trained_looking_model(train_mod, work, c), c, out)
+    (out / "NOTES.md").write_text("mine")
+    (out / "adapter_model.safetensors").write_bytes(b"an earlier export")
+    export(train_mod, trained_looking_model(train_mod, work, c), c, out)
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "NOTES.md").read_text() == "mine"
+    assert (out / "adapter_model.safetensors").read_bytes() != b"an earlier export"
+
+
 def test_fused_qkv_lora_shares_one_A_across_q_k_v(converted, train_mod):
     from safetensors.torch import load_file
 
