@@ -25,8 +25,13 @@ Records: formats recognised by their fields (data.format: auto), each converted 
                                        is one (the dolly layout, so both instruction formats read alike)
   {prompt, completion}                 TRL prompt-completion: strings -> {input, output}; lists of messages
                                        (conversational) -> one conversation in which only the completion trains
-  {messages: [{role, content}]}        OpenAI / HF chat, any number of turns -> kept as a conversation
-  {conversations: [{from, value}]}     ShareGPT (system / human / gpt) -> a conversation with OpenAI roles
+  {messages: [{role, content}]}        OpenAI / HF chat, any number of turns -> kept as a conversation; with tool
+                                       calls (tool_calls, the older function_call), tool results (role tool or
+                                       function), a record-level tools list (or JSON string), reasoning
+                                       (reasoning_content or thinking) and content as a list of text parts, all
+                                       written in one shape: {messages, tools} with JSON arguments as objects
+  {conversations: [{from, value}]}     ShareGPT (system / human / gpt) -> a conversation with OpenAI roles; also
+                                       LLaMA-Factory's function_call / observation turns, tools and system fields
   Fields no format uses (ids, categories, ...) are kept; a field of another format (instruction beside
   input/output) is an error, never dropped; data.rename_fields renames fields first ("question=input").
   A record that fits no format, has an empty prompt or output, or a conversation without an assistant turn or
@@ -46,7 +51,7 @@ Outputs
   it: a directory, the source itself, a file of yours) is refused before anything is downloaded, and left as it is.
 
 Main keys
-  data.download.train_uri, data.download.val_uri   sources
+  data.download.train_uri, data.download.val_uri   sources (train_uri may list several, one per data.train_dir)
   data.download.anonymous, .endpoint_url, .region, .profile   S3 access
   data.download.bad_lines                         fail | skip
   data.format, data.rename_fields                 record format (auto) and field renames
@@ -80,7 +85,7 @@ STAGE = "01_download_data.py"
 
 # The config keys this stage reads, their types and ranges (validated before any work starts).
 SCHEMA = {
-    "data.download.train_uri": "str",
+    "data.download.train_uri": "str+",
     "data.download.val_uri": "str?",
     "data.download.anonymous": "bool",
     "data.download.bad_lines": "fail|skip",
@@ -89,7 +94,7 @@ SCHEMA = {
     "data.download.profile": "str?",
     "data.download.part_size_mb": "int >= 1",
     "data.download.workers": "int >= 1",
-    "data.train_dir": "path",
+    "data.train_dir": "path+",
     "data.val_dir": "path?",
     "data.format": "auto|input_output|dolly|alpaca|prompt_completion|messages|sharegpt",
     "data.rename_fields": "list[str]",
@@ -489,9 +494,7 @@ def token_lengths(records, tokenizer_dir):
     except Exception as e:
         print(f"note: token length statistics skipped: {tokenizer_dir} cannot be loaded ({type(e).__name__})")
         return None
-    texts = [
-        r["input"] + r["output"] if "input" in r else "".join(m["content"] for m in r["messages"]) for r in records
-    ]
+    texts = [r["input"] + r["output"] if "input" in r else conversation_text(r) for r in records]
     lengths = sorted(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
     pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
     return {
@@ -502,6 +505,13 @@ def token_lengths(records, tokenizer_dir):
         "max": lengths[-1],
         "tokenizer": str(tokenizer_dir),
     }
+
+
+def conversation_text(record):
+    """A conversation's text without a chat template: contents, reasoning, tool calls and tools (as JSON)."""
+    parts = [m.get("reasoning_content", "") + m.get("content", "") for m in record["messages"]]
+    parts += [json.dumps(x) for x in [*(m.get("tool_calls") for m in record["messages"]), record.get("tools")] if x]
+    return "".join(parts)
 
 
 def up_to_date(uri, dest, identity, c):
@@ -592,13 +602,23 @@ def main(argv=None):
     paths = args.config or ["config.yaml"]
     c = resolve(load_config(paths, args.overrides), SCHEMA)
     show_settings(c, paths, args.overrides, SCHEMA)
-    splits = [(c["data.download.train_uri"], c["data.train_dir"], "data.train_dir")]
+    uris, dests = ([x] if isinstance(x, str) else x for x in (c["data.download.train_uri"], c["data.train_dir"]))
+    if len(uris) != len(dests):
+        raise StageError(
+            f"data.download.train_uri names {len(uris)} source(s) and data.train_dir {len(dests)} file(s): "
+            f"give one file per source (a list for several training sources, mixed by data.mix in 05)"
+        )
+    splits = [(uri, dest, "data.train_dir") for uri, dest in zip(uris, dests)]
     if c["data.download.val_uri"]:
         if not c["data.val_dir"]:
             raise StageError("data.download.val_uri is set but data.val_dir is null")
         splits.append((c["data.download.val_uri"], c["data.val_dir"], "data.val_dir"))
-    if len(splits) == 2 and Path(splits[0][1]).absolute() == Path(splits[1][1]).absolute():
-        raise StageError(f"data.train_dir and data.val_dir are the same file {splits[0][1]}; give each split its own")
+    outs = [Path(dest).absolute() for _, dest, _ in splits]
+    if len(set(outs)) < len(outs):
+        raise StageError(
+            f"data.train_dir and data.val_dir are the same file {next(o for o in outs if outs.count(o) > 1)}; "
+            f"give each split (and each training source) its own"
+        )
     for uri, dest, key in splits:  # every output checked before anything is downloaded
         check_output(uri, Path(dest), key, args.overwrite)
     for uri, dest, _ in splits:
@@ -610,7 +630,8 @@ def main(argv=None):
 # it to one of two normalized forms, the only ones stage 05 reads (05 carries parse_row and check_conversation,
 # the same text, tests/test_config.py):
 #   single-turn   {"input": prompt, "output": response, ...}
-#   conversation  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], ...}
+#   conversation  {"messages": [{"role": ..., "content": str, ...}, ...], "tools": [...] (when given), ...}
+#                 in the OpenAI / transformers shape that chat templates render (check_conversation)
 # Fields that no format uses (ids, categories, ...) are kept as they are; a field that some other format uses is
 # an error, never dropped.
 RECORD_FORMATS = {  # name: (required fields, optional fields)
@@ -618,11 +639,23 @@ RECORD_FORMATS = {  # name: (required fields, optional fields)
     "dolly": ({"instruction", "response"}, {"context"}),  # databricks-dolly: input = instruction + blank line + context
     "alpaca": ({"instruction", "output"}, {"input"}),  # input = instruction + blank line + input (as dolly's context)
     "prompt_completion": ({"prompt", "completion"}, set()),  # TRL: strings, or lists of messages (conversational)
-    "messages": ({"messages"}, set()),  # OpenAI / HF chat: [{role, content}]
-    "sharegpt": ({"conversations"}, set()),  # [{from: system | human | gpt, value}]
+    "messages": ({"messages"}, {"tools"}),  # OpenAI / HF chat: [{role, content, ...}], tool schemas
+    "sharegpt": ({"conversations"}, {"tools", "system"}),  # [{from, value}]; LLaMA-Factory adds tools and system
 }
 CONTENT_FIELDS = set().union(*(required | optional for required, optional in RECORD_FORMATS.values()))
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# MESSAGE_KEYS: beside role and content, the keys a message of each role may hold. SHAREGPT_ROLES: LLaMA-Factory's
+# function_call and observation turns are a tool call and its result.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+MESSAGE_KEYS = dict(system="", user="", assistant="tool_calls reasoning_content train", tool="tool_call_id name")
 
 
 class BadRecord(Exception):
@@ -824,10 +857,10 @@ def normalize(row, fmt="auto", renames=()):
         raise BadRecord("no format", format_mismatch(row, present, fmt))
     name, rest = matches[0], {k: v for k, v in row.items() if k not in CONTENT_FIELDS}
     if name == "prompt_completion" and isinstance(row["prompt"], list):
-        return {"messages": conversational_prompt_completion(row["prompt"], row["completion"]), **rest}, name
+        return {**conversational_prompt_completion(row["prompt"], row["completion"]), **rest}, name
     if name in ("messages", "sharegpt"):
-        turns = row[name if name == "messages" else "conversations"]
-        return {"messages": check_conversation(turns if name == "messages" else from_sharegpt(turns)), **rest}, name
+        turns = row["messages"] if name == "messages" else from_sharegpt(row["conversations"], row.get("system"))
+        return {**standard_conversation(turns, row.get("tools")), **rest}, name
     fields = {k: row[k] for k in present}
     for key, value in fields.items():
         if not isinstance(value, str):
@@ -872,10 +905,12 @@ def format_mismatch(row, present, fmt):
     return f"{why}; fields found: {sorted(row)}; formats known (data.format): {known}"
 
 
-def from_sharegpt(turns):
+def from_sharegpt(turns, system=None):
+    """ShareGPT turns as OpenAI messages; LLaMA-Factory's variant: a function_call turn holds one tool call (or a
+    list) as JSON, an observation turn its result, and the record's "system" field the system prompt."""
     if not isinstance(turns, list):
         raise BadRecord("bad conversation", f"'conversations' must be a list of turns, got {type(turns).__name__}")
-    out = []
+    out = [{"role": "system", "content": system}] if system is not None else []
     for i, turn in enumerate(turns, start=1):
         turn = {k: v for k, v in turn.items() if v is not None} if isinstance(turn, dict) else turn
         if not isinstance(turn, dict) or set(turn) != {"from", "value"}:
@@ -885,7 +920,11 @@ def from_sharegpt(turns):
             raise BadRecord(
                 "bad conversation", f"turn {i}: unknown 'from' {turn['from']!r} (known: {sorted(SHAREGPT_ROLES)})"
             )
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+        if turn["from"] == "function_call":
+            calls = json_field(turn["value"], f"turn {i} (function_call)")
+            out.append({"role": "assistant", "tool_calls": calls if isinstance(calls, list) else [calls]})
+        else:
+            out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
     return out
 
 
@@ -895,46 +934,146 @@ def conversational_prompt_completion(prompt, completion):
     if not isinstance(completion, list):
         raise BadRecord("bad conversation", "'prompt' is a list of messages, so 'completion' must be one too")
     context = [dict(m, train=False) if isinstance(m, dict) and m.get("role") == "assistant" else m for m in prompt]
-    return check_conversation(context + completion)
+    return standard_conversation(context + completion)
 
 
-def check_conversation(messages):
-    """The messages of a conversation, checked: role and content (and, on an assistant turn, an optional boolean
-    "train"), a system turn first if any, a user turn before the first assistant turn, no empty turn, and an
-    assistant turn last that trains."""
+def standard_conversation(messages, tools=None):
+    """The checked conversation record (check_conversation) of messages as exports hold them: content given as a
+    list of text parts joined (end to end, as templates that take parts render them), "thinking" as
+    "reasoning_content", the older function role and function_call as tool and tool_calls, a tool call or tool
+    schema without its {"type": "function"} wrapper wrapped, tools and arguments given as JSON strings parsed, and
+    the nulls that a columnar file holds for the keys of other records dropped from tools and arguments."""
+    if isinstance(tools, str):
+        tools = json_field(tools, "'tools'")
+    if isinstance(tools, list):
+        tools = [as_function(without_nulls(t)) for t in tools]
+    if isinstance(messages, list):
+        messages = [standard_message(m, i) for i, m in enumerate(messages, start=1)]
+    return check_conversation(messages, tools)
+
+
+def standard_message(m, i):
+    if not isinstance(m, dict):
+        return m  # check_conversation names it
+    m = {k: v for k, v in m.items() if v is not None}
+    if m.get("role") == "function":  # OpenAI's older shape of a tool result
+        m["role"] = "tool"
+    if "thinking" in m and "reasoning_content" not in m:
+        m["reasoning_content"] = m.pop("thinking")
+    if "function_call" in m and "tool_calls" not in m:
+        m["tool_calls"] = [m.pop("function_call")]
+    if isinstance(m.get("content"), list):
+        m["content"] = "".join(text_part(part, i, k) for k, part in enumerate(m["content"], start=1))
+    if isinstance(m.get("tool_calls"), list):
+        m["tool_calls"] = [tool_call(call, f"message {i}, tool call {k}") for k, call in enumerate(m["tool_calls"], 1)]
+    return m
+
+
+def text_part(part, i, k):
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise BadRecord("non-text part", f"message {i}: content part {k} is {kind!r}, not text; only text trains here")
+
+
+def tool_call(call, where):
+    """A tool call in the wrapper, its arguments an object: parsed when given as a JSON string."""
+    call = as_function(call)
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        return call  # check_conversation names it
+    args = fn.get("arguments")
+    args = json_field(args, f"{where}: 'arguments'") if isinstance(args, str) else without_nulls(args)
+    return {**call, "function": {**without_nulls(fn), **({"arguments": args} if args is not None else {})}}
+
+
+def as_function(x):
+    """A function (a tool call or schema) as {"type": "function", "function": {...}}: a bare {"name", ...} (older
+    exports, LLaMA-Factory) is wrapped, a wrapper without its "type" given it; anything else is left to the check."""
+    if isinstance(x, dict) and "function" in x:
+        return {"type": "function", **x}
+    if isinstance(x, dict) and "name" in x:
+        return {
+            "type": "function",
+            "function": {k: v for k, v in x.items() if k != "id"},
+            **{k: x[k] for k in ["id"] if k in x},
+        }
+    return x
+
+
+def without_nulls(x):
+    if isinstance(x, dict):
+        return {k: without_nulls(v) for k, v in x.items() if v is not None}
+    return [without_nulls(v) for v in x] if isinstance(x, list) else x
+
+
+def json_field(text, what):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord("not valid JSON", f"{what} is not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def check_conversation(messages, tools=None):
+    """The record {"messages": [...], "tools": [...] (when given)} of a conversation, checked. A message holds its
+    role, content and the keys MESSAGE_KEYS allows it: an assistant's "tool_calls" (which may stand for its content),
+    "reasoning_content" and a boolean "train"; a tool result's "tool_call_id" and "name" (check_function for calls
+    and tools). A system turn comes first if any, a user turn before the first assistant turn, a tool result after a
+    tool call, no turn is empty, and an assistant turn that trains ends it."""
+
+    def bad(why, kind="bad conversation"):
+        return BadRecord(kind, why)
+
     if not isinstance(messages, list) or not messages:
-        raise BadRecord("bad conversation", "a conversation must be a non-empty list of messages")
+        raise bad("a conversation must be a non-empty list of messages")
     # columnar files hold null for a key that some messages lack
     messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
     for i, m in enumerate(messages, start=1):
-        if not isinstance(m, dict) or not {"role", "content"} <= set(m) <= {"role", "content", "train"}:
-            found = sorted(m) if isinstance(m, dict) else type(m).__name__
-            raise BadRecord(
-                "bad conversation", f"message {i} must have 'role' and 'content' (and optionally 'train'), got {found}"
+        role = m.get("role") if isinstance(m, dict) else f"none: a {type(m).__name__}, not an object"
+        if role not in MESSAGE_KEYS:
+            raise bad(f"message {i}: unknown role {role!r} (known: {', '.join(MESSAGE_KEYS)})")
+        allowed, previous = MESSAGE_KEYS[role].split(), messages[i - 2] if i > 1 else {}
+        if not set(m) - {"role", "content"} <= set(allowed) or not {"content", "tool_calls"} & set(m):
+            raise bad(
+                f"message {i} ({role}) must have 'content', and may have {allowed or 'nothing else'}: {sorted(m)}"
             )
-        if m["role"] not in ("system", "user", "assistant"):
-            raise BadRecord("bad conversation", f"message {i}: unknown role {m['role']!r} (system, user, assistant)")
-        if not isinstance(m["content"], str):
-            raise BadRecord(
-                "bad conversation", f"message {i}: content must be a string, got {type(m['content']).__name__}"
-            )
-        if not m["content"].strip():
-            raise BadRecord("empty turn", f"message {i} ({m['role']}) is empty")
-        if m["role"] == "system" and i != 1:
-            raise BadRecord("bad conversation", f"message {i}: a system message may only come first")
-        if "train" in m and (m["role"] != "assistant" or not isinstance(m["train"], bool)):
-            raise BadRecord("bad conversation", f"message {i}: 'train' must be true or false, on an assistant turn")
+        for key in ("content", "reasoning_content", "tool_call_id", "name"):
+            if not isinstance(m.get(key, ""), str):
+                raise bad(f"message {i}: {key} must be a string, got {type(m[key]).__name__}")
+        if not (m.get("content", "").strip() or m.get("tool_calls") or role == "tool"):
+            raise bad(f"message {i} ({role}) is empty", "empty turn")
+        if role == "system" and i != 1:
+            raise bad(f"message {i}: a system message may only come first")
+        if role == "tool" and previous.get("role") != "tool" and "tool_calls" not in previous:
+            raise bad(f"message {i}: a tool result must follow a tool call or a result")
+        if not isinstance(m.get("train", True), bool):
+            raise bad(f"message {i}: 'train' must be true or false")
+        calls = m.get("tool_calls", [])  # a list of one call or more
+        for k, call in enumerate(calls if isinstance(calls, list) and (calls or "tool_calls" not in m) else [calls], 1):
+            check_function(call, f"message {i}: tool call {k}", {"id"})
+    if not isinstance(tools, list | None):
+        raise bad(f"'tools' must be a list of tool schemas, got {type(tools).__name__}", "bad tool")
+    for k, tool in enumerate(tools or [], start=1):
+        check_function(tool, f"'tools' item {k}", set())
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
-        raise BadRecord("no assistant turn", "a conversation without an assistant turn has nothing to train on")
+        raise bad("a conversation without an assistant turn has nothing to train on", "no assistant turn")
     if roles[-1] != "assistant":
-        raise BadRecord("ends on a user turn", f"the conversation ends on a {roles[-1]} turn, after its last answer")
-    first = next(r for r in roles if r != "system")
-    if first != "user":
-        raise BadRecord("bad conversation", "the first turn after the system message must be the user's")
+        raise bad(f"the conversation ends on a {roles[-1]} turn, after its last answer", "ends on a user turn")
+    if next(r for r in roles if r != "system") != "user":
+        raise bad("the first turn after the system message must be the user's")
     if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
-        raise BadRecord("no assistant turn", 'every assistant turn has "train": false: nothing to train on')
-    return [dict(m) for m in messages]
+        raise bad('every assistant turn has "train": false: nothing to train on', "no assistant turn")
+    return {"messages": [dict(m) for m in messages], **({"tools": tools} if tools is not None else {})}
+
+
+def check_function(x, where, keys):
+    """A tool call or schema: {"type": "function", "function": {"name": str, ...}}, arguments an object, or `keys`."""
+    fn = x.get("function") if isinstance(x, dict) else None
+    shaped = isinstance(fn, dict) and x.get("type") == "function" and set(x) <= {"type", "function", *keys}
+    if not (shaped and isinstance(fn.get("name"), str) and fn["name"] and isinstance(fn.get("arguments", {}), dict)):
+        shape = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+        raise BadRecord("bad tool", f"{where} must be {shape}, got {json.dumps(x, default=str)[:160]}")
 
 
 # ------------------------------------------------------------------------------------------------ shared
@@ -1037,13 +1176,11 @@ def did_you_mean(name, section, prefix, root):
 
 
 def resolve(cfg, schema):
-    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths
-    expanded.
-
+    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths expanded.
     A spec is a type, optionally followed by a range. Types: int, float, bool, str, path (str with ~ and ${ENV}
-    expanded), list[str], list[float], a|b|c (one of these strings); a trailing ? also allows null. Ranges:
-    '>= 1', '> 0', 'in [0, 1)' (brackets as in mathematics), checked for numbers and for every item of a list.
-    """
+    expanded), list[str], list[float], a|b|c (one of these strings); str+ and path+ also take a non-empty list of
+    them (kept as a list); a trailing ? allows null. Ranges: '>= 1', '> 0', 'in [0, 1)' (brackets as in
+    mathematics), checked for numbers and for every item of a list."""
     out = {}
     for key, spec in schema.items():
         node = cfg
@@ -1053,6 +1190,10 @@ def resolve(cfg, schema):
             node = node[part]
         kind, _, bounds = spec.partition(" ")
         nullable, kind = kind.endswith("?"), kind.rstrip("?")
+        if kind.endswith("+") and isinstance(node, list) and node and all(isinstance(v, str) for v in node):
+            out[key] = [os.path.expanduser(os.path.expandvars(v)) if kind == "path+" else v for v in node]
+            continue
+        kind = kind.rstrip("+")
         if node is None:
             if not nullable:
                 raise StageError(f"config: '{key}' must be {kind}, got null")

@@ -551,13 +551,11 @@ def did_you_mean(name, section, prefix, root):
 
 
 def resolve(cfg, schema):
-    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths
-    expanded.
-
+    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths expanded.
     A spec is a type, optionally followed by a range. Types: int, float, bool, str, path (str with ~ and ${ENV}
-    expanded), list[str], list[float], a|b|c (one of these strings); a trailing ? also allows null. Ranges:
-    '>= 1', '> 0', 'in [0, 1)' (brackets as in mathematics), checked for numbers and for every item of a list.
-    """
+    expanded), list[str], list[float], a|b|c (one of these strings); str+ and path+ also take a non-empty list of
+    them (kept as a list); a trailing ? allows null. Ranges: '>= 1', '> 0', 'in [0, 1)' (brackets as in
+    mathematics), checked for numbers and for every item of a list."""
     out = {}
     for key, spec in schema.items():
         node = cfg
@@ -567,6 +565,10 @@ def resolve(cfg, schema):
             node = node[part]
         kind, _, bounds = spec.partition(" ")
         nullable, kind = kind.endswith("?"), kind.rstrip("?")
+        if kind.endswith("+") and isinstance(node, list) and node and all(isinstance(v, str) for v in node):
+            out[key] = [os.path.expanduser(os.path.expandvars(v)) if kind == "path+" else v for v in node]
+            continue
+        kind = kind.rstrip("+")
         if node is None:
             if not nullable:
                 raise StageError(f"config: '{key}' must be {kind}, got null")

@@ -11,9 +11,9 @@ Inputs (config keys)
                                        tensor-parallel rank (each rank loads only its own)
   model.model_config                   HF config.json of the base model
   data.tokenizer.type                  tokenizer directory
-  data.train_dir, data.val_dir         JSON lines as stage 01 writes them: {input, output} or {messages} records
-                                       (01 reads every other file kind and record format; 05 refuses them with
-                                       the 01 command that converts them)
+  data.train_dir, data.val_dir         JSON lines as stage 01 writes them: {input, output} or {messages, tools}
+                                       records (01 reads every other file kind and record format; 05 refuses them
+                                       with the 01 command that converts them); data.train_dir may list several
 
 Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>/<timestamp>), from rank 0
   config.yaml              the resolved config of the run (written when it starts, kept as it is on resume)
@@ -22,13 +22,11 @@ Outputs, in the run directory (exp_manager.explicit_log_dir, or <exp_dir>/<name>
   events.out.tfevents.*    TensorBoard scalars
   checkpoints/step_N/      every exp_manager.checkpoint_callback_params.every_n_train_steps steps
   final/adapter/           adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel
-A run directory that is not empty and holds no run of this stage is refused, and so is a resume that changes
-what is trained (any key but those config.yaml lists as resumable, or the content of the data, tokenizer or base
-checkpoint); both before any data is prepared or the model loads. A launch that fails before its first step
-removes the run directory it made.
+A non-empty run directory holding no run of this stage is refused, and so is a resume that changes what is trained
+(any key but those config.yaml lists as resumable, or the content of data, tokenizer or base checkpoint); both before
+data is prepared or the model loads. A launch failing before its first step removes the run directory it made.
 Beside each data file (or under data.cache_dir), from one process per host: <file>.prepared/<key>/, the split
-tokenized, masked and packed once (memory-mapped by every rank; reused while the data, tokenizer and data
-settings are unchanged)
+tokenized, masked and packed once, memory-mapped by every rank, reused while data, tokenizer and settings stay.
 
 Features, their keys, and the functions that implement them
   LoRA rank/alpha/dropout/bias/targets   model_alignment_strategy.peft.*           LoRALinear, add_lora
@@ -42,7 +40,9 @@ Features, their keys, and the functions that implement them
   data prepared once, memory-mapped      data.cache_dir                            prepare_split, load_split
   01's records only, checked per line    data.train_dir, data.val_dir              check_data_file, training_record
   prompt format raw | chat_template      data.prompt_format                        tokenize, encode_batch
-  conversations, assistant turns only    messages / ShareGPT / TRL records         encode_conversations
+  conversations, assistant turns only    messages / ShareGPT / TRL records         conversation_texts
+    tool calls, reasoning, tools schema  data.train_reasoning                      template_input
+  several sources mixed by ratio         data.train_dir list, data.mix             write_prepared, epoch_order
   long records truncated or dropped      data.truncation                           tokenize, truncated
   token-weighted gradient accumulation   data.global_batch_size, micro_batch_size  micro_batches, train_step
   data order, a permutation per epoch    seed                                      step_indices, epoch_order
@@ -94,6 +94,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import itertools
 import json
@@ -146,7 +147,8 @@ SCHEMA = {
     "distributed_strategy.pipeline_model_parallel_size": "int >= 1",
     "distributed_strategy.kv_replicator": "int >= 1",
     "distributed_strategy.hw_backend": "trn1|trn2",
-    "data.train_dir": "path",
+    "data.train_dir": "path+",
+    "data.mix": "list[float]? > 0",
     "data.val_dir": "path?",
     "data.dev_choose_samples": "int? >= 1",
     "data.seq_length": "int >= 2",
@@ -154,6 +156,7 @@ SCHEMA = {
     "data.global_batch_size": "int >= 1",
     "data.prompt_format": "raw|chat_template",
     "data.truncation": "truncate|drop",
+    "data.train_reasoning": "bool",
     "data.cache_dir": "path?",
     "data.tokenizer.type": "path",
     "model.model_config": "path",
@@ -197,37 +200,26 @@ SCHEMA = {
 }
 
 
-# Keys that may change when a run resumes: when and how it logs, evaluates, checkpoints, stops and reports, where
-# it finds its files, and activation checkpointing (memory only: recomputing a layer replays its dropout masks).
-# Every other key defines what is trained, and a resumed run refuses a change to it.
-RESUMABLE = {
-    "name",
-    "model.activations_checkpoint",
-    "model.activations_checkpoint_layers",
-    "trainer.max_steps",
-    "trainer.log_every_n_steps",
-    "trainer.val_check_interval",
-    "trainer.nonfinite",
-    "trainer.peak_tflops",
-    "trainer.device_memory_gib",
-    "exp_manager.exp_dir",
-    "exp_manager.explicit_log_dir",
-    "exp_manager.create_tensorboard_logger",
-    "exp_manager.resume_if_exists",
-    "exp_manager.checkpoint_callback_params.every_n_train_steps",
-    "exp_manager.checkpoint_callback_params.save_top_k",
-    "data.cache_dir",
-    "model_alignment_strategy.peft.lora_verbose",
-    "evaluation.generate.num_prompts",
-    "evaluation.generate.max_new_tokens",
-    "evaluation.generate.batch_size",
-    "evaluation.generate.show",
-    "xla.cache_dir",
-    "xla.neuron.compiler_cache_url",
-    "xla.neuron.async_exec_max_inflight_requests",
-    "xla.neuron.rt_exec_timeout",
-}
+# Keys a resumed run may change: when and how it logs, evaluates, checkpoints, stops and reports, where it finds its
+# files, activation checkpointing (memory only: a recomputed layer replays its dropout). The others define the run.
+RESUMABLE = set(
+    """
+name model.activations_checkpoint model.activations_checkpoint_layers trainer.max_steps
+trainer.log_every_n_steps trainer.val_check_interval trainer.nonfinite trainer.peak_tflops
+trainer.device_memory_gib exp_manager.exp_dir exp_manager.explicit_log_dir exp_manager.create_tensorboard_logger
+exp_manager.resume_if_exists exp_manager.checkpoint_callback_params.every_n_train_steps
+exp_manager.checkpoint_callback_params.save_top_k data.cache_dir model_alignment_strategy.peft.lora_verbose
+evaluation.generate.num_prompts evaluation.generate.max_new_tokens evaluation.generate.batch_size
+evaluation.generate.show xla.cache_dir xla.neuron.compiler_cache_url xla.neuron.async_exec_max_inflight_requests
+xla.neuron.rt_exec_timeout
+""".split()
+)
 LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def as_list(x):
+    """A value that may be one item or a list of them (data.train_dir), as a list."""
+    return x if isinstance(x, list) else [x]
 
 
 def warn(message):
@@ -252,8 +244,7 @@ def check_settings(c, launched=True):
     unknown = [t for t in c["model_alignment_strategy.peft.target_modules"] if t not in LORA_TARGETS]
     if unknown or not c["model_alignment_strategy.peft.target_modules"]:
         problems.append(
-            f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; "
-            f"choose among {list(LORA_TARGETS)}"
+            f"'model_alignment_strategy.peft.target_modules': unknown target(s) {unknown}; known: {LORA_TARGETS}"
         )
     sched_end, warmup = c["model.optim.sched.max_steps"], c["model.optim.sched.warmup_steps"]
     if sched_end is not None and sched_end < warmup:
@@ -261,6 +252,9 @@ def check_settings(c, launched=True):
             f"'model.optim.sched.max_steps' ({sched_end}) must be >= 'model.optim.sched.warmup_steps' ({warmup}), or "
             f"null (the decay then ends at trainer.max_steps); below it the learning rate would rise to the end"
         )
+    mix, sources = c["data.mix"], as_list(c["data.train_dir"])
+    if mix is not None and len(mix) != len(sources):
+        problems.append(f"'data.mix' has {len(mix)} weight(s) for {len(sources)} source(s) in 'data.train_dir'")
     if c["model.attention"] == "causal" and c["model_alignment_strategy.sft.packing"]:
         problems.append(
             "'model.attention: causal' would let packed documents attend to each other; use it only "
@@ -366,19 +360,14 @@ class RMSNorm(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer with an optional LoRA branch.
-
+    """A frozen linear layer with an optional LoRA branch:
         y = x W^T + (alpha / r) * B(A(dropout(x)))        W: [out, in] frozen, A: [r, in], B: [out, r]
-
-    A starts kaiming-uniform (a = sqrt 5) and B at zero, so training starts from the base model exactly.
-    LoRA weights stay fp32 whatever the base dtype. For fused projections (qkv_proj, gate_up_proj) one A is
-    shared and B's rows are the concatenated q|k|v (or gate|up) blocks, which is the NxD semantics; exporting
-    it as separate PEFT adapters (A copied, B split by rows) is exact.
-
-    Tensor parallel: a column-parallel layer (parallel="column") holds the output rows `index` of the full W; its A
-    is replicated and B holds the same rows. A row-parallel layer (parallel="row") holds the input columns `index`;
-    its A holds those columns and B is replicated. `full` is the unsplit (out, in) shape.
-    """
+    A starts kaiming-uniform (a = sqrt 5) and B at zero, so training starts from the base model exactly; LoRA weights
+    stay fp32 whatever the base dtype. Fused projections (qkv_proj, gate_up_proj) share one A, B's rows being the
+    q|k|v (or gate|up) blocks (NxD's semantics); exported as separate PEFT adapters (A copied, B split), exactly.
+    Tensor parallel: a column-parallel layer holds the output rows `index` of the full W, its A replicated and B holding
+    the same rows; a row-parallel one the input columns `index`, its A holding those columns and B replicated. `full`
+    is the unsplit (out, in) shape."""
 
     def __init__(self, full, dtype, par=None, parallel="column", index=None):
         super().__init__()
@@ -521,9 +510,9 @@ class Block(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    """Embedding whose rows are split by vocabulary over the TP group: each rank looks up the ids in its range
-    and the partial results are summed. Built from an uninitialised tensor: the checkpoint fills it, and no
-    random numbers are drawn, so the LoRA initialisation that follows sees the same generator everywhere."""
+    """Embedding split by vocabulary over the TP group: each rank looks up the ids in its range, the results summed.
+    Built uninitialised (the checkpoint fills it): no random numbers drawn, so LoRA's initialisation that follows
+    sees the same generator everywhere."""
 
     def __init__(self, arch, dtype, par):
         super().__init__()
@@ -543,9 +532,8 @@ class VocabEmbedding(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama decoder whose module names are the NxDT checkpoint's (qkv_proj and gate_up_proj fused). With a
-    Parallel of TP > 1 it holds one tensor-parallel rank's shard: column-parallel qkv/gate_up, row-parallel
-    o/down, vocabulary-parallel embedding and output layer, its heads as the Parallel's layout says."""
+    """Llama decoder named as the NxDT checkpoint (qkv_proj, gate_up_proj fused). With TP > 1 it holds one rank's shard:
+    column-parallel qkv/gate_up, row-parallel o/down, vocabulary-parallel embedding and output layer."""
 
     def __init__(self, arch, dtype=torch.float32, par=None, recompute_layers=0):
         super().__init__()
@@ -567,10 +555,9 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     def forward(self, input_ids, position_ids, mask, caches=None, spans=None, lengths=None):
-        """Final hidden states [b, s, hidden]; `mask` is a boolean [b, 1, s, keys] (True = may attend), or None
-        for plain causal attention (model.attention=causal);
-        `spans` (optional, see attention_spans) limits each block of queries to the keys it can see; `lengths` [b]:
-        each row's real (unpadded) positions, which scale NEFTune's noise."""
+        """Final hidden states [b, s, hidden]. `mask`: boolean [b, 1, s, keys] (True = may attend), or None for plain
+        causal attention (model.attention=causal); `spans` (optional, attention_spans) limits each query block to the
+        keys it can see; `lengths` [b]: each row's real (unpadded) positions, which scale NEFTune's noise."""
         x = self.model.embed_tokens(input_ids)
         if self.neftune_alpha and self.training:
             x = neftune(x, self.neftune_alpha, lengths)
@@ -593,11 +580,10 @@ class Llama(nn.Module):
 
 
 def neftune(x, alpha, lengths=None):
-    """NEFTune: the input embeddings x [b, s, d] plus uniform noise in [-m, m], m = alpha / sqrt(L x d) with L a row's
-    real positions (`lengths`, or all s), as transformers' NEFTune hook adds it to that row unpadded (training only:
-    the model applies it in train mode). L never counts padding, so the noise is the same whether a device trims it
-    (CPU, CUDA) or keeps every row at seq_length (Trainium). Drawn from the device generator, which the
-    tensor-parallel ranks of a replica share, so they add the same noise."""
+    """NEFTune: x [b, s, d] plus uniform noise in [-m, m], m = alpha / sqrt(L x d), L a row's real positions (`lengths`,
+    or s), as transformers' hook adds it to the unpadded row (training only): the same whether a device trims padding
+    (CPU, CUDA) or keeps rows at seq_length (Trainium). Drawn from the device generator, which a replica's
+    tensor-parallel ranks share, so they add the same noise."""
     if lengths is None:
         lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
     magnitude = alpha / (lengths.float() * x.shape[2]).sqrt()[:, None, None]
@@ -605,10 +591,9 @@ def neftune(x, alpha, lengths=None):
 
 
 def attention_spans(segment_ids, block):
-    """[(q0, q1, k0)]: query blocks of `block` positions and, for each, the first key that any of its queries may
-    see (the start of the document holding the block's first query, in any row). Attention over keys k0..q1
-    instead of the whole row gives the same result, and packed rows of short documents skip most of the
-    masked-out work. Computed on the host from the CPU segment ids."""
+    """[(q0, q1, k0)]: query blocks of `block` positions and the first key any of a block's queries may see (the start
+    of the document of its first query, in any row). Attending keys k0..q1 instead of the whole row gives the same
+    result and skips most masked-out work in rows of short documents; computed on the host from the CPU segment ids."""
     b, s = segment_ids.shape
     change = torch.ones_like(segment_ids, dtype=torch.bool)
     change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
@@ -659,8 +644,7 @@ def load_base_weights(model, base_dir, fuse_qkv, wanted=None):
         for key, value in wanted.items():
             if m["settings"][key] != value:
                 raise StageError(
-                    f"{base_dir}: converted with {key} = {m['settings'][key]}, this run needs {value}; convert again "
-                    f"with stage 03"
+                    f"{base_dir}: converted with {key} = {m['settings'][key]}, this run needs {value} (stage 03)"
                 )
         expected = m["files"][f"model/{path.name}"]["bytes"]
         if path.stat().st_size != expected:
@@ -773,19 +757,18 @@ def nonfinite(x):
 
 
 def gather_lora(modules, par):
-    """{module name: (A, B)} at full size (lora_factors: with DoRA, B's last column is the magnitude), from every
-    tensor-parallel rank's shard: all LoRA tensors travel as one flat float32 vector in one gather and one transfer
-    to the host, the same graph on every rank."""
+    """{module name: (A, B)} at full size (lora_factors: with DoRA, B's last column is the magnitude) from every
+    tensor-parallel rank's shard, all as one flat float32 vector: one gather and one transfer to the host, the same
+    graph on every rank."""
     flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in lora_factors(m)])
     rows = [layout_rows(par.layout, r) for r in range(par.tp)]
     return assemble_lora(modules, torch.stack(par.all_gather(flat, "tp")).cpu(), rows)
 
 
 def assemble_lora(modules, everyone, rows):
-    """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n], given the rows each rank
-    holds (layout_rows; known on the host, so no index travels). Copies of replicated tensors (A of
-    column-parallel layers, B of row-parallel ones, replicated K/V rows) must be identical on every rank that
-    holds them; a difference is an error naming its size, never averaged away."""
+    """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n] and each rank's rows (layout_rows:
+    known on the host, so no index travels). Replicated copies (A of column-parallel layers, B of row-parallel ones,
+    replicated K/V rows) must be equal on every rank; a difference is an error naming its size, never averaged away."""
     tensors = [t for _, m in modules for t in lora_factors(m)]
     tp = everyone.shape[0]
     parts = iter(x.reshape(tp, *t.shape) for x, t in zip(everyone.split([t.numel() for t in tensors], 1), tensors))
@@ -812,10 +795,10 @@ def check_copies(name, rank, copy, first):
     identical NaNs of a diverged run count as equal)."""
     differ = copy.view(torch.int32) != first.view(torch.int32)
     if differ.any():
+        largest = float((copy - first).abs().max())
         raise StageError(
-            f"LoRA weights of {name}: tensor-parallel rank {rank} holds a replicated copy that differs "
-            f"from the first one in {int(differ.sum())} of {differ.numel()} values (largest "
-            f"difference {float((copy - first).abs().max()):.3g}); replicated weights must stay "
+            f"LoRA weights of {name}: tensor-parallel rank {rank} holds a replicated copy that differs from the first "
+            f"one in {int(differ.sum())} of {differ.numel()} values (largest difference {largest:.3g}); it must be "
             f"identical, so the parallel layout or the gradient synchronisation is wrong"
         )
 
@@ -847,20 +830,10 @@ def export_peft_adapter(lora, arch, c, out_dir):
     kv, peft = arch.kv_heads * arch.head_dim, "model_alignment_strategy.peft."
     tensors = peft_tensors(lora, [arch.heads * arch.head_dim, kv, kv], c[peft + "use_dora"])
     hf_targets = sorted({k.split(".")[-3] for k in tensors if k.endswith(".lora_A.weight")})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": c[peft + "lora_rank"],
-        "lora_alpha": c[peft + "lora_alpha"],
-        "lora_dropout": c[peft + "lora_dropout"],
-        "bias": c[peft + "lora_bias"],
-        "target_modules": hf_targets,
-        "use_rslora": c[peft + "use_rslora"],
-        "use_dora": c[peft + "use_dora"],
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "base_model_name_or_path": c["model.hf_weights_dir"],
-    }
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=c[peft + "lora_rank"], bias=c[peft + "lora_bias"])
+    config.update({k: c[peft + k] for k in ("lora_alpha", "lora_dropout", "use_rslora", "use_dora")})
+    config.update(target_modules=hf_targets, fan_in_fan_out=False, inference_mode=True)
+    config["base_model_name_or_path"] = c["model.hf_weights_dir"]
     weights = Path(out_dir) / "adapter_model.safetensors"
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, f"{weights}.tmp", metadata={"format": "pt"})
@@ -870,13 +843,12 @@ def export_peft_adapter(lora, arch, c, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------ data
-# Each split is tokenized, masked and packed once and kept as flat files that every rank memory-maps (plain numpy,
-# as nanoGPT's .bin files: no format beyond dtype and length, readable without this script): tokens.bin (int32 ids
-# of the kept documents, end to end in file order), trained.bin (uint8: the token is a target of the one before it),
-# doc_starts.npy and doc_supervised.npy per document, window_starts.npy (each window is a run of consecutive
-# documents) and prepared.json (the inputs they were made from and the summary). The directory's name is a hash of
-# everything that changes them, so changed inputs prepare anew and unchanged ones are reused by every launch.
-PREPARED_FORMAT = 2  # raise when the prepared files change meaning: older directories are then prepared anew
+# Each split is tokenized, masked and packed once into flat files that every rank memory-maps (plain numpy, as
+# nanoGPT's .bin files: nothing beyond dtype and length): tokens.bin (int32 ids of the kept documents, end to end in
+# file order), trained.bin (uint8: the token is a target of the one before it), doc_starts.npy and doc_supervised.npy
+# per document, window_starts.npy (a window is a run of consecutive documents) and prepared.json (inputs, summary).
+# The directory is named by a hash of all that changes them: changed inputs prepare anew, the same ones are reused.
+PREPARED_FORMAT = 3  # raise when the prepared files change meaning: older directories are then prepared anew
 CHUNK_RECORDS = 2048  # records per tokenizer call: enough for the tokenizer's threads, little memory
 PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's preparation
 
@@ -914,7 +886,7 @@ def load_tokenizer(c):
 
 # The fields of the record formats that stage 01 converts from: beside 01's {input, output} they mean the record was
 # not normalized (an Alpaca record holds instruction, input and output), so 05 refuses it rather than guess.
-UNNORMALIZED_FIELDS = {"instruction", "context", "response", "prompt", "completion", "conversations"}
+UNNORMALIZED_FIELDS = {"instruction", "context", "response", "prompt", "completion", "conversations", "system"}
 
 
 def check_data_file(path, name):
@@ -944,11 +916,11 @@ def normalize_with_01(path, name):
 
 
 def training_record(row):
-    """(prompt, response) of an {input, output} record, or the checked messages of a {messages} record: the two
+    """(prompt, response) of an {input, output} record, or the checked {messages, tools} of a conversation: the two
     shapes 01 writes (other fields, kept by 01, are ignored). BadRecord for anything else."""
     shape = {"input", "output", "messages"} & set(row)
     if shape == {"messages"} and not UNNORMALIZED_FIELDS & set(row):
-        return check_conversation(row["messages"])
+        return check_conversation(row["messages"], row.get("tools"))
     if shape == {"input", "output"} and not UNNORMALIZED_FIELDS & set(row):
         prompt, response = row["input"], row["output"]
         if isinstance(prompt, str) and isinstance(response, str) and prompt.strip() and response.strip():
@@ -960,7 +932,7 @@ def training_record(row):
 def record_chunks(path, name, limit, tally=None, size=CHUNK_RECORDS):
     """Lists of up to `size` (line number, record) pairs streamed from a JSON lines file of normalized records
     (training_record), the first `limit` records when set. A bad line stops the stage naming its file and line.
-    `tally` receives the records read and the records in the file (the rest are counted, not parsed)."""
+    `tally["in_file"]` counts the records in the file (those past `limit` are counted, not parsed)."""
     chunk, n, total = [], 0, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
@@ -982,7 +954,7 @@ def record_chunks(path, name, limit, tally=None, size=CHUNK_RECORDS):
     if n == 0:
         raise StageError(f"{path}: no records")
     if tally is not None:
-        tally.update(read=n, in_file=total)
+        tally["in_file"] += total
 
 
 def read_records(path, name, limit):
@@ -1004,115 +976,161 @@ def as_ids(encoded):
     return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
 
 
-def encode_batch(tokenizer, fmt, records, labels):
-    """(token ids, trained spans [(start, end)]) per record, each kind tokenized for the whole batch at once (the
-    tokenizer's threads share it). Single-turn raw: [BOS] + input | output + [EOS], the second part trained.
-    Conversations, and single-turn records under chat_template (user = input, assistant = output), go through the
-    chat template (encode_conversations)."""
+def encode_batch(tokenizer, fmt, records, labels, train_reasoning=True):
+    """The documents [(token ids, trained spans [(start, end)])] of each record, each kind tokenized for the whole batch
+    at once. Single-turn raw: [BOS] + input | output + [EOS], the second part trained; conversations, and single-turn
+    records under chat_template (user = input, assistant = output), through the chat template (encode_conversations)."""
     out = [None] * len(records)
     raw = [i for i, r in enumerate(records) if isinstance(r, tuple) and fmt == "raw"]
     if raw:
         prompts = prompt_ids(tokenizer, "raw", [records[i][0] for i in raw])
         answers = as_ids(tokenizer([records[i][1] for i in raw], add_special_tokens=False, return_attention_mask=False))
         for i, p, r in zip(raw, prompts, answers):
-            out[i] = (p + r + [tokenizer.eos_token_id], [(len(p), len(p) + len(r) + 1)])
+            out[i] = [(p + r + [tokenizer.eos_token_id], [(len(p), len(p) + len(r) + 1)])]
     chats = [i for i in range(len(records)) if out[i] is None]
     if chats:
-        conversations = [
-            records[i]
-            if isinstance(records[i], list)
-            else [{"role": "user", "content": records[i][0]}, {"role": "assistant", "content": records[i][1]}]
-            for i in chats
-        ]
-        for i, encoded in zip(chats, encode_conversations(tokenizer, conversations, [labels[i] for i in chats])):
-            out[i] = encoded
+        # a conversation is {messages, tools} (training_record's) or its messages; a single-turn record user + assistant
+        conversations = [records[i] if isinstance(records[i], dict) else {"messages": records[i]} for i in chats]
+        for conv in (c for c in conversations if isinstance(c["messages"], tuple)):
+            conv["messages"] = [
+                dict(role=role, content=text) for role, text in zip(("user", "assistant"), conv["messages"])
+            ]
+        labels = [labels[i] for i in chats]
+        for i, docs in zip(chats, encode_conversations(tokenizer, conversations, labels, train_reasoning)):
+            out[i] = docs
     return out
 
 
-def encode_conversations(tokenizer, conversations, labels):
-    """(token ids, trained spans) per conversation, rendered with the tokenizer's chat template. The spans come from
-    rendering successive prefixes: an assistant turn trains from the end of the conversation before it rendered
-    with the generation prompt, to the end of the conversation through it (its content and end-of-turn tokens);
-    system and user text and the role headers do not. Each prefix must render as a prefix of the whole. The text
-    is tokenized once and the boundaries read from the tokenizer's character alignment; one that falls inside a
-    token is checked the slow way (the prefixes tokenized on their own)."""
+def encode_conversations(tokenizer, conversations, labels, train_reasoning=True):
+    """The documents [(token ids, trained spans)] of each conversation (conversation_texts), tokenized once, the
+    boundaries read from the tokenizer's character alignment; one inside a token is checked the slow way (the prefixes
+    tokenized alone)."""
+    docs = conversation_texts(tokenizer, conversations, labels, train_reasoning)
+    encoded = tokenizer([text for _, text, _ in docs], add_special_tokens=False, return_attention_mask=False)
+    out = [[] for _ in conversations]
+    for d, (n, text, bounds) in enumerate(docs):
+        ids, spans = encoded["input_ids"][d], []
+        for chars in bounds:
+            span = [token_boundary(encoded, d, char, len(text)) for char in chars]
+            if None in span:  # the text boundary falls inside a token: compare the prefixes' own tokens
+                own = tokenizer([text[:char] for char in chars], add_special_tokens=False)["input_ids"]
+                if any(list(ids[: len(prefix)]) != list(prefix) for prefix in own):
+                    raise StageError(f"{labels[n]}: a conversation prefix does not tokenize as a prefix of the whole")
+                span = [len(prefix) for prefix in own]
+            spans.append(tuple(span))
+        out[n].append((list(ids), spans))
+    return out
+
+
+def conversation_texts(tokenizer, conversations, labels, train_reasoning):
+    """(conversation index, text, trained character spans) of each document the conversations train as, rendered with
+    the chat template and their tools. Spans come from successive prefixes: an assistant turn trains from the end of the
+    conversation before it, rendered with the generation prompt, to the end of the conversation through it (reasoning,
+    content or tool calls, end-of-turn tokens); system, user and tool text, tools and role headers do not, nor, without
+    data.train_reasoning, the turn's reasoning. A turn the template renders otherwise once others follow (Qwen3's drops
+    earlier reasoning) trains in a document of its own: the conversation through it, as the model sees it when writing
+    it."""
     if not tokenizer.chat_template:
         raise StageError(
             f"{labels[0]}: a conversation (or data.prompt_format=chat_template) is rendered with the "
             f"tokenizer's chat template, and the tokenizer in data.tokenizer.type has none"
         )
-    plain = [[{"role": m["role"], "content": m["content"]} for m in conv] for conv in conversations]
-    turns = [
-        (n, i)
-        for n, conv in enumerate(conversations)
-        for i, m in enumerate(conv)
-        if m["role"] == "assistant" and m.get("train", True)
-    ]
+    plain, tools = template_input(tokenizer, conversations, labels)
+    trained = [[m["role"] == "assistant" and m.get("train", True) for m in conv["messages"]] for conv in conversations]
+    turns = [(n, i) for n, flags in enumerate(trained) for i, flag in enumerate(flags) if flag]
     # A conversation that ends on a trained answer renders whole as the prefix through that answer: not twice.
     last = {n: k for k, (n, i) in enumerate(turns) if i == len(plain[n]) - 1}
-    rest = [n for n in range(len(plain)) if n not in last]
+    rest = [(n, len(plain[n])) for n in range(len(plain)) if n not in last]
+
+    def render(prefixes, prompt):  # conversation n through message i - 1, for each (n, i), with its tools
+        return render_chats(tokenizer, [plain[n][:i] for n, i in prefixes], prompt, [tools[n] for n, _ in prefixes])
+
     try:
-        starts = render_chats(tokenizer, [plain[n][:i] for n, i in turns], generation_prompt=True)
-        ends = render_chats(tokenizer, [plain[n][: i + 1] for n, i in turns], generation_prompt=False)
-        others = dict(zip(rest, render_chats(tokenizer, [plain[n] for n in rest], generation_prompt=False)))
+        starts, ends = render(turns, True), render([(n, i + 1) for n, i in turns], False)
+        others = dict(zip([n for n, _ in rest], render(rest, False)))
     except Exception:  # a template may refuse a conversation (roles out of order, ...): name the first one
         for n, conversation in enumerate(plain):
             try:
-                tokenizer.apply_chat_template(conversation, tokenize=False)
+                tokenizer.apply_chat_template(conversation, tools=tools[n], tokenize=False)
             except Exception as e:
                 raise StageError(
                     f"{labels[n]}: the tokenizer's chat template refuses this conversation "
-                    f"({type(e).__name__}: {first_line(e)})"
+                    f"({type(e).__name__}: {first_line(e)}); the template of {tokenizer.name_or_path}"
                 ) from None
         raise
     fulls = [ends[last[n]] if n in last else others[n] for n in range(len(plain))]
-    bounds = [[] for _ in plain]
+    own, whole = [], [[] for _ in plain]
     for (n, i), start, end in zip(turns, starts, ends):
-        if not (fulls[n].startswith(start) and fulls[n].startswith(end)):
+        if not end.startswith(start):
             raise StageError(
                 f"{labels[n]}: the tokenizer's chat template does not render the conversation up to "
-                f"message {i + 1} as a prefix of the whole, so its trained turns cannot be found"
+                f"message {i + 1} as a prefix of the conversation through it, so its trained turn cannot be found"
             )
-        bounds[n].append((start, end))
-    encoded = tokenizer(fulls, add_special_tokens=False, return_attention_mask=False)
-    out = []
-    for n, ids in enumerate(encoded["input_ids"]):
-        spans = []
-        for start, end in bounds[n]:
-            span = [token_boundary(encoded, n, len(text), len(fulls[n])) for text in (start, end)]
-            if None in span:  # the text boundary falls inside a token: compare the prefixes' own tokens
-                own = tokenizer([start, end], add_special_tokens=False)["input_ids"]
-                if any(list(ids[: len(prefix)]) != list(prefix) for prefix in own):
-                    raise StageError(
-                        f"{labels[n]}: under the tokenizer's chat template a conversation prefix does "
-                        f"not tokenize as a prefix of the whole"
-                    )
-                span = [len(prefix) for prefix in own]
-            spans.append(tuple(span))
-        out.append((list(ids), spans))
-    return out
+        first, reasoning = len(start), conversations[n]["messages"][i].get("reasoning_content", "").strip()
+        if reasoning and not train_reasoning:
+            first = end.find(reasoning, first) + len(reasoning)
+            if first < len(reasoning):
+                raise StageError(
+                    f"{labels[n]}: message {i + 1}'s reasoning is not in the text as written (train_reasoning)"
+                )
+        if fulls[n].startswith(end):
+            whole[n].append((first, len(end)))
+        else:
+            own.append((n, end, [(first, len(end))]))
+    for n, conv in enumerate(conversations):  # a tool result as written, or as a JSON string (Llama 3.1's template)
+        for k, m in enumerate(conv["messages"], 1):
+            shown = m["role"] != "tool" or m["content"].strip() in fulls[n]
+            if not (shown or json.dumps(m["content"], ensure_ascii=False)[1:-1] in fulls[n]):
+                raise StageError(
+                    f"{labels[n]}: the chat template of {tokenizer.name_or_path} drops the tool result, message {k}"
+                )
+    return own + [(n, fulls[n], spans) for n, spans in enumerate(whole) if spans]
 
 
-def render_chats(tokenizer, conversations, generation_prompt):
-    """The texts tokenizer.apply_chat_template(conversations, tokenize=False) renders. Its conversions of each
-    message (objects to dicts, sandbox-safe copies) cost more than the rendering itself and change nothing in
-    plain role/content messages, so its compiled template renders them directly when this transformers exposes
-    it, and the first conversation rendered both ways must agree; otherwise apply_chat_template renders them."""
+def template_input(tokenizer, conversations, labels):
+    """The messages and tools of each conversation as the chat template reads them: "train" left out, reasoning
+    under both names templates read it by (reasoning_content, thinking), as transformers passes it. A conversation
+    whose tools, tool calls or reasoning the template never reads is refused: it would train without them."""
+    plain, tools = [], []  # what a template must read to render each (the tools variable, message keys):
+    reads = {"tools": r"\btools\b", "tool_calls": "tool_calls", "reasoning_content": "reasoning_content|thinking"}
+    for n, conv in enumerate(conversations):
+        source, messages = tokenizer.get_chat_template(tools=conv.get("tools")), conv["messages"]
+        found = {k for m in messages for k in m} | ({"tools"} if conv.get("tools") else set())
+        missing = [k for k, read in reads.items() if k in found and not re.search(read, source)]
+        if missing:
+            raise StageError(
+                f"{labels[n]}: this conversation has {missing[0]}, which the chat template of "
+                f"{tokenizer.name_or_path} never reads: it would train without them; use a tokenizer whose "
+                f"template renders them (data.tokenizer.type)"
+            )
+        thinking = [{"thinking": m["reasoning_content"]} if "reasoning_content" in m else {} for m in messages]
+        plain.append([{k: v for k, v in m.items() if k != "train"} | t for m, t in zip(messages, thinking)])
+        tools.append(conv.get("tools"))
+    return plain, tools
+
+
+def render_chats(tokenizer, conversations, generation_prompt, tools=None):
+    """What tokenizer.apply_chat_template(conversation, tools=..., tokenize=False) renders. Its per-message conversions
+    (to dicts, sandbox-safe copies) cost more than rendering and change nothing in plain JSON messages, so its compiled
+    template renders them directly where this transformers has it, if the first conversation renders alike both ways."""
     if not conversations:
         return []
+    tools, options = tools or [None] * len(conversations), dict(tokenize=False, add_generation_prompt=generation_prompt)
 
-    def public(batch):
-        return tokenizer.apply_chat_template(batch, tokenize=False, add_generation_prompt=generation_prompt)
+    def public(n):  # the first n conversations, in one call where none has tools
+        if all(t is None for t in tools[:n]):
+            return tokenizer.apply_chat_template(conversations[:n], **options)
+        return [tokenizer.apply_chat_template(m, tools=t, **options) for m, t in zip(conversations[:n], tools)]
 
-    try:
+    try:  # (a dict of templates, one for tools and one without, is chosen per conversation: public only)
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        template = _compile_jinja_template(tokenizer.get_chat_template())
+        template = _compile_jinja_template(tokenizer.chat_template)
     except Exception:
-        return public(conversations)
-    context = dict(tokenizer.special_tokens_map, tools=None, documents=None, add_generation_prompt=generation_prompt)
-    texts = [template.render(messages=conversation, **context) for conversation in conversations]
-    return texts if texts[0] == public(conversations[:1])[0] else public(conversations)
+        return public(len(conversations))
+    context = dict(tokenizer.special_tokens_map, documents=None, add_generation_prompt=generation_prompt)
+    texts = [template.render(messages=m, tools=t, **context) for m, t in zip(conversations, tools)]
+    return texts if texts[0] == public(1)[0] else public(len(conversations))
 
 
 def token_boundary(encoded, n, char, length):
@@ -1124,13 +1142,14 @@ def token_boundary(encoded, n, char, length):
     return k if k is not None and encoded.token_to_chars(n, k).start == char else None
 
 
-def tokenize(records, tokenizer, fmt, seq_len, truncation, labels=None):
-    """(ids, labels) per record; labels are -100 outside the trained spans. A record longer than seq_len is dropped
-    or truncated (counted): a conversation keeps its turns up to the last answer that ends within seq_len; failing
-    that (and a single-turn record always) the prompt before the first answer is cut first, then the answer."""
+def tokenize(records, tokenizer, fmt, seq_len, truncation, labels=None, train_reasoning=True):
+    """(ids, labels) per document (a record's, or a conversation's: encode_conversations), labels -100 outside the
+    trained spans. A document over seq_len is dropped or truncated (counted): a conversation keeps its turns up to the
+    last answer ending within seq_len, else (a single-turn record always) the prompt is cut first, then the answer."""
     labels = labels or [f"record {i + 1}" for i in range(len(records))]
-    docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0}
-    for ids, spans in encode_batch(tokenizer, fmt, records, labels):
+    encoded = encode_batch(tokenizer, fmt, records, labels, train_reasoning)
+    docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0, "split": sum(len(d) > 1 for d in encoded)}
+    for ids, spans in itertools.chain.from_iterable(encoded):
         if len(ids) > seq_len:
             if truncation == "drop":
                 stats["dropped"] += 1
@@ -1157,9 +1176,8 @@ def truncated(ids, spans, seq_len):
 
 
 def doc_arrays(docs):
-    """Documents as flat arrays: ids (int32), trained flags (a token is trained when it is the target of the one
-    before it in its document, so never the first), and per document its length and trained tokens; through C
-    loops rather than Python per token."""
+    """Documents as flat arrays: ids (int32), trained flags (a token trains as the target of the one before it in its
+    document, so never the first), and each document's length and trained tokens; in C loops, not Python ones."""
     lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, count=len(docs))
     total, firsts = int(lengths.sum()), np.cumsum(lengths) - lengths
     tokens = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in docs), np.int32, count=total)
@@ -1191,6 +1209,7 @@ class Windows:
     def __init__(self, tokens, trained, doc_starts, doc_supervised, starts, seq_len, pad_id):
         self.tokens, self.trained, self.doc_starts, self.starts = tokens, trained, doc_starts, starts
         self.seq_len, self.pad_id = seq_len, pad_id
+        self.sources, self.mix = len(starts) - 1, None  # one source of this many windows, or a mixture (load_split)
         lengths = np.diff(doc_starts)
         self.n_tokens = np.diff(doc_starts[starts])
         self.supervised = np.add.reduceat(doc_supervised, starts[:-1])
@@ -1247,23 +1266,21 @@ class Windows:
 
 
 def prepared_location(path, tokenizer_dir, c):
-    """Where a split is prepared for these settings, and the inputs named by its key: <data.cache_dir, or the
-    data file's directory>/<file name>.prepared/<hash of the data's content, the tokenizer's files, the format
-    version and every setting that changes the windows>."""
+    """Where a split (a data file, or a list of them: several sources) is prepared for these settings, and the
+    inputs named by its key: <data.cache_dir, or the (first) data file's directory>/<its name>.prepared/<hash of
+    the data's content, the tokenizer's files, the format version and every setting that changes the windows>."""
     tokenizer_files = [p for p in sorted(Path(tokenizer_dir).iterdir()) if TOKENIZER_FILE.fullmatch(p.name)]
     inputs = {
         "format": PREPARED_FORMAT,
-        "data_sha256": file_sha256(path),
+        "data_sha256": [file_sha256(p) for p in path] if isinstance(path, list) else file_sha256(path),
         "tokenizer_sha256": {p.name: file_sha256(p) for p in tokenizer_files if p.is_file()},
-        "prompt_format": c["data.prompt_format"],
-        "seq_length": c["data.seq_length"],
         "packing": c["model_alignment_strategy.sft.packing"],
-        "truncation": c["data.truncation"],
-        "dev_choose_samples": c["data.dev_choose_samples"],
     }
+    settings = ("prompt_format", "seq_length", "truncation", "train_reasoning", "dev_choose_samples")
+    inputs.update({k: c[f"data.{k}"] for k in settings})
     key = text_sha256(inputs)[:20]
-    root = Path(c["data.cache_dir"]) if c["data.cache_dir"] else Path(path).parent
-    return root / f"{Path(path).name}.prepared" / key, inputs
+    first = Path(as_list(path)[0])
+    return (Path(c["data.cache_dir"]) if c["data.cache_dir"] else first.parent) / f"{first.name}.prepared" / key, inputs
 
 
 def text_sha256(value):
@@ -1274,7 +1291,8 @@ def text_sha256(value):
 def prepare_split(path, tokenizer, c, name):
     """The prepared directory of a split: reused when one exists for these inputs, else made here, written
     under a temporary name and renamed when complete (a killed preparation is never taken for a finished one)."""
-    check_data_file(path, name)
+    for source in as_list(path):
+        check_data_file(source, name)
     where, inputs = prepared_location(path, c["data.tokenizer.type"], c)
     root, key = where.parent, "data.cache_dir" if c["data.cache_dir"] else f"data.{name}_dir"
     if root.exists() and (not root.is_dir() or not all(PREPARED_NAME.fullmatch(p.name) for p in root.iterdir())):
@@ -1285,17 +1303,22 @@ def prepare_split(path, tokenizer, c, name):
     tmp = where.with_name(f"{where.name}.tmp-{os.uname().nodename}-{os.getpid()}")
     try:
         made = make_dirs(root)
-        remove_abandoned(where)
+        for old in root.glob(f"{where.name}.tmp-{os.uname().nodename}-*"):  # this host's, whose process has gone
+            try:
+                os.kill(int(old.name.rsplit("-", 1)[1]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(old, ignore_errors=True)
+            except (ValueError, PermissionError):
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
         raise StageError(
-            f"{key}: cannot write the prepared data to {root} ({e.strerror or e}); set data.cache_dir "
-            f"to a writable directory"
+            f"{key}: cannot write the prepared data to {root} ({e.strerror or e}); set data.cache_dir"
         ) from None
     try:
         stats = write_prepared(path, tokenizer, c, name, tmp)
-        meta = {"inputs": inputs, "source": str(Path(path).resolve()), "stats": stats}
+        meta = {"inputs": inputs, "source": [str(Path(p).resolve()) for p in as_list(path)], "stats": stats}
         (tmp / "prepared.json").write_text(json.dumps(meta, indent=1) + "\n")
         for f in tmp.iterdir():
             fsync_path(f)
@@ -1312,48 +1335,40 @@ def prepare_split(path, tokenizer, c, name):
     return where
 
 
-def remove_abandoned(where):
-    """Delete this host's temporary directories for `where` whose preparing process no longer exists."""
-    for tmp in where.parent.glob(f"{where.name}.tmp-{os.uname().nodename}-*"):
-        try:
-            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
-
-
 def write_prepared(path, tokenizer, c, name, out):
     """Tokenize, mask and pack a split into `out`, streaming: a chunk of records at a time is tokenized (one
-    batched tokenizer call) and appended to the token files; only per-document lengths stay in memory."""
-    seq_len, stats, tally = c["data.seq_length"], {"records": 0, "truncated": 0, "dropped": 0}, {}
-    lengths, supervised, fmt, cut = [], [], c["data.prompt_format"], c["data.truncation"]
+    batched tokenizer call) and appended to the token files; only per-document lengths stay in memory. Several
+    sources (a list) are written one after the other, each packed into windows of its own (source_windows)."""
+    seq_len, stats = c["data.seq_length"], dict.fromkeys(["records", "truncated", "dropped", "split", "in_file"], 0)
+    lengths, supervised, ends, fmt, cut = [], [], [], c["data.prompt_format"], c["data.truncation"]
     bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
-    chunks = record_chunks(path, name, c["data.dev_choose_samples"], tally)
     with open(out / "tokens.bin", "wb") as tokens_f, open(out / "trained.bin", "wb") as trained_f:
-        for chunk in chunks:
-            records, labels = [r for _, r in chunk], [f"{path}:{where}" for where, _ in chunk]
-            docs, chunk_stats = tokenize(records, tokenizer, fmt, seq_len, cut, labels)
-            for k in stats:
-                stats[k] += chunk_stats[k]
-            bar.update(len(records))
-            if not docs:
-                continue
-            tokens, trained, n, n_trained = doc_arrays(docs)
-            tokens_f.write(tokens.tobytes())
-            trained_f.write(trained.tobytes())
-            lengths.append(n)
-            supervised.append(n_trained)
+        for source in as_list(path):
+            for chunk in record_chunks(source, name, c["data.dev_choose_samples"], stats):
+                records, labels = [r for _, r in chunk], [f"{source}:{where}" for where, _ in chunk]
+                docs, chunk_stats = tokenize(records, tokenizer, fmt, seq_len, cut, labels, c["data.train_reasoning"])
+                for k in chunk_stats:
+                    stats[k] += chunk_stats[k]
+                bar.update(len(records))
+                if docs:
+                    tokens, trained, n, n_trained = doc_arrays(docs)
+                    tokens_f.write(tokens.tobytes())
+                    trained_f.write(trained.tobytes())
+                    lengths.append(n)
+                    supervised.append(n_trained)
+            ends.append(sum(map(len, lengths)))
+            if ends[-1] == (ends[-2] if len(ends) > 1 else 0):
+                raise StageError(f"{source}: every record is longer than data.seq_length={seq_len}")
     bar.close()
-    if not lengths:
-        raise StageError(f"{path}: every record is longer than data.seq_length={seq_len}")
     lengths, supervised = np.concatenate(lengths), np.concatenate(supervised)
-    starts = pack(lengths, seq_len, c["model_alignment_strategy.sft.packing"])
+    packing = c["model_alignment_strategy.sft.packing"]
+    parts = [pack(lengths[a:b], seq_len, packing)[:-1] + a for a, b in zip([0, *ends], ends)]
+    starts = np.concatenate([*parts, [len(lengths)]])
     np.save(out / "doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)]))
     np.save(out / "doc_supervised.npy", supervised)
     np.save(out / "window_starts.npy", starts)
     tokens, trained = int(lengths.sum()), int(supervised.sum())
-    stats.update(windows=len(starts) - 1, tokens=tokens, supervised=trained, records_in_file=tally["in_file"])
+    stats.update(windows=len(starts) - 1, tokens=tokens, supervised=trained, source_windows=[len(p) for p in parts])
     stats["fill"] = stats["tokens"] / (stats["windows"] * seq_len)
     return stats
 
@@ -1367,30 +1382,54 @@ def load_split(path, tokenizer, c, name, par):
         par.barrier(timeout_s=PREPARE_TIMEOUT_S)
         where = par.broadcast(where)
     stats = json.loads((where / "prepared.json").read_text())["stats"]
-    total = stats["records_in_file"]
+    total = stats["in_file"]
     read = f"{stats['records']} of {total}" if total != stats["records"] else f"{stats['records']}"
     print(
         f"{name}: {read} records -> {stats['windows']} windows of {c['data.seq_length']} "
         f"({stats['fill']:.1%} filled), {stats['supervised']:,} supervised of {stats['tokens']:,} tokens "
         f"({stats['supervised'] / max(stats['tokens'], 1):.1%}); "
-        f"truncated {stats['truncated']}, dropped {stats['dropped']}; prepared in {where}"
+        f"truncated {stats['truncated']}, dropped {stats['dropped']}"
+        + (f"; {stats['split']} conversations as several documents" if stats.get("split") else "")
+        + f"; prepared in {where}"
     )
-    return Windows.open(where, tokenizer.pad_token_id)
+    windows, sizes, weights = Windows.open(where, tokenizer.pad_token_id), stats["source_windows"], c["data.mix"]
+    if (
+        len(sizes) > 1
+    ):  # an epoch holds as many windows as the sources, each one's share following data.mix (or its size)
+        shares = [max(1, round(sum(sizes) * w / sum(weights or sizes))) for w in weights or sizes]
+        windows.sources, windows.mix = tuple(zip(sizes, shares)), {}
+        for source, n, k in zip(path, sizes, shares):  # a share above a source's windows repeats them
+            windows.mix[str(source)] = {"windows": n, "per_epoch": k, "share": k / sum(shares)}
+            again = f", each about {k / n:.2g} times" if k > n else ""
+            print(f"train mix: {source}: {k:,} windows per epoch ({k / sum(shares):.1%}) from its {n:,}{again}")
+    return windows
 
 
 @functools.lru_cache(maxsize=4)
-def epoch_order(n_windows, seed, epoch):
-    """The window order of one epoch: a permutation seeded by (seed, epoch), made once and reused by its steps."""
-    return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + epoch))
+def epoch_order(sources, seed, epoch):
+    """The window order of one epoch, made once and reused by its steps: a permutation seeded by (seed, epoch) of
+    the windows of one source (`sources`: their count) or of a mixture's draw ((windows, share) per source, laid
+    end to end: a share below the source's windows is a seeded sample of them, one above repeats them)."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    if isinstance(sources, int):
+        return torch.randperm(sources, generator=generator)
+    drawn, offset = [], 0
+    for n, share in sources:  # all of a source's windows, or its share of laps of permutations
+        laps = (
+            [torch.randperm(n, generator=generator) for _ in range(-(-share // n))] if share != n else [torch.arange(n)]
+        )
+        drawn, offset = drawn + [offset + torch.cat(laps)[:share]], offset + n
+    drawn = torch.cat(drawn)
+    return drawn[torch.randperm(len(drawn), generator=generator)]
 
 
-def step_indices(step, n_windows, per_step, seed):
-    """Window indices for optimizer step `step`: a fresh seeded permutation per epoch, laid end to end, so
-    the data order is a pure function of (seed, step) and no window is dropped at an epoch boundary."""
+def step_indices(step, sources, per_step, seed):
+    """Window indices for optimizer step `step`: a fresh seeded epoch order per epoch, laid end to end, so the data
+    order is a pure function of (seed, step) and no window is dropped at an epoch boundary."""
     start, out = step * per_step, []
     while len(out) < per_step:
-        epoch, offset = divmod(start + len(out), n_windows)
-        out.extend(epoch_order(n_windows, seed, epoch)[offset : offset + per_step - len(out)].tolist())
+        epoch, offset = divmod(start + len(out), sources if isinstance(sources, int) else sum(k for _, k in sources))
+        out.extend(epoch_order(sources, seed, epoch)[offset : offset + per_step - len(out)].tolist())
     return out
 
 
@@ -1410,13 +1449,11 @@ def inspect_data(batch, tokenizer, n):
 
 # ------------------------------------------------------------------------------------------------ loss and evaluation
 def loss_sum(model, mb, device, autocast):
-    """Sum of token cross-entropies over the supervised positions of one micro-batch.
-
-    On CPU and CUDA trailing padding is cut off and only supervised positions go through the output layer (prompts
-    and padding never need logits); both are found on the host from the CPU tensors, so they cost the device no
-    synchronisation. Where each new shape compiles (Trainium; compiled layers) the decoder sees the whole row, and on
-    Trainium every position gets logits, the unsupervised ones counting zero. Attention follows model.attention (see
-    attention_mode). Under tensor parallelism the logits stay split by vocabulary."""
+    """Sum of token cross-entropies over the supervised positions of one micro-batch. On CPU and CUDA trailing padding
+    is cut and only supervised positions reach the output layer (prompts and padding need no logits), both found on the
+    host from the CPU tensors: no device synchronisation. Where each new shape compiles (Trainium, compiled layers) the
+    decoder sees whole rows, and on Trainium every position gets logits, unsupervised ones counting zero. Attention:
+    attention_mode. Under tensor parallelism the logits stay split by vocabulary."""
     if not model.fixed_shapes:  # padding after every row's last token changes nothing before it: leave it out
         real = (mb["segment_ids"] > 0).any(0).nonzero()
         used = int(real.max()) + 1 if len(real) else 1
@@ -1440,9 +1477,8 @@ def loss_sum(model, mb, device, autocast):
 
 @torch.no_grad()
 def evaluate(model, val, mbs, device, autocast):
-    """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens. Each
-    data-parallel rank takes an equal share of windows (padded with empty rows, so every micro-batch has the
-    same shape), built a micro-batch at a time."""
+    """val_loss = summed token cross-entropy over the whole validation set / its supervised tokens. Each data-parallel
+    rank takes an equal share of windows (padded with empty rows: one micro-batch shape), a micro-batch at a time."""
     model.eval()
     par = model.par
     rows = list(range(len(val)))
@@ -1506,15 +1542,15 @@ def generation_eval(model, records, tokenizer, c, device, autocast):
         if isinstance(r, tuple):
             prompts.append(next(ids)[-seq_len:])
         else:
-            context = [{"role": m["role"], "content": m["content"]} for m in r[:-1]]
-            chat = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)
+            (context,), _ = template_input(tokenizer, [r], ["validation record"])
+            chat = tokenizer.apply_chat_template(context[:-1], tools=r.get("tools"), add_generation_prompt=True)
             prompts.append(list(as_ids(chat))[-seq_len:])
     bs, budget, samples = c["evaluation.generate.batch_size"], c["evaluation.generate.max_new_tokens"], []
     for start in range(0, len(records), bs):
         batch = prompts[start : start + bs]
         answers = generate(model, batch, budget, {tokenizer.eos_token_id}, tokenizer.pad_token_id, device, autocast)
         for r, new in zip(records[start : start + bs], answers):
-            prompt, want = r if isinstance(r, tuple) else (r[-2]["content"], r[-1]["content"])
+            prompt, want = r if isinstance(r, tuple) else [r["messages"][k].get("content", "") for k in (-2, -1)]
             answer = tokenizer.decode(new, skip_special_tokens=True).strip()
             samples.append({"prompt": prompt, "expected": want, "answer": answer})
     return sum(s["answer"] == s["expected"].strip() for s in samples) / max(len(records), 1), samples
@@ -1522,13 +1558,12 @@ def generation_eval(model, records, tokenizer, c, device, autocast):
 
 # ------------------------------------------------------------------------------------------------ optimizer
 class DeviceAdamW(torch.optim.AdamW):
-    """torch's AdamW update (decoupled weight decay, bias correction, the same state and state_dict), for
-    accelerators (XLA, TorchNeuron, CUDA): the learning rate, the step count and the bias corrections are device
-    tensors, so no Python scalar enters a traced graph (torch-xla makes 0 and +-1 graph constants: a learning rate
-    reaching 0, or 1 - beta**t rounding to 1, would compile a new graph) and nothing is read on the host; every
-    scalar is applied through mul/lerp/add (torch-xla hands addcmul_/addcdiv_'s `value=` to the device as float64,
-    which NeuronCores lack); and where `skip` is true the update is skipped on the device: weights, moments and
-    step stay as they were (a non-finite step, known without a host read). The CPU keeps torch's AdamW."""
+    """torch's AdamW update (decoupled weight decay, bias correction, same state and state_dict) for accelerators:
+    learning rate, step count and bias corrections are device tensors, so no Python scalar enters a traced graph
+    (torch-xla makes 0 and +-1 graph constants: a learning rate reaching 0, or 1 - beta**t rounding to 1, would compile
+    a new graph) and nothing is read on the host; scalars go through mul/lerp/add (torch-xla sends addcmul_/addcdiv_'s
+    `value=` as float64, which NeuronCores lack); where `skip` is true, weights, moments and step stay as they were (a
+    non-finite step, known without a host read). The CPU keeps torch's AdamW."""
 
     def __init__(self, params, **kwargs):
         super().__init__(params, capturable=True, **kwargs)  # capturable: the step count stays on the device
@@ -1561,9 +1596,8 @@ class DeviceAdamW(torch.optim.AdamW):
 
 def optimizer_groups(modules, c):
     """AdamW's parameter groups, each with `lr_scale`, its share of the scheduled learning rate: one group, or with
-    LoRA+ (model.optim.loraplus_lr_ratio) the A matrices at the learning rate and the B matrices at ratio x it, as
-    PEFT's create_loraplus_optimizer groups them (with its loraplus_weight_decay = model.optim.weight_decay).
-    DoRA's magnitudes go with the B matrices, as PEFT puts them."""
+    LoRA+ (model.optim.loraplus_lr_ratio) the A matrices at it and the B matrices (with DoRA's magnitudes) at ratio x
+    it, as PEFT's create_loraplus_optimizer groups them."""
     ratio = c["model.optim.loraplus_lr_ratio"]
     params = [p for _, m in modules for p in lora_parameters(m)]
     if not ratio:
@@ -1615,12 +1649,12 @@ class Run:
 
 
 def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
-    """This rank's micro-batches, step after step: the step's windows (a pure function of seed and step) split
-    evenly over the data-parallel ranks, each share cut into micro-batches, built when drawn. Each carries
-    `scale`, one over the step's supervised tokens on all ranks, so every supervised token weighs the same."""
+    """This rank's micro-batches, step after step: the step's windows (a pure function of seed and step) split evenly
+    over the data-parallel ranks, cut into micro-batches, built when drawn. Each carries `scale`, one over the step's
+    supervised tokens on all ranks: every supervised token weighs the same."""
     share = gbs // par.dp
     for step in range(start, max_steps):
-        idx = step_indices(step, len(train), gbs, seed)
+        idx = step_indices(step, train.sources, gbs, seed)
         # one element, not 0-d: torch-xla keeps 0-d uploads in a cache by value, and a value met elsewhere in a graph
         # would then be merged with it into one input, making a graph of another shape
         scale = torch.tensor([1.0 / max(1, int(train.supervised[idx].sum()))])
@@ -1629,21 +1663,20 @@ def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
             yield dict(train.batch(mine[first : first + mbs]), scale=scale)
 
 
-# What a step adds to the running totals kept on the device, in the order of their device vector (one vector, so that
-# a read is one transfer): the loss sum over finite steps, the finite steps, the last loss and gradient norm, the
-# skipped steps, the first non-finite step (0: none yet) and the steps done. A read gives them back by name.
+# The running totals kept on the device, as one vector (a read is one transfer): the loss sum over finite steps, the
+# finite steps, the last loss and gradient norm, the skipped steps, the first non-finite step (0: none) and steps done.
 Totals = collections.namedtuple("Totals", "loss_sum finite loss grad_norm skipped first_bad done")
 
 
 class LogInterval:
-    """What happened since the last read of the device: the Totals, kept as running device values that every step
-    updates in the same graph (nothing is read, nothing changes shape); real and supervised tokens and model FLOPs
-    summed on the host from per-row counts computed once. `read` fetches the Totals in one transfer, at log
-    intervals, before a checkpoint and at the end."""
+    """What happened since the last read of the device: the Totals, running device values every step updates in the same
+    graph (nothing read, no shape changed); real and supervised tokens and model FLOPs summed on the host from per-row
+    counts. `read` fetches the Totals in one transfer: at log intervals, before a checkpoint, at the end."""
 
     def __init__(self, train, arch, seed, gbs, device, start, skipped):
         self.train, self.flops_per_window = train, window_flops(train, arch)
-        self.n_rows, self.seed, self.gbs = len(train), seed, gbs
+        self.sources, self.seed, self.gbs = train.sources, seed, gbs
+        self.n_rows = sum(k for _, k in train.sources) if train.mix else len(train)  # windows per epoch
         self.total_tokens, self.started = 0, time.perf_counter()
         self.last_read = Totals(0.0, 0.0, 0.0, 0.0, float(skipped), 0.0, float(start))
         self.values = torch.tensor(self.last_read, device=device)
@@ -1654,7 +1687,7 @@ class LogInterval:
         self.since = time.perf_counter()
 
     def add(self, step, step_loss, grad_norm, bad):
-        idx = step_indices(step, self.n_rows, self.gbs, self.seed)
+        idx = step_indices(step, self.sources, self.gbs, self.seed)
         self.tokens += int(self.train.n_tokens[idx].sum())
         self.supervised += int(self.train.supervised[idx].sum())
         self.flops += float(self.flops_per_window[idx].sum())
@@ -1697,17 +1730,12 @@ class LogInterval:
         self.check(t, run.c["trainer.nonfinite"], run.last_checkpoint, self.last_read.skipped)
         mean = (t.loss_sum - self.last_read.loss_sum) / max(1.0, t.finite - self.last_read.finite)
         elapsed = time.perf_counter() - self.since
-        record = {
-            "step": done,
-            "loss": t.loss if math.isfinite(t.loss) else None,
-            "lr": lr,
-            "grad_norm": t.grad_norm if math.isfinite(t.grad_norm) else None,
-            "tokens_per_s": self.tokens / elapsed,
-            "supervised_tokens_per_s": self.supervised / elapsed,
-            "consumed_samples": done * self.gbs,
-            "epoch": done * self.gbs // self.n_rows,
-            "skipped_steps": int(t.skipped),
-        }
+        finite = {k: v if math.isfinite(v) else None for k, v in (("loss", t.loss), ("grad_norm", t.grad_norm))}
+        record = dict(
+            step=done, loss=finite["loss"], lr=lr, grad_norm=finite["grad_norm"], skipped_steps=int(t.skipped)
+        )
+        record.update(tokens_per_s=self.tokens / elapsed, supervised_tokens_per_s=self.supervised / elapsed)
+        record.update(consumed_samples=done * self.gbs, epoch=done * self.gbs // self.n_rows)
         memory = peak_memory_gib(run.device)
         if memory is not None:
             record["peak_memory_gib"] = memory
@@ -1741,10 +1769,9 @@ def train_step(run, loader):
 
 
 def apply_update(run, lr, grad_norm, bad):
-    """The clipped update, not applied where the step is not finite. On an accelerator the decision is taken on
-    the device (DeviceAdamW), so the host never waits for it; on the CPU, which has no device to wait for, the flag
-    is read so that torch's own AdamW runs unchanged. Under graph extraction (every value zero) nothing is
-    decided on the host either."""
+    """The clipped update, not applied where the step is not finite: decided on the device on an accelerator
+    (DeviceAdamW), so the host never waits; on the CPU, with no device to wait for, the flag is read and torch's own
+    AdamW runs. Under graph extraction (every value zero) nothing is decided on the host either."""
     if run.c["trainer.gradient_clip_val"]:  # as torch's clip_grad_norm_, on the device: no host synchronisation
         coef = torch.clamp(run.c["trainer.gradient_clip_val"] / (grad_norm + 1e-6), max=1.0)
         for p in run.params:
@@ -1760,9 +1787,9 @@ def apply_update(run, lr, grad_norm, bad):
 
 @contextlib.contextmanager
 def stop_requests():
-    """SIGTERM (a scheduler's preemption; torchrun passing one on) and Ctrl-C (SIGINT) are recorded in the yielded
-    list instead of ending the process, so the loop can finish its step and checkpoint; a second Ctrl-C stops at
-    once (exit 1, no traceback). The previous handlers return after."""
+    """SIGTERM (a scheduler's preemption, or torchrun passing one on) and Ctrl-C are recorded in the yielded list
+    instead of ending the process, so the loop finishes its step and checkpoints; a second Ctrl-C stops at once (exit 1,
+    no traceback). The previous handlers return after."""
     requests = []
 
     def request(signum, frame):
@@ -1782,10 +1809,9 @@ def stop_requests():
 
 def train_loop(run, stop):
     """Steps start..max_steps with logging, validation and run checkpoints. Device values are read only at log
-    intervals, before a checkpoint and at the end (LogInterval); a non-finite step is skipped on the device and,
-    with trainer.nonfinite=stop, stops the run at the next read. A stop request (`stop`, filled by stop_requests on
-    SIGTERM or Ctrl-C) on any rank ends the run after the current step with a checkpoint. Returns (the log interval
-    with the run's totals, the step the run stopped after or None)."""
+    intervals, before a checkpoint and at the end (LogInterval); a non-finite step is skipped on the device and, with
+    trainer.nonfinite=stop, stops the run at the next read. A stop request on any rank (`stop`, stop_requests) ends the
+    run after the step with a checkpoint. Returns (the log interval, the step stopped after or None)."""
     c, par = run.c, run.par
     max_steps, gbs = c["trainer.max_steps"], c["data.global_batch_size"]
     peak, peak_source = peak_flops(run.device, run.autocast, c["trainer.peak_tflops"])
@@ -1970,9 +1996,9 @@ def adapt_model(model, c, device, par):
 
 
 def open_run(run, where):
-    """The run directory (made by rank 0) and the state to resume from: fills run.optimizer, run.metrics,
-    run.start_step, run.skipped_steps and run.last_checkpoint. A new run saves its resolved config as config.yaml;
-    a resumed one keeps the original and appends to resumes.jsonl the step and the keys this launch changed."""
+    """The run directory (made by rank 0) and the state to resume from: fills run.optimizer, metrics, start_step,
+    skipped_steps and last_checkpoint. A new run saves its resolved config as config.yaml; a resumed one keeps it and
+    appends the step and the keys this launch changed to resumes.jsonl."""
     c, par, resume_from = run.c, run.par, where.checkpoint
     run.optimizer = make_optimizer(run.modules, c, run.device)
     if par.rank == 0:
@@ -2000,17 +2026,15 @@ def open_run(run, where):
         print(f"run directory: {run.dir}")
     resumed_at = run.start_step if resume_from else None
     run.metrics = Metrics(run.dir if par.rank == 0 else None, c["exp_manager.create_tensorboard_logger"], resumed_at)
+    if run.train.mix and not resume_from:
+        run.metrics.log({"step": 0, "data_mix": run.train.mix})
 
 
 def make_dirs(path):
     """mkdir -p that returns the directories it made, outermost first (so a failed start can remove them)."""
-    path, missing = Path(path), []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-    return missing[::-1]
+    missing = [p for p in (Path(path), *Path(path).parents) if not p.exists()][::-1]
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def run_evaluation(run, step, gen):
@@ -2085,18 +2109,18 @@ def main(argv=None):
     if args.dry_run:
         return dry_run(c, arch)
     if args.inspect_data:
-        tokenizer = load_tokenizer(c)
-        train = load_split(c["data.train_dir"], tokenizer, c, "train", None)
-        inspect_data(train.batch(range(min(args.inspect_data, len(train)))), tokenizer, args.inspect_data)
+        tokenizer, train = load_data(c, None, None)[:2]  # a mixture shows the windows of its first step
+        rows = range(len(train)) if train.mix is None else step_indices(0, train.sources, len(train), c["seed"])
+        inspect_data(train.batch(rows[: args.inspect_data]), tokenizer, args.inspect_data)
         return
     run, where = start_run(c, arch)
     train_run(run, where, paths)
 
 
 def start_run(c, arch):
-    """Everything a run needs before its first step, in the order that fails fastest: the device and process group,
-    the run directory (and whether this launch continues its run), the tokenizer and data (the most common source
-    of mistakes, prepared once for every later launch), then the model. Returns (the Run, its ResumePoint)."""
+    """Everything a run needs before its first step, in the order that fails fastest: device and process group, run
+    directory (and whether this launch continues it), tokenizer and data (the most common mistakes, prepared once for
+    every later launch), then the model. Returns (the Run, its ResumePoint)."""
     device, par = open_device(c, arch)
     where = resume_point(c, par)
     tokenizer, train, val, inputs = load_data(c, par, where)
@@ -2159,10 +2183,9 @@ def train_run(run, where, paths):
 
 
 # ------------------------------------------------------------------------------------------------ appendix
-# The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch of
-# this file is in that one section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the
-# pre-flight checks of --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages
-# (layout, records, shared).
+# The infrastructure the story above relies on: tensor parallelism, the devices (every device-specific branch is in
+# that section: a CPU or CUDA user may delete its XLA and Neuron parts), run checkpoints, the pre-flight checks of
+# --dry-run, the FLOP count of the MFU, and the blocks repeated identically in other stages (layout, records, shared).
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -2301,13 +2324,12 @@ def head_index(heads, hd, offset=0):
 
 
 class Parallel:
-    """This process's place in the run and the collectives the model needs.
-
-    `layout` says which heads each tensor-parallel rank holds. Ranks form tensor-parallel groups of consecutive ranks
-    (as in Megatron and NxD); data-parallel groups join the ranks with the same tensor-parallel rank; 'kv' groups join
-    the tensor-parallel ranks that hold copies of the same KV heads (kv_replicator > 1). Device collectives go through
-    the process group's backend (start_process_group, device_all_reduce); host data (strings, barriers, stop requests)
-    over a gloo group on the CPU in every case. In a single process every collective is the identity."""
+    """This process's place in the run and the collectives the model needs. `layout`: which heads each tensor-parallel
+    rank holds. Tensor-parallel groups are consecutive ranks (as in Megatron and NxD); data-parallel groups join ranks
+    of the same tensor-parallel rank; 'kv' groups join the tensor-parallel ranks holding copies of one KV head
+    (kv_replicator > 1). Device collectives go through the process group's backend (start_process_group,
+    device_all_reduce), host data (strings, barriers, stop requests) over a CPU gloo group. In a single process every
+    collective is the identity."""
 
     def __init__(self, layout, device, world=None, rank=None, connect=True):
         self.layout, tp = layout, layout.tp
@@ -2409,9 +2431,9 @@ class _ExitTPRegion(torch.autograd.Function):
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy over logits split by vocabulary across the TP group, without gathering them:
-    the max, the softmax denominator and the target's logit are each reduced over the group. Targets of
-    -100 (and padding) give 0 and no gradient. `start` (a device tensor) is this rank's first vocabulary row."""
+    """Per-token cross entropy over vocabulary-split logits, not gathered: the max, the softmax denominator and the
+    target's logit are reduced over the TP group. Targets -100 (padding too) give 0 and no gradient. `start` (a device
+    tensor): this rank's first vocabulary row."""
 
     @staticmethod
     def forward(ctx, logits, targets, par, start):
@@ -2472,13 +2494,10 @@ def efa_environment():
 
 
 def neuron_environment(c):
-    """The Neuron compiler and runtime settings of the tutorial, as environment variables (set before torch-xla
-    starts; a variable already set by the user wins; the configured compiler flags are added to
-    NEURON_CC_FLAGS unless already there, so that 04's launch and the training launch compile with the same
-    flags and share the cache). Harmless on XLA devices other than Trainium. Returns what it set.
-
-    Deliberately absent: BUCKET_CAP_MB (the bucket size of DDP's gradient all-reduce; this loop reduces one
-    flat gradient itself, so it would do nothing)."""
+    """The tutorial's Neuron compiler and runtime settings as environment variables (set before torch-xla starts; one
+    the user set wins; the configured compiler flags join NEURON_CC_FLAGS unless there, so that 04's launch and the
+    training launch compile alike and share the cache). Harmless on other XLA devices. Returns what it set. Deliberately
+    absent: BUCKET_CAP_MB (DDP's gradient all-reduce bucket size; this loop reduces one flat gradient itself)."""
     n = "xla.neuron."
     flags = c[n + "compiler_flags"]
     # The compiler casts fp32 matrix products to bf16 unless told not to: --auto-cast none keeps fp32 fp32, and with
@@ -2515,10 +2534,9 @@ def neuron_devices_present():
 
 
 def native_accelerator():
-    """The accelerator PyTorch itself reports (CUDA, TorchNeuron's `neuron`, XPU, ...), or None. TorchNeuron
-    registers its device when torch_neuronx is imported (the import fails on a host without Neuron devices).
-    Where torch-xla is installed, torch_neuronx is the trn1 XLA package, whose `neuron` device is not a
-    training backend: that host trains through XLA."""
+    """The accelerator PyTorch itself reports (CUDA, TorchNeuron's `neuron`, XPU, ...), or None. TorchNeuron registers
+    its device when torch_neuronx is imported (which fails without Neuron devices); where torch-xla is installed,
+    torch_neuronx is trn1's XLA package, whose `neuron` device does not train: that host trains through XLA."""
     xla = importlib.util.find_spec("torch_xla") is not None
     if importlib.util.find_spec("torch_neuronx") and not xla:
         with contextlib.suppress(Exception):
@@ -2530,11 +2548,10 @@ def native_accelerator():
 
 
 def pick_device(c):
-    """The device this process trains on. auto: the native accelerator PyTorch reports (CUDA, `neuron`, ...),
-    else XLA when torch-xla is importable, else the CPU, except on a host with Neuron devices but no usable
-    backend, which is refused. Under torchrun a CUDA process takes its LOCAL_RANK's GPU; TorchNeuron binds
-    a process to its cores from LOCAL_RANK itself, so `neuron` is given without an index; XLA assigns its
-    own device. Creates no tensor (the process group must come first on Neuron)."""
+    """The device this process trains on. auto: the native accelerator PyTorch reports (CUDA, `neuron`, ...), else XLA
+    when torch-xla imports, else the CPU, but a host with Neuron devices and no usable backend is refused. Under
+    torchrun a CUDA process takes its LOCAL_RANK's GPU; TorchNeuron binds a process to its cores from LOCAL_RANK itself
+    (no index); XLA assigns its own device. Creates no tensor (on Neuron the process group comes first)."""
     choice, native = c["trainer.accelerator"], native_accelerator()
     if choice == "auto":
         if native is not None:
@@ -2593,10 +2610,9 @@ def start_process_group(device):
 
 
 # The aten operators of a training step that a device must run with kernels of its own, each as the chain of calls
-# that reaches it ("mm>mm.out": mm's device-generic kernel calls mm.out, which a device must have unless it has a
-# kernel for mm itself); allocation, strided views and reading a value to the host, without which nothing runs at
-# all, are left out. tests/test_accelerator.py traces a real step (TP 1 and 2, fp32 and autocast, every feature,
-# attention through SDPA's math path, which every device can take) and fails when this list is stale.
+# reaching it ("mm>mm.out": mm's device-generic kernel calls mm.out, needed unless the device has a kernel for mm);
+# allocation, strided views and host reads, without which nothing runs, are left out. tests/test_accelerator.py traces
+# a real step (TP 1 and 2, fp32 and autocast, every feature, SDPA's math path) and fails when this list is stale.
 STEP_OPS = """
 _log_softmax>_log_softmax.out _log_softmax_backward_data>_log_softmax_backward_data.out
 _safe_softmax>all.dim>all.out _safe_softmax>isneginf>isneginf.out _safe_softmax>where.self_out
@@ -2637,14 +2653,21 @@ def self_check(device, par):
             problem = probe()
         except Exception as e:
             problem = f"{type(e).__name__}: {e}".splitlines()[0]
-        if problem:
-            raise StageError(f"device self-check on {device}: {what}: {problem}; found {sdk_versions()}")
+        if problem:  # with the versions of the software the device runs on
+            installed = {d.metadata["Name"].lower(): d.version for d in importlib.metadata.distributions()}
+            found = [
+                f"{p} {installed[p]}"
+                for p in "torch torch-xla torch-neuronx neuronx-cc libneuronxla".split()
+                if p in installed
+            ]
+            cuda = [f"CUDA {torch.version.cuda}"] if torch.version.cuda else []
+            raise StageError(f"device self-check on {device}: {what}: {problem}; found {', '.join(found + cuda)}")
 
 
 def fallback_ops(key, ops=STEP_OPS):
-    """The operators among `ops` that dispatch key `key` would run through its backend fallback (on the CPU) or not
-    at all. An entry "A>B" is an operator B that the device-generic kernel of A calls: needed only where no operator
-    before it in the chain has a kernel of the device's own."""
+    """The operators among `ops` that dispatch key `key` would run through its backend fallback (on the CPU) or not at
+    all. "A>B": an operator B that A's device-generic kernel calls, needed only where no operator before it in the chain
+    has a kernel of the device's own."""
 
     def kernel(name):  # how the dispatcher runs `name` for the key, as its dispatch table says
         for line in torch._C._dispatch_dump_table(name).splitlines():
@@ -2677,21 +2700,10 @@ def collectives_problem(par, device, ranks):
     return f"sum {total.tolist()}, gathered {gathered.tolist()}; expected {ranks.sum().item()} and {ranks.tolist()}"
 
 
-def sdk_versions():
-    """The versions of the software the device runs on, for the self-check's message."""
-    from importlib import metadata
-
-    found = []
-    for package in ("torch", "torch-xla", "torch-neuronx", "neuronx-cc", "libneuronxla"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found.append(f"{package} {metadata.version(package)}")
-    return ", ".join(found + ([f"CUDA {torch.version.cuda}"] if torch.version.cuda else []))
-
-
 def device_all_reduce(x, groups, handle, op):
-    """Sum (or max) of x over a group: torch-xla's all-reduce over the replica `groups` on XLA, else
-    torch.distributed's over the subgroup `handle`, a 0-d tensor travelling as one element (TorchNeuron's
-    collectives take 1-element tensors, as its examples use). A new tensor."""
+    """Sum (or max) of x over a group: torch-xla's all-reduce over the replica `groups` on XLA, else torch.distributed's
+    over the subgroup `handle`, a 0-d tensor as one element (TorchNeuron's collectives take 1-element tensors). A new
+    tensor."""
     if x.device.type == "xla":
         import torch_xla.core.xla_model as xm
 
@@ -2739,13 +2751,12 @@ def extracting_graphs():
 
 def attention_mode(c, device):
     """How packed rows attend (model.attention), resolved for this device:
-    blocks  each block of queries against only the keys its documents can reach (host-computed spans, so a
-            new shape per batch): the CPU default, fastest there (bench/train_bench.py);
-    masked  SDPA over the whole row with the block-diagonal causal mask: one static shape, any device (the
-            default on CUDA and XLA; on TorchNeuron an explicit mask may leave the fused attention kernel
-            for an unfused path, the price of packing there);
-    causal  SDPA's causal kernel without a mask (Neuron's fused kernel, CUDA's flash kernel): exact only when
-            each row holds one document, so only without packing (the default on `neuron` then)."""
+    blocks  each block of queries against only the keys its documents can reach (host-computed spans, a new shape
+            per batch): the CPU default, fastest there (bench/train_bench.py);
+    masked  SDPA over the whole row with the block-diagonal causal mask: one static shape, any device (the default
+            on CUDA and XLA; on TorchNeuron a mask may leave the fused kernel for an unfused one, packing's price);
+    causal  SDPA's causal kernel, no mask (Neuron's fused kernel, CUDA's flash kernel): exact only with one document
+            per row, so only without packing (the default on `neuron` then)."""
     mode, packing = c["model.attention"], c["model_alignment_strategy.sft.packing"]
     fixed = compiles_per_shape(device) or c["trainer.compile"]
     if mode == "auto":
@@ -2804,11 +2815,11 @@ def device_loader(batches, device):
 
 
 def prefetched(batches, device, pin):
-    """The batches on the device, each copy issued one batch ahead of its use so that it overlaps the step before
-    it; from pinned host memory (where an accelerator can pin it) with non_blocking copies, which the host does not
-    wait for. A copy reads its host batch after the call has returned, and not every device's allocator keeps pinned
-    memory alive for a pending copy as CUDA's does, so each host batch is held until an event recorded after its copy
-    has passed (looked at without waiting), or, where the device has no events, for the next few batches."""
+    """The batches on the device, each copy issued one batch ahead to overlap the step before, from pinned host memory
+    (where an accelerator can pin) with non_blocking copies. A copy reads its host batch after the call returns, and not
+    every allocator keeps pinned memory alive for a pending copy as CUDA's does, so each host batch is held until an
+    event recorded after its copy has passed (looked at without waiting), or, without events, for the next few
+    batches."""
     pin = pin and torch.accelerator.is_available()
     held = collections.deque()  # (event after the copy or None, its host batch), oldest first
 
@@ -2846,11 +2857,10 @@ def copy_event(device):
 
 
 def upload_optimizer_state(optimizer, device):
-    """On XLA, the restored AdamW state as a fresh run holds it, so that the update graph is the one the fresh run
-    (and 04) compiled: each tensor a device buffer of its own, made in the fresh run's order (a graph's outputs are
-    ordered by when their tensors were made). torch-xla uploads a 0-d tensor only when a graph first reads it,
-    keeping one buffer per value (and making 0 and 1 constants), so equal step counts, or a count equal to another
-    scalar such as the LoRA+ ratio, would otherwise reach the update as one merged input."""
+    """On XLA, the restored AdamW state as a fresh run holds it, so that the update graph is the one the fresh run (and
+    04) compiled: each tensor its own device buffer, made in the fresh run's order (a graph's outputs follow the order
+    their tensors were made). torch-xla uploads a 0-d tensor when a graph first reads it, one buffer per value, so equal
+    step counts, or a count equal to the LoRA+ ratio say, would reach the update as one merged input."""
     if device.type != "xla":
         return
     import torch_xla.core.xla_model as xm
@@ -2905,12 +2915,11 @@ def set_rng_states(states, device):
 
 
 def seed_dropout(seed, par, device):
-    """Dropout masks: a different stream on each data-parallel replica, the same on the tensor-parallel ranks of
-    one replica (they must drop alike). Called once the process group exists. The host generator: the ranks of
-    replica 0 go on with the stream `seed` started (LoRA's initialisation drew from it, alike on every rank), the
-    others restart it at seed + dp_rank. The device's own generator is seeded explicitly on every rank with seed +
-    dp_rank: torch.manual_seed never reaches torch-xla's, and reaches TorchNeuron's only when its backend happened to
-    be loaded before it ran. (Both are saved and restored with the run checkpoints.)"""
+    """Dropout masks: a different stream per data-parallel replica, the same on a replica's tensor-parallel ranks (they
+    must drop alike); called once the process group exists. Host generator: replica 0 goes on with the stream `seed`
+    started (LoRA's initialisation drew from it alike everywhere), the others restart at seed + dp_rank. The device
+    generator is seeded on every rank with seed + dp_rank: torch.manual_seed never reaches torch-xla's, and reaches
+    TorchNeuron's only if its backend loaded before. (Both are saved with run checkpoints.)"""
     if par.dp_rank:
         torch.manual_seed(seed + par.dp_rank)
     if device.type == "xla":
@@ -2937,9 +2946,9 @@ def compile_layers(model, device):
 
 
 def compile_counts(device, compiled):
-    """What has been compiled so far, for the metrics: on XLA the graphs compiled, graph executions and device reads of
-    this process; with trainer.compile torch.compile's graphs. A count that grows after the first steps is a recompile
-    (or, on XLA, a step that runs more graphs than it should, or reads the device)."""
+    """What has been compiled so far, for the metrics: on XLA this process's graphs compiled, graph executions and
+    device reads; with trainer.compile torch.compile's graphs. A count growing after the first steps is a recompile (or,
+    on XLA, a step running more graphs than it should, or reading the device)."""
     if device.type == "xla":
         import torch_xla.debug.metrics as met
 
@@ -2971,14 +2980,10 @@ def cpu_fallback_ops(device):
 # 47.5 FP32 TFLOPS and 32 GiB; trn2, 4 logical cores per chip (LNC 2, the default) at 667 / 181 and 96 GiB;
 # trn3, 4 logical cores per chip at 671 / 183 and 144 GiB. (bf16 TFLOPS, fp32 TFLOPS, GiB) per core.
 NEURONCORE = {"trn1": (95, 23.75, 16), "trn2": (166.75, 45.25, 24), "trn3": (167.75, 45.75, 36)}
-DATASHEET_TFLOPS = {
-    "H200": (989, 67),
-    "H100": (989, 67),
-    "A100": (312, 19.5),
-    "L40S": (362, 91.6),
-    "A10G": (125, 31.2),
-    "L4": (121, 30.3),
-}  # dense (bf16 tensor core, fp32) per GPU
+# dense (bf16 tensor core, fp32) TFLOPS per GPU
+DATASHEET_TFLOPS = dict(
+    H200=(989, 67), H100=(989, 67), A100=(312, 19.5), L40S=(362, 91.6), A10G=(125, 31.2), L4=(121, 30.3)
+)
 
 
 def logical_cores_per_core(gen):
@@ -3089,17 +3094,10 @@ def save_run_checkpoint(run, done, skipped):
     """A run checkpoint after step `done`, written by every rank (a collective) under step_N.tmp and renamed when
     complete; the last save_top_k complete ones are kept. Rank 0 writes the PEFT adapter, then trainer_state.json."""
     c, par, gbs = run.c, run.par, run.c["data.global_batch_size"]
-    state = {
-        "step": done,
-        "consumed_samples": done * gbs,
-        "skipped_steps": skipped,
-        "data": {"seed": c["seed"], "next_step": done, "windows": len(run.train), "global_batch_size": gbs},
-        "schedule": {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)},
-        "tensor_parallel": par.tp,
-        "data_parallel": par.dp,
-        "metrics_lines": run.metrics.lines,
-        "inputs": run.inputs,
-    }
+    state = dict(step=done, consumed_samples=done * gbs, skipped_steps=skipped, tensor_parallel=par.tp)
+    state.update(data_parallel=par.dp, metrics_lines=run.metrics.lines, inputs=run.inputs)
+    state["data"] = {"seed": c["seed"], "next_step": done, "windows": len(run.train), "global_batch_size": gbs}
+    state["schedule"] = {"name": c["model.optim.sched.name"], "next_lr": lr_at(done, c)}
     lora, root = gather_lora(run.modules, par), run.dir / "checkpoints"
     final = root / f"step_{done:07d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -3115,11 +3113,8 @@ def save_run_checkpoint(run, done, skipped):
     par.barrier()
     if par.rank == 0:
         export_peft_adapter(lora, run.arch, c, tmp / "adapter")
-        files = {
-            str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-            for f in sorted(tmp.rglob("*"))
-            if f.is_file()
-        }
+        written = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in written}
         (tmp / "trainer_state.json").write_text(json.dumps(dict(state, files=files), indent=1) + "\n")
         for f in [*tmp.rglob("*"), tmp]:
             fsync_path(f)
@@ -3156,9 +3151,8 @@ def checkpoint_problem(path):
 
 
 def own_checkpoints(root):
-    """The checkpoint directories this stage writes under `root`, oldest first: step_<digits>, and step_<digits>.tmp
-    while one is written. Anything else there (a copy of yours, step_0000100_best say) is never rotated, resumed from
-    or removed."""
+    """The checkpoint directories this stage writes under `root`, oldest first: step_<digits> (.tmp while written);
+    anything else (a copy of yours, step_0000100_best say) is never rotated, resumed from or removed."""
     found = [(int(m[1]), p) for p in Path(root).glob("step_*") if (m := re.fullmatch(r"step_(\d+)(\.tmp)?", p.name))]
     return [p for _, p in sorted(found)]
 
@@ -3200,11 +3194,11 @@ FINISHED = "final/adapter/adapter_config.json"  # a finished run's last file (ex
 
 
 def resume_point(c, par):
-    """Where this launch runs, decided by rank 0 before the model loads and shared with every rank: the run
-    directory (explicit_log_dir, or with exp_manager.resume_if_exists the newest unfinished run of this experiment
-    that holds a checkpoint, else a new one), the checkpoint to resume from, and what the launch changes. Nothing
-    is created here; a directory that is not a run of this stage, and a resume that would not continue the same
-    run, are refused (the content of its files is compared later, once the data is prepared: same_inputs)."""
+    """Where this launch runs, decided by rank 0 before the model loads and shared with every rank: the run directory
+    (explicit_log_dir, or with exp_manager.resume_if_exists the newest unfinished run of this experiment with a
+    checkpoint, else a new one), the checkpoint to resume from, and what the launch changes. Nothing is created; a
+    directory that is no run of this stage, or a resume that would not continue the same run, is refused (contents are
+    compared once the data is prepared: same_inputs)."""
     where = None
     if par is None or par.rank == 0:
         key = "exp_manager.explicit_log_dir" if c["exp_manager.explicit_log_dir"] else "exp_manager.exp_dir"
@@ -3238,15 +3232,14 @@ def resume_point(c, par):
 
 
 # Where a launch runs (resume_point): its run directory, the run checkpoint it resumes from (None: a new run), the
-# resumable keys it changes ({key: [saved, now]}) and whether it starts again from step 0 a run that has no complete
-# checkpoint.
+# resumable keys it changes ({key: [saved, now]}), whether it restarts from step 0 a run without a complete checkpoint.
 ResumePoint = collections.namedtuple("ResumePoint", "dir checkpoint changed restart")
 
 
 def run_inputs(c, train, val):
-    """What a run trains on beyond its config values, by content: the data files, the tokenizer and the base
-    model (03's manifest.json lists every shard's sha256; a checkpoint without one, from NxD's own converter,
-    by its shard sizes). Keyed by the config key that names each; saved with every run checkpoint."""
+    """What a run trains on beyond its config, by content: the data files, the tokenizer and the base model (03's
+    manifest.json lists every shard's sha256; without one, from NxD's own converter, the shard sizes), keyed by the
+    config key naming each; saved with every run checkpoint."""
     base_dir = Path(c["exp_manager.resume_from_checkpoint"])
     manifest = base_dir / "manifest.json"
     shards = {p.name: p.stat().st_size for p in sorted((base_dir / "model").glob("*.pt"))}
@@ -3297,9 +3290,8 @@ def not_the_same_run(run_dir, changes):
 
 
 # ------------------------------------------------------------------------------------------------ pre-flight
-# What the Neuron runtime holds on a NeuronCore besides the program's tensors: model code (with 96 MB of
-# micro-code per physical core), scratchpad, DMA rings and collective buffers (Neuron docs, "Neuron device
-# memory"). No fixed figure is published; 1 GiB is this estimate's allowance.
+# What the Neuron runtime holds on a NeuronCore besides the program's tensors: code (96 MB of micro-code per physical
+# core), scratchpad, DMA rings, collective buffers ("Neuron device memory"); none published: 1 GiB is our allowance.
 NEURON_RUNTIME_RESERVE_GIB = 1.0
 ESTIMATE_ERROR = 0.2  # how far the estimate typically is from the measured peak (the dry run warns within it)
 
@@ -3325,14 +3317,12 @@ def check_shards(c, arch):
 
 
 def memory_estimate(arch, c, tp, supervised_per_row, trainium):
-    """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, all fp32),
-    activations of one micro-batch with and without per-layer checkpointing, and on Trainium (XLA or
-    TorchNeuron) the Neuron runtime's own reserve. Activations count what autograd keeps per layer (norm outputs,
-    q/k/v, attention output, the MLP's gate/up/product) at the compute dtype, the fp32 residual kept for each
-    RMSNorm, LoRA A's fp32 outputs and, with LoRA dropout, each adapted input's dropped copy and its keep mask, the
-    attention matrix where no fused attention kernel is used (Trainium with a mask), the boolean document mask, and
-    the fp32 logits, softmax and gradient of the output layer at the positions that get logits. An estimate,
-    typically within 20%; allocator fragmentation comes on top."""
+    """Bytes per rank, by component: frozen base shard, LoRA (weights, gradients, AdamW moments, fp32), activations of
+    one micro-batch with and without per-layer checkpointing, and on Trainium the Neuron runtime's reserve. Activations
+    count what autograd keeps per layer (norm outputs, q/k/v, attention output, gate/up/product) at the compute dtype,
+    each RMSNorm's fp32 residual, LoRA A's fp32 outputs, with LoRA dropout each adapted input's dropped copy and mask,
+    the attention matrix where no fused kernel runs (Trainium with a mask), the document mask, and the output layer's
+    fp32 logits, softmax and gradient where logits are computed. Typically within 20%; fragmentation comes on top."""
     par = Parallel(layout_of(c, arch), torch.device("meta"), world=tp, rank=0, connect=False)
     with torch.device("meta"):
         model = Llama(arch, par=par)
@@ -3367,17 +3357,27 @@ def memory_estimate(arch, c, tp, supervised_per_row, trainium):
 
 
 def dry_run(c, arch):
-    """The plan of a run, and every check its inputs allow now; StageError on the first problem. It needs only
-    model.model_config: the tokenizer and data, and the converted checkpoint, are checked where they exist and
-    named as skipped where they do not (memory is then planned with every position supervised). It plans for the
-    configured device from any host, opening none: trn1 with trainer.accelerator=xla (the checkpoint's
-    hw_backend), trn2/trn3 with neuron, with their datasheet memory. A run directory that a launch would refuse
-    (a finished run, say) is reported after the plan."""
+    """The plan of a run, and every check its inputs allow now; StageError on the first problem. Only model.model_config
+    is needed: tokenizer, data and converted checkpoint are checked where they exist, named as skipped where not (memory
+    then planned with every position supervised). It plans for the configured device from any host, opening none: trn1
+    with trainer.accelerator=xla (the checkpoint's hw_backend), trn2/trn3 with neuron. A run directory a launch would
+    refuse (a finished run, say) is reported after the plan."""
     try:
         where, refusal = resume_point(c, None), None
     except StageError as e:
         where, refusal = None, e
-    supervised_per_row, skipped = planned_data(c, where)
+    # the most supervised positions of a training window: from the prepared data where tokenizer and data exist (a
+    # broken tokenizer is refused as a run refuses it), else every position
+    data, tok_dir = as_list(c["data.train_dir"]), Path(c["data.tokenizer.type"])
+    supervised_per_row, skipped = c["data.seq_length"], []
+    if tok_dir.exists():
+        load_tokenizer(c)
+    if tok_dir.exists() and all(Path(p).exists() for p in data):
+        supervised_per_row = int(load_data(c, None, where)[1].supervised.max())
+    else:
+        skipped.append(
+            f"tokenizer and data ({tok_dir}, {', '.join(data)}): not both there yet (planned: all supervised)"
+        )
     base_dir, tp = Path(c["exp_manager.resume_from_checkpoint"]), c["distributed_strategy.tensor_model_parallel_size"]
     if any((base_dir / "model").glob("*.pt")):
         dtype = check_shards(c, arch)
@@ -3433,19 +3433,6 @@ def fits(c, plain, checkpointed, limit):
     )
 
 
-def planned_data(c, where):
-    """(the most supervised positions of a training window, what was skipped) for the plan: the tokenizer where its
-    directory exists (one that is broken is refused as a real run refuses it), and the data, prepared, where both
-    exist."""
-    data, tok_dir = c["data.train_dir"], Path(c["data.tokenizer.type"])
-    if tok_dir.exists() and Path(data).exists():
-        return int(load_data(c, None, where)[1].supervised.max()), []
-    if tok_dir.exists():
-        load_tokenizer(c)
-    why = f"tokenizer and data ({tok_dir}, {data}): not there yet, so memory is planned with every position"
-    return c["data.seq_length"], [why + " supervised"]
-
-
 def totals_gib(est):
     """(GiB without activation checkpointing, GiB with it) of a memory_estimate."""
     fixed = est["frozen base"] + est["LoRA weights, gradients, AdamW"] + est["runtime reserve"]
@@ -3453,13 +3440,10 @@ def totals_gib(est):
 
 
 def print_plan(c, arch, supervised_per_row, trainium, limit):
-    """Memory per rank over every tensor-parallel size the model's heads allow (KV heads copied where TP exceeds
-    them), without and with activation checkpointing, marked by whether it fits the device (with the estimate's
-    error) - the choice of TP before anything is converted."""
-    print(
-        f"plan: memory per rank over tensor-parallel sizes (GiB; fits: under {limit:.2f} with the estimate's "
-        f"{ESTIMATE_ERROR:.0%} error, tight: within it, no: over)"
-    )
+    """Memory per rank over every tensor-parallel size the heads allow (KV heads copied where TP exceeds them), without
+    and with activation checkpointing, marked by whether it fits the device with the estimate's error: the choice of TP
+    before anything is converted."""
+    print(f"plan: GiB per rank by tensor-parallel size (fits: under {limit:.2f} with {ESTIMATE_ERROR:.0%} to spare)")
     print("    TP  kv_replicator  without checkpointing  with checkpointing")
     mark = lambda gib: "fits" if gib * (1 + ESTIMATE_ERROR) <= limit else "tight" if gib <= limit else "no"  # noqa: E731
     for tp in range(1, arch.heads + 1):
@@ -3502,10 +3486,9 @@ INSTANCE_CHIPS = {"trn1": 16, "trn2": 16}  # trn1.32xlarge, trn2.48xlarge
 
 # ------------------------------------------------------------------------------------------------ smoke run
 # `--smoke`: the whole device path of a run on a tiny random Llama built in memory, against the same run on the CPU in
-# fp32, so a new platform is judged in minutes, before a long compile of the real model. The runs go through main's
-# own functions; only the weights are drawn instead of loaded, and the data is random documents. Its settings, which
-# overrides may change (the layout is chosen from the launched world size: DP 2 from 4 even ranks, the rest TP, each
-# KV head on two ranks):
+# fp32: a new platform judged in minutes, before a long compile of the real model. The runs go through main's own
+# functions; only the weights are drawn, not loaded, and the data is random documents. Its settings, which overrides
+# may change (the layout follows the world size: DP 2 from 4 even ranks, the rest TP, each KV head on two ranks):
 SMOKE_SETTINGS = """\
 name: smoke
 seed: 1234
@@ -3515,8 +3498,9 @@ exp_manager: {exp_dir: ., explicit_log_dir: null, resume_from_checkpoint: ., cre
   resume_if_exists: true, checkpoint_callback_params: {every_n_train_steps: 2, save_top_k: 2}}
 distributed_strategy: {tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1, kv_replicator: 1,
   hw_backend: trn1}
-data: {train_dir: ., val_dir: ., dev_choose_samples: null, seq_length: 64, micro_batch_size: 1, global_batch_size: 2,
-  prompt_format: raw, truncation: truncate, cache_dir: null, tokenizer: {type: .}}
+data: {train_dir: ., mix: null, val_dir: ., dev_choose_samples: null, seq_length: 64, micro_batch_size: 1,
+  global_batch_size: 2, prompt_format: raw, truncation: truncate, train_reasoning: true, cache_dir: null,
+  tokenizer: {type: .}}
 model: {model_config: ., hf_weights_dir: ., fuse_qkv: false, weight_init_only: true, activations_checkpoint: false,
   activations_checkpoint_layers: null, attention: auto, optim: {lr: 0.01, weight_decay: 0.01, betas: [0.9, 0.999],
   eps: 1.0e-6, loraplus_lr_ratio: 4, sched: {name: linear, warmup_steps: 1, max_steps: null, min_lr: 0.0}}}
@@ -3530,10 +3514,10 @@ xla: {cache_dir: null, neuron: {compiler_flags: --model-type transformer, compil
 """
 # How far the device may be from the CPU's fp32 run, relatively (|device - cpu| / |cpu|; for the adapter the largest
 # ||device - cpu|| / ||cpu|| over its tensors), per precision; a resumed run repeats the uninterrupted one. fp32: 10x
-# and more above what XLA's CPU device and TP 2 x DP 2 under gloo give (1e-7 .. 1e-5). bf16 autocast: about 5 to 10x
-# the largest that the CPU's own bf16 gives over seeds and layouts (loss 5e-4, grad_norm 8e-3, adapter 0.16; Adam's
-# first steps move a weight by about the learning rate whatever its gradient's size, so a gradient that bf16 rounds
-# to the other sign moves its weight the other way), far below what a wrong layout or reduction gives (about 1).
+# and more above what XLA's CPU device and TP 2 x DP 2 under gloo give (1e-7 .. 1e-5). bf16 autocast: 5 to 10x the
+# largest the CPU's own bf16 gives over seeds and layouts (loss 5e-4, grad_norm 8e-3, adapter 0.16: Adam's first steps
+# move a weight by about the learning rate, so a gradient bf16 rounds to the other sign moves it the other way), far
+# below what a wrong layout or reduction gives (about 1).
 SMOKE_TOLERANCE = {
     "fp32": {"loss": 1e-4, "grad_norm": 1e-3, "val_loss": 1e-4, "adapter": 1e-3},
     "autocast": {"loss": 5e-3, "grad_norm": 5e-2, "val_loss": 5e-3, "adapter": 5e-1},
@@ -3542,9 +3526,8 @@ SMOKE_TOLERANCE = {
 
 
 def smoke(args):
-    """Two runs on the device (4 steps with validations and checkpoints, then, in this process, a resume from its
-    step 2) and the same run on the CPU in fp32; prints the table of checks and the time of each part, and fails if
-    a check does."""
+    """Two runs on the device (4 steps with validations and checkpoints, then, in this process, a resume from step 2)
+    and the same run on the CPU in fp32; prints the checks and each part's time, and fails if a check does."""
     if args.config:
         raise StageError("--smoke builds its own model and settings: give it overrides only, no --config")
     c, arch = smoke_settings(args.overrides)
@@ -3575,7 +3558,14 @@ def smoke(args):
             times[part] = time.perf_counter() - started
     failed = 0
     if par.rank == 0:
-        rows = smoke_checks(c, runs[0], runs[1], runs[2]) + device_rows(c, device, runs[0], runs[1])
+        rows = smoke_checks(c, runs[0], runs[1], runs[2])
+        key = "xla_compiles" if device.type == "xla" else "compiled_graphs" if c["trainer.compile"] else None
+        if key:  # what must stay at zero: graphs the resumed run compiled anew, operators run on the CPU
+            new = runs[1][0][-1][key] - runs[0][0][-1][key]
+            rows.append(("resumed: graphs compiled anew", new, 0, float(new), 0.0))
+        if device.type in ("xla", "neuron"):
+            fallbacks = cpu_fallback_ops(device)
+            rows.append(("operators run on the CPU", ", ".join(fallbacks) or "none", "none", len(fallbacks), 0.0))
         failed = print_smoke(rows, times, runs[0][0], data[0], c)
     if par.any_rank(failed):
         print(f"smoke run: {scratch} keeps the runs and smoke.log")
@@ -3664,20 +3654,6 @@ def smoke_checks(c, whole, resumed, reference):
     return rows
 
 
-def device_rows(c, device, whole, resumed):
-    """Rows of what must stay at zero: graphs the resumed run compiled anew (XLA, trainer.compile), and operators
-    torch-xla ran on the CPU."""
-    key = "xla_compiles" if device.type == "xla" else "compiled_graphs" if c["trainer.compile"] else None
-    rows = []
-    if key:
-        new = resumed[0][-1][key] - whole[0][-1][key]
-        rows.append(("resumed: graphs compiled anew", new, 0, float(new), 0.0))
-    if device.type in ("xla", "neuron"):
-        fallbacks = cpu_fallback_ops(device)
-        rows.append(("operators run on the CPU", ", ".join(fallbacks) or "none", "none", len(fallbacks), 0.0))
-    return rows
-
-
 def print_smoke(rows, times, records, train, c):
     """The table of checks, then the time of each part, the device run's first step (which compiles) apart from a
     later one; returns the number of failed checks."""
@@ -3690,7 +3666,7 @@ def print_smoke(rows, times, records, train, c):
         print(f"{check:<32} {got:>12} {want:>12} {diff:>10.1e} {tolerance:>9.0e}  {ok}")
     gbs, steps = c["data.global_batch_size"], [r for r in records if "loss" in r]
     seconds = [
-        float(train.n_tokens[step_indices(r["step"] - 1, len(train), gbs, c["seed"])].sum()) / r["tokens_per_s"]
+        float(train.n_tokens[step_indices(r["step"] - 1, train.sources, gbs, c["seed"])].sum()) / r["tokens_per_s"]
         for r in steps
     ]
     parts = list(times.items())
@@ -3706,20 +3682,20 @@ def print_smoke(rows, times, records, train, c):
 # ------------------------------------------------------------------------------------------------ throughput
 def window_flops(windows, arch):
     """Model FLOPs of training on each window, LoRA convention: 4 x weights per token (forward + input-gradient
-    backward; frozen weights get no weight-gradient GEMM; LoRA's own small GEMMs are not counted); the output layer
-    only at supervised positions, the only ones that get logits here; plus attention (QK^T and AV, forward and
-    backward) over the keys each token really attends to: its own document so far. Padding is not counted."""
+    backward; frozen weights get no weight-gradient GEMM; LoRA's small GEMMs uncounted), the output layer at supervised
+    positions only (the only ones with logits), plus attention (QK^T, AV, forward and backward) over the keys each token
+    attends to. Padding is not counted."""
     h, hd, heads, kv = arch.hidden, arch.head_dim, arch.heads, arch.kv_heads
     body = arch.layers * (h * (heads + 2 * kv) * hd + heads * hd * h + 3 * h * arch.inter)
-    return (
-        4.0 * body * windows.n_tokens
-        + 4.0 * h * arch.vocab * windows.supervised
-        + 3.0 * 4 * arch.layers * heads * hd * windows.keys
-    )
+    attention = 3.0 * 4 * arch.layers * heads * hd * windows.keys
+    return 4.0 * body * windows.n_tokens + 4.0 * h * arch.vocab * windows.supervised + attention
 
 
 # ------------------------------------------------------------------------------------------------ records
 # The parts of stage 01's record reader that 05 uses on the records 01 wrote (the same text, tests/test_config.py).
+MESSAGE_KEYS = dict(system="", user="", assistant="tool_calls reasoning_content train", tool="tool_call_id name")
+
+
 class BadRecord(Exception):
     """A record that cannot be trained on: `kind` is a short category (counted in 01's manifest), `reason` the
     whole explanation."""
@@ -3751,43 +3727,66 @@ def parse_row(item):
     return item
 
 
-def check_conversation(messages):
-    """The messages of a conversation, checked: role and content (and, on an assistant turn, an optional boolean
-    "train"), a system turn first if any, a user turn before the first assistant turn, no empty turn, and an
-    assistant turn last that trains."""
+def check_conversation(messages, tools=None):
+    """The record {"messages": [...], "tools": [...] (when given)} of a conversation, checked. A message holds its
+    role, content and the keys MESSAGE_KEYS allows it: an assistant's "tool_calls" (which may stand for its content),
+    "reasoning_content" and a boolean "train"; a tool result's "tool_call_id" and "name" (check_function for calls
+    and tools). A system turn comes first if any, a user turn before the first assistant turn, a tool result after a
+    tool call, no turn is empty, and an assistant turn that trains ends it."""
+
+    def bad(why, kind="bad conversation"):
+        return BadRecord(kind, why)
+
     if not isinstance(messages, list) or not messages:
-        raise BadRecord("bad conversation", "a conversation must be a non-empty list of messages")
+        raise bad("a conversation must be a non-empty list of messages")
     # columnar files hold null for a key that some messages lack
     messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
     for i, m in enumerate(messages, start=1):
-        if not isinstance(m, dict) or not {"role", "content"} <= set(m) <= {"role", "content", "train"}:
-            found = sorted(m) if isinstance(m, dict) else type(m).__name__
-            raise BadRecord(
-                "bad conversation", f"message {i} must have 'role' and 'content' (and optionally 'train'), got {found}"
+        role = m.get("role") if isinstance(m, dict) else f"none: a {type(m).__name__}, not an object"
+        if role not in MESSAGE_KEYS:
+            raise bad(f"message {i}: unknown role {role!r} (known: {', '.join(MESSAGE_KEYS)})")
+        allowed, previous = MESSAGE_KEYS[role].split(), messages[i - 2] if i > 1 else {}
+        if not set(m) - {"role", "content"} <= set(allowed) or not {"content", "tool_calls"} & set(m):
+            raise bad(
+                f"message {i} ({role}) must have 'content', and may have {allowed or 'nothing else'}: {sorted(m)}"
             )
-        if m["role"] not in ("system", "user", "assistant"):
-            raise BadRecord("bad conversation", f"message {i}: unknown role {m['role']!r} (system, user, assistant)")
-        if not isinstance(m["content"], str):
-            raise BadRecord(
-                "bad conversation", f"message {i}: content must be a string, got {type(m['content']).__name__}"
-            )
-        if not m["content"].strip():
-            raise BadRecord("empty turn", f"message {i} ({m['role']}) is empty")
-        if m["role"] == "system" and i != 1:
-            raise BadRecord("bad conversation", f"message {i}: a system message may only come first")
-        if "train" in m and (m["role"] != "assistant" or not isinstance(m["train"], bool)):
-            raise BadRecord("bad conversation", f"message {i}: 'train' must be true or false, on an assistant turn")
+        for key in ("content", "reasoning_content", "tool_call_id", "name"):
+            if not isinstance(m.get(key, ""), str):
+                raise bad(f"message {i}: {key} must be a string, got {type(m[key]).__name__}")
+        if not (m.get("content", "").strip() or m.get("tool_calls") or role == "tool"):
+            raise bad(f"message {i} ({role}) is empty", "empty turn")
+        if role == "system" and i != 1:
+            raise bad(f"message {i}: a system message may only come first")
+        if role == "tool" and previous.get("role") != "tool" and "tool_calls" not in previous:
+            raise bad(f"message {i}: a tool result must follow a tool call or a result")
+        if not isinstance(m.get("train", True), bool):
+            raise bad(f"message {i}: 'train' must be true or false")
+        calls = m.get("tool_calls", [])  # a list of one call or more
+        for k, call in enumerate(calls if isinstance(calls, list) and (calls or "tool_calls" not in m) else [calls], 1):
+            check_function(call, f"message {i}: tool call {k}", {"id"})
+    if not isinstance(tools, list | None):
+        raise bad(f"'tools' must be a list of tool schemas, got {type(tools).__name__}", "bad tool")
+    for k, tool in enumerate(tools or [], start=1):
+        check_function(tool, f"'tools' item {k}", set())
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
-        raise BadRecord("no assistant turn", "a conversation without an assistant turn has nothing to train on")
+        raise bad("a conversation without an assistant turn has nothing to train on", "no assistant turn")
     if roles[-1] != "assistant":
-        raise BadRecord("ends on a user turn", f"the conversation ends on a {roles[-1]} turn, after its last answer")
-    first = next(r for r in roles if r != "system")
-    if first != "user":
-        raise BadRecord("bad conversation", "the first turn after the system message must be the user's")
+        raise bad(f"the conversation ends on a {roles[-1]} turn, after its last answer", "ends on a user turn")
+    if next(r for r in roles if r != "system") != "user":
+        raise bad("the first turn after the system message must be the user's")
     if not any(m["role"] == "assistant" and m.get("train", True) for m in messages):
-        raise BadRecord("no assistant turn", 'every assistant turn has "train": false: nothing to train on')
-    return [dict(m) for m in messages]
+        raise bad('every assistant turn has "train": false: nothing to train on', "no assistant turn")
+    return {"messages": [dict(m) for m in messages], **({"tools": tools} if tools is not None else {})}
+
+
+def check_function(x, where, keys):
+    """A tool call or schema: {"type": "function", "function": {"name": str, ...}}, arguments an object, or `keys`."""
+    fn = x.get("function") if isinstance(x, dict) else None
+    shaped = isinstance(fn, dict) and x.get("type") == "function" and set(x) <= {"type", "function", *keys}
+    if not (shaped and isinstance(fn.get("name"), str) and fn["name"] and isinstance(fn.get("arguments", {}), dict)):
+        shape = '{"type": "function", "function": {"name": ..., "arguments": {...}}}'
+        raise BadRecord("bad tool", f"{where} must be {shape}, got {json.dumps(x, default=str)[:160]}")
 
 
 # ------------------------------------------------------------------------------------------------ shared
@@ -3890,13 +3889,11 @@ def did_you_mean(name, section, prefix, root):
 
 
 def resolve(cfg, schema):
-    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths
-    expanded.
-
+    """{dotted key: value} for the keys this stage reads, each checked against its type and range; paths expanded.
     A spec is a type, optionally followed by a range. Types: int, float, bool, str, path (str with ~ and ${ENV}
-    expanded), list[str], list[float], a|b|c (one of these strings); a trailing ? also allows null. Ranges:
-    '>= 1', '> 0', 'in [0, 1)' (brackets as in mathematics), checked for numbers and for every item of a list.
-    """
+    expanded), list[str], list[float], a|b|c (one of these strings); str+ and path+ also take a non-empty list of
+    them (kept as a list); a trailing ? allows null. Ranges: '>= 1', '> 0', 'in [0, 1)' (brackets as in
+    mathematics), checked for numbers and for every item of a list."""
     out = {}
     for key, spec in schema.items():
         node = cfg
@@ -3906,6 +3903,10 @@ def resolve(cfg, schema):
             node = node[part]
         kind, _, bounds = spec.partition(" ")
         nullable, kind = kind.endswith("?"), kind.rstrip("?")
+        if kind.endswith("+") and isinstance(node, list) and node and all(isinstance(v, str) for v in node):
+            out[key] = [os.path.expanduser(os.path.expandvars(v)) if kind == "path+" else v for v in node]
+            continue
+        kind = kind.rstrip("+")
         if node is None:
             if not nullable:
                 raise StageError(f"config: '{key}' must be {kind}, got null")

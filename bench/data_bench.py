@@ -5,6 +5,7 @@ time, every window held as int64 tensors in every process), measured in the same
 
     python bench/data_bench.py [--sizes 100000,1000000] [--before 4cfc596] [--work work/bench/data]
     python bench/data_bench.py --conversations 100000
+    python bench/data_bench.py --tool-calls 100000
 
 --conversations N times the first preparation of N multi-turn conversations (a system message and one to four
 exchanges; user turns of 10-120 words, answers of 5-80, log-uniform) against single-turn records holding the
@@ -12,6 +13,12 @@ same texts (the system and user turns joined as the prompt, the answers as the r
 chat_template layouts, with a Llama-3-style chat template on the same tokenizer; each a launch of
 `05_train.py --inspect-data 1`. Throughput is in tokens of the prepared documents per second, so the rows
 compare equal work although the templates add different scaffolding.
+
+--tool-calls N does the same for N agent conversations (a tools list of one to three JSON-schema functions, a user
+turn, an assistant turn calling one of them, with reasoning in half of them, the tool's result, and the answer),
+against single-turn records of the same texts (tools, user turn and result as the prompt; reasoning, call and
+answer as the response), with a Hermes-style tool template (tools in the system turn, calls in <tool_call> tags,
+reasoning in <think> tags).
 
 Data: synthetic instruction records with dolly-like lengths (prompts of 20-300 words, answers of 5-200, both
 log-uniform, so most records are short and a few long, as in dolly-15k), words drawn from a Zipf law over a
@@ -122,6 +129,68 @@ def write_conversations(work, n, seed=2):
     return conv_path, single_path
 
 
+def write_tool_calls(work, n, seed=3):
+    """n tool-call conversations (jsonl, 01's normalized shape) and the same texts as n single-turn records (jsonl),
+    made 10,000 at a time; returns both paths."""
+    conv_path, single_path = work / f"tool-calls-{n}.jsonl", work / f"tool-calls-{n}-single.jsonl"
+    if conv_path.exists() and single_path.exists():
+        return conv_path, single_path
+    rng = np.random.default_rng(seed)
+    words = lexicon(rng)
+    p = 1.0 / np.arange(1, len(words) + 1) ** 1.07
+    pool, drawn = words[rng.choice(len(words), size=5_000_000, p=p / p.sum())], [0]  # Zipf-drawn, used in turn
+
+    def take(k):
+        start = drawn[0] % (len(pool) - k)
+        drawn[0] = start + k
+        return [str(w) for w in pool[start : start + k]]
+
+    def text(lo, hi):
+        return " ".join(take(int(log_uniform(rng, lo, hi, 1)[0]))) + "."
+
+    def function():
+        names = sorted(set(take(int(rng.integers(1, 4)))))
+        properties = {name: {"type": "string", "description": text(3, 12)} for name in names}
+        schema = {"type": "object", "properties": properties, "required": names}
+        return {
+            "type": "function",
+            "function": {"name": "_".join(take(2)), "description": text(5, 25), "parameters": schema},
+        }
+
+    with open(conv_path, "w") as conv_f, open(single_path, "w") as single_f:
+        for _ in range(n):
+            tools = [function() for _ in range(int(rng.integers(1, 4)))]
+            chosen = tools[int(rng.integers(len(tools)))]["function"]
+            arguments = {k: text(1, 6) for k in chosen["parameters"]["properties"]}
+            call = {"type": "function", "function": {"name": chosen["name"], "arguments": arguments}}
+            asked, result, answer = text(10, 120), text(5, 60), text(5, 80)
+            assistant = {"role": "assistant", "tool_calls": [call]}
+            if rng.random() < 0.5:
+                assistant["reasoning_content"] = text(10, 60)
+            messages = [
+                {"role": "user", "content": asked},
+                assistant,
+                {"role": "tool", "content": result},
+                {"role": "assistant", "content": answer},
+            ]
+            conv_f.write(json.dumps({"messages": messages, "tools": tools}) + "\n")
+            prompt = "\n".join([json.dumps(tools), asked, result])
+            response = "\n".join([assistant.get("reasoning_content", ""), json.dumps(call["function"]), answer])
+            single_f.write(json.dumps({"input": prompt, "output": response}) + "\n")
+    return conv_path, single_path
+
+
+TOOL_TEMPLATE = (  # Hermes-style, on the benchmark tokenizer's reserved special tokens
+    "{{ bos_token }}{% if tools %}<|reserved_special_token_0|>system<|reserved_special_token_1|>\n\n# Tools\n"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|reserved_special_token_2|>{% endif %}"
+    "{% for m in messages %}<|reserved_special_token_0|>{{ m['role'] }}<|reserved_special_token_1|>\n\n"
+    "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "<|reserved_special_token_2|>{% endfor %}{% if add_generation_prompt %}"
+    "<|reserved_special_token_0|>assistant<|reserved_special_token_1|>\n\n{% endif %}"
+)
+
+
 LLAMA3_STYLE_TEMPLATE = (  # Llama 3's layout, on the benchmark tokenizer's reserved special tokens
     "{{ bos_token }}{% for m in messages %}<|reserved_special_token_0|>{{ m['role'] }}<|reserved_special_token_1|>"
     "\n\n{{ m['content'] }}<|reserved_special_token_2|>{% endfor %}{% if add_generation_prompt %}"
@@ -129,20 +198,21 @@ LLAMA3_STYLE_TEMPLATE = (  # Llama 3's layout, on the benchmark tokenizer's rese
 )
 
 
-def conversation_rows(work, n, tokenizer_dir, ckpt):
-    """Time the first preparation of conversations and of the same texts as single-turn records."""
+def conversation_rows(work, n, tokenizer_dir, ckpt, tools=False):
+    """Time the first preparation of conversations (with tools: tool-call conversations) and of the same texts as
+    single-turn records."""
     from transformers import AutoTokenizer
 
-    chat_tok = work / "tokenizer-chat"
+    chat_tok = work / ("tokenizer-tools" if tools else "tokenizer-chat")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tok.chat_template = LLAMA3_STYLE_TEMPLATE
+    tok.chat_template = TOOL_TEMPLATE if tools else LLAMA3_STYLE_TEMPLATE
     tok.save_pretrained(str(chat_tok))
-    conv_path, single_path = write_conversations(work, n)
+    conv_path, single_path = (write_tool_calls if tools else write_conversations)(work, n)
     rows = []
     for label, data, fmt in (
         ("single-turn, raw", single_path, "raw"),
         ("single-turn, chat_template", single_path, "chat_template"),
-        ("conversations (chat template)", conv_path, "raw"),
+        ("tool-call conversations" if tools else "conversations (chat template)", conv_path, "raw"),
     ):
         cache = work / f"prepared-conv-{fmt}-{data.stem}"
         subprocess.run(["rm", "-rf", str(cache)], check=True)
@@ -370,12 +440,19 @@ def main():
     ap.add_argument("--before-max", type=int, default=200_000, help="largest size the reference is run at")
     ap.add_argument("--work", default=str(ROOT / "work" / "bench" / "data"))
     ap.add_argument("--conversations", type=int, metavar="N", help="only the conversation benchmark, on N records")
+    ap.add_argument("--tool-calls", type=int, metavar="N", help="only the tool-call benchmark, on N records")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    command = f"--conversations {args.conversations}" if args.conversations else f"--sizes {args.sizes}"
+    command = (
+        f"--conversations {args.conversations}"
+        if args.conversations
+        else f"--tool-calls {args.tool_calls}"
+        if args.tool_calls
+        else f"--sizes {args.sizes}"
+    )
     print(
         f"# {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU(s), {os.uname().machine}; python bench/data_bench.py "
         f"{command}"
@@ -388,8 +465,8 @@ def main():
         f"tokenizer alone (vocabulary {VOCAB:,}, batched, all cores): {rate / 1e6:.2f}M tokens/s; "
         f"{per_record:.0f} tokens per record on average\n"
     )
-    if args.conversations:
-        conversation_rows(work, args.conversations, tokenizer_dir, ckpt)
+    if args.conversations or args.tool_calls:
+        conversation_rows(work, args.conversations or args.tool_calls, tokenizer_dir, ckpt, tools=bool(args.tool_calls))
         return
     before = work / "05_before.py"
     before.write_text(

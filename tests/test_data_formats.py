@@ -73,7 +73,8 @@ BAD = [
     ({"messages": CHAT[:2]}, "without an assistant turn"),
     ({"messages": CHAT[1:4]}, "ends on a user turn"),
     ({"messages": [CHAT[1], SYSTEM, CHAT[2]]}, "a system message may only come first"),
-    ({"messages": [CHAT[1], {"role": "tool", "content": "x"}, CHAT[2]]}, "unknown role 'tool'"),
+    ({"messages": [CHAT[1], {"role": "bot", "content": "x"}, CHAT[2]]}, "unknown role 'bot'"),
+    ({"messages": [CHAT[1], {"role": "tool", "content": "x"}, CHAT[2]]}, "a tool result must follow a tool call"),
     ({"messages": [CHAT[1], {"role": "assistant", "content": ""}]}, "message 2 (assistant) is empty"),
     ({"messages": [{"role": "assistant", "content": "hi"}, CHAT[1], CHAT[2]]}, "must be the user's"),
     ({"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]}, "unknown 'from' 'bot'"),
@@ -92,7 +93,10 @@ def read_01(data_mod, source):
 
 
 def as_05_reads(normalized):
-    return [(n["input"], n["output"]) if "input" in n else n["messages"] for n in normalized]
+    return [
+        (n["input"], n["output"]) if "input" in n else {k: n[k] for k in ("messages", "tools") if k in n}
+        for n in normalized
+    ]
 
 
 # ------------------------------------------------------------------ one reader: 01's

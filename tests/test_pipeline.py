@@ -128,3 +128,34 @@ def test_the_demo_tokenizer_trains_each_answer_and_its_end_of_turn_only(demo_mod
             runs, run = runs + [run], []
     runs += [run] if run else []
     assert [tok.decode(r) for r in runs] == ["4<|im_end|>\n", "6<|im_end|>\n"]
+
+
+def test_the_demo_tokenizer_trains_content_parts_joined_and_refuses_tool_calls_it_would_drop(demo_model, train_mod):
+    """SmolLM2's template renders role and content only: content parts, joined by 01, train as their text; a tool
+    call, which it would leave out, is refused naming the record and the tokenizer."""
+    from conftest import load_stage
+    from transformers import AutoTokenizer
+
+    tmp, _ = demo_model
+    tok = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
+    parts = lambda *texts: [{"type": "text", "text": t} for t in texts]  # noqa: E731
+    record = {
+        "messages": [
+            {"role": "system", "content": parts("Answer with a number.")},
+            {"role": "user", "content": parts("2 + 2?", " Be brief.")},
+            {"role": "assistant", "content": parts("4")},
+        ]
+    }
+    normalized = load_stage("01_download_data.py").normalize(record)[0]
+    ((ids, labels),) = train_mod.tokenize([normalized], tok, "raw", 256, "truncate")[0]
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n2 + 2? Be brief.<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n"
+    )
+    assert tok.decode([t for t, label in zip(ids, labels) if label != -100]) == "4<|im_end|>\n"
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    messages = normalized["messages"][:2] + [{"role": "assistant", "tool_calls": [call]}]
+    with pytest.raises(
+        train_mod.StageError, match=f"^r:1: this conversation has tool_calls, .* of {tmp / 'tokenizer'}"
+    ):
+        train_mod.tokenize([{"messages": messages}], tok, "raw", 256, "truncate", labels=["r:1"])

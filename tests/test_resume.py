@@ -156,6 +156,21 @@ def test_a_run_with_dora_rslora_loraplus_and_neftune_resumes_exactly(references)
     assert records(work / "ref-variants")[1]["loss"] != records(work / "ref-packing-True")[1]["loss"]
 
 
+def test_a_mixture_of_training_sources_resumes_exactly_and_logs_each_source_s_share(references):
+    work, overlay = references
+    sources = [work / "data" / "training.jsonl", work / "data" / "validation.jsonl"]
+    mix = [f"data.train_dir=[{sources[0]}, {sources[1]}]", "data.mix=[1, 3]"]
+    assert "train mix:" in run_to_end(work, overlay, "ref-mix", 1, *mix).stdout
+    proc = start(work, overlay, "killed-mix", 1, *mix)
+    wait_until_step(proc, work / "killed-mix", random.Random("mix").randint(3, 7))
+    kill_run(proc, work / "killed-mix")
+    assert not (work / "killed-mix" / "final").exists(), "the run finished before it could be killed"
+    assert "resuming from" in run_to_end(work, overlay, "killed-mix", 1, *mix).stdout
+    same_run(work / "killed-mix", work / "ref-mix")
+    shares = records(work / "ref-mix")[0]["data_mix"]
+    assert [round(shares[str(p)]["share"], 1) for p in sources] == [0.2, 0.8]  # 1:3 of whole windows
+
+
 def test_an_incomplete_or_corrupt_checkpoint_is_skipped_with_a_warning_naming_it(references):
     work, overlay = references
     proc = start(work, overlay, "corrupt")
