@@ -68,6 +68,13 @@ def lexicon(rng, n=300_000):
     return np.array(sorted(words, key=len))
 
 
+def zipf_lexicon(rng):
+    """The made-up lexicon and the probability of each word under a Zipf law (exponent 1.07)."""
+    words = lexicon(rng)
+    p = 1.0 / np.arange(1, len(words) + 1) ** 1.07
+    return words, p / p.sum()
+
+
 def log_uniform(rng, lo, hi, n):
     return np.exp(rng.uniform(np.log(lo), np.log(hi + 1), size=n)).astype(np.int64)
 
@@ -77,9 +84,7 @@ def write_records(path, n, seed=0):
     if path.exists():
         return path
     rng = np.random.default_rng(seed)
-    words = lexicon(rng)
-    p = 1.0 / np.arange(1, len(words) + 1) ** 1.07
-    p /= p.sum()
+    words, p = zipf_lexicon(rng)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         for first in range(0, n, 10_000):
@@ -102,9 +107,7 @@ def write_conversations(work, n, seed=2):
     if conv_path.exists() and single_path.exists():
         return conv_path, single_path
     rng = np.random.default_rng(seed)
-    words = lexicon(rng)
-    p = 1.0 / np.arange(1, len(words) + 1) ** 1.07
-    p /= p.sum()
+    words, p = zipf_lexicon(rng)
 
     def sentences(lo, hi, m):
         lengths = log_uniform(rng, lo, hi, m)
@@ -136,9 +139,8 @@ def write_tool_calls(work, n, seed=3):
     if conv_path.exists() and single_path.exists():
         return conv_path, single_path
     rng = np.random.default_rng(seed)
-    words = lexicon(rng)
-    p = 1.0 / np.arange(1, len(words) + 1) ** 1.07
-    pool, drawn = words[rng.choice(len(words), size=5_000_000, p=p / p.sum())], [0]  # Zipf-drawn, used in turn
+    words, p = zipf_lexicon(rng)
+    pool, drawn = words[rng.choice(len(words), size=5_000_000, p=p)], [0]  # drawn once, used in turn
 
     def take(k):
         start = drawn[0] % (len(pool) - k)

@@ -142,17 +142,24 @@ VARIANTS = [
 ]
 
 
+def killed_and_resumed(work, overlay, name, *overrides):
+    """A run with these overrides killed after a random step in 3..7 and resumed to its end, against the same run
+    uninterrupted (ref-<name>); returns the uninterrupted run's output."""
+    reference = run_to_end(work, overlay, f"ref-{name}", 1, *overrides)
+    proc = start(work, overlay, f"killed-{name}", 1, *overrides)
+    wait_until_step(proc, work / f"killed-{name}", random.Random(name).randint(3, 7))
+    kill_run(proc, work / f"killed-{name}")
+    assert not (work / f"killed-{name}" / "final").exists(), "the run finished before it could be killed"
+    assert "resuming from" in run_to_end(work, overlay, f"killed-{name}", 1, *overrides).stdout
+    same_run(work / f"killed-{name}", work / f"ref-{name}")
+    return reference
+
+
 def test_a_run_with_dora_rslora_loraplus_and_neftune_resumes_exactly(references):
     """DoRA's magnitudes, the noise NEFTune draws and the learning rates of LoRA+'s two groups are part of the
     resumed state."""
     work, overlay = references
-    run_to_end(work, overlay, "ref-variants", 1, *VARIANTS)
-    proc = start(work, overlay, "killed-variants", 1, *VARIANTS)
-    wait_until_step(proc, work / "killed-variants", random.Random("variants").randint(3, 7))
-    kill_run(proc, work / "killed-variants")
-    assert not (work / "killed-variants" / "final").exists(), "the run finished before it could be killed"
-    assert "resuming from" in run_to_end(work, overlay, "killed-variants", 1, *VARIANTS).stdout
-    same_run(work / "killed-variants", work / "ref-variants")
+    killed_and_resumed(work, overlay, "variants", *VARIANTS)
     assert records(work / "ref-variants")[1]["loss"] != records(work / "ref-packing-True")[1]["loss"]
 
 
@@ -160,13 +167,7 @@ def test_a_mixture_of_training_sources_resumes_exactly_and_logs_each_source_s_sh
     work, overlay = references
     sources = [work / "data" / "training.jsonl", work / "data" / "validation.jsonl"]
     mix = [f"data.train_dir=[{sources[0]}, {sources[1]}]", "data.mix=[1, 3]"]
-    assert "train mix:" in run_to_end(work, overlay, "ref-mix", 1, *mix).stdout
-    proc = start(work, overlay, "killed-mix", 1, *mix)
-    wait_until_step(proc, work / "killed-mix", random.Random("mix").randint(3, 7))
-    kill_run(proc, work / "killed-mix")
-    assert not (work / "killed-mix" / "final").exists(), "the run finished before it could be killed"
-    assert "resuming from" in run_to_end(work, overlay, "killed-mix", 1, *mix).stdout
-    same_run(work / "killed-mix", work / "ref-mix")
+    assert "train mix:" in killed_and_resumed(work, overlay, "mix", *mix).stdout
     shares = records(work / "ref-mix")[0]["data_mix"]
     assert [round(shares[str(p)]["share"], 1) for p in sources] == [0.2, 0.8]  # 1:3 of whole windows
 
