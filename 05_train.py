@@ -115,6 +115,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -510,9 +511,8 @@ class Block(nn.Module):
 
 
 class VocabEmbedding(nn.Module):
-    """Embedding split by vocabulary over the TP group: each rank looks up the ids in its range, the results summed.
-    Built uninitialised (the checkpoint fills it): no random numbers drawn, so LoRA's initialisation that follows
-    sees the same generator everywhere."""
+    """Embedding split by vocabulary over the TP group, each rank's lookups summed. Built uninitialised (the checkpoint
+    fills it): no random numbers are drawn before LoRA's initialisation."""
 
     def __init__(self, arch, dtype, par):
         super().__init__()
@@ -555,9 +555,8 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     def forward(self, input_ids, position_ids, mask, caches=None, spans=None, lengths=None):
-        """Final hidden states [b, s, hidden]. `mask`: boolean [b, 1, s, keys] (True = may attend), or None for plain
-        causal attention (model.attention=causal); `spans` (optional, attention_spans) limits each query block to the
-        keys it can see; `lengths` [b]: each row's real (unpadded) positions, which scale NEFTune's noise."""
+        """Final hidden states [b, s, hidden]. `mask`: boolean [b, 1, s, keys], or None (plain causal); `spans`
+        (attention_spans): each query block's reachable keys; `lengths` [b]: real positions (NEFTune)."""
         x = self.model.embed_tokens(input_ids)
         if self.neftune_alpha and self.training:
             x = neftune(x, self.neftune_alpha, lengths)
@@ -581,9 +580,8 @@ class Llama(nn.Module):
 
 def neftune(x, alpha, lengths=None):
     """NEFTune: x [b, s, d] plus uniform noise in [-m, m], m = alpha / sqrt(L x d), L a row's real positions (`lengths`,
-    or s), as transformers' hook adds it to the unpadded row (training only): the same whether a device trims padding
-    (CPU, CUDA) or keeps rows at seq_length (Trainium). Drawn from the device generator, which a replica's
-    tensor-parallel ranks share, so they add the same noise."""
+    or s), as transformers' hook adds it to the unpadded row (training only), so alike whether a device trims padding or
+    not. From the device generator, which a replica's TP ranks share."""
     if lengths is None:
         lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
     magnitude = alpha / (lengths.float() * x.shape[2]).sqrt()[:, None, None]
@@ -591,9 +589,8 @@ def neftune(x, alpha, lengths=None):
 
 
 def attention_spans(segment_ids, block):
-    """[(q0, q1, k0)]: query blocks of `block` positions and the first key any of a block's queries may see (the start
-    of the document of its first query, in any row). Attending keys k0..q1 instead of the whole row gives the same
-    result and skips most masked-out work in rows of short documents; computed on the host from the CPU segment ids."""
+    """[(q0, q1, k0)]: query blocks of `block` positions and the first key any of a block's queries may see (its first
+    query's document start, in any row): attending k0..q1 equals the whole row. From CPU segment ids."""
     b, s = segment_ids.shape
     change = torch.ones_like(segment_ids, dtype=torch.bool)
     change[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
@@ -718,9 +715,8 @@ def lora_factors(m):
 
 
 def sync_gradients(modules, params, par):
-    """Make every rank's LoRA gradients the full ones: copies of replicated K/V rows in qkv_proj's B each saw
-    only their rank's Q heads, so they are summed over the ranks holding that KV head; then data-parallel
-    ranks sum theirs (each rank's loss is already divided by the step's global supervised-token count)."""
+    """The full LoRA gradients everywhere: copied K/V rows of qkv_proj's B, each seeing only its rank's Q heads, are
+    summed over their KV group; data-parallel ranks sum theirs (losses are over the step's global tokens)."""
     if par.size("kv") > 1:
         for _, m in modules:
             if m.kv_rows_from is not None:
@@ -758,17 +754,15 @@ def nonfinite(x):
 
 def gather_lora(modules, par):
     """{module name: (A, B)} at full size (lora_factors: with DoRA, B's last column is the magnitude) from every
-    tensor-parallel rank's shard, all as one flat float32 vector: one gather and one transfer to the host, the same
-    graph on every rank."""
+    tensor-parallel rank's shard, as one flat float32 vector: one gather, one transfer, the same graph everywhere."""
     flat = torch.cat([t.detach().float().flatten() for _, m in modules for t in lora_factors(m)])
     rows = [layout_rows(par.layout, r) for r in range(par.tp)]
     return assemble_lora(modules, torch.stack(par.all_gather(flat, "tp")).cpu(), rows)
 
 
 def assemble_lora(modules, everyone, rows):
-    """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n] and each rank's rows (layout_rows:
-    known on the host, so no index travels). Replicated copies (A of column-parallel layers, B of row-parallel ones,
-    replicated K/V rows) must be equal on every rank; a difference is an error naming its size, never averaged away."""
+    """The full LoRA tensors from the gathered flat vectors `everyone` [TP ranks, n] and each rank's rows (layout_rows).
+    Replicated copies (column-parallel A, row-parallel B, copied K/V rows) must be equal, never averaged."""
     tensors = [t for _, m in modules for t in lora_factors(m)]
     tp = everyone.shape[0]
     parts = iter(x.reshape(tp, *t.shape) for x, t in zip(everyone.split([t.numel() for t in tensors], 1), tensors))
@@ -834,12 +828,26 @@ def export_peft_adapter(lora, arch, c, out_dir):
     config.update({k: c[peft + k] for k in ("lora_alpha", "lora_dropout", "use_rslora", "use_dora")})
     config.update(target_modules=hf_targets, fan_in_fan_out=False, inference_mode=True)
     config["base_model_name_or_path"] = c["model.hf_weights_dir"]
-    weights = Path(out_dir) / "adapter_model.safetensors"
+    weights, text = Path(out_dir) / "adapter_model.safetensors", json.dumps(config, indent=2) + "\n"
+    check_own_adapter(out_dir)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, f"{weights}.tmp", metadata={"format": "pt"})
+    mark = {"format": "pt", "written_by": STAGE, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    save_file(tensors, f"{weights}.tmp", metadata=mark)
     os.replace(f"{weights}.tmp", weights)
-    write_atomically(weights.parent / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomically(weights.parent / "adapter_config.json", text)
     return weights.parent
+
+
+def check_own_adapter(out_dir):
+    """Adapter files are replaced only where this stage exported them: its weights name it and the sha256 of the
+    config written with them. Any other, or an edited config, stops the stage and stays as it is."""
+    weights, settings = Path(out_dir) / "adapter_model.safetensors", Path(out_dir) / "adapter_config.json"
+    mark = {}
+    with contextlib.suppress(Exception), safe_open(weights, "pt") as f:
+        mark = f.metadata() or {}
+    same = not settings.exists() or file_sha256(settings) == mark.get("config_sha256")
+    if (weights.exists() or settings.exists()) and not (mark.get("written_by") == STAGE and same):
+        refuse_foreign(out_dir, "adapter export", "adapter files this stage did not export, or edited since")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -857,6 +865,14 @@ PREPARE_TIMEOUT_S = 6 * 3600  # how long the other processes wait for a split's 
 TOKENIZER_FILE = re.compile(
     r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template.*|vocab.*|merges\.txt"
 )
+PREPARED_FILES = {
+    "tokens.bin",
+    "trained.bin",
+    "doc_starts.npy",
+    "doc_supervised.npy",
+    "window_starts.npy",
+    "prepared.json",
+}
 PREPARED_NAME = re.compile(r"[0-9a-f]{20}(\.tmp-.+)?")  # what <file>.prepared/ holds: prepared keys, unfinished ones
 
 
@@ -930,9 +946,8 @@ def training_record(row):
 
 
 def record_chunks(path, name, limit, tally=None, size=CHUNK_RECORDS):
-    """Lists of up to `size` (line number, record) pairs streamed from a JSON lines file of normalized records
-    (training_record), the first `limit` records when set. A bad line stops the stage naming its file and line.
-    `tally["in_file"]` counts the records in the file (those past `limit` are counted, not parsed)."""
+    """Lists of up to `size` (line number, record) pairs streamed from a file of normalized records (training_record),
+    the first `limit`; a bad line stops the stage. `tally["in_file"]` counts all the file's records."""
     chunk, n, total = [], 0, 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
@@ -977,9 +992,8 @@ def as_ids(encoded):
 
 
 def encode_batch(tokenizer, fmt, records, labels, train_reasoning=True):
-    """The documents [(token ids, trained spans [(start, end)])] of each record, each kind tokenized for the whole batch
-    at once. Single-turn raw: [BOS] + input | output + [EOS], the second part trained; conversations, and single-turn
-    records under chat_template (user = input, assistant = output), through the chat template (encode_conversations)."""
+    """The documents [(token ids, trained spans)] of each record, each kind tokenized for the batch at once. Raw
+    single-turn: [BOS] + input | output + [EOS], the output trained; the rest through encode_conversations."""
     out = [None] * len(records)
     raw = [i for i, r in enumerate(records) if isinstance(r, tuple) and fmt == "raw"]
     if raw:
@@ -1002,9 +1016,8 @@ def encode_batch(tokenizer, fmt, records, labels, train_reasoning=True):
 
 
 def encode_conversations(tokenizer, conversations, labels, train_reasoning=True):
-    """The documents [(token ids, trained spans)] of each conversation (conversation_texts), tokenized once, the
-    boundaries read from the tokenizer's character alignment; one inside a token is checked the slow way (the prefixes
-    tokenized alone)."""
+    """The documents [(token ids, trained spans)] of each conversation (conversation_texts), tokenized once, the spans
+    read from the character alignment; a boundary inside a token is checked with the prefixes tokenized alone."""
     docs = conversation_texts(tokenizer, conversations, labels, train_reasoning)
     encoded = tokenizer([text for _, text, _ in docs], add_special_tokens=False, return_attention_mask=False)
     out = [[] for _ in conversations]
@@ -1088,9 +1101,8 @@ def conversation_texts(tokenizer, conversations, labels, train_reasoning):
 
 
 def template_input(tokenizer, conversations, labels):
-    """The messages and tools of each conversation as the chat template reads them: "train" left out, reasoning
-    under both names templates read it by (reasoning_content, thinking), as transformers passes it. A conversation
-    whose tools, tool calls or reasoning the template never reads is refused: it would train without them."""
+    """Each conversation's messages and tools as the template reads them: "train" left out, reasoning also as `thinking`
+    (as transformers does). Tools, calls or reasoning a template never reads are refused."""
     plain, tools = [], []  # what a template must read to render each (the tools variable, message keys):
     reads = {"tools": r"\btools\b", "tool_calls": "tool_calls", "reasoning_content": "reasoning_content|thinking"}
     for n, conv in enumerate(conversations):
@@ -1110,9 +1122,8 @@ def template_input(tokenizer, conversations, labels):
 
 
 def render_chats(tokenizer, conversations, generation_prompt, tools=None):
-    """What tokenizer.apply_chat_template(conversation, tools=..., tokenize=False) renders. Its per-message conversions
-    (to dicts, sandbox-safe copies) cost more than rendering and change nothing in plain JSON messages, so its compiled
-    template renders them directly where this transformers has it, if the first conversation renders alike both ways."""
+    """What tokenizer.apply_chat_template(conversation, tools=..., tokenize=False) renders, by its compiled template
+    directly where possible (its per-message copies cost more) if a first conversation agrees."""
     if not conversations:
         return []
     tools, options = tools or [None] * len(conversations), dict(tokenize=False, add_generation_prompt=generation_prompt)
@@ -1143,9 +1154,8 @@ def token_boundary(encoded, n, char, length):
 
 
 def tokenize(records, tokenizer, fmt, seq_len, truncation, labels=None, train_reasoning=True):
-    """(ids, labels) per document (a record's, or a conversation's: encode_conversations), labels -100 outside the
-    trained spans. A document over seq_len is dropped or truncated (counted): a conversation keeps its turns up to the
-    last answer ending within seq_len, else (a single-turn record always) the prompt is cut first, then the answer."""
+    """(ids, labels) per document (encode_batch), -100 outside trained spans. Over seq_len: dropped or truncated
+    (counted); a conversation keeps its turns up to the last answer that fits, else prompt then answer are cut."""
     labels = labels or [f"record {i + 1}" for i in range(len(records))]
     encoded = encode_batch(tokenizer, fmt, records, labels, train_reasoning)
     docs, stats = [], {"records": len(records), "truncated": 0, "dropped": 0, "split": sum(len(d) > 1 for d in encoded)}
@@ -1202,9 +1212,8 @@ def pack(lengths, seq_len, packing):
 
 
 class Windows:
-    """The packed windows of one split over flat token arrays (memory-mapped when prepared on disk). Tensors
-    are built when rows are drawn (batch), never held for the whole set; per-window counts (tokens, supervised
-    tokens, attention keys) are small arrays, the only per-window data a process keeps."""
+    """The packed windows of one split over flat token arrays (memory-mapped when prepared on disk), tensors built when
+    rows are drawn; small per-window counts (tokens, supervised, attention keys) are all a process keeps."""
 
     def __init__(self, tokens, trained, doc_starts, doc_supervised, starts, seq_len, pad_id):
         self.tokens, self.trained, self.doc_starts, self.starts = tokens, trained, doc_starts, starts
@@ -1238,9 +1247,8 @@ class Windows:
         return len(self.starts) - 1
 
     def batch(self, rows):
-        """[len(rows), seq_len] tensors of these windows (-1: an empty row). Targets are shifted inside each
-        document, so no label crosses a boundary; positions restart at 0 per document; segment ids (1, 2, ...;
-        0 = padding) drive the attention mask."""
+        """[len(rows), seq_len] tensors of these windows (-1: an empty row): targets shifted inside each document (no
+        label crosses one), positions restarting per document, segment ids (0 = padding) for the mask."""
         n, s = len(rows), self.seq_len
         ids = np.full((n, s), self.pad_id, dtype=np.int64)
         targets = np.full((n, s), -100, dtype=np.int64)
@@ -1266,9 +1274,8 @@ class Windows:
 
 
 def prepared_location(path, tokenizer_dir, c):
-    """Where a split (a data file, or a list of them: several sources) is prepared for these settings, and the
-    inputs named by its key: <data.cache_dir, or the (first) data file's directory>/<its name>.prepared/<hash of
-    the data's content, the tokenizer's files, the format version and every setting that changes the windows>."""
+    """Where a split (a file, or a list: several sources) is prepared, and its key's inputs: <data.cache_dir or the
+    first file's directory>/<name>.prepared/<hash of data, tokenizer, format, window settings>."""
     tokenizer_files = [p for p in sorted(Path(tokenizer_dir).iterdir()) if TOKENIZER_FILE.fullmatch(p.name)]
     inputs = {
         "format": PREPARED_FORMAT,
@@ -1306,11 +1313,13 @@ def prepare_split(path, tokenizer, c, name):
         for old in root.glob(f"{where.name}.tmp-{os.uname().nodename}-*"):  # this host's, whose process has gone
             try:
                 os.kill(int(old.name.rsplit("-", 1)[1]), 0)
+                gone = old == tmp  # this process's own name, left by an earlier process of the same id
             except ProcessLookupError:
-                shutil.rmtree(old, ignore_errors=True)
+                gone = True
             except (ValueError, PermissionError):
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
+                gone = False
+            if gone and old.is_dir() and all(f.name in PREPARED_FILES for f in old.iterdir()):  # nothing else there
+                shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
         raise StageError(
@@ -1336,9 +1345,8 @@ def prepare_split(path, tokenizer, c, name):
 
 
 def write_prepared(path, tokenizer, c, name, out):
-    """Tokenize, mask and pack a split into `out`, streaming: a chunk of records at a time is tokenized (one
-    batched tokenizer call) and appended to the token files; only per-document lengths stay in memory. Several
-    sources (a list) are written one after the other, each packed into windows of its own (source_windows)."""
+    """Tokenize, mask and pack a split into `out`, one tokenizer call per chunk appended to the token files; only
+    document lengths stay in memory. Several sources go in turn, each in windows of its own (source_windows)."""
     seq_len, stats = c["data.seq_length"], dict.fromkeys(["records", "truncated", "dropped", "split", "in_file"], 0)
     lengths, supervised, ends, fmt, cut = [], [], [], c["data.prompt_format"], c["data.truncation"]
     bar = tqdm(total=c["data.dev_choose_samples"], desc=name, unit=" records", dynamic_ncols=True)
@@ -1407,9 +1415,8 @@ def load_split(path, tokenizer, c, name, par):
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(sources, seed, epoch):
-    """The window order of one epoch, made once and reused by its steps: a permutation seeded by (seed, epoch) of
-    the windows of one source (`sources`: their count) or of a mixture's draw ((windows, share) per source, laid
-    end to end: a share below the source's windows is a seeded sample of them, one above repeats them)."""
+    """One epoch's window order, made once for its steps: a (seed, epoch) permutation of one source's windows
+    (`sources`: their count) or of a mix's draw ((windows, share) each: sampled below the size, repeated above)."""
     generator = torch.Generator().manual_seed(seed + epoch)
     if isinstance(sources, int):
         return torch.randperm(sources, generator=generator)
@@ -1595,9 +1602,8 @@ class DeviceAdamW(torch.optim.AdamW):
 
 
 def optimizer_groups(modules, c):
-    """AdamW's parameter groups, each with `lr_scale`, its share of the scheduled learning rate: one group, or with
-    LoRA+ (model.optim.loraplus_lr_ratio) the A matrices at it and the B matrices (with DoRA's magnitudes) at ratio x
-    it, as PEFT's create_loraplus_optimizer groups them."""
+    """AdamW's parameter groups with `lr_scale`, their share of the scheduled rate: one, or with LoRA+
+    (model.optim.loraplus_lr_ratio) A at it and B (with DoRA's magnitudes) at ratio x it, as PEFT groups them."""
     ratio = c["model.optim.loraplus_lr_ratio"]
     params = [p for _, m in modules for p in lora_parameters(m)]
     if not ratio:
@@ -1650,8 +1656,7 @@ class Run:
 
 def micro_batches(train, start, max_steps, gbs, mbs, seed, par):
     """This rank's micro-batches, step after step: the step's windows (a pure function of seed and step) split evenly
-    over the data-parallel ranks, cut into micro-batches, built when drawn. Each carries `scale`, one over the step's
-    supervised tokens on all ranks: every supervised token weighs the same."""
+    over data-parallel ranks, each with `scale`, one over the step's supervised tokens on all ranks."""
     share = gbs // par.dp
     for step in range(start, max_steps):
         idx = step_indices(step, train.sources, gbs, seed)
@@ -1669,9 +1674,8 @@ Totals = collections.namedtuple("Totals", "loss_sum finite loss grad_norm skippe
 
 
 class LogInterval:
-    """What happened since the last read of the device: the Totals, running device values every step updates in the same
-    graph (nothing read, no shape changed); real and supervised tokens and model FLOPs summed on the host from per-row
-    counts. `read` fetches the Totals in one transfer: at log intervals, before a checkpoint, at the end."""
+    """What happened since the last device read: the Totals, device values each step updates in one graph (nothing
+    read); tokens and model FLOPs summed on the host from per-row counts. `read`: one transfer."""
 
     def __init__(self, train, arch, seed, gbs, device, start, skipped):
         self.train, self.flops_per_window = train, window_flops(train, arch)
@@ -1769,9 +1773,8 @@ def train_step(run, loader):
 
 
 def apply_update(run, lr, grad_norm, bad):
-    """The clipped update, not applied where the step is not finite: decided on the device on an accelerator
-    (DeviceAdamW), so the host never waits; on the CPU, with no device to wait for, the flag is read and torch's own
-    AdamW runs. Under graph extraction (every value zero) nothing is decided on the host either."""
+    """The clipped update, skipped where the step is not finite: on an accelerator decided on the device (DeviceAdamW),
+    so the host never waits; the CPU reads the flag. Under graph extraction nothing is decided."""
     if run.c["trainer.gradient_clip_val"]:  # as torch's clip_grad_norm_, on the device: no host synchronisation
         coef = torch.clamp(run.c["trainer.gradient_clip_val"] / (grad_norm + 1e-6), max=1.0)
         for p in run.params:
@@ -1787,9 +1790,8 @@ def apply_update(run, lr, grad_norm, bad):
 
 @contextlib.contextmanager
 def stop_requests():
-    """SIGTERM (a scheduler's preemption, or torchrun passing one on) and Ctrl-C are recorded in the yielded list
-    instead of ending the process, so the loop finishes its step and checkpoints; a second Ctrl-C stops at once (exit 1,
-    no traceback). The previous handlers return after."""
+    """SIGTERM (preemption, or torchrun passing one on) and Ctrl-C are recorded in the yielded list, so the loop ends
+    its step and checkpoints; a second Ctrl-C stops at once (exit 1). Old handlers return after."""
     requests = []
 
     def request(signum, frame):
@@ -1996,9 +1998,8 @@ def adapt_model(model, c, device, par):
 
 
 def open_run(run, where):
-    """The run directory (made by rank 0) and the state to resume from: fills run.optimizer, metrics, start_step,
-    skipped_steps and last_checkpoint. A new run saves its resolved config as config.yaml; a resumed one keeps it and
-    appends the step and the keys this launch changed to resumes.jsonl."""
+    """The run directory (made by rank 0) and the state to resume from (run.optimizer, metrics, start_step, ...). A new
+    run saves config.yaml; a resumed one keeps it and logs step and changed keys to resumes.jsonl."""
     c, par, resume_from = run.c, run.par, where.checkpoint
     run.optimizer = make_optimizer(run.modules, c, run.device)
     if par.rank == 0:
@@ -2119,8 +2120,7 @@ def main(argv=None):
 
 def start_run(c, arch):
     """Everything a run needs before its first step, in the order that fails fastest: device and process group, run
-    directory (and whether this launch continues it), tokenizer and data (the most common mistakes, prepared once for
-    every later launch), then the model. Returns (the Run, its ResumePoint)."""
+    directory, tokenizer and data (prepared once for later launches), the model. Returns (Run, ResumePoint)."""
     device, par = open_device(c, arch)
     where = resume_point(c, par)
     tokenizer, train, val, inputs = load_data(c, par, where)
@@ -2161,15 +2161,16 @@ def train_run(run, where, paths):
             return
         with stop_requests() as stop:
             interval, stopped_after = train_loop(run, stop)
-    except BaseException:  # a run directory made by this launch, holding only what it wrote and no step, goes
-        written = ("config.yaml", "metrics.jsonl", "events.out.tfevents.", "generations_step")  # before a checkpoint
+    except BaseException:  # before its first step a launch removes the files it wrote, and the directories it made
+        written = re.compile(r"config\.yaml|metrics\.jsonl|events\.out\.tfevents\..+|generations_step0\.jsonl")
         metrics = run.dir / "metrics.jsonl"
-        if run.made_dirs and all(f.name.startswith(written) for f in run.dir.iterdir()):  # made_dirs: rank 0 only
-            if not metrics.exists() or not any("loss" in json.loads(line) for line in metrics.read_text().splitlines()):
-                shutil.rmtree(run.dir, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    for d in reversed(run.made_dirs[:-1]):
-                        d.rmdir()
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if run.made_dirs and not any("loss" in json.loads(line) for line in lines):  # made_dirs: rank 0 only
+            for f in [f for f in run.dir.iterdir() if f.is_file() and written.fullmatch(f.name)]:
+                f.unlink()
+            with contextlib.suppress(OSError):  # when empty: anything else put there stays, with its directory
+                for d in reversed(run.made_dirs):
+                    d.rmdir()
         raise
     if stopped_after is not None:
         run.metrics.close()
@@ -2772,9 +2773,8 @@ def attention_mode(c, device):
 
 
 def lora_add(y, a, b, scaling):
-    """y + scaling * a B^T as one GEMM that accumulates into y (addmm): no separate scale and sum passes.
-    torch-xla runs addmm with alpha != 1 on the CPU (a fallback that copies the operands to the host), so on
-    XLA the scale goes on the small [tokens, r] factor instead."""
+    """y + scaling * a B^T as one GEMM accumulating into y (addmm). torch-xla runs addmm with alpha != 1 on the CPU
+    (copying the operands to the host), so on XLA the scale goes on the small [tokens, r] factor instead."""
     y2, a2 = y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1])
     if y.device.type == "xla":
         return torch.addmm(y2, a2 * scaling, b.t()).view(y.shape)
@@ -2804,9 +2804,8 @@ def make_optimizer(modules, c, device):
 
 
 def device_loader(batches, device):
-    """On XLA, torch-xla's loader copies the next batches to the device in the background; on TorchNeuron each
-    micro-batch is copied one ahead, from pinned memory without blocking (prefetched); on CPU and CUDA the loss
-    moves each micro-batch itself, after cutting it on the host."""
+    """On XLA, torch-xla's loader copies the next batches in the background; on TorchNeuron each is copied one ahead
+    from pinned memory (prefetched); on CPU and CUDA the loss moves each after cutting it."""
     if device.type == "xla":
         import torch_xla.distributed.parallel_loader as pl
 
@@ -2931,9 +2930,8 @@ def seed_dropout(seed, par, device):
 
 
 def compile_layers(model, device):
-    """trainer.compile: each decoder layer through torch.compile, whole graphs (fullgraph), no dynamic shapes;
-    backend neuron on TorchNeuron, inductor elsewhere. Inductor draws dropout masks through torch's own
-    generator (fallback_random), so a compiled run draws what an eager one draws and resumes exactly."""
+    """trainer.compile: each decoder layer through torch.compile (fullgraph, static shapes), backend neuron on
+    TorchNeuron, else inductor with torch's own dropout masks (fallback_random): resume stays exact."""
     if device.type == "xla":
         raise StageError("trainer.compile=true: on XLA the graphs are compiled by torch-xla already; set it false")
     backend = "neuron" if device.type == "neuron" else "inductor"
@@ -3215,6 +3213,7 @@ def resume_point(c, par):
         check_writable(run_dir / "config.yaml", key)
         run_checkpoint = newest_checkpoint(run_dir) if resume else None
         reached = int(run_checkpoint.name.removeprefix("step_")) if run_checkpoint else 0
+        check_own_adapter(run_dir / "final" / "adapter")  # a finished run trained on replaces it at the end
         if (run_dir / FINISHED).exists() and (run_checkpoint is None or reached >= c["trainer.max_steps"]):
             on = "raise trainer.max_steps to go on" if resume else "set exp_manager.resume_if_exists=true to go on"
             raise StageError(
@@ -3237,9 +3236,8 @@ ResumePoint = collections.namedtuple("ResumePoint", "dir checkpoint changed rest
 
 
 def run_inputs(c, train, val):
-    """What a run trains on beyond its config, by content: the data files, the tokenizer and the base model (03's
-    manifest.json lists every shard's sha256; without one, from NxD's own converter, the shard sizes), keyed by the
-    config key naming each; saved with every run checkpoint."""
+    """What a run trains on beyond its config, by content, keyed by the config key naming each and saved with every
+    checkpoint: data files, tokenizer and base model (03's manifest.json of shard sha256s; else the shard sizes)."""
     base_dir = Path(c["exp_manager.resume_from_checkpoint"])
     manifest = base_dir / "manifest.json"
     shards = {p.name: p.stat().st_size for p in sorted((base_dir / "model").glob("*.pt"))}
@@ -3370,11 +3368,10 @@ def dry_run(c, arch):
     # broken tokenizer is refused as a run refuses it), else every position
     data, tok_dir = as_list(c["data.train_dir"]), Path(c["data.tokenizer.type"])
     supervised_per_row, skipped = c["data.seq_length"], []
-    if tok_dir.exists():
-        load_tokenizer(c)
     if tok_dir.exists() and all(Path(p).exists() for p in data):
         supervised_per_row = int(load_data(c, None, where)[1].supervised.max())
     else:
+        tok_dir.exists() and load_tokenizer(c)
         skipped.append(
             f"tokenizer and data ({tok_dir}, {', '.join(data)}): not both there yet (planned: all supervised)"
         )
@@ -3440,9 +3437,8 @@ def totals_gib(est):
 
 
 def print_plan(c, arch, supervised_per_row, trainium, limit):
-    """Memory per rank over every tensor-parallel size the heads allow (KV heads copied where TP exceeds them), without
-    and with activation checkpointing, marked by whether it fits the device with the estimate's error: the choice of TP
-    before anything is converted."""
+    """Memory per rank over every tensor-parallel size the heads allow (KV heads copied where TP exceeds them), with and
+    without activation checkpointing, marked by whether it fits: the choice of TP before anything is converted."""
     print(f"plan: GiB per rank by tensor-parallel size (fits: under {limit:.2f} with {ESTIMATE_ERROR:.0%} to spare)")
     print("    TP  kv_replicator  without checkpointing  with checkpointing")
     mark = lambda gib: "fits" if gib * (1 + ESTIMATE_ERROR) <= limit else "tight" if gib <= limit else "no"  # noqa: E731

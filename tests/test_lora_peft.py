@@ -102,13 +102,30 @@ def test_a_new_export_replaces_the_adapter_files_only_and_keeps_anything_else_th
     work, _ = converted
     c = lora_settings(train_mod, work, ["qkv_proj"])
     out = work / "adapter-kept" / "adapter"
-    export(train_mod, trained_looking_model(train_mod, work, c), c, out)
+    export(train_mod, trained_looking_model(train_mod, work, c), c, out)  # an earlier export
     (out / "NOTES.md").write_text("mine")
-    (out / "adapter_model.safetensors").write_bytes(b"an earlier export")
+    earlier = (out / "adapter_model.safetensors").read_bytes()
+    c = lora_settings(train_mod, work, ["qkv_proj"], "none", f"{PEFT}lora_rank=4")
     export(train_mod, trained_looking_model(train_mod, work, c), c, out)
     assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "adapter_config.json", "adapter_model.safetensors"]
     assert (out / "NOTES.md").read_text() == "mine"
-    assert (out / "adapter_model.safetensors").read_bytes() != b"an earlier export"
+    assert (out / "adapter_model.safetensors").read_bytes() != earlier
+
+
+@pytest.mark.parametrize("theirs", ["adapter_model.safetensors", "adapter_config.json"])
+def test_an_adapter_05_did_not_export_or_one_edited_since_is_never_replaced(converted, train_mod, theirs):
+    """Adapter files are replaced only where 05 exported them (its weights carry the stage and the sha256 of the
+    config written with them): a copy of someone else's adapter, or an edited config, stops the export unchanged."""
+    work, _ = converted
+    c = lora_settings(train_mod, work, ["qkv_proj"])
+    out = work / f"adapter-{theirs}" / "adapter"
+    model = trained_looking_model(train_mod, work, c)
+    export(train_mod, model, c, out)
+    (out / theirs).write_text((out / theirs).read_text(errors="ignore") + " ")  # theirs now, or edited
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(train_mod.StageError, match="adapter files this stage did not export, or edited since"):
+        export(train_mod, model, c, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
 
 
 def test_fused_qkv_lora_shares_one_A_across_q_k_v(converted, train_mod):

@@ -202,6 +202,21 @@ def test_05_a_run_that_fails_before_its_first_step_leaves_no_directory(pipeline,
     assert not (work / "failed").exists()
 
 
+def test_05_a_failed_start_removes_only_the_files_it_wrote_and_keeps_one_put_there(pipeline, monkeypatch):
+    work, overlay = pipeline
+    train = load_stage("05_train.py")
+    run_dir = work / "failed-kept" / "run"
+
+    def broken_evaluation(*args, **kwargs):
+        (run_dir / "NOTES.md").write_text("mine")  # put there while the launch starts
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(train, "run_evaluation", broken_evaluation)
+    with pytest.raises(RuntimeError, match="the device went away"):
+        train.main(["--config", "config.yaml", "--config", str(overlay), f"exp_manager.explicit_log_dir={run_dir}"])
+    assert [p.name for p in run_dir.iterdir()] == ["NOTES.md"] and (run_dir / "NOTES.md").read_text() == "mine"
+
+
 def test_05_a_failed_data_preparation_leaves_no_directory(pipeline, tmp_path):
     work, overlay = pipeline
     data = tmp_path / "cache" / "train.jsonl"

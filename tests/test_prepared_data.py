@@ -247,6 +247,21 @@ def test_a_killed_preparation_is_never_used_and_its_leftovers_are_removed(
     assert (where / "tokens.bin").stat().st_size == 4 * int(windows.doc_starts[-1]) == 4 * stats["tokens"]
 
 
+def test_a_leftover_of_a_killed_preparation_holding_anything_else_is_left_as_it_is(
+    train_mod, tok, tokenizer_dir, model_config, tmp_path
+):
+    data = copy_demo(tmp_path, n=50)
+    c, _ = settings(train_mod, tokenizer_dir, model_config, data)
+    where = train_mod.prepared_location(data, tokenizer_dir, c)[0]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = where.with_name(f"{where.name}.tmp-{os.uname().nodename}-{gone.stdout.strip()}")
+    leftover.mkdir(parents=True)
+    (leftover / "tokens.bin").write_bytes(b"")
+    (leftover / "mine.txt").write_text("mine")
+    train_mod.load_split(data, tok, c, "train", None)
+    assert (leftover / "mine.txt").read_text() == "mine" and (where / "prepared.json").exists()
+
+
 def test_a_read_only_data_directory_asks_for_data_cache_dir(train_mod, tok, tokenizer_dir, model_config, tmp_path):
     data = copy_demo(tmp_path)
     c, _ = settings(train_mod, tokenizer_dir, model_config, data, f"data.cache_dir={tmp_path / 'a-file'}")
